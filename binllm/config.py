@@ -1,0 +1,56 @@
+"""The one configuration object of a binarization run (frozen, versioned, serialisable)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to do to every binarizable linear of a model.
+
+    method       registered method name (`binllm methods`)
+    method_args  overrides of the method's arguments (strings are converted)
+    block_size   columns per reconstruction block (128 in all three papers)
+    percdamp     damping λ = percdamp · mean diag H (0.01)
+    feedback     error-feedback mode; None = the method's own ("column", "block", "none")
+    skip         names (or name suffixes) of linears inside decoder layers to leave alone
+    """
+
+    method: str
+    method_args: Mapping[str, Any] = field(default_factory=dict)
+    block_size: int = 128
+    percdamp: float = 0.01
+    feedback: str | None = None
+    skip: tuple[str, ...] = ()
+    version: ClassVar[int] = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}: must be a positive number of columns")
+        if not 0 < self.percdamp < 10:
+            raise ValueError(f"percdamp={self.percdamp}: use a small positive fraction such as 0.01")
+        if self.feedback not in (None, "column", "block", "none"):
+            raise ValueError(f"feedback={self.feedback!r}: use column, block or none")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method_args"] = dict(self.method_args)
+        d["skip"] = list(self.skip)
+        d["version"] = self.version
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantizeConfig":
+        version = d.get("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"config version {version} is not supported (this binllm reads "
+                             f"version {FORMAT_VERSION}); upgrade binllm")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["skip"] = tuple(kw.get("skip", ()))
+        return cls(**kw)

@@ -1,0 +1,195 @@
+"""Calibration and evaluation text, joined and tokenized the way GPTQ-style code does it.
+
+| dataset     | local file under the data directory          | join                         |
+|-------------|----------------------------------------------|------------------------------|
+| wikitext2   | wikitext-2-raw/wiki.{split}.raw (HF rows)    | "\\n\\n" (blank rows are "") |
+| ptb         | ptb/ptb.{split}.txt                          | " " over stripped lines      |
+| c4          | c4/*.jsonl ({"text": …} per line)            | " ", ≤ 256 × seqlen tokens   |
+| tinystories | tinystories/*.txt                            | "\\n" over stripped stories  |
+| a path      | any .txt (as is) or .jsonl ("\\n\\n" join)   |                              |
+
+The data directory is `data_dir`, else $BINLLM_DATA, else ./data, else ../shared/data.
+Where a split is missing locally the loader falls back (train → validation → test) and says
+so in the returned `TextSource.note`; with the `datasets` package and network, the hub is
+used for named datasets that have no local file at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NAMED = ("wikitext2", "ptb", "c4", "tinystories")
+_FALLBACK = {"train": ("train", "validation", "test"), "validation": ("validation", "test"),
+             "test": ("test", "validation")}
+_SPLIT_FILE = {"train": "train", "validation": "valid", "test": "test"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found or is too small for the request."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    name: str
+    split: str        # the split actually read
+    path: str         # file read (or "hub:…")
+    documents: tuple[str, ...]  # c4 and jsonl keep documents for per-document sampling
+    text: str         # the joined text
+    note: str = ""    # e.g. "train split not available; used validation"
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    for cand in (explicit, os.environ.get("BINLLM_DATA"), "data", "../shared/data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    raise DataError("no data directory: pass --data-dir or set BINLLM_DATA to a folder laid out "
+                    "like ../shared/data (wikitext-2-raw/, ptb/, c4/, tinystories/)")
+
+
+def _named_file(root: Path, name: str, split: str) -> Path | None:
+    tag = _SPLIT_FILE[split]
+    candidates = {
+        "wikitext2": [root / "wikitext-2-raw" / f"wiki.{tag}.raw"],
+        "ptb": [root / "ptb" / f"ptb.{tag}.txt"],
+        "c4": sorted((root / "c4").glob(f"*{split}*.jsonl")) + sorted((root / "c4").glob("*.jsonl")),
+        "tinystories": sorted((root / "tinystories").glob(f"*{tag}*.txt"))
+        + sorted((root / "tinystories").glob("*.txt")),
+    }[name]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _join(name: str, path: Path) -> tuple[tuple[str, ...], str]:
+    if name == "wikitext2":
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+        rows = [line + "\n" if line.strip() else "" for line in lines]  # HF rows
+        return (), "\n\n".join(rows)
+    if name == "ptb":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return (), " ".join(line.strip() for line in lines)
+    if name == "tinystories":  # stories separated by <|endoftext|> lines
+        stories = path.read_text(encoding="utf-8").split("<|endoftext|>")
+        return (), "\n".join(s.strip() for s in stories if s.strip())
+    if name == "c4" or path.suffix == ".jsonl":
+        docs = tuple(_read_jsonl(path))
+        return docs, (" " if name == "c4" else "\n\n").join(docs)
+    return (), path.read_text(encoding="utf-8")
+
+
+def load_text(name: str, split: str = "test", root: str | os.PathLike | None = None) -> TextSource:
+    """The joined text of a named dataset's split, or of a user .txt/.jsonl file."""
+    path = Path(name)
+    if name not in NAMED:
+        if not path.is_file():
+            raise DataError(f"unknown dataset {name!r}: use one of {', '.join(NAMED)} "
+                            "or the path of a .txt or .jsonl file")
+        docs, text = _join(path.suffix, path)
+        return TextSource(path.name, "file", str(path), docs, text)
+    if split not in _FALLBACK:
+        raise DataError(f"unknown split {split!r}: use train, validation or test")
+    base = data_dir(root) if root or _has_local_dir() else None
+    for i, cand in enumerate(_FALLBACK[split]):
+        f = _named_file(base, name, cand) if base else None
+        if f is not None:
+            note = "" if i == 0 else f"{name}: {split} split not available locally; used {cand}"
+            if note:
+                log.warning(note)
+            docs, text = _join(name, f)
+            return TextSource(name, cand, str(f), docs, text, note)
+    return _from_hub(name, split)
+
+
+def _has_local_dir() -> bool:
+    try:
+        data_dir()
+        return True
+    except DataError:
+        return False
+
+
+def _from_hub(name: str, split: str) -> TextSource:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: no local file for split {split!r} and the `datasets` package "
+                        "is not installed; pass --data-dir pointing at a local copy") from None
+    spec = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n\n"),
+            "ptb": ("ptb_text_only", "penn_treebank", "sentence", " "),
+            "c4": ("allenai/c4", "en", "text", " "),
+            "tinystories": ("roneneldan/TinyStories", None, "text", "\n")}[name]
+    ds = datasets.load_dataset(spec[0], spec[1], split=split)
+    rows = [r.strip() if name == "ptb" else r for r in ds[spec[2]]]
+    return TextSource(name, split, f"hub:{spec[0]}", tuple(rows) if name == "c4" else (),
+                      spec[3].join(rows))
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """Token ids (1, n) of the whole text as one sequence; special-token strings stay text."""
+    try:
+        ids = tokenizer(text, return_tensors="pt", split_special_tokens=True).input_ids
+    except TypeError:  # tokenizers without the option
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids
+
+
+def eval_tokens(source: TextSource, tokenizer, seqlen: int) -> Tensor:
+    """Evaluation stream (1, n); c4 is truncated to 256 × seqlen tokens as in GPTQ."""
+    ids = tokenize(tokenizer, source.text)
+    return ids[:, : 256 * seqlen] if source.name == "c4" else ids
+
+
+def calibration_batches(source: TextSource, tokenizer, nsamples: int, seqlen: int,
+                        seed: int = 0) -> list[Tensor]:
+    """`nsamples` windows (1, seqlen), seeded with a private random.Random(seed).
+
+    Documents (c4, jsonl) are drawn as GPTQ does: a random document until one is longer than
+    seqlen, then a random window inside it. Plain text: a random window of the joined stream.
+    """
+    rng = random.Random(seed)
+    if source.documents:
+        docs = [d for d in source.documents if d.strip()]
+        long_docs = None
+        out = []
+        for _ in range(nsamples):
+            for _attempt in range(10 * len(docs)):
+                ids = tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+                if ids.shape[1] > seqlen:
+                    break
+            else:
+                long_docs = False
+                break
+            start = rng.randint(0, ids.shape[1] - seqlen - 1)
+            out.append(ids[:, start:start + seqlen])
+        if long_docs is None:
+            return out
+        log.warning("%s: no document is longer than %d tokens; sampling the joined text",
+                    source.name, seqlen)
+    ids = tokenize(tokenizer, source.text)
+    if ids.shape[1] <= seqlen:
+        raise DataError(f"{source.name} ({source.split}) has {ids.shape[1]} tokens, fewer than "
+                        f"one calibration window of {seqlen}; use a larger dataset or a "
+                        "smaller --seqlen")
+    out = []
+    for _ in range(nsamples):
+        start = rng.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[:, start:start + seqlen])
+    return out
+
+
+def stack(batches: list[Tensor], batch_size: int = 1) -> list[Tensor]:
+    """Group (1, seqlen) windows into (batch_size, seqlen) batches."""
+    return [torch.cat(batches[i:i + batch_size]) for i in range(0, len(batches), batch_size)]

@@ -1,0 +1,49 @@
+"""The method registry: every method (and preset) by name, with its argument dataclass.
+
+Adding a method means one module in this package and one line in `_SPECS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
+from .codes import BinaryCodes, UniformCodes
+from .gptq import GPTQ
+from .sign import RtnSign
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered name: the method class and the preset argument values it starts from."""
+
+    name: str
+    cls: type[Method]
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+    def build(self, overrides: Mapping[str, Any] | None = None) -> Method:
+        args = parse_args(self.cls.Args, {**self.preset, **(overrides or {})})
+        return self.cls(args)
+
+
+_SPECS = (
+    MethodSpec("rtn-sign", RtnSign, summary="per-row α·sign(W−μ)+μ, no reconstruction (baseline)"),
+    MethodSpec("gptq", GPTQ, summary="uniform asymmetric GPTQ, 1–8 bits, per row or group (baseline)"),
+)
+
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})
+
+
+def get_method(name: str, overrides: Mapping[str, Any] | None = None) -> Method:
+    """Instantiate a registered method; unknown names and arguments raise MethodArgumentError."""
+    if name not in METHODS:
+        raise MethodArgumentError(
+            f"unknown method {name!r}; registered methods: {', '.join(METHODS)} (see `binllm methods`)")
+    return METHODS[name].build(overrides)
+
+
+__all__ = ["METHODS", "MethodSpec", "get_method", "Method", "BlockContext", "Feedback",
+           "MethodArgumentError", "BinaryCodes", "UniformCodes", "describe_args", "parse_args"]

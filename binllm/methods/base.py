@@ -1,0 +1,120 @@
+"""The method seam: what a binarizer implements to plug into the one reconstruction loop.
+
+A method decides the grid (masks, scales, means) of a block of columns and how weights are
+rounded onto it; it never sees modules, hooks or files. The loop (`binllm.reconstruct`)
+calls, for each block of columns:
+
+    grid   = method.fit(W_blk, ctx)              # once at block start, on the fed-back block
+    levels = method.round(W_cols, grid, cols)    # every column ("column") or the block ("block")
+    Q_cols = method.dequantize(grid, levels, cols)
+
+and at the end `method.codes(grids, levels)` assembles the layer's codes, whose
+`dequantize()` equals the Q the loop used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+Feedback = Literal["column", "block", "none"]
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a method may look at for the block [i1, i2) of a layer.
+
+    | name    | meaning                                                  | shape   |
+    |---------|----------------------------------------------------------|---------|
+    | H       | block of H (dead columns fixed, undamped); ARB-X's 2·S   | (B, B)  |
+    | U       | block of the upper Cholesky factor of the damped H⁻¹     | (B, B)  |
+    | columns | position of the block inside the layer                   | slice   |
+    | state   | what `prepare` returned for the whole layer              | any     |
+    """
+
+    H: Tensor | None
+    U: Tensor | None
+    columns: slice
+    state: Any = None
+
+
+class Method:
+    """Base class of every method; subclasses set `name`, `Args` and the four hooks."""
+
+    name: ClassVar[str]
+    Args: ClassVar[type]
+    feedback: ClassVar[Feedback] = "block"
+    needs_hessian: ClassVar[bool] = True
+
+    def __init__(self, args):
+        self.args = args
+
+    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None) -> Any:
+        """Layer-wide state computed once on the original W (rows, cols); default none."""
+        return None
+
+    def fit(self, W: Tensor, ctx: BlockContext) -> Any:
+        raise NotImplementedError
+
+    def round(self, W: Tensor, grid: Any, cols: slice) -> Tensor:
+        """Integer/boolean levels of the columns `cols` (relative to the block); last dim = columns."""
+        raise NotImplementedError
+
+    def dequantize(self, grid: Any, levels: Tensor, cols: slice) -> Tensor:
+        raise NotImplementedError
+
+    def codes(self, grids: list, levels: Tensor):
+        raise NotImplementedError
+
+
+class MethodArgumentError(ValueError):
+    """An unknown method, unknown argument or a value of the wrong type."""
+
+
+def _convert(value: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        for c in choices:
+            if str(c) == value:
+                return c
+        raise MethodArgumentError(f"{key}={value!r}: choose one of {', '.join(map(str, choices))}")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        opts = [t for t in typing.get_args(typ) if t is not type(None)]
+        if value.lower() == "none" and len(opts) < len(typing.get_args(typ)):
+            return None
+        return _convert(value, opts[0], key)
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(value)
+    except ValueError:
+        raise MethodArgumentError(f"{key}={value!r}: expected a value of type {typ.__name__}") from None
+
+
+def parse_args(Args: type, overrides: dict[str, Any]) -> Any:
+    """Build a frozen Args dataclass from defaults plus overrides (strings are converted)."""
+    hints = typing.get_type_hints(Args)
+    known = {f.name for f in dataclasses.fields(Args)}
+    values = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise MethodArgumentError(
+                f"unknown method argument {key!r}; this method takes: {', '.join(sorted(known)) or 'none'}")
+        values[key] = _convert(value, hints[key], key) if isinstance(value, str) else value
+    return Args(**values)
+
+
+def describe_args(Args: type) -> list[tuple[str, str, Any]]:
+    """(name, type, default) of every argument, for `binllm methods`."""
+    hints = typing.get_type_hints(Args)
+    return [(f.name, str(hints[f.name]).replace("typing.", ""), f.default)
+            for f in dataclasses.fields(Args)]

@@ -1,0 +1,210 @@
+"""Layer-level codes: what a method produces and the packed format stores.
+
+Every method returns one of these containers. `dequantize()` is *the* dequantization: the
+reconstruction loop measures its error on it and the packed model computes its forward from
+it, so a saved model reproduces the calibrated weights bit for bit. Floating-point fields
+hold values already rounded to their storage precision (fp16, see `to_storage`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+STORAGE_DTYPE = torch.float16  # scales and means are stored in fp16
+
+
+def to_storage(x: Tensor) -> Tensor:
+    """Round to the storage precision (fp16), returned as fp32 so calibration math stays fp32."""
+    return x.to(STORAGE_DTYPE).to(torch.float32)
+
+
+def _bits(n: int) -> int:
+    """Bits needed to index n alternatives (0 for a single one)."""
+    return 0 if n <= 1 else math.ceil(math.log2(n))
+
+
+@dataclass(frozen=True)
+class BinaryCodes:
+    """Grouped, multi-order binarization (rtn-sign, BiLLM, ARB-LLM and its variants).
+
+    Ŵ[r, c] = μ[g, r, b] + Σ_o α[g, o, r, b] · β[g, o, c] · S[o, r, c]
+    with g = group[r, c], b = c // block_size, S = ±1 from `signs`, o over the K planes
+    (α is 0 for planes beyond a group's order, β is 1 when absent).
+
+    | name         | meaning                                              | shape               |
+    |--------------|------------------------------------------------------|---------------------|
+    | group        | group id of every weight                             | (rows, cols) uint8  |
+    | signs        | sign planes, True = +1                               | (K, rows, cols) bool|
+    | alpha        | row scales per group, order and block                | (G, K, rows, nblk)  |
+    | mu           | row means per group and block (None: no mean, RC)    | (G, rows, nblk)     |
+    | beta         | column scales per group and order (ARB-RC) or None   | (G, K, cols)        |
+    | salient_cols | structured salient columns (BiLLM's column bitmap)   | (cols,) bool        |
+    | orders       | binarization order of each group                     | G ints              |
+    | n_salient    | groups [0, n_salient) live in salient columns        | int                 |
+    """
+
+    group: Tensor
+    signs: Tensor
+    alpha: Tensor
+    mu: Tensor | None
+    beta: Tensor | None
+    salient_cols: Tensor
+    orders: tuple[int, ...]
+    n_salient: int
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.group.shape)
+
+    def dequantize(self) -> Tensor:
+        rows, cols = self.group.shape
+        blk = torch.arange(cols, device=self.group.device) // self.block_size  # (cols,)
+        S = self.signs.to(torch.float32) * 2 - 1  # (K, rows, cols)
+        Q = torch.zeros(rows, cols, dtype=torch.float32, device=self.group.device)
+        for g, order in enumerate(self.orders):
+            Qg = (self.mu[g][:, blk] if self.mu is not None
+                  else torch.zeros(rows, cols, device=Q.device))  # (rows, cols)
+            for o in range(order):
+                term = self.alpha[g, o][:, blk] * S[o]  # (rows, cols)
+                if self.beta is not None:
+                    term = term * self.beta[g, o][None, :]
+                Qg = Qg + term
+            Q = torch.where(self.group == g, Qg, Q)
+        return Q
+
+    @staticmethod
+    def cat(blocks: list[BinaryCodes]) -> BinaryCodes:
+        """Join per-block codes along the columns (every block but the last is full)."""
+        first = blocks[0]
+
+        def join(name: str, dim: int):
+            parts = [getattr(b, name) for b in blocks]
+            return None if parts[0] is None else torch.cat(parts, dim=dim)
+
+        return replace(first, group=join("group", 1), signs=join("signs", 2),
+                       alpha=join("alpha", 3), mu=join("mu", 2), beta=join("beta", 2),
+                       salient_cols=join("salient_cols", 0))
+
+    # -- bit accounting ---------------------------------------------------------------
+    def paper_bits(self) -> float:
+        """Bits per weight as the papers count them: one bit per sign plane of each weight."""
+        order_of = torch.tensor(self.orders, device=self.group.device)[self.group.long()]
+        return order_of.float().mean().item()
+
+    def stored_bits(self) -> int:
+        """Every bit the packed form needs: sign planes, bitmaps, scales and means."""
+        rows, cols = self.group.shape
+        n_sal_cols = int(self.salient_cols.sum())
+        col_count = {True: n_sal_cols, False: cols - n_sal_cols}
+        G, K = len(self.orders), self.signs.shape[0]
+        nblk = self.alpha.shape[-1]
+        is_sal = [g < self.n_salient for g in range(G)]
+        bits = 0
+        for o in range(K):  # plane o exists in the column classes holding a group of order > o
+            for sal in (True, False):
+                if any(self.orders[g] > o and is_sal[g] == sal for g in range(G)):
+                    bits += rows * col_count[sal]
+        bits += rows * n_sal_cols * _bits(self.n_salient)          # group ids, salient cols
+        bits += rows * col_count[False] * _bits(G - self.n_salient)  # group ids, the rest
+        if 0 < self.n_salient < G:
+            bits += cols  # salient-column bitmap
+        pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]
+        bits += len(pairs) * rows * nblk * 16  # alpha
+        if self.mu is not None:
+            bits += G * rows * nblk * 16
+        if self.beta is not None:
+            bits += sum(col_count[is_sal[g]] for g, _ in pairs) * 16
+        return bits
+
+
+@dataclass(frozen=True)
+class UniformCodes:
+    """Uniform asymmetric integer codes (GPTQ baseline): Ŵ = scale · (q − zero) per group.
+
+    | name  | meaning                          | shape                 |
+    |-------|----------------------------------|-----------------------|
+    | q     | integer levels in [0, 2^bits−1]  | (rows, cols) uint8    |
+    | scale | step per row and group (fp16)    | (rows, ngroups)       |
+    | zero  | integer zero point               | (rows, ngroups)       |
+    """
+
+    q: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    groupsize: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> Tensor:
+        g = torch.arange(self.q.shape[1], device=self.q.device) // self.groupsize  # (cols,)
+        return self.scale[:, g] * (self.q.to(torch.float32) - self.zero[:, g])
+
+    def paper_bits(self) -> float:
+        return float(self.bits)
+
+    def stored_bits(self) -> int:
+        rows, cols = self.q.shape
+        return rows * cols * self.bits + self.scale.numel() * (16 + self.bits)
+
+
+@dataclass(frozen=True)
+class PartialBinaryCodes:
+    """PB-LLM: unstructured salient weights at `high_bit`, the rest binarized.
+
+    Ŵ = where(salient, s_h · (q_high − z_h), α · S + μ), row-wise statistics.
+
+    | name       | meaning                                        | shape              |
+    |------------|------------------------------------------------|--------------------|
+    | salient    | salient positions (kept at high_bit)           | (rows, cols) bool  |
+    | q_high     | levels of salient weights (0 elsewhere)        | (rows, cols) uint8 |
+    | high_scale | step of the per-row high-bit grid (fp16)       | (rows,)            |
+    | high_zero  | integer zero point of that grid                | (rows,)            |
+    | signs      | signs of binarized weights, True = +1          | (rows, cols) bool  |
+    | alpha      | binarization scale per row and group (fp16)    | (rows, ngroups)    |
+    | mu         | binarization mean per row and group (fp16)     | (rows, ngroups)    |
+    """
+
+    salient: Tensor
+    q_high: Tensor
+    high_scale: Tensor
+    high_zero: Tensor
+    signs: Tensor
+    alpha: Tensor
+    mu: Tensor
+    high_bit: int
+    groupsize: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.signs.shape)
+
+    def dequantize(self) -> Tensor:
+        g = torch.arange(self.signs.shape[1], device=self.signs.device) // self.groupsize
+        low = self.alpha[:, g] * (self.signs.to(torch.float32) * 2 - 1) + self.mu[:, g]
+        high = self.high_scale[:, None] * (self.q_high.to(torch.float32) - self.high_zero[:, None])
+        return torch.where(self.salient, high, low)
+
+    def paper_bits(self) -> float:
+        f = self.salient.float().mean().item()
+        return (1 - f) * 1 + f * self.high_bit
+
+    def stored_bits(self) -> int:
+        numel = self.signs.numel()
+        n_sal = int(self.salient.sum())
+        return (numel  # salient-position bitmap
+                + n_sal * self.high_bit + (numel - n_sal)  # salient levels + signs
+                + self.high_scale.numel() * (16 + self.high_bit)  # high grid: scale, zero
+                + (self.alpha.numel() + self.mu.numel()) * 16)
+
+
+def codes_fields(codes) -> dict[str, object]:
+    """The codes' fields by name (tensors and metadata alike)."""
+    return {f.name: getattr(codes, f.name) for f in fields(codes)}

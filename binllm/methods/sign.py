@@ -1,0 +1,59 @@
+"""rtn-sign: plain per-row binarization Ŵ = α·sign(W − μ) + μ, no reconstruction.
+
+The baseline every binarization paper beats, and the template for a new method. With
+μ = mean_j W_rj and α = mean_j |W_rj − μ| per row r this is BiLLM's first-order binarization
+(§3.1) applied to the whole row. sign(0) is taken as +1 so that every weight is one bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import BlockContext, Method
+from .codes import BinaryCodes, to_storage
+
+
+@dataclass(frozen=True)
+class SignArgs:
+    groupsize: int = -1  # columns sharing one (α, μ) per row; -1 = the whole row
+
+
+def row_binarize(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """First-order binarization of each row of W (rows, c).
+
+    Returns alpha (rows,), mu (rows,) rounded to storage precision and signs (rows, c) bool.
+    """
+    mu = W.mean(dim=1)  # (rows,)
+    alpha = (W - mu[:, None]).abs().mean(dim=1)  # (rows,)
+    return to_storage(alpha), to_storage(mu), W >= mu[:, None]
+
+
+class RtnSign(Method):
+    name = "rtn-sign"
+    Args = SignArgs
+    feedback = "none"
+    needs_hessian = False
+
+    def block_size(self, default: int, cols: int) -> int:
+        return cols if self.args.groupsize == -1 else self.args.groupsize
+
+    def fit(self, W: Tensor, ctx: BlockContext) -> BinaryCodes:
+        rows, B = W.shape
+        alpha, mu, signs = row_binarize(W)
+        return BinaryCodes(
+            group=torch.zeros(rows, B, dtype=torch.uint8, device=W.device),
+            signs=signs[None], alpha=alpha[None, None, :, None], mu=mu[None, :, None],
+            beta=None, salient_cols=torch.zeros(B, dtype=torch.bool, device=W.device),
+            orders=(1,), n_salient=0, block_size=B)
+
+    def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
+        return grid.signs[:, :, cols]  # (1, rows, c)
+
+    def dequantize(self, grid: BinaryCodes, levels: Tensor, cols: slice) -> Tensor:
+        return grid.dequantize()[:, cols]
+
+    def codes(self, grids: list[BinaryCodes], levels: Tensor) -> BinaryCodes:
+        return BinaryCodes.cat(grids)

@@ -1,0 +1,192 @@
+"""Model plumbing: find the decoder layers, capture their inputs, walk them one at a time.
+
+Nothing here knows about binarization. The walker works on any Hugging Face decoder-only
+model whose layers sit in one `nn.ModuleList` (found generically, see `find_decoder_layers`)
+and whose layer-0 call can be intercepted with a forward pre-hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+# Where decoder layers live, for models whose `_no_split_modules` does not say.
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+               "transformer.blocks", "model.transformer.h", "transformer.layers")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The walker cannot find the decoder layers of this model."""
+
+
+class StopForward(Exception):
+    """Raised by the layer-0 pre-hook once its inputs are captured (internal control flow)."""
+
+
+@contextlib.contextmanager
+def calibration_context(model: nn.Module):
+    """no_grad, eval mode and use_cache=False for the duration; always restored."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def _get(model: nn.Module, path: str) -> Any:
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, layers): the ModuleList of decoder layers.
+
+    First choice: the first ModuleList whose children are of a class named in the model's
+    `_no_split_modules` (every HF decoder declares its layer class there); then a short
+    table of usual paths.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 \
+                and type(module[0]).__name__ in names:
+            return path, module
+    for path in LAYER_PATHS:
+        module = _get(model, path)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    raise UnsupportedArchitecture(
+        f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of "
+        f"{sorted(names) or 'decoder layers'} and none at {', '.join(LAYER_PATHS)}. "
+        "binllm supports decoder-only causal LMs whose layers sit in one ModuleList.")
+
+
+def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a decoder layer, in registration order."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for every calibration batch: hidden states + kwargs."""
+
+    hidden: list[Tensor]              # each (batch, seqlen, d)
+    kwargs: list[dict[str, Any]]      # attention mask, position embeddings, … per batch
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
+                         device: torch.device | str) -> LayerInputs:
+    """Run the model up to decoder layer 0 for each batch of token ids (batch, seqlen).
+
+    Only the modules outside the decoder layers move to `device` (and back afterwards);
+    layer 0 is never executed: its pre-hook stores (args, kwargs) and raises StopForward.
+    """
+    captured = LayerInputs([], [])
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append({k: v for k, v in kwargs.items()
+                                if k not in ("past_key_value", "past_key_values", "use_cache")})
+        raise StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    moved = _move_outside_layers(model, layers, device)
+    try:
+        for ids in batches:
+            with contextlib.suppress(StopForward):
+                model(ids.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move_outside_layers(model, layers, "cpu", only=moved)
+    return captured
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device, only=None) -> list:
+    """Move every parameter/buffer-holding module that is not inside `layers` to device."""
+    if str(device) == "cpu" and only is None:
+        return []
+    inside = {id(m) for m in layers.modules()}
+    moved = []
+    for m in model.modules():
+        if id(m) in inside or m is layers:
+            continue
+        if only is not None and not any(m is o for o in only):
+            continue
+        direct = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        if direct:
+            m.to(device)
+            moved.append(m)
+    return moved
+
+
+def run_layer(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """One decoder layer call with its captured kwargs; tuple outputs reduce to hidden states."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | str = "cpu",
+                offload: bool = True) -> Iterator[tuple[int, str, nn.Module, LayerInputs]]:
+    """Yield (index, path, layer, inputs) one layer at a time, in order.
+
+    The consumer may change the layer in place (quantize its linears); after it resumes,
+    the walker runs the (changed) layer on every batch to build the next layer's inputs,
+    then moves the layer back to the CPU when `offload` is set.
+    """
+    path, layers = find_decoder_layers(model)
+    with calibration_context(model):
+        inputs = capture_layer_inputs(model, layers, batches, device)
+        for i, layer in enumerate(layers):
+            original_device = next(layer.parameters()).device
+            layer.to(device)
+            yield i, f"{path}.{i}", layer, inputs
+            nxt = [run_layer(layer, h.to(device), _to(kw, device))
+                   for h, kw in zip(inputs.hidden, inputs.kwargs)]
+            inputs = LayerInputs(nxt, inputs.kwargs)
+            if offload:
+                layer.to(original_device)
+
+
+def collect_hessians(layer: nn.Module, inputs: LayerInputs, names: list[str],
+                     device: torch.device | str = "cpu") -> dict[str, "HessianAccumulator"]:
+    """Run the layer on every batch with forward hooks accumulating each linear's XᵀX."""
+    from .hessian import HessianAccumulator
+
+    linears = find_linears(layer)
+    accs = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
+    handles = [linears[n].register_forward_hook(
+        lambda mod, args, out, acc=accs[n]: acc.add_batch(args[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            for h, kw in zip(inputs.hidden, inputs.kwargs):
+                run_layer(layer, h.to(device), _to(kw, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accs
