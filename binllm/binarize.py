@@ -114,3 +114,6 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb(device)
     return report
+
+
+quantize = binarize_model  # `binllm.quantize(model, config, calibration)`

@@ -57,15 +57,18 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _named_file(root: Path, name: str, split: str) -> Path | None:
+    """The split's own file; for c4 and tinystories a folder's only file serves every split."""
     tag = _SPLIT_FILE[split]
-    candidates = {
-        "wikitext2": [root / "wikitext-2-raw" / f"wiki.{tag}.raw"],
-        "ptb": [root / "ptb" / f"ptb.{tag}.txt"],
-        "c4": sorted((root / "c4").glob(f"*{split}*.jsonl")) + sorted((root / "c4").glob("*.jsonl")),
-        "tinystories": sorted((root / "tinystories").glob(f"*{tag}*.txt"))
-        + sorted((root / "tinystories").glob("*.txt")),
-    }[name]
-    return next((p for p in candidates if p.is_file()), None)
+    if name == "wikitext2":
+        path = root / "wikitext-2-raw" / f"wiki.{tag}.raw"
+    elif name == "ptb":
+        path = root / "ptb" / f"ptb.{tag}.txt"
+    else:
+        folder, ext = root / name, ".jsonl" if name == "c4" else ".txt"
+        named = [p for p in sorted(folder.glob(f"*{ext}")) if tag in p.name or split in p.name]
+        files = sorted(folder.glob(f"*{ext}"))
+        path = named[0] if named else (files[0] if len(files) == 1 else None)
+    return path if path is not None and path.is_file() else None
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -106,6 +109,8 @@ def load_text(name: str, split: str = "test", root: str | os.PathLike | None = N
         f = _named_file(base, name, cand) if base else None
         if f is not None:
             note = "" if i == 0 else f"{name}: {split} split not available locally; used {cand}"
+            if name in ("c4", "tinystories") and split not in f.name and _SPLIT_FILE[split] not in f.name:
+                note = f"{name}: one local file ({f.name}) serves every split"
             if note:
                 log.warning(note)
             docs, text = _join(name, f)
