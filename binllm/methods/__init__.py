@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
 from .codes import BinaryCodes, UniformCodes
 from .gptq import GPTQ
+from .pbllm import PBLLM
 from .sign import RtnSign
 
 
@@ -32,6 +33,14 @@ class MethodSpec:
 _SPECS = (
     MethodSpec("rtn-sign", RtnSign, summary="per-row α·sign(W−μ)+μ, no reconstruction (baseline)"),
     MethodSpec("gptq", GPTQ, summary="uniform asymmetric GPTQ, 1–8 bits, per row or group (baseline)"),
+    MethodSpec("pbllm", PBLLM, summary="PB-LLM: unstructured salient weights at high_bit, "
+               "the rest α·sign(W−μ)+μ, GPTQ column feedback"),
+    MethodSpec("pbllm-10", PBLLM, {"salient_fraction": 0.1, "salient_metric": "hessian"},
+               "PB-LLM, 10 % salient at 8 bit (1.7 paper bits), Hessian saliency"),
+    MethodSpec("pbllm-20", PBLLM, {"salient_fraction": 0.2, "salient_metric": "hessian"},
+               "PB-LLM, 20 % salient at 8 bit (2.4 paper bits), Hessian saliency"),
+    MethodSpec("pbllm-30", PBLLM, {"salient_fraction": 0.3, "salient_metric": "hessian"},
+               "PB-LLM, 30 % salient at 8 bit (3.1 paper bits), Hessian saliency"),
 )
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})
