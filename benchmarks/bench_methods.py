@@ -1,0 +1,157 @@
+"""Issue 3 benchmark: every paper method on stories260K, plus seconds per 7B-shaped linear.
+
+Writes benchmarks/results/methods.json and methods.md. Each method runs in its own process
+(`binllm quantize … --report`) so that its peak memory is its own. Perplexities use every
+window of each test split (no cap) unless --max-windows is given; the table says which.
+
+    python benchmarks/bench_methods.py [--nsamples 128] [--max-windows N] [--skip-linear]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT.parent / "shared" / "models" / "stories260K"
+OUT = ROOT / "benchmarks" / "results"
+DATASETS = ["tinystories", "wikitext2", "ptb", "c4"]
+RUNS = [  # (label, method, method args)
+    ("rtn-sign", "rtn-sign", []),
+    ("GPTQ 2-bit", "gptq", ["bits=2"]),
+    ("PB-LLM 10%", "pbllm-10", []),
+    ("BiLLM", "billm", []),
+    ("ARB", "arb", []),
+    ("ARB-X", "arb-x", []),
+    ("ARB-RC", "arb-rc", []),
+    ("ARB-LLM_X", "arb-llm-x", []),
+    ("ARB-LLM_RC", "arb-llm-rc", []),
+]
+LINEAR_SHAPES = [(4096, 4096), (11008, 4096)]
+
+
+def run_cli(args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "binllm", "-q", *args, "--report", str(report)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        out = json.loads(report.read_text())
+        out["wall_seconds"] = time.perf_counter() - t0
+        return out
+
+
+def stories_rows(nsamples: int, max_windows: int | None) -> list[dict]:
+    common = ["--seqlen", "512", "--eval", ",".join(DATASETS)]
+    if max_windows:
+        common += ["--max-windows", str(max_windows)]
+    fp = run_cli(["eval", str(MODEL), "--datasets", ",".join(DATASETS), "--seqlen", "512",
+                  *(["--max-windows", str(max_windows)] if max_windows else [])])
+    rows = [{"label": "FP32", "method": None, "perplexity": fp["perplexity"],
+             "paper_bits": 32.0, "stored_bits": 32.0, "seconds": 0.0, "peak_memory_mb": None}]
+    from binllm.methods import METHODS
+
+    for label, method, margs in RUNS:
+        if method not in METHODS:
+            rows.append({"label": label, "method": method, "missing": True})
+            continue
+        args = ["quantize", str(MODEL), "--method", method, "--calib", "wikitext2",
+                "--calib-split", "validation", "--nsamples", str(nsamples), *common]
+        for a in margs:
+            args += ["--method-arg", a]
+        r = run_cli(args)
+        q = r["quantization"]
+        rows.append({"label": label, "method": method, "method_args": q["method_args"],
+                     "perplexity": r["perplexity"], "paper_bits": q["paper_bits"],
+                     "stored_bits": q["stored_bits"], "seconds": q["seconds"],
+                     "peak_memory_mb": q["peak_memory_mb"], "protocol": r["protocol"]})
+        print(f"{label}: {({k: round(v['ppl'], 2) for k, v in r['perplexity'].items()})}", flush=True)
+    return rows
+
+
+def synthetic_hessian(d: int, seed: int = 0) -> torch.Tensor:
+    """H = 2/n XᵀX of correlated activations X = Z·M (n = 2d), as a 7B layer would see."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    Z = torch.randn(2 * d, d, generator=g)
+    X = Z @ M
+    return 2 / X.shape[0] * X.T @ X
+
+
+def linear_rows() -> list[dict]:
+    from binllm.methods import METHODS, get_method
+    from binllm.reconstruct import reconstruct
+
+    rows = []
+    for out_f, in_f in LINEAR_SHAPES:
+        H = synthetic_hessian(in_f)
+        W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.02
+        for label, method, margs in RUNS:
+            if method not in METHODS:
+                continue
+            m = get_method(method, dict(a.split("=", 1) for a in margs))
+            t0 = time.perf_counter()
+            rec = reconstruct(W, H, m)
+            dt = time.perf_counter() - t0
+            rows.append({"label": label, "shape": [out_f, in_f], "seconds": dt,
+                         "paper_bits": rec.codes.paper_bits(),
+                         "stored_bits": rec.codes.stored_bits() / W.numel()})
+            print(f"{label} {out_f}x{in_f}: {dt:.1f} s", flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    cap = result["max_windows"]
+    lines = [f"# Methods on stories260K (seqlen 512, calibration: {result['nsamples']} windows of "
+             f"wikitext2 validation, seed 0)", "",
+             "Perplexity on the test splits, " + ("all windows" if not cap else f"first {cap} windows")
+             + f"; torch {result['torch']}, {result['threads']} CPU threads.", ""]
+    head = "| method | " + " | ".join(DATASETS) + " | paper bits | stored bits | quant s | peak MiB |"
+    lines += [head, "|" + "---|" * (len(DATASETS) + 5)]
+    for r in result["stories260K"]:
+        if r.get("missing"):
+            lines.append(f"| {r['label']} | " + " | ".join("not registered" for _ in DATASETS) + " | | | | |")
+            continue
+        ppl = " | ".join(f"{r['perplexity'][d]['ppl']:.2f}" for d in DATASETS)
+        mem = "" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['label']} | {ppl} | {r['paper_bits']:.3f} | {r['stored_bits']:.3f} "
+                     f"| {r['seconds']:.1f} | {mem} |")
+    windows = {d: result["stories260K"][0]["perplexity"][d]["windows"] for d in DATASETS}
+    lines += ["", "Windows per dataset: " + ", ".join(f"{d} {n}" for d, n in windows.items()), ""]
+    if result.get("linears"):
+        lines += ["## Seconds per linear (random W, synthetic correlated Hessian, this CPU)", "",
+                  "| method | shape | seconds | paper bits | stored bits |", "|---|---|---|---|---|"]
+        for r in result["linears"]:
+            lines.append(f"| {r['label']} | {r['shape'][0]}×{r['shape'][1]} | {r['seconds']:.1f} "
+                         f"| {r['paper_bits']:.3f} | {r['stored_bits']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--skip-linear", action="store_true")
+    args = ap.parse_args()
+    result = {"nsamples": args.nsamples, "max_windows": args.max_windows,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "stories260K": stories_rows(args.nsamples, args.max_windows)}
+    if not args.skip_linear:
+        result["linears"] = linear_rows()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "methods.json").write_text(json.dumps(result, indent=2))
+    (OUT / "methods.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
