@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from .config import QuantizeConfig
 from .methods import get_method
 from .reconstruct import reconstruct
-from .walker import collect_hessians, find_decoder_layers, find_linears, walk_layers
+from .walker import (UnsupportedArchitecture, collect_hessians, find_decoder_layers, find_linears,
+                     walk_layers)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,12 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     report = QuantizeReport(method=config.method,
                             method_args=dataclasses.asdict(method.args), config=config.to_dict())
     start = time.perf_counter()
-    n_layers = len(find_decoder_layers(model)[1])
+    path, layers = find_decoder_layers(model)
+    if not any(find_linears(layer) for layer in layers):
+        raise UnsupportedArchitecture(
+            f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
+            "style Conv1D projections are not supported), so there is nothing to binarize")
+    n_layers = len(layers)
     for i, path, layer, inputs in walk_layers(model, calibration, device):
         linears = {n: m for n, m in find_linears(layer).items()
                    if not any(n == s or n.endswith("." + s) for s in config.skip)}

@@ -56,3 +56,35 @@ def tiny_llama(seed: int = 0):
 @pytest.fixture
 def tiny_llama_model():
     return tiny_llama()
+
+
+# -- tiny models of several families (architecture tests, CLI error cases) -----------------
+# hidden 64, 2 layers, vocab 256 unless the caller asks otherwise; every family here keeps
+# its decoder linears as nn.Linear (GPT-2's Conv1D is not supported by the walker).
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256)
+TINY_FAMILIES = {
+    # family: (config class, model class, extra config kwargs)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1, intermediate_size=None)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict()),
+}
+
+
+def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 256, **overrides):
+    """A 2-layer model of `family` (a key of TINY_FAMILIES) built in-process, in eval mode."""
+    import transformers
+
+    cfg_name, model_name, extra = TINY_FAMILIES[family]
+    kwargs = {**_TINY, **extra, "vocab_size": vocab_size, **overrides}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_name)(**kwargs)
+    return getattr(transformers, model_name)(config).eval()
