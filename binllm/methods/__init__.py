@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
 from .codes import BinaryCodes, UniformCodes
+from .billm import BiLLM
 from .gptq import GPTQ
 from .pbllm import PBLLM
 from .sign import RtnSign
@@ -33,6 +34,8 @@ class MethodSpec:
 _SPECS = (
     MethodSpec("rtn-sign", RtnSign, summary="per-row α·sign(W−μ)+μ, no reconstruction (baseline)"),
     MethodSpec("gptq", GPTQ, summary="uniform asymmetric GPTQ, 1–8 bits, per row or group (baseline)"),
+    MethodSpec("billm", BiLLM, summary="BiLLM: salient columns at residual order 2, bell-shaped "
+               "split of the rest into two order-1 groups, block feedback"),
     MethodSpec("pbllm", PBLLM, summary="PB-LLM: unstructured salient weights at high_bit, "
                "the rest α·sign(W−μ)+μ, GPTQ column feedback"),
     MethodSpec("pbllm-10", PBLLM, {"salient_fraction": 0.1, "salient_metric": "hessian"},
