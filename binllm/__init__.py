@@ -18,9 +18,20 @@ _LAZY = {
     "get_method": "binllm.methods",
     "reconstruct": "binllm.reconstruct",
     "perplexity": "binllm.evaluate",
+    "load": "binllm.checkpoint",
+    "save_binarized": "binllm.checkpoint",
+    "load_binarized": "binllm.checkpoint",
+    "inspect_saved": "binllm.saved_dir",
+    "BinaryLinear": "binllm.layers",
 }
 
 __all__ = sorted(_LAZY)
+
+# AutoModelForCausalLM.from_pretrained(DIR) of binllm directories: registers binllm's quantizer
+# when transformers loads its quantizer registry, without importing transformers here.
+from .hf_hook import install as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
 
 
 def __getattr__(name: str):

@@ -27,6 +27,11 @@ def _bits(n: int) -> int:
     return 0 if n <= 1 else math.ceil(math.log2(n))
 
 
+def _stream(n_bits: int) -> int:
+    """Bits a packed stream of n_bits occupies on disk: whole bytes (binllm.packing)."""
+    return 8 * math.ceil(n_bits / 8)
+
+
 @dataclass(frozen=True)
 class BinaryCodes:
     """Grouped, multi-order binarization (rtn-sign, BiLLM, ARB-LLM and its variants).
@@ -97,7 +102,11 @@ class BinaryCodes:
         return order_of.float().mean().item()
 
     def stored_bits(self) -> int:
-        """Every bit the packed form needs: sign planes, bitmaps, scales and means."""
+        """Every bit the packed form stores: sign planes, bitmaps, scales and means.
+
+        Equals the bytes binllm.packing writes for these codes, × 8 (each bit stream is
+        padded to whole bytes).
+        """
         rows, cols = self.group.shape
         n_sal_cols = int(self.salient_cols.sum())
         col_count = {True: n_sal_cols, False: cols - n_sal_cols}
@@ -105,14 +114,13 @@ class BinaryCodes:
         nblk = self.alpha.shape[-1]
         is_sal = [g < self.n_salient for g in range(G)]
         bits = 0
-        for o in range(K):  # plane o exists in the column classes holding a group of order > o
-            for sal in (True, False):
-                if any(self.orders[g] > o and is_sal[g] == sal for g in range(G)):
-                    bits += rows * col_count[sal]
-        bits += rows * n_sal_cols * _bits(self.n_salient)          # group ids, salient cols
-        bits += rows * col_count[False] * _bits(G - self.n_salient)  # group ids, the rest
+        for o in range(K):  # plane o: one stream over the column classes holding order > o
+            bits += _stream(rows * sum(col_count[sal] for sal in (True, False) if any(
+                self.orders[g] > o and is_sal[g] == sal for g in range(G))))
+        bits += _stream(rows * n_sal_cols * _bits(self.n_salient))          # group ids, salient cols
+        bits += _stream(rows * col_count[False] * _bits(G - self.n_salient))  # group ids, the rest
         if 0 < self.n_salient < G:
-            bits += cols  # salient-column bitmap
+            bits += _stream(cols)  # salient-column bitmap
         pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]
         bits += len(pairs) * rows * nblk * 16  # alpha
         if self.mu is not None:
@@ -152,7 +160,8 @@ class UniformCodes:
 
     def stored_bits(self) -> int:
         rows, cols = self.q.shape
-        return rows * cols * self.bits + self.scale.numel() * (16 + self.bits)
+        return (_stream(rows * cols * self.bits) + self.scale.numel() * 16  # q, scale
+                + _stream(self.scale.numel() * self.bits))  # zero points
 
 
 @dataclass(frozen=True)
@@ -199,9 +208,9 @@ class PartialBinaryCodes:
     def stored_bits(self) -> int:
         numel = self.signs.numel()
         n_sal = int(self.salient.sum())
-        return (numel  # salient-position bitmap
-                + n_sal * self.high_bit + (numel - n_sal)  # salient levels + signs
-                + self.high_scale.numel() * (16 + self.high_bit)  # high grid: scale, zero
+        return (_stream(numel)  # salient-position bitmap (bit streams padded to bytes)
+                + _stream(n_sal * self.high_bit) + _stream(numel - n_sal)  # salient levels, signs
+                + self.high_scale.numel() * 16 + _stream(self.high_zero.numel() * self.high_bit)
                 + (self.alpha.numel() + self.mu.numel()) * 16)
 
 

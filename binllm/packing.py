@@ -1,0 +1,261 @@
+"""The packed form of every layer's codes: bit streams, fp16 scales, shapes declared up front.
+
+A binarized linear `<prefix>` is stored as the tensors `<prefix>.<suffix>` of its codes
+format and nothing else. Every tensor's shape and dtype is a pure function of
+(out_features, in_features, params), where `params` is the layer's small JSON record in
+config.json (`PackedLayout`); the data-dependent counts a format needs (salient columns,
+salient weights) are part of `params`, so a loader allocates every buffer before it reads a
+byte and can refuse a tensor of the wrong shape by looking at the file header only.
+
+Bit streams (format_version 1) are 1-D uint8 tensors. The elements of the logical array are
+taken in row-major order; element i sits at bit i % 8 of byte i // 8 (little-endian within a
+byte); the last byte is padded with zeros. An n-bit integer stream stores element i's bits,
+least significant first, as the elements n·i … n·i + n − 1 of a bit stream. Scales and means
+are fp16; the codes already hold them rounded to fp16 (`codes.to_storage`), and packing
+refuses values that are not, since the saved model would then differ from the calibrated one.
+Tensors with no element are not stored. `codes.stored_bits()` counts exactly these bytes.
+The per-format tables are in `binllm.packed_formats`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1  # version of the on-disk layout written into quantization_config
+FLOAT_DTYPE = torch.float16
+
+
+class PackingError(ValueError):
+    """Codes that cannot be stored losslessly, or packed tensors that do not fit their layout."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def bit_spec(n_bits: int) -> TensorSpec:
+    """The uint8 stream holding n_bits bits."""
+    return TensorSpec(((n_bits + 7) // 8,), torch.uint8)
+
+
+def float_spec(*shape: int) -> TensorSpec:
+    return TensorSpec(tuple(shape), FLOAT_DTYPE)
+
+
+# -- bit primitives ----------------------------------------------------------------------
+def pack_bits(bits: Tensor) -> Tensor:
+    """Pack booleans (…, n) into uint8 (…, ⌈n/8⌉) along the last dim, little-endian in a byte.
+
+    Element j of the last dim goes to bit j % 8 (value 2^(j % 8)) of byte j // 8; the last
+    byte is zero-padded. Worked example, 9 bits → 2 bytes:
+
+        bits    1 0 1 1 0 0 0 0 | 1
+        byte 0  1·1 + 1·4 + 1·8 = 13       byte 1  1·1 = 1
+
+    >>> pack_bits(torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool))
+    tensor([13,  1], dtype=torch.uint8)
+    >>> unpack_bits(torch.tensor([13, 1], dtype=torch.uint8), 9).int().tolist()
+    [1, 0, 1, 1, 0, 0, 0, 0, 1]
+    """
+    n = bits.shape[-1]
+    b = bits.to(torch.uint8)
+    if n % 8:
+        pad = torch.zeros(*bits.shape[:-1], 8 - n % 8, dtype=torch.uint8, device=bits.device)
+        b = torch.cat([b, pad], dim=-1)  # (…, 8m)
+    b = b.reshape(*bits.shape[:-1], -1, 8)  # (…, m, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return (b << shifts).sum(dim=-1, dtype=torch.uint8)  # (…, m)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 (…, ⌈n/8⌉) → bool (…, n)."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] != (n + 7) // 8:
+        raise PackingError(f"a stream of {n} bits needs {(n + 7) // 8} uint8 bytes in its last "
+                           f"dim, got {packed.dtype} {tuple(packed.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[..., None] >> shifts) & 1  # (…, m, 8)
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()  # (…, n)
+
+
+def pack_uint(values: Tensor, nbits: int) -> Tensor:
+    """Pack integers in [0, 2^nbits) (any shape, integer or integral float) into a stream.
+
+    Element i's bits, least significant first, are stream bits nbits·i … nbits·i + nbits − 1:
+    the values [1, 2, 3] at 2 bits are the bits 1 0 | 0 1 | 1 1, i.e. the byte 0b111001 = 57.
+
+    >>> pack_uint(torch.tensor([1, 2, 3]), 2)
+    tensor([57], dtype=torch.uint8)
+    """
+    v = values.reshape(-1)
+    if nbits == 0:
+        if v.numel() and bool((v != 0).any()):
+            raise PackingError("a 0-bit stream can only hold zeros")
+        return torch.zeros(0, dtype=torch.uint8, device=values.device)
+    if not 1 <= nbits <= 8:
+        raise PackingError(f"nbits={nbits}: integer streams hold 1 to 8 bits per value")
+    if v.numel():
+        lo, hi = v.min().item(), v.max().item()
+        if lo < 0 or hi > 2 ** nbits - 1 or (v.is_floating_point() and not torch.equal(v, v.round())):
+            raise PackingError(f"values in [{lo}, {hi}] do not fit unsigned {nbits}-bit integers")
+    v = v.to(torch.uint8)
+    if nbits == 8:
+        return v.clone()
+    shifts = torch.arange(nbits, dtype=torch.uint8, device=v.device)
+    return pack_bits(((v[:, None] >> shifts) & 1).reshape(-1))  # bits of (N, nbits), flat
+
+
+def unpack_uint(packed: Tensor, n: int, nbits: int) -> Tensor:
+    """Inverse of `pack_uint`: n values as uint8 (n,)."""
+    if nbits == 0:
+        return torch.zeros(n, dtype=torch.uint8, device=packed.device)
+    if nbits == 8:
+        if packed.shape != (n,) or packed.dtype != torch.uint8:
+            raise PackingError(f"an 8-bit stream of {n} values needs uint8 ({n},), got "
+                               f"{packed.dtype} {tuple(packed.shape)}")
+        return packed
+    bits = unpack_bits(packed, n * nbits).reshape(n, nbits).to(torch.uint8)  # (n, nbits)
+    shifts = torch.arange(nbits, dtype=torch.uint8, device=packed.device)
+    return (bits << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def to_fp16_exact(x: Tensor, name: str) -> Tensor:
+    """x as fp16, refusing values that fp16 does not hold exactly."""
+    h = x.to(FLOAT_DTYPE)
+    if not torch.equal(h.to(x.dtype), x):
+        raise PackingError(
+            f"{name} holds values that are not exact in fp16: the method must round its scales "
+            "and means with codes.to_storage before using them, or the saved model would not "
+            "reproduce the calibrated one")
+    return h
+
+
+# -- formats and layouts -------------------------------------------------------------------
+@dataclass(frozen=True)
+class CodesFormat:
+    """How one codes container is stored: its params, tensor specs and the pack/unpack pair.
+
+    params(codes) -> JSON-able dict;  specs(rows, cols, params) -> {suffix: TensorSpec};
+    pack(codes) -> {suffix: Tensor};  unpack({suffix: Tensor}, rows, cols, params) -> codes.
+    """
+
+    name: str
+    codes_type: type
+    params: Callable[[Any], dict[str, Any]]
+    specs: Callable[[int, int, Mapping[str, Any]], dict[str, TensorSpec]]
+    pack: Callable[[Any], dict[str, Tensor]]
+    unpack: Callable[[Mapping[str, Tensor], int, int, Mapping[str, Any]], Any]
+    check: Callable[[int, int, Mapping[str, Any]], None]  # raises PackingError on bad params
+
+
+def _formats() -> Mapping[str, CodesFormat]:
+    from .packed_formats import FORMATS
+
+    return FORMATS
+
+
+def format_named(name: str) -> CodesFormat:
+    formats = _formats()
+    if name not in formats:
+        raise PackingError(f"unknown packed format {name!r} (this binllm knows "
+                           f"{', '.join(formats)}); the model was written by a newer binllm")
+    return formats[name]
+
+
+def format_of(codes: Any) -> CodesFormat:
+    for fmt in _formats().values():
+        if type(codes) is fmt.codes_type:
+            return fmt
+    raise PackingError(f"no packed format for {type(codes).__name__}; register one in "
+                       "binllm/packed_formats.py")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """What config.json records per binarized linear: enough to allocate its buffers."""
+
+    format: str
+    out_features: int
+    in_features: int
+    params: Mapping[str, Any]
+
+    def __post_init__(self):
+        if self.out_features < 1 or self.in_features < 1:
+            raise PackingError(f"layout shape ({self.out_features}, {self.in_features}) is empty")
+        format_named(self.format).check(self.out_features, self.in_features, self.params)
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """The stored tensors (those with at least one element), by key suffix."""
+        specs = format_named(self.format).specs(self.out_features, self.in_features, self.params)
+        return {k: s for k, s in specs.items() if s.numel > 0}
+
+    def stored_bits(self) -> int:
+        return sum(s.nbytes for s in self.specs().values()) * 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "shape": [self.out_features, self.in_features],
+                "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PackedLayout:
+        try:
+            out_features, in_features = (int(x) for x in d["shape"])
+            return cls(str(d["format"]), out_features, in_features, dict(d["params"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackingError(f"malformed layer layout {dict(d)!r}: {e}") from None
+
+
+def pack(codes: Any) -> tuple[PackedLayout, dict[str, Tensor]]:
+    """(layout, tensors by suffix) of a layer's codes; the tensors match `layout.specs()`."""
+    fmt = format_of(codes)
+    rows, cols = codes.shape
+    layout = PackedLayout(fmt.name, rows, cols, fmt.params(codes))
+    specs = layout.specs()
+    tensors = {k: v.contiguous() for k, v in fmt.pack(codes).items() if k in specs}
+    check_tensors(layout, tensors, specs)  # a format whose pack disagrees with its specs is a bug
+    return layout, tensors
+
+
+def check_tensors(layout: PackedLayout, tensors: Mapping[str, Any],
+                  specs: Mapping[str, TensorSpec] | None = None, where: str = "") -> None:
+    """Refuse missing, unexpected or mis-shaped tensors (anything with .shape and .dtype)."""
+    specs = layout.specs() if specs is None else specs
+    missing, extra = sorted(set(specs) - set(tensors)), sorted(set(tensors) - set(specs))
+    if missing or extra:
+        raise PackingError(f"{where or layout.format} layer: missing tensors {missing}, "
+                           f"unexpected tensors {extra} (expected {sorted(specs)})")
+    for k, spec in specs.items():
+        t = tensors[k]
+        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+            raise PackingError(f"{where}.{k}: expected {spec.dtype} {spec.shape}, found "
+                               f"{t.dtype} {tuple(t.shape)}; the file does not match config.json")
+
+
+def unpack(layout: PackedLayout, tensors: Mapping[str, Tensor]) -> Any:
+    """The codes stored in `tensors` (as `pack` wrote them), on the tensors' device."""
+    specs = layout.specs()
+    check_tensors(layout, tensors, specs)
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    full = dict(tensors)
+    every = format_named(layout.format).specs(layout.out_features, layout.in_features, layout.params)
+    for k, s in every.items():  # empty tensors are not stored; hand the format empty ones
+        full.setdefault(k, torch.empty(s.shape, dtype=s.dtype, device=device))
+    return format_named(layout.format).unpack(full, layout.out_features, layout.in_features,
+                                              layout.params)
