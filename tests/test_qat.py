@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from binllm.methods.codes import PartialBinaryCodes, to_storage
-from binllm.qat import (PartialBinaryLinear, QATConfig, QATError, outlier_mask, prepare_qat,
-                        qat_codes, qat_modules, to_plain_linears, train_qat, training_windows)
+from binllm.qat import (PartialBinaryLinear, QATConfig, QATError, finalize_qat, outlier_mask,
+                        prepare_qat, qat_codes, qat_modules, to_plain_linears)
+from binllm.qat_train import train_qat, training_windows
 
 W4 = torch.tensor([[0.5, -0.25, 3.0, 0.125],
                    [-1.0, 0.75, -0.5, -2.0]])
@@ -235,3 +236,46 @@ def test_qat_codes_and_gradient_checkpointing(stories_path, stories_model, c4_to
     for name, c in codes.items():
         assert torch.equal(c.dequantize(), model.get_submodule(name).effective_weight())
         assert c.paper_bits() == pytest.approx(1.7, abs=0.02)
+
+
+# -- packed format and CLI -----------------------------------------------------------------
+def test_finalize_saves_through_the_packed_format(stories_model, c4_tokens, tmp_path):
+    checkpoint = pytest.importorskip("binllm.checkpoint")
+    model = stories_model
+    cfg = small_config(steps=2)
+    prepare_qat(model, cfg)
+    train_qat(model, c4_tokens, cfg)
+    want = qat_codes(model)
+    report = finalize_qat(model, cfg)
+    assert report.method == "pbllm-qat" and set(report.codes) == set(want)
+    assert report.paper_bits == pytest.approx(1.7, abs=0.02)
+    ids = c4_tokens[:, :64]
+    with torch.no_grad():
+        before = model(ids).logits
+    checkpoint.save_binarized(model, report, None, tmp_path / "out")
+    loaded = checkpoint.load_binarized(tmp_path / "out")
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_cli_qat_trains_reports_and_resumes(stories_path, shared, tmp_path):
+    import json
+
+    from binllm.cli import main
+
+    text = tmp_path / "train.txt"
+    text.write_text((shared / "data" / "c4" / "c4_sample_200docs.jsonl").read_text()[:40_000])
+    common = [str(stories_path), "--data-dir", str(shared / "data"), "--train", str(text),
+              "--eval", "tinystories", "--steps", "4", "--seqlen", "64", "--max-windows", "2",
+              "--checkpoint", str(tmp_path / "ck.pt"), "--checkpoint-every", "2"]
+    assert main(["-q", "qat", *common, "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["training"]["step"] == 4 and len(report["training"]["losses"]) == 4
+    assert report["quantization"]["method"] == "pbllm-qat"
+    assert report["perplexity"]["tinystories"]["windows"] == 2
+    assert main(["-q", "qat", *common, "--resume", "--report", str(tmp_path / "r2.json")]) == 0
+    again = json.loads((tmp_path / "r2.json").read_text())
+    assert again["training"]["start_step"] == 4
+    assert again["training"]["losses"] == report["training"]["losses"]
+    assert main(["-q", "qat", *common, "--steps", "0"]) == 2  # clear error, exit code 2
