@@ -36,21 +36,7 @@ import torch
 from torch import Tensor
 
 SPLIT_LEVELS = (0.10, 0.90, 81)  # quantile levels of the bell-shaped split search (§3.2.3)
-_CHUNK = 1 << 18                 # elements per row chunk of the (rows, cand, B) tables
-
-
-class Stats(NamedTuple):
-    """Count, sum and sum of squares of a set of values per row (float64)."""
-
-    n: Tensor
-    s1: Tensor
-    s2: Tensor
-
-    def __sub__(self, o: Stats) -> Stats:  # type: ignore[override]
-        return Stats(self.n - o.n, self.s1 - o.s1, self.s2 - o.s2)
-
-    def __add__(self, o: Stats) -> Stats:  # type: ignore[override]
-        return Stats(self.n + o.n, self.s1 + o.s1, self.s2 + o.s2)
+_CHUNK = 1 << 17                 # elements per row chunk of the (rows, cand, B) tables
 
 
 class BRA(NamedTuple):
@@ -86,8 +72,9 @@ def residual_binarize(x: Tensor, mask: Tensor, order: int) -> BRA:
 
 
 # -- closed-form BRA error from sorted statistics -----------------------------------------
-def bra_error(total: Stats, below: Callable[[Tensor], Stats], order: int) -> Tensor:
-    """Σ (x − R_order(x))² over a set, from its totals and `below(t)` = stats of {x < t}.
+# A "stats" tensor stacks (count, Σx, Σx²) of a set of values on its first dim: (3, ...) float64.
+def bra_error(total: Tensor, below: Callable[[Tensor], Tensor], order: int) -> Tensor:
+    """Σ (x − R_order(x))² over a set, from its stats `total` and `below(t)` = stats of {x < t}.
 
     Works elementwise on any shape (rows, candidates, …); empty sets give 0.
     """
@@ -116,31 +103,40 @@ def bra_error(total: Stats, below: Callable[[Tensor], Stats], order: int) -> Ten
     return rho_sq - n * mu2 ** 2 - n * alpha2 ** 2
 
 
-def _sorted_prefix(x: Tensor, inside: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Each row's values inside the set sorted ascending (+inf after them) and their prefix stats."""
-    v = torch.where(inside, x.double(), torch.inf)
-    vs = torch.sort(v, dim=-1).values  # (rows, B)
-    f = torch.where(torch.isfinite(vs), vs, 0.0)
-    z = torch.zeros_like(f[..., :1])
-    P = [torch.cat([z, torch.cumsum(g, -1)], -1) for g in (torch.isfinite(vs).double(), f, f * f)]
-    return vs, P  # P: 3 × (rows, B + 1)
+def _sorted_prefix(x: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's values inside the set, sorted (+inf after them), and prefix stats (3, rows, B+1)."""
+    vs = torch.sort(torch.where(inside, x.float(), torch.inf), dim=-1).values.double()  # (rows, B)
+    fin = torch.isfinite(vs)
+    f = torch.where(fin, vs, 0.0)
+    P = torch.zeros(3, *f.shape[:-1], f.shape[-1] + 1, dtype=torch.float64, device=x.device)
+    torch.cumsum(torch.stack([fin.double(), f, f * f]), -1, out=P[..., 1:])
+    return vs, P
 
 
-def _at(P: list[Tensor], idx: Tensor) -> Stats:
-    return Stats(*(p.gather(-1, idx) for p in P))
+def _at(P: Tensor, idx: Tensor) -> Tensor:
+    """Prefix stats at sorted positions idx (rows, m): (3, rows, m)."""
+    return P.gather(-1, idx[None].expand(3, *idx.shape))
 
 
-def _ranges_below(P, vs, ranges):
-    """below(t) for the union of index ranges [lo, hi) of the sorted row."""
-    def below(t: Tensor) -> Stats:
+def _ranges_below(P: Tensor, vs: Tensor, ranges):
+    """below(t) for the union of sorted-position ranges [lo, hi) (lo None = 0)."""
+    def below(t: Tensor) -> Tensor:
         j = torch.searchsorted(vs, t.contiguous())
-        out = None
+        out = 0
         for lo, hi in ranges:
-            jj = torch.minimum(torch.maximum(j, lo), hi)
-            s = _at(P, jj) - _at(P, lo)
-            out = s if out is None else out + s
+            if lo is None:
+                out = out + _at(P, torch.minimum(j, hi))
+            else:
+                out = out + _at(P, torch.minimum(torch.maximum(j, lo), hi)) - _at(P, lo)
         return out
     return below
+
+
+def _total(P: Tensor, ranges) -> Tensor:
+    out = 0
+    for lo, hi in ranges:
+        out = out + _at(P, hi) - (0 if lo is None else _at(P, lo))
+    return out
 
 
 def _split_sets(x: Tensor, region: Tensor, p: Tensor):
@@ -150,20 +146,11 @@ def _split_sets(x: Tensor, region: Tensor, p: Tensor):
     """
     rows = x.shape[0]
     vs, P = _sorted_prefix(x, region)
-    n_r = region.sum(-1, keepdim=True).expand(rows, p.numel())  # (rows, ncand)
+    n_r = region.sum(-1, keepdim=True).expand(rows, p.numel()).contiguous()  # (rows, ncand)
     pp = p.double()[None, :].expand(rows, -1).contiguous()  # (rows, ncand)
     a = torch.searchsorted(vs, -pp, right=True)  # #{x ≤ −p}
     b = torch.maximum(torch.searchsorted(vs, pp), a)  # #{x < p}
-    parts = ([(a, b)], [(torch.zeros_like(a), a), (b, n_r)])
-    return vs, P, parts
-
-
-def _total(P, ranges) -> Stats:
-    out = None
-    for lo, hi in ranges:
-        s = _at(P, hi) - _at(P, lo)
-        out = s if out is None else out + s
-    return out
+    return vs, P, ([(a, b)], [(None, a), (b, n_r)])
 
 
 def split_errors(x: Tensor, region: Tensor, p: Tensor, order: int) -> Tensor:
@@ -185,11 +172,11 @@ def split_params(x: Tensor, region: Tensor, p: Tensor) -> tuple[Tensor, ...]:
     vs, P, parts = _split_sets(x, region, p)
     out = []
     for r in parts:
-        total = _total(P, r)
-        safe = total.n.clamp(min=1)
-        mu = total.s1 / safe
+        n, s1, _ = _total(P, r)
+        safe = n.clamp(min=1)
+        mu = s1 / safe
         c, l1, _ = _ranges_below(P, vs, r)(mu)
-        out += [mu, ((total.s1 - l1) - mu * (total.n - c) + mu * c - l1) / safe]
+        out += [mu, ((s1 - l1) - mu * (n - c) + mu * c - l1) / safe]
     return tuple(out)
 
 
@@ -225,24 +212,23 @@ def salient_column_errors(x: Tensor, top: Tensor) -> Tensor:
     step = max(1, _CHUNK // (K * (U + 1)))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        xt = x[r0:r1][:, top].double()  # (r, U) columns in score order
-        vt, rank = torch.sort(xt, dim=-1)  # rank: position of each sorted value in `top`
+        vt, rank = torch.sort(x[r0:r1][:, top].float(), dim=-1)  # (r, U); rank: place in `top`
+        vt = vt.double()
         member = rank[:, None, :] < ks[None, :, None]  # (r, K, U): sorted value ∈ S_k
-        T = torch.zeros(3, r1 - r0, K, U + 1, dtype=torch.float64, device=x.device)
-        for i, g in enumerate((torch.ones_like(vt), vt, vt * vt)):
-            torch.cumsum(torch.where(member, g[:, None, :], 0.0), -1, out=T[i, :, :, 1:])
-        Pa = [p[r0:r1] for p in P_all]
-        va = vs_all[r0:r1]
+        g = torch.stack([torch.ones_like(vt), vt, vt * vt])[:, :, None, :]  # (3, r, 1, U)
+        T = torch.cumsum(torch.where(member, g, 0.0), -1)  # (3, r, K, U): stats of the first j+1
+        T = torch.cat([torch.zeros_like(T[..., :1]), T], -1)  # (3, r, K, U + 1)
+        Pa, va = P_all[:, r0:r1], vs_all[r0:r1]
 
-        def below_sal(t: Tensor) -> Stats:
+        def below_sal(t: Tensor) -> Tensor:
             j = torch.searchsorted(vt, t.contiguous())  # (r, K)
-            return Stats(*T.gather(-1, j[None, :, :, None].expand(3, -1, -1, 1))[..., 0])
+            return T.gather(-1, j[None, :, :, None].expand(3, -1, -1, 1))[..., 0]
 
-        def below_rest(t: Tensor) -> Stats:
+        def below_rest(t: Tensor) -> Tensor:
             return _at(Pa, torch.searchsorted(va, t.contiguous())) - below_sal(t)
 
-        sal = Stats(*T[..., -1])  # (r, K)
-        rest = Stats(*(p[:, -1:].expand(-1, K) for p in Pa)) - sal
+        sal = T[..., -1]  # (3, r, K)
+        rest = Pa[..., -1:] - sal
         errs += (bra_error(sal, below_sal, 2) + bra_error(rest, below_rest, 2)).sum(0)
     return errs
 
