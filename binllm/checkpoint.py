@@ -68,7 +68,7 @@ def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str |
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or overwrite it")
     if not report.codes:
         raise ValueError("the report holds no codes: run binarize_model(..., keep_codes=True)")
-    tensors, layers = _collect_tensors(model, report.codes)
+    tensors, layers, untie = _collect_tensors(model, report.codes)
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
     qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
           "method": report.method, "method_args": report.method_args,
@@ -88,7 +88,12 @@ def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str |
         config = model.config.to_diff_dict()
         config["architectures"] = [type(model).__name__]
         config["quantization_config"] = qc
+        if untie:  # a binarized linear was tied to a kept tensor: both are stored on their own
+            config["tie_word_embeddings"] = False
         _write_json(tmp / "config.json", config)  # last: only a finished dir has a binllm config
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp made it private
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +111,12 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
     missing = sorted(set(weight_of) - set(state))
     if missing:
         raise ValueError(f"the report's codes name linears the model does not have: {missing[:3]}")
-    seen: dict[tuple, str] = {}
+    def ident(t: Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+    binarized = {ident(state[k]) for k in weight_of}
+    seen: set[tuple] = set()
+    untie = False
     for key, t in state.items():
         if t.device.type == "meta":
             raise ValueError(f"{key} is on the meta device; save a model whose weights are loaded")
@@ -118,12 +128,12 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
             layers[name] = layout
             tensors.update({f"{name}.{s}": v.detach().cpu() for s, v in packed.items()})
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if ident in seen:  # tied weights (lm_head = embed_tokens) are stored once
+        if ident(t) in seen:  # tied weights (lm_head = embed_tokens) are stored once
             continue
-        seen[ident] = key
+        seen.add(ident(t))
+        untie |= ident(t) in binarized
         tensors[key] = t.detach().cpu().contiguous()
-    return tensors, layers
+    return tensors, layers, untie
 
 
 def _write_shards(tmp: Path, tensors: dict[str, Tensor], max_bytes: int) -> dict[str, dict]:
