@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from binllm.methods.codes import PartialBinaryCodes, to_storage
-from binllm.qat import (PartialBinaryLinear, QATConfig, QATError, finalize_qat, outlier_mask,
-                        prepare_qat, qat_codes, qat_modules, to_plain_linears)
+from binllm.qat import (
+    PartialBinaryLinear,
+    QATConfig,
+    QATError,
+    finalize_qat,
+    outlier_mask,
+    prepare_qat,
+    qat_codes,
+    qat_modules,
+    to_plain_linears,
+)
 from binllm.qat_train import train_qat, training_windows
 
 W4 = torch.tensor([[0.5, -0.25, 3.0, 0.125],
@@ -26,7 +35,8 @@ def c4_tokens(shared, stories_tokenizer):
 
 
 def small_config(**kw):
-    base = dict(steps=6, batch_size=2, grad_accum=2, seqlen=64, lr=2e-3, warmup_ratio=0.2)
+    base = {"steps": 6, "batch_size": 2, "grad_accum": 2, "seqlen": 64, "lr": 2e-3,
+            "warmup_ratio": 0.2}
     return QATConfig(**{**base, **kw})
 
 
@@ -108,10 +118,11 @@ def test_lm_head_is_an_option_and_unties_the_embedding(stories_model):
 
 
 def test_masks_from_pbllm_ptq_codes(tiny_llama_model):
+    import copy
+
     from binllm.binarize import binarize_model
     from binllm.config import QuantizeConfig
 
-    import copy
     model = tiny_llama_model
     calib = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i))
              for i in range(4)]

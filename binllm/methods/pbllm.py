@@ -128,7 +128,7 @@ class PBLLM(Method):
 
     def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None) -> PBLLMState:
         a = self.args
-        rows, cols = W.shape
+        cols = W.shape[1]
         gs = cols if a.groupsize == -1 else a.groupsize
         sigma = saliency(W, U, a.salient_metric, a.hessian_diag)  # (rows, cols)
         salient = torch.zeros_like(W, dtype=torch.bool)
