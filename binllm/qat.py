@@ -85,7 +85,8 @@ class PartialBinaryLinear(nn.Module):
         self.high_bit = high_bit
         self.orig_dtype = weight.dtype
         self.weight = nn.Parameter(W.clone())  # latent weights
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.bias = (nn.Parameter(bias.detach().to(torch.float32).clone())
+                     if bias is not None else None)
         scale, zero = minmax_params(W, high_bit)  # (out,) each, over the full original row
         q = quantize_uniform(W, scale[:, None], zero[:, None], high_bit)  # (out, in)
         salient = salient.to(torch.bool)

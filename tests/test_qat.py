@@ -223,6 +223,9 @@ def test_resume_reproduces_the_uninterrupted_run(stories_path, c4_tokens, tmp_pa
         assert torch.equal(a.weight, b.weight), n
     with pytest.raises(QATError, match="different settings"):
         train_qat(fresh(), c4_tokens, small_config(steps=6, lr=1e-3), resume=tmp_path / "ck.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(QATError, match="damaged"):
+        train_qat(fresh(), c4_tokens, cfg, resume=tmp_path / "bad.pt")
 
 
 def test_qat_codes_and_gradient_checkpointing(stories_path, stories_model, c4_tokens):
