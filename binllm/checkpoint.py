@@ -178,7 +178,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        json.dump(obj, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
 

@@ -82,6 +82,10 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
                        "such as meta-llama/Llama-2-7b-hf")
     if local.is_dir() and not (local / "config.json").is_file():
         raise CLIError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    from .cli_packed import is_binllm_dir, load_saved
+
+    if is_binllm_dir(local):  # a saved binarized model: packed BinaryLinears via binllm.load
+        return load_saved(path, dtype)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -157,6 +161,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--skip", default="", help="comma-separated linear names to leave alone (e.g. down_proj)")
     p.add_argument("--eval", default="wikitext2,ptb,c4", help="comma-separated datasets ('' for none)")
     p.add_argument("--compare-fp", action="store_true", help="also evaluate the unquantized model")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="save the binarized model here (packed HF directory, see `binllm inspect`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -175,6 +182,9 @@ def cmd_quantize(args) -> int:
     get_method(config.method, config.method_args)  # fail fast on a bad method or argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
+    if args.out and Path(args.out).exists() and not args.overwrite and \
+            (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise CLIError(f"--out {args.out} exists and is not empty; pass --overwrite or another --out")
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)
     eval_names = _datasets(args.eval)
@@ -206,6 +216,12 @@ def cmd_quantize(args) -> int:
           f"{qreport.stored_bits:.3f} bits/weight stored")
     if source.note:
         print(f"note: {source.note}")
+    if args.out:
+        from .checkpoint import save_binarized
+
+        save_binarized(model.to("cpu"), qreport, tokenizer, args.out, overwrite=args.overwrite)
+        report["out"] = args.out
+        print(f"model saved to {args.out} (see `binllm inspect {args.out}`)")
     if eval_names:
         model.to(args.device)
         report["perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
@@ -354,7 +370,9 @@ def cmd_qat(args) -> int:
     return 0
 
 
-COMMANDS = (add_quantize, add_eval, add_methods, add_qat)
+from .cli_packed import add_generate, add_inspect  # noqa: E402
+
+COMMANDS = (add_quantize, add_eval, add_methods, add_qat, add_inspect, add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,10 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .hessian import HessianNotPositiveDefinite
     from .methods import MethodArgumentError
+    from .packing import PackingError
+    from .saved_dir import CheckpointError
     from .walker import UnsupportedArchitecture
 
     known = (CLIError, DataError, MethodArgumentError, UnsupportedArchitecture,
-             NonFiniteWeights, HessianNotPositiveDefinite)
+             NonFiniteWeights, HessianNotPositiveDefinite, CheckpointError, PackingError)
     start = time.perf_counter()
     try:
         code = args.func(args)
