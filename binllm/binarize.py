@@ -94,7 +94,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         linears = {n: m for n, m in find_linears(layer).items()
                    if not any(n == s or n.endswith("." + s) for s in config.skip)}
         hessians = (collect_hessians(layer, inputs, list(linears), device)
-                    if method.needs_hessian or config.feedback not in (None, "none") else {})
+                    if method.needs_hessian or (config.feedback or method.feedback) != "none"
+                    else {})
         for name, linear in linears.items():
             full = f"{path}.{name}"
             W = linear.weight.data

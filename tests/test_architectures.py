@@ -156,7 +156,8 @@ def test_binarize_model_runs_and_quantizes_every_linear(family, method, args):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("feedback,needs_hessian", [("none", False), ("block", True)])
+@pytest.mark.parametrize("feedback,needs_hessian", [("none", False), ("block", True),
+                                                    ("column", False)])
 def test_noop_method_leaves_every_layer_output_and_logits_identical(family, feedback,
                                                                     needs_hessian, monkeypatch):
     model = tiny_causal_lm(family)
