@@ -188,6 +188,13 @@ def test_bad_method_or_argument(capsys, model_dirs, data, margs, needles):
     assert_one_line_error(code, err, *needles)
 
 
+@pytest.mark.parametrize("argv,needle", [(["--nsamples", "0"], "--nsamples must be at least 1"),
+                                         (["--seqlen", "1"], "--seqlen 1: use at least 2")])
+def test_nonsense_sizes(capsys, stories, data, argv, needle):
+    code, _, err = run(capsys, "quantize", stories, "--method", "gptq", *argv, "--data-dir", data)
+    assert_one_line_error(code, err, needle)
+
+
 def test_seqlen_beyond_the_models_context(capsys, stories, data):
     code, _, err = run(capsys, "quantize", stories, "--method", "gptq", "--seqlen", "1024",
                        "--data-dir", data)

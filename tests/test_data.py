@@ -147,7 +147,7 @@ def test_data_dir_resolution(tiny_data, tmp_path, monkeypatch):
     assert data_dir() == tiny_data
     assert data_dir(tmp_path) == tmp_path  # explicit wins
     monkeypatch.delenv("BINLLM_DATA")
-    assert data_dir() == tmp_path / "data" or data_dir().resolve() == tiny_data.resolve()
+    assert data_dir().resolve() == tiny_data.resolve()  # ./data under the working directory
     (tmp_path / "data").rename(tmp_path / "elsewhere")
     with pytest.raises(DataError, match="BINLLM_DATA"):
         data_dir()
