@@ -118,6 +118,11 @@ def pack_uint(values: Tensor, nbits: int) -> Tensor:
     v = v.to(torch.uint8)
     if nbits == 8:
         return v.clone()
+    if 8 % nbits == 0:  # whole values per byte: value i at bits (i % per)·nbits of byte i // per
+        per = 8 // nbits
+        v = torch.cat([v, v.new_zeros(-v.numel() % per)]).reshape(-1, per)  # (bytes, per)
+        shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=v.device)
+        return (v << shifts).sum(dim=1, dtype=torch.uint8)
     shifts = torch.arange(nbits, dtype=torch.uint8, device=v.device)
     return pack_bits(((v[:, None] >> shifts) & 1).reshape(-1))  # bits of (N, nbits), flat
 
@@ -131,6 +136,13 @@ def unpack_uint(packed: Tensor, n: int, nbits: int) -> Tensor:
             raise PackingError(f"an 8-bit stream of {n} values needs uint8 ({n},), got "
                                f"{packed.dtype} {tuple(packed.shape)}")
         return packed
+    if 8 % nbits == 0:
+        per = 8 // nbits
+        if packed.dtype != torch.uint8 or packed.shape != ((n + per - 1) // per,):
+            raise PackingError(f"a {nbits}-bit stream of {n} values needs uint8 "
+                               f"({(n + per - 1) // per},), got {packed.dtype} {tuple(packed.shape)}")
+        shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)
+        return ((packed[:, None] >> shifts) & (2 ** nbits - 1)).reshape(-1)[:n]  # (n,)
     bits = unpack_bits(packed, n * nbits).reshape(n, nbits).to(torch.uint8)  # (n, nbits)
     shifts = torch.arange(nbits, dtype=torch.uint8, device=packed.device)
     return (bits << shifts).sum(dim=1, dtype=torch.uint8)
