@@ -149,6 +149,8 @@ def main() -> None:
 
 
 def markdown(meta, rows, curves) -> str:
+    secs = [c["train_seconds"] for c in curves] or [0.0]
+    spread = f"{min(secs):.0f}–{max(secs):.0f}"
     lines = ["# PB-LLM QAT on stories260K (issue 5)", "",
              (f"10 % salient weights at 8 bit. Calibration/training: {meta['training']}; "
               f"PTQ calibration: {meta['calibration']}. Evaluation: TinyStories "
@@ -156,7 +158,7 @@ def markdown(meta, rows, curves) -> str:
               f"seqlen {meta['seqlen']}. CPU, {meta['threads']} torch thread(s), torch "
               f"{meta['torch']}. Seconds: quantization time for PTQ, training time without "
               "the periodic evaluations for QAT, on a 2-core machine shared with other jobs "
-              "(the same 500 steps took 240–560 s depending on the load)."), "",
+              f"(QAT runs of equal length took {spread} s depending on the load)."), "",
              ("stories260K was trained on TinyStories only (its FP WikiText-2 perplexity is "
               "above 100), so QAT on C4 text also adapts it to another domain: the WikiText-2 "
               "column mixes recovery from binarization with domain adaptation, TinyStories is "
