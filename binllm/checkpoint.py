@@ -1,7 +1,7 @@
 """Saving and loading binarized models as ordinary Hugging Face directories.
 
     DIR/config.json                the model's config + quantization_config (below)
-    DIR/model.safetensors          or model-0000k-of-0000n.safetensors + model.safetensors.index.json:
+    DIR/model.safetensors          (or model-0000k-of-0000n.safetensors + an index json):
                                    packed codes `<linear>.<suffix>` (binllm.packed_formats) for
                                    every binarized linear, the other tensors unchanged
     DIR/tokenizer*, generation_config.json, binllm_report.json (the run report)
@@ -65,7 +65,8 @@ def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str |
     """
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or overwrite it")
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or "
+                              "overwrite it")
     if not report.codes:
         raise ValueError("the report holds no codes: run binarize_model(..., keep_codes=True)")
     tensors, layers, untie = _collect_tensors(model, report.codes)
@@ -124,7 +125,8 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
             name = weight_of[key]
             layout, packed = pack(codes[name])
             if (layout.out_features, layout.in_features) != tuple(t.shape):
-                raise ValueError(f"{name}: codes of shape {codes[name].shape} for a weight {tuple(t.shape)}")
+                raise ValueError(f"{name}: codes of shape {codes[name].shape} for a weight "
+                                 f"{tuple(t.shape)}")
             layers[name] = layout
             tensors.update({f"{name}.{s}": v.detach().cpu() for s, v in packed.items()})
             continue
@@ -149,7 +151,8 @@ def _write_shards(tmp: Path, tensors: dict[str, Tensor], max_bytes: int) -> dict
         shards[-1][key] = t
         size += nbytes
     n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = ([SINGLE_FILE] if n == 1
+             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     meta = {"format": "pt", "binllm_format_version": str(FORMAT_VERSION)}
     files = {}
     for name, shard in zip(names, shards):
@@ -268,6 +271,7 @@ def _check_shapes(saved: SavedModel, expected: dict[str, Tensor], tied: set[str]
         exp = expected[key]
         wrong_dtype = key in packed and _DTYPES[st.dtype] != exp.dtype
         if st.shape != tuple(exp.shape) or wrong_dtype:
-            raise WrongTensorShape(f"{saved.path / st.file}: tensor {key} is {st.dtype} {st.shape}, "
+            raise WrongTensorShape(f"{saved.path / st.file}: tensor {key} is {st.dtype} "
+                                   f"{st.shape}, "
                                    f"config.json declares {exp.dtype} {tuple(exp.shape)}; the "
                                    "file does not belong to this config (re-save the model)")

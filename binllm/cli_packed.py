@@ -63,7 +63,8 @@ def cmd_inspect(args) -> int:
         print(f"  {lay.name:<{width}}  {lay.format:<14} {shape:>11}  {lay.stored_bits:>11.3f}  "
               f"{lay.paper_bits:>10.3f}  {_kib(lay.stored_bytes):>11}")
     agree = "=" if abs(info.stored_bits - info.codes_bits) < 1e-12 else "≠"
-    print(f"  total: {len(info.layers)} binarized linears, {info.stored_bits:.3f} stored bits/weight "
+    print(f"  total: {len(info.layers)} binarized linears, "
+          f"{info.stored_bits:.3f} stored bits/weight "
           f"measured on disk ({agree} {info.codes_bits:.3f} by the codes' accounting), "
           f"{info.paper_bits:.3f} paper bits")
     print(f"  files {_kib(info.file_bytes)} vs fp16 {_kib(info.fp16_bytes)} "
@@ -104,12 +105,14 @@ def cmd_generate(args) -> int:
     model.to(args.device)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
     torch.manual_seed(args.seed)
-    sample: dict[str, Any] = ({"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-                              if args.temperature > 0 else {"do_sample": False})
+    sample: dict[str, Any] = {"do_sample": False}
+    if args.temperature > 0:
+        sample = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sample)
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sample)
     seconds = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(tokenizer.decode(out[0], skip_special_tokens=True))

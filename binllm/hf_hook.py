@@ -25,7 +25,7 @@ def _register() -> None:
         from .hf_integration import register
 
         register()
-    except Exception as e:  # never break `import transformers` because of binllm
+    except Exception as e:  # noqa: BLE001  (never break `import transformers` for binllm)
         log.warning("binllm could not register with transformers (%s); use binllm.load(DIR)", e)
 
 

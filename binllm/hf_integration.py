@@ -35,7 +35,8 @@ from .saved_dir import QUANT_METHOD, FormatVersionError
 class BinllmConfig(QuantizationConfigMixin):
     """quantization_config of a binllm directory, kept as the plain dict binllm wrote."""
 
-    def __init__(self, format_version: int | None = None, layers: dict | None = None, **kwargs: Any):
+    def __init__(self, format_version: int | None = None, layers: dict | None = None,
+                 **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = layers or {}
@@ -64,7 +65,9 @@ class BinllmHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self) -> bool:
-        return True
+        # save_pretrained would copy the recorded file sizes and checksums of the directory it
+        # was loaded from into a new one; binllm directories are written by save_binarized only
+        return False
 
     @property
     def is_trainable(self) -> bool:

@@ -35,8 +35,8 @@ class BinaryLinear(nn.Module):
         for name, spec in layout.specs().items():
             self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device),
-                                     requires_grad=False)
+            bias_init = torch.zeros(self.out_features, dtype=bias_dtype, device=device)
+            self.bias = nn.Parameter(bias_init, requires_grad=False)
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = cache_dequantized
@@ -130,7 +130,8 @@ def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
         if not isinstance(old, nn.Linear):
             raise PackingError(f"{name} is a {type(old).__name__}, not an nn.Linear")
         if (old.out_features, old.in_features) != (layout.out_features, layout.in_features):
-            raise PackingError(f"{name}: the model has shape ({old.out_features}, {old.in_features}), "
+            raise PackingError(f"{name}: the model has shape "
+                               f"({old.out_features}, {old.in_features}), "
                                f"config.json stores ({layout.out_features}, {layout.in_features})")
         bias_dtype = None if old.bias is None else old.bias.dtype
         new = BinaryLinear(layout, old.bias is not None, device=device, bias_dtype=bias_dtype)

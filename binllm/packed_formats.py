@@ -7,17 +7,17 @@ binary — BinaryCodes (rtn-sign, BiLLM, ARB-*). G groups of orders o_g; groups 
 live in the S salient columns, the others in the R = cols − S remaining ones; P = Σ o_g pairs
 (g, o) with o < o_g, P_S of them salient; nblk = ⌈cols / block_size⌉.
 
-| suffix        | content                                                  | shape, dtype                 |
-|---------------|----------------------------------------------------------|------------------------------|
-| signs{o}      | plane o (1 = +1) over the column classes that hold a     | bits(rows·width_o)           |
-|               | group of order > o (all columns → natural order)         |                              |
-| salient_cols  | salient-column bitmap, only when 0 < n_salient < G       | bits(cols)                   |
-| group_salient | group id in salient columns, b_S = ⌈log2 n_salient⌉      | uint_{b_S}(rows·S)           |
-| group_rest    | group id − n_salient elsewhere, b_R = ⌈log2(G−n_salient)⌉| uint_{b_R}(rows·R)           |
-| alpha         | α of the used pairs, g-major then o                      | fp16 (P, rows, nblk)         |
-| mu            | μ of every group (absent without a mean, ARB-RC)         | fp16 (G, rows, nblk)         |
-| beta_salient  | β of the salient pairs over the salient columns (ARB-RC) | fp16 (P_S, S)                |
-| beta_rest     | β of the other pairs over the other columns (ARB-RC)     | fp16 (P − P_S, R)            |
+| suffix        | content                                                | shape, dtype        |
+|---------------|--------------------------------------------------------|---------------------|
+| signs{o}      | plane o (1 = +1) over the column classes that hold a   | bits(rows·width_o)  |
+|               | group of order > o (all columns → natural order)       |                     |
+| salient_cols  | salient-column bitmap, only when 0 < n_salient < G     | bits(cols)          |
+| group_salient | group id in salient columns, b_S = ⌈log2 n_salient⌉    | uint_{b_S}(rows·S)  |
+| group_rest    | group id − n_salient, b_R = ⌈log2(G − n_salient)⌉      | uint_{b_R}(rows·R)  |
+| alpha         | α of the used pairs, g-major then o                    | fp16 (P, rows, nblk)|
+| mu            | μ of every group (absent without a mean, ARB-RC)       | fp16 (G, rows, nblk)|
+| beta_salient  | β of the salient pairs over the salient columns (RC)   | fp16 (P_S, S)       |
+| beta_rest     | β of the other pairs over the other columns (RC)       | fp16 (P − P_S, R)   |
 
 uniform — UniformCodes (gptq), ngroups = ⌈cols / groupsize⌉:
 q uint_bits(rows·cols), scale fp16 (rows, ngroups), zero uint_bits(rows·ngroups).
@@ -92,7 +92,8 @@ def _binary_plan(rows: int, cols: int, p: Mapping[str, Any]) -> _BinaryPlan:
 
 
 def _binary_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
-    need = {"orders", "n_salient", "planes", "block_size", "mean", "column_scales", "salient_columns"}
+    need = {"orders", "n_salient", "planes", "block_size", "mean", "column_scales",
+            "salient_columns"}
     if set(p) != need:
         raise PackingError(f"binary layout params {sorted(p)} differ from {sorted(need)}")
     orders, n_sal, S = list(p["orders"]), int(p["n_salient"]), int(p["salient_columns"])
@@ -112,7 +113,8 @@ def _binary_params(c: BinaryCodes) -> dict[str, Any]:
 
 def _binary_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
     pl = _binary_plan(rows, cols, p)
-    specs = {f"signs{o}": bit_spec(rows * (pl.S * s + pl.R * r)) for o, (s, r) in enumerate(pl.planes)}
+    specs = {f"signs{o}": bit_spec(rows * (pl.S * s + pl.R * r))
+             for o, (s, r) in enumerate(pl.planes)}
     if pl.bitmap:
         specs["salient_cols"] = bit_spec(cols)
     specs["group_salient"] = bit_spec(rows * pl.S * pl.bits_salient)
@@ -166,7 +168,8 @@ def _binary_pack(c: BinaryCodes) -> dict[str, Tensor]:
     return out
 
 
-def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int, p: Mapping[str, Any]) -> BinaryCodes:
+def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
+                   p: Mapping[str, Any]) -> BinaryCodes:
     pl = _binary_plan(rows, cols, p)
     n_sal = int(p["n_salient"])
     dev = t["alpha"].device
@@ -179,7 +182,8 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int, p: Mapping[str
         sal = torch.full((cols,), n_sal > 0, dtype=torch.bool, device=dev)
     group = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
     group[:, sal] = unpack_uint(t["group_salient"], rows * pl.S, pl.bits_salient).view(rows, pl.S)
-    group[:, ~sal] = unpack_uint(t["group_rest"], rows * pl.R, pl.bits_rest).view(rows, pl.R) + n_sal
+    rest = unpack_uint(t["group_rest"], rows * pl.R, pl.bits_rest).view(rows, pl.R)
+    group[:, ~sal] = rest + n_sal
     if group.numel() and int(group.max()) >= pl.G:
         raise PackingError(f"group ids ≥ {pl.G} in the stored group bitmaps: the file is corrupt")
     signs = torch.zeros(pl.K, rows, cols, dtype=torch.bool, device=dev)
@@ -200,7 +204,8 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int, p: Mapping[str
     if p["column_scales"]:
         k = pl.n_salient_pairs
         beta = torch.ones(pl.G, pl.K, cols, dtype=torch.float32, device=dev)
-        for part, cls, key in ((slice(None, k), sal, "beta_salient"), (slice(k, None), ~sal, "beta_rest")):
+        for part, cls, key in ((slice(None, k), sal, "beta_salient"),
+                               (slice(k, None), ~sal, "beta_rest")):
             cidx = cls.nonzero().flatten()  # (S,) or (R,)
             beta[gi[part, None], oi[part, None], cidx[None, :]] = t[key].float()
     return BinaryCodes(group=group, signs=signs, alpha=alpha, mu=mu, beta=beta, salient_cols=sal,
@@ -225,7 +230,8 @@ def _uniform_pack(c: UniformCodes) -> dict[str, Tensor]:
             "zero": pack_uint(c.zero, c.bits)}
 
 
-def _uniform_unpack(t: Mapping[str, Tensor], rows: int, cols: int, p: Mapping[str, Any]) -> UniformCodes:
+def _uniform_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
+                    p: Mapping[str, Any]) -> UniformCodes:
     b, gs = int(p["bits"]), int(p["groupsize"])
     ng = _ceil_div(cols, gs)
     return UniformCodes(q=unpack_uint(t["q"], rows * cols, b).view(rows, cols),
@@ -246,7 +252,8 @@ def _partial_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, Tens
     hb, n, ng = int(p["high_bit"]), int(p["salient_count"]), _ceil_div(cols, int(p["groupsize"]))
     return {"salient": bit_spec(rows * cols), "q_high": bit_spec(n * hb),
             "signs": bit_spec(rows * cols - n), "high_scale": float_spec(rows),
-            "high_zero": bit_spec(rows * hb), "alpha": float_spec(rows, ng), "mu": float_spec(rows, ng)}
+            "high_zero": bit_spec(rows * hb), "alpha": float_spec(rows, ng),
+            "mu": float_spec(rows, ng)}
 
 
 def _partial_params(c: PartialBinaryCodes) -> dict[str, Any]:

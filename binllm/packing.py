@@ -113,7 +113,8 @@ def pack_uint(values: Tensor, nbits: int) -> Tensor:
         raise PackingError(f"nbits={nbits}: integer streams hold 1 to 8 bits per value")
     if v.numel():
         lo, hi = v.min().item(), v.max().item()
-        if lo < 0 or hi > 2 ** nbits - 1 or (v.is_floating_point() and not torch.equal(v, v.round())):
+        integral = not v.is_floating_point() or torch.equal(v, v.round())
+        if lo < 0 or hi > 2 ** nbits - 1 or not integral:
             raise PackingError(f"values in [{lo}, {hi}] do not fit unsigned {nbits}-bit integers")
     v = v.to(torch.uint8)
     if nbits == 8:
@@ -140,7 +141,8 @@ def unpack_uint(packed: Tensor, n: int, nbits: int) -> Tensor:
         per = 8 // nbits
         if packed.dtype != torch.uint8 or packed.shape != ((n + per - 1) // per,):
             raise PackingError(f"a {nbits}-bit stream of {n} values needs uint8 "
-                               f"({(n + per - 1) // per},), got {packed.dtype} {tuple(packed.shape)}")
+                               f"({(n + per - 1) // per},), got {packed.dtype} "
+                               f"{tuple(packed.shape)}")
         shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)
         return ((packed[:, None] >> shifts) & (2 ** nbits - 1)).reshape(-1)[:n]  # (n,)
     bits = unpack_bits(packed, n * nbits).reshape(n, nbits).to(torch.uint8)  # (n, nbits)
@@ -266,7 +268,8 @@ def unpack(layout: PackedLayout, tensors: Mapping[str, Tensor]) -> Any:
     check_tensors(layout, tensors, specs)
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     full = dict(tensors)
-    every = format_named(layout.format).specs(layout.out_features, layout.in_features, layout.params)
+    fmt = format_named(layout.format)
+    every = fmt.specs(layout.out_features, layout.in_features, layout.params)
     for k, s in every.items():  # empty tensors are not stored; hand the format empty ones
         full.setdefault(k, torch.empty(s.shape, dtype=s.dtype, device=device))
     return format_named(layout.format).unpack(full, layout.out_features, layout.in_features,

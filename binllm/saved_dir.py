@@ -84,7 +84,8 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpoint(f"{cfg_file} is not valid JSON ({e}); the save was damaged") from None
+        raise CorruptCheckpoint(f"{cfg_file} is not valid JSON ({e}); the save was "
+                                "damaged") from None
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         found = qc.get("quant_method") if isinstance(qc, dict) else None
@@ -93,8 +94,8 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
             f"binarize it first with `binllm quantize {path} --method … --out DIR`")
     version = qc.get("format_version")
     if version != FORMAT_VERSION:
-        advice = ("upgrade binllm to read it" if isinstance(version, int) and version > FORMAT_VERSION
-                  else "re-quantize the model with this binllm")
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        advice = "upgrade binllm to read it" if newer else "re-quantize the model with this binllm"
         raise FormatVersionError(f"{path} is binllm format_version {version!r}; this binllm reads "
                                  f"format_version {FORMAT_VERSION}: {advice}")
     try:
@@ -108,7 +109,8 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
     for name, info in files.items():
         f = path / name
         if not f.is_file():
-            raise CorruptCheckpoint(f"{f} is missing; copy the whole directory or re-save the model")
+            raise CorruptCheckpoint(f"{f} is missing; copy the whole directory or re-save "
+                                    "the model")
         if f.stat().st_size != info.get("bytes"):
             raise CorruptCheckpoint(f"{f} has {f.stat().st_size} bytes, the save wrote "
                                     f"{info.get('bytes')}: the file is truncated or was replaced")
@@ -117,7 +119,8 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
                                     "the file is corrupt; re-save or re-download the model")
         for key, entry in _read_header(f).items():
             if key in tensors:
-                raise CorruptCheckpoint(f"tensor {key} is stored twice ({tensors[key].file}, {name})")
+                raise CorruptCheckpoint(f"tensor {key} is stored twice "
+                                        f"({tensors[key].file}, {name})")
             tensors[key] = StoredTensor(name, *entry)
     return SavedModel(path, config, qc, layouts, tensors)
 
@@ -129,7 +132,8 @@ def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
         raw = fh.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < n <= size - 8:
-            raise CorruptCheckpoint(f"{f} is not a safetensors file (bad header length); it is truncated or corrupt")
+            raise CorruptCheckpoint(f"{f} is not a safetensors file (bad header length); it "
+                                    "is truncated or corrupt")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -137,7 +141,8 @@ def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
     meta = header.pop("__metadata__", None) or {}
     if meta.get("binllm_format_version") != str(FORMAT_VERSION):
         raise FormatVersionError(f"{f} carries binllm_format_version "
-                                 f"{meta.get('binllm_format_version')!r}, this binllm reads {FORMAT_VERSION}")
+                                 f"{meta.get('binllm_format_version')!r}, this binllm reads "
+                                 f"{FORMAT_VERSION}")
     out, end = {}, 0
     for key, e in header.items():
         try:
@@ -173,7 +178,8 @@ def read_tensors(saved: SavedModel, keys: set[str] | None = None) -> dict[str, T
 
     state = {}
     for f in saved.files:
-        wanted = [k for k, t in saved.tensors.items() if t.file == f.name and (keys is None or k in keys)]
+        wanted = [k for k, t in saved.tensors.items()
+                  if t.file == f.name and (keys is None or k in keys)]
         if not wanted:
             continue
         try:
@@ -210,7 +216,8 @@ class Inspection:
 
     def _weighted(self, key: str) -> float:
         n = sum(lay.shape[0] * lay.shape[1] for lay in self.layers)
-        return sum(getattr(lay, key) * lay.shape[0] * lay.shape[1] for lay in self.layers) / max(n, 1)
+        total = sum(getattr(lay, key) * lay.shape[0] * lay.shape[1] for lay in self.layers)
+        return total / max(n, 1)
 
     @property
     def stored_bits(self) -> float:
@@ -245,9 +252,9 @@ def inspect_saved(path: str | os.PathLike, verify: bool = False) -> Inspection:
         except PackingError as e:
             raise CorruptCheckpoint(f"{saved.path}: layer {name}: {e}") from None
         n = layout.out_features * layout.in_features
-        layers.append(LayerInspection(name, layout.format, (layout.out_features, layout.in_features),
-                                      nbytes, nbytes * 8 / n, codes.stored_bits() / n,
-                                      codes.paper_bits()))
+        layers.append(LayerInspection(name, layout.format,
+                                      (layout.out_features, layout.in_features), nbytes,
+                                      nbytes * 8 / n, codes.stored_bits() / n, codes.paper_bits()))
     other = {k: t for k, t in saved.tensors.items() if k not in packed_keys}
     fp16 = sum(t.nbytes // _DTYPES[t.dtype].itemsize * 2 for t in other.values()) \
         + sum(lay.shape[0] * lay.shape[1] * 2 for lay in layers)

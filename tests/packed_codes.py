@@ -51,7 +51,8 @@ def partial_codes(rows=7, cols=33, high_bit=8, groupsize=33, frac=0.15, seed=0):
         salient=sal, q_high=torch.where(sal, q, 0), high_scale=_fp16(torch.rand(rows, generator=g)),
         high_zero=torch.randint(0, 2 ** high_bit, (rows,), generator=g).float(),
         signs=(torch.rand(rows, cols, generator=g) > 0.5) & ~sal,
-        alpha=_fp16(torch.rand(rows, ng, generator=g)), mu=_fp16(torch.randn(rows, ng, generator=g)),
+        alpha=_fp16(torch.rand(rows, ng, generator=g)),
+        mu=_fp16(torch.randn(rows, ng, generator=g)),
         high_bit=high_bit, groupsize=groupsize)
 
 

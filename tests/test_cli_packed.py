@@ -30,7 +30,8 @@ def saved(stories_path, data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     code = main(["-q", "quantize", str(stories_path), "--method", "rtn-sign", "--calib",
                  "tinystories", *QUICK, "--data-dir", data, "--eval", "tinystories",
-                 "--max-windows", "2", "--out", str(tmp / "model"), "--report", str(tmp / "q.json")])
+                 "--max-windows", "2", "--out", str(tmp / "model"),
+                 "--report", str(tmp / "q.json")])
     assert code == 0
     return tmp / "model", json.loads((tmp / "q.json").read_text())
 
@@ -60,7 +61,8 @@ def test_inspect_prints_the_disk_bits_and_they_match_the_codes_accounting(capsys
     assert info["file_bytes"] < info["fp16_bytes"]
 
 
-def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys, saved, data, tmp_path):
+def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys, saved, data,
+                                                                         tmp_path):
     out, report = saved
     code, _, _ = run(capsys, "eval", out, "--datasets", "tinystories", "--max-windows", "2",
                      "--seqlen", "32", "--data-dir", data, "--report", tmp_path / "e.json")
@@ -72,7 +74,8 @@ def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys,
 @pytest.mark.parametrize("cache", [[], ["--no-cache"]])
 def test_generate_continues_the_prompt(capsys, saved, cache):
     out, _ = saved
-    code, text, _ = run(capsys, "generate", out, "Once upon a time", "--max-new-tokens", "6", *cache)
+    code, text, _ = run(capsys, "generate", out, "Once upon a time", "--max-new-tokens", "6",
+                        *cache)
     assert code == 0
     assert text.startswith("Once upon a time") and re.search(r"6 new tokens in .* tokens/s", text)
 

@@ -114,7 +114,8 @@ def test_billm_layout_stores_the_second_plane_only_over_salient_columns():
 
 
 def test_golden_bytes_of_a_hand_worked_rtn_layer():
-    signs = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    signs = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1],
+                          [1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     codes = BinaryCodes(group=torch.zeros(2, 9, dtype=torch.uint8), signs=signs[None],
                         alpha=torch.tensor([0.5, 0.25]).reshape(1, 1, 2, 1),
                         mu=torch.tensor([1.0, -2.0]).reshape(1, 2, 1), beta=None,
