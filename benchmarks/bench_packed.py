@@ -259,52 +259,69 @@ def stack_part(methods: list[str], reports: dict, args, work: Path) -> tuple[lis
 
 
 # -- report ----------------------------------------------------------------------------------
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def write_markdown(res: dict, path: Path) -> None:
     mib = 2**20
-    s, sb = res["stories"], res["stories_base"]
+    sb = res["stories_base"]
     lines = [
         "# Packed binarized models (issue 4)", "",
-        f"`python benchmarks/bench_packed.py` on {res['machine']}, torch {res['torch']}, "
-        f"{res['threads']} threads. Bits/weight are those of the binarized linears, measured "
-        "from the safetensors headers (= each codes' own `stored_bits()` accounting in every row; "
-        "`binllm inspect` prints the same). Paper bits count only sign/level bits, as the papers do.",
-        "", f"## stories260K (every registered method; calibration {res['calibration']})", "",
-        f"fp32 original: load peak +{sb['fp32_load']['delta_mib']:.1f} MiB RSS, "
-        f"{sb['fp32_tokens_per_s']:.1f} tokens/s greedy, ppl {sb['ppl_fp32']:.3f} "
-        f"(tinystories test, first {res['windows']} windows of {res['seqlen']}).", "",
-        "| method | paper bits | disk bits/w | linears KiB (fp16) | files KiB (fp16) | size vs fp16 | "
-        "load +MiB | tok/s packed | tok/s cached | ppl loaded (= in memory) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in s:
-        same = "=" if r["ppl_loaded"] == r["ppl_in_memory"] else "≠"
-        lines.append(
-            f"| {r['method']} | {r['paper_bits']:.3f} | {r['disk_bits']:.3f} | "
-            f"{r['linear_bytes'] / 1024:.1f} ({r['linear_fp16_bytes'] / 1024:.1f}) | "
-            f"{r['file_bytes'] / 1024:.1f} ({r['fp16_bytes'] / 1024:.1f}) | "
-            f"{r['file_bytes'] / r['fp16_bytes']:.3f} | {r['load']['delta_mib']:.1f} | "
-            f"{r['tokens_per_s_packed']:.1f} | {r['tokens_per_s_cached']:.1f} | "
-            f"{r['ppl_loaded']:.3f} {same} |")
-    lines += ["", "stories260K's linears are 64 or 172 columns wide, so per-row scales and means "
-              "(fp16, per 128-column block) weigh far more per weight than on a 4096-wide layer; "
-              "the load peak is dominated by the unchanged fp32 embedding and small buffers."]
+        (f"`python benchmarks/bench_packed.py` on {res['machine']}, torch {res['torch']}, "
+         f"{res['threads']} threads, a CPU shared with other jobs (speeds are indicative). "
+         "Bits/weight are those of the binarized linears, measured from the safetensors headers; "
+         "in every row they equal the codes' own `stored_bits()` accounting, which is what "
+         "`binllm inspect` prints. Paper bits count sign/level bits only, as the papers do. "
+         "'load +MiB' is the peak RSS of `binllm.load` in a fresh process above the RSS before "
+         "it, every loaded tensor touched."),
+        "", f"## stories260K, every registered method (calibration: {res['calibration']})", "",
+        (f"fp32 original: load +{sb['fp32_load']['delta_mib']:.1f} MiB, "
+         f"{sb['fp32_tokens_per_s']:.1f} tokens/s greedy ({res['new_tokens']} new tokens), "
+         f"perplexity {sb['ppl_fp32']:.3f} (tinystories test, {res['windows']} windows of "
+         f"{res['seqlen']})."), "",
+        _row("method", "paper bits", "disk bits/w", "linears KiB (fp16)", "files KiB (fp16)",
+             "size vs fp16", "load +MiB", "tok/s packed", "tok/s cached",
+             "ppl loaded = in memory"),
+        _row(*["---"] * 10)]
+    for r in res["stories"]:
+        same = "yes" if r["ppl_loaded"] == r["ppl_in_memory"] else "NO"
+        lines.append(_row(
+            r["method"], f"{r['paper_bits']:.3f}", f"{r['disk_bits']:.3f}",
+            f"{r['linear_bytes'] / 1024:.1f} ({r['linear_fp16_bytes'] / 1024:.1f})",
+            f"{r['file_bytes'] / 1024:.1f} ({r['fp16_bytes'] / 1024:.1f})",
+            f"{r['file_bytes'] / r['fp16_bytes']:.3f}", f"{r['load']['delta_mib']:.1f}",
+            f"{r['tokens_per_s_packed']:.1f}", f"{r['tokens_per_s_cached']:.1f}",
+            f"{r['ppl_loaded']:.3f} ({same})"))
+    lines += ["", ("stories260K's linears are 64 or 172 columns wide, so per-row scales and means "
+                   "(fp16, per 128-column block) weigh far more per weight than on 4096-wide "
+                   "layers, and the unchanged fp32 embedding is a third of the files.")]
     if res.get("stack"):
         b = res["stack_base"]
-        lines += ["", "## One LLaMA-7B-shaped decoder layer (4096 / 11008, layout-synthesised codes)", "",
-                  f"{b['linear_numel'] / 1e6:.1f} M linear weights: fp16 checkpoint "
-                  f"{b['fp16_file_bytes'] / mib:.1f} MiB, load peak +{b['fp16_load']['delta_mib']:.0f} MiB "
-                  f"(dtype float16); fp32 decode {b['fp32_tokens_per_s']:.2f} tokens/s.", "",
-                  "| method | paper bits | disk bits/w | linears MiB | vs fp16 linears | load +MiB | "
-                  "unpack 11008×4096 s | dequantize s | tok/s packed | tok/s cached |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "", "## One LLaMA-7B-shaped decoder layer (codes synthesised with each method's layout)",
+            "",
+            (f"{b['linear_numel'] / 1e6:.1f} M linear weights (q/k/v/o 4096×4096, gate/up "
+             f"11008×4096, down 4096×11008): fp16 checkpoint {b['fp16_file_bytes'] / mib:.1f} MiB, "
+             f"load +{b['fp16_load']['delta_mib']:.0f} MiB (from_pretrained, float16); fp32 "
+             f"decode {b['fp32_tokens_per_s']:.2f} tokens/s."), "",
+            _row("method", "paper bits", "disk bits/w", "linears MiB", "vs fp16 linears",
+                 "files MiB", "load +MiB", "unpack 11008×4096 s", "dequantize s",
+                 "tok/s packed", "tok/s cached"),
+            _row(*["---"] * 11)]
         for r in res["stack"]:
-            lines.append(
-                f"| {r['method']} | {r['paper_bits']:.3f} | {r['disk_bits']:.3f} | "
-                f"{r['linear_bytes'] / mib:.1f} | {r['linear_bytes'] / (2 * b['linear_numel']):.3f} | "
-                f"{r['load']['delta_mib']:.0f} | {r['gate_unpack_s']:.2f} | {r['gate_dequantize_s']:.2f} | "
-                f"{r['tokens_per_s_packed']:.2f} | {r['tokens_per_s_cached']:.2f} |")
-        lines += ["", "'packed' dequantizes every weight at every forward (the reference path); "
-                  "'cached' keeps each layer's dequantized fp32 weight after the first forward "
-                  "(`cache_dequantized`, memory of fp32 weights, speed of nn.Linear)."]
+            lines.append(_row(
+                r["method"], f"{r['paper_bits']:.3f}", f"{r['disk_bits']:.3f}",
+                f"{r['linear_bytes'] / mib:.1f}",
+                f"{r['linear_bytes'] / (2 * b['linear_numel']):.3f}",
+                f"{r['file_bytes'] / mib:.1f}", f"{r['load']['delta_mib']:.0f}",
+                f"{r['gate_unpack_s']:.2f}", f"{r['gate_dequantize_s']:.2f}",
+                f"{r['tokens_per_s_packed']:.3f}", f"{r['tokens_per_s_cached']:.2f}"))
+        lines += ["", ("'packed' dequantizes every weight at every forward (the reference path: "
+                       "unpack, then the codes' own `dequantize()`); 'cached' keeps each layer's "
+                       "dequantized fp32 weight after the first forward (`cache_dequantized`: "
+                       "memory of fp32 weights, speed of nn.Linear). Paper bits of BiLLM-family "
+                       "rows follow from the assumed 3 salient columns per 128.")]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -321,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-stack", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--render-only", action="store_true", help="rewrite packed.md from packed.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        write_markdown(json.loads((args.out / "packed.json").read_text()), args.out / "packed.md")
+        return 0
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     res = {"machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})",

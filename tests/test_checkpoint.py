@@ -323,3 +323,23 @@ def test_a_report_without_codes_is_refused(tmp_path):
                             [torch.randint(0, 96, (1, 8), generator=g)], keep_codes=False)
     with pytest.raises(ValueError, match="keep_codes=True"):
         save_binarized(model, report, None, tmp_path / "out")
+
+
+def test_dtype_casts_the_unchanged_tensors_and_keeps_the_codes(rtn_dir):
+    ref = load_binarized(rtn_dir)
+    half = load_binarized(rtn_dir, dtype=torch.bfloat16, verify=False)
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    q, q_ref = half.model.layers[0].self_attn.q_proj, ref.model.layers[0].self_attn.q_proj
+    assert q.alpha.dtype == torch.float16 and torch.equal(q.dequantize(), q_ref.dequantize())
+
+
+def test_the_skeleton_never_materialises_parameters():
+    from torch import nn
+
+    original = nn.Module.register_parameter
+    with ckpt.parameters_on_meta():
+        layer = nn.Linear(4096, 4096)
+        norm = nn.BatchNorm1d(8)
+    assert layer.weight.is_meta and layer.bias.is_meta and norm.weight.is_meta
+    assert not norm.running_mean.is_meta  # buffers stay real (rotary inv_freq is not saved)
+    assert nn.Module.register_parameter is original
