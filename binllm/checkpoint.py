@@ -201,7 +201,8 @@ def parameters_on_meta():
 
     Non-persistent buffers (rotary inv_freq) are computed at construction and not saved, so
     they must be real; parameters are filled from the checkpoint, so they need no memory.
-    A scoped patch of nn.Module.register_parameter, always restored.
+    A scoped patch of nn.Module.register_parameter, always restored (process-wide while it
+    lasts: build nothing else concurrently in other threads).
     """
     original = nn.Module.register_parameter
 
