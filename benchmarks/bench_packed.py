@@ -67,8 +67,8 @@ else:
     m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, how))
 seconds = time.perf_counter() - t
 tensors = [*m.parameters(), *m.buffers()]
-for x in tensors:  # safetensors maps files lazily: touch every page so that it counts
-    x.sum(dtype=torch.float64)
+for x in tensors:  # safetensors maps files lazily: touch every page (no temporary copies)
+    x.any() if x.dtype == torch.bool else x.amax()
 held = sum(x.numel() * x.element_size() for x in tensors) / 2**20
 print(json.dumps({"rss_before_mib": before, "peak_mib": status("VmHWM"), "hwm_reset": reset,
                   "delta_mib": status("VmHWM") - before, "rss_after_mib": status("VmRSS"),
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "threads": args.threads, "seqlen": args.seqlen,
            "windows": args.windows, "new_tokens": args.new_tokens,
            "calibration": f"tinystories train, {args.nsamples} × {args.seqlen} tokens"}
-    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_packed-") as tmp:
         work = Path(tmp)
         res["stories"], res["stories_base"], reports = stories_part(methods, args, work)
         if not args.skip_stack:
