@@ -233,29 +233,28 @@ def x_split_errors(x: Tensor, s: Tensor, region: Tensor, p: Tensor, fixed: Tenso
     """tr(E S Eᵀ) per candidate p, E = x − fixed − R₁(x; small) − R₁(x; large) (§4.3).
 
     small = region ∩ {|s| < p}, large = region ∩ {|s| ≥ p}; `fixed` is zero on the region.
-    With A = x − fixed and N the candidate's approximation on the region,
-    tr(E S Eᵀ) = tr(A S Aᵀ) − 2⟨N, A S⟩ + tr(N S Nᵀ); one (rows, B)·(B, B) product per
-    candidate. Returns (ncand,) float64.
+    The first-order (μ, α) of both parts come in closed form from sorted statistics when x
+    is s (`split_params`), else from BRA on candidate masks; then one (rows, B)·(B, B)
+    product per candidate. Returns (ncand,) float64.
     """
     S = (S + S.T) / 2
     A = x - fixed  # (rows, B)
-    AS = A @ S  # (rows, B)
-    base = (A * AS).sum(dtype=torch.float64)
+    R = region.to(x.dtype)  # (rows, B)
+    absx = s.abs()
     params = split_params(x, region, p) if x is s else None  # 4 × (rows, ncand)
     per = max(1, _X_CHUNK // x.numel())
     out = []
     for i in range(0, p.numel(), per):
         pc = p[i:i + per]  # (c,)
-        small = region & (s.abs()[None] < pc[:, None, None])  # (c, rows, B)
+        small = absx[None] < pc[:, None, None]  # (c, rows, B)
         if params is not None:
             mu_s, a_s, mu_l, a_l = (t[:, i:i + per].T.float()[:, :, None] for t in params)  # (c, rows, 1)
-            N = torch.where(small, mu_s + a_s * torch.where(x >= mu_s, 1.0, -1.0),
-                            mu_l + a_l * torch.where(x >= mu_l, 1.0, -1.0))
-            N = torch.where(region, N, 0.0)  # (c, rows, B)
+            N = torch.where(small, torch.addcmul(mu_s - a_s, x >= mu_s, 2 * a_s),  # μ ± α
+                            torch.addcmul(mu_l - a_l, x >= mu_l, 2 * a_l))  # (c, rows, B)
         else:
             xe = x.expand_as(small)
-            N = (residual_binarize(xe, small, 1).approx
+            N = (residual_binarize(xe, small & region, 1).approx
                  + residual_binarize(xe, region & ~small, 1).approx)
-        out.append(base - 2 * (N * AS).sum((1, 2), dtype=torch.float64)
-                   + ((N @ S) * N).sum((1, 2), dtype=torch.float64))
+        E = torch.addcmul(A, N, R, value=-1)  # (c, rows, B)
+        out.append(((E @ S) * E).sum((1, 2)).double())  # fp32 pairwise sums of E S Eᵀ
     return torch.cat(out)
