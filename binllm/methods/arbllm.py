@@ -32,6 +32,7 @@ non-salient ones (sparse₁ … sparse_P, concentrated).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -94,6 +95,26 @@ class GroupFit(NamedTuple):
         return out * mask
 
 
+def on_columns(kernel, W: Tensor, mask: Tensor, order: int, S: Tensor | None) -> GroupFit:
+    """kernel(W, mask, order, S) on only the columns the group touches, expanded back to B.
+
+    Row statistics only see masked entries, column scales only masked columns and ARB-X only
+    S restricted to them, so the result is the same; salient groups shrink to a few columns.
+    """
+    used = mask.any(0)  # (B,)
+    if bool(used.all()) or not bool(used.any()):
+        return kernel(W, mask, order, S)
+    idx = torch.nonzero(used).flatten()  # (c,)
+    f = kernel(W[:, idx], mask[:, idx], order, None if S is None else S[idx][:, idx])
+    signs = torch.zeros(f.signs.shape[0], *W.shape, dtype=torch.bool, device=W.device)
+    signs[:, :, idx] = f.signs  # (order, rows, B)
+    beta = None
+    if f.beta is not None:
+        beta = torch.ones(f.beta.shape[0], W.shape[1], device=W.device)
+        beta[:, idx] = f.beta  # (order, B)
+    return GroupFit(f.alpha, f.mu, signs, beta)
+
+
 class ARB(BlockCodesMethod):
     """ARB: first/second-order alternating refinement of (μ, α, B), §4.1–4.2."""
 
@@ -121,7 +142,7 @@ class ARB(BlockCodesMethod):
     def search_approx(self, x: Tensor, mask: Tensor, order: int) -> Tensor:
         """The approximation the mask search adds for fixed groups (salient: order 2; the
         chosen sparse group of each round: order 1), as the reference's search does."""
-        return self.binarize(x, mask, order, None).approx(mask)
+        return on_columns(self.binarize, x, mask, order, None).approx(mask)
 
     def split_errors(self, x, s, region, fixed, S, best):
         """The non-salient split of `region`: (p, error, improved), MSE against x."""
@@ -178,7 +199,7 @@ class ARB(BlockCodesMethod):
         sal_masks, rest = self.search_masks(x, s, sal, S)
         masks = sal_masks + rest
         orders = [2] * len(sal_masks) + [1] * len(rest)
-        fits = [self.binarize(W, m, o, S) for m, o in zip(masks, orders)]
+        fits = [on_columns(self.binarize, W, m, o, S) for m, o in zip(masks, orders)]
         beta = [f.beta for f in fits] if fits[0].beta is not None else None
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
                             [f.signs for f in fits], cols, n_salient=len(sal_masks), beta=beta)
@@ -197,7 +218,8 @@ class ARBX(ARB):
         return GroupFit(a[None], mu, sg[None], None) if order == 1 else GroupFit(a, mu, sg, None)
 
     def search_approx(self, x: Tensor, mask: Tensor, order: int) -> Tensor:
-        return ARB.binarize(self, x, mask, order, None).approx(mask)  # weight-space, as the reference
+        weight_space = functools.partial(ARB.binarize, self)  # as the reference's search
+        return on_columns(weight_space, x, mask, order, None).approx(mask)
 
     def needs_fixed(self) -> bool:
         return True
@@ -225,7 +247,8 @@ class ARBRC(ARB):
 
     def search_approx(self, x: Tensor, mask: Tensor, order: int) -> Tensor:
         # the reference adds the sparse group's RC order-1 init (0 iterations), §4.4b
-        return self.binarize(x, mask, order, None, iters=None if order == 2 else 0).approx(mask)
+        kernel = functools.partial(self.binarize, iters=None if order == 2 else 0)
+        return on_columns(kernel, x, mask, order, None).approx(mask)
 
 
 def x_split_errors(x: Tensor, s: Tensor, region: Tensor, p: Tensor, fixed: Tensor,
