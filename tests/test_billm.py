@@ -255,7 +255,7 @@ def test_seeded_runs_are_deterministic():
 
 def test_billm_beats_sign_baseline_in_hessian_error():
     W, H = correlated(seed=4)
-    D = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()  # noqa: E731
+    D = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
     billm = reconstruct(W, H, get_method("billm"), block_size=32).Q
     sign = reconstruct(W, H, get_method("rtn-sign"), block_size=32, feedback="none").Q
     assert D(billm) < D(sign)

@@ -41,8 +41,14 @@ from torch import Tensor
 
 from . import arb_refine
 from .base import BlockContext, MethodArgumentError
-from .billm import (BlockCodesMethod, binary_codes, check_search_args, search_salient,
-                    search_split, split_masks)
+from .billm import (
+    BlockCodesMethod,
+    binary_codes,
+    check_search_args,
+    search_salient,
+    search_split,
+    split_masks,
+)
 from .bra import first_min, quantiles, residual_binarize, split_params
 from .codes import BinaryCodes
 
@@ -146,7 +152,9 @@ class ARB(BlockCodesMethod):
 
     def split_errors(self, x, s, region, fixed, S, best):
         """The non-salient split of `region`: (p, error, improved), MSE against x."""
-        base = float(((x - fixed) ** 2 * ~region).sum(dtype=torch.float64)) if fixed is not None else 0.0
+        if fixed is None:
+            return search_split(x, s, region, order=1, best=best)
+        base = float(((x - fixed) ** 2 * ~region).sum(dtype=torch.float64))
         return search_split(x, s, region, order=1, base=base, best=best)
 
     def needs_fixed(self) -> bool:
@@ -271,7 +279,8 @@ def x_split_errors(x: Tensor, s: Tensor, region: Tensor, p: Tensor, fixed: Tenso
         pc = p[i:i + per]  # (c,)
         small = absx[None] < pc[:, None, None]  # (c, rows, B)
         if params is not None:
-            mu_s, a_s, mu_l, a_l = (t[:, i:i + per].T.float()[:, :, None] for t in params)  # (c, rows, 1)
+            # (c, rows, 1) each
+            mu_s, a_s, mu_l, a_l = (t[:, i:i + per].T.float()[:, :, None] for t in params)
             N = torch.where(small, torch.addcmul(mu_s - a_s, x >= mu_s, 2 * a_s),  # μ ± α
                             torch.addcmul(mu_l - a_l, x >= mu_l, 2 * a_l))  # (c, rows, B)
         else:

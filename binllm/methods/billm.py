@@ -134,7 +134,8 @@ def search_split(x: Tensor, s: Tensor, region: Tensor, order: int, base: float =
 
 
 # -- codes --------------------------------------------------------------------------------
-def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor], mu: list[Tensor | None],
+def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
+                 mu: list[Tensor | None],
                  signs: list[Tensor], salient_cols: Tensor, n_salient: int,
                  beta: list[Tensor] | None = None) -> BinaryCodes:
     """One block's BinaryCodes from disjoint group masks (rows, B) covering the block.

@@ -3,7 +3,8 @@
 BRA of order k on a masked set of each row (methods.md §3.1):
 
     ρ ← x ⊙ m, A ← 0
-    k times:  μ = mean_m ρ,  α = mean_m |ρ − μ|,  β = sign(ρ − μ),  A += (α β + μ) ⊙ m,  ρ ← x ⊙ m − A
+    k times:  μ = mean_m ρ,  α = mean_m |ρ − μ|,  β = sign(ρ − μ),
+              A += (α β + μ) ⊙ m,  ρ ← x ⊙ m − A
 
 The searches (§3.2, §4.4b, §4.5) compare many candidate masks by the squared error of BRA.
 The reference code re-runs BRA per candidate in Python loops. Here every candidate set is a
@@ -30,7 +31,8 @@ torch.sign gives 0, which differs only on exact ties.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -104,7 +106,7 @@ def bra_error(total: Tensor, below: Callable[[Tensor], Tensor], order: int) -> T
 
 
 def _sorted_prefix(x: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's values inside the set, sorted (+inf after them), and prefix stats (3, rows, B+1)."""
+    """Each row's values inside the set, sorted (+inf after them); prefix stats (3, rows, B+1)."""
     vs = torch.sort(torch.where(inside, x.float(), torch.inf), dim=-1).values.double()  # (rows, B)
     fin = torch.isfinite(vs)
     f = torch.where(fin, vs, 0.0)
@@ -201,7 +203,7 @@ def salient_column_errors(x: Tensor, top: Tensor) -> Tensor:
     x (rows, B) is the matrix the error is measured on; top (U,) the candidate columns in
     order of decreasing score. Returns (U − 1,) float64.
     """
-    rows, B = x.shape
+    rows = x.shape[0]
     U = top.numel()
     K = U - 1
     if K < 1:
@@ -220,11 +222,11 @@ def salient_column_errors(x: Tensor, top: Tensor) -> Tensor:
         T = torch.cat([torch.zeros_like(T[..., :1]), T], -1)  # (3, r, K, U + 1)
         Pa, va = P_all[:, r0:r1], vs_all[r0:r1]
 
-        def below_sal(t: Tensor) -> Tensor:
+        def below_sal(t: Tensor, vt=vt, T=T) -> Tensor:
             j = torch.searchsorted(vt, t.contiguous())  # (r, K)
             return T.gather(-1, j[None, :, :, None].expand(3, -1, -1, 1))[..., 0]
 
-        def below_rest(t: Tensor) -> Tensor:
+        def below_rest(t: Tensor, Pa=Pa, va=va, below_sal=below_sal) -> Tensor:
             return _at(Pa, torch.searchsorted(va, t.contiguous())) - below_sal(t)
 
         sal = T[..., -1]  # (3, r, K)
