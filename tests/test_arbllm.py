@@ -174,7 +174,8 @@ def test_presets_are_arb_x_and_arb_rc_with_cgb():
 
 
 @pytest.mark.parametrize("overrides", [{"salient_metric": "magnitude"}, {"hessian_diag": "inverse"},
-                                       {"search_target": "weight"}, {"iters": 0}])
+                                       {"search_target": "weight"}, {"iters": 0},
+                                       {"intra_block": True}])
 @pytest.mark.parametrize("name", ["arb-llm-x", "arb-llm-rc"])
 def test_options_run_and_codes_reproduce_Q(name, overrides):
     W, H = correlated(seed=1)

@@ -11,7 +11,7 @@ import torch
 
 from binllm.methods import MethodArgumentError, get_method
 from binllm.methods.base import BlockContext
-from binllm.methods.billm import inverse_diag, saliency, search_split, split_masks
+from binllm.methods.billm import inverse_diag, nearest_signs, saliency, search_split, split_masks
 from binllm.methods.bra import quantiles, residual_binarize, salient_columns
 from binllm.reconstruct import reconstruct
 
@@ -140,6 +140,30 @@ def test_golden_split_threshold_is_the_first_minimising_quantile():
     assert improved and err == pytest.approx(0.0, abs=1e-9)
     assert p.item() == pytest.approx(1 + 8 * (0.84 * 31 - 26), rel=1e-5)
     assert p.item() == pytest.approx(naive_split(s, s, region)[0], rel=1e-6)
+
+
+def test_nearest_signs_round_new_weights_onto_the_golden_grid():
+    c = get_method("billm").fit(W_GOLD, CTX_GOLD)
+    # row 0: col 0 salient (μ = −1, α = (9, 0)): 7.5 → d = 8.5, levels −9, −9, 9, 9 → "+−";
+    # col 1 concentrated (μ = 0.2, α = 0.96): 0.3 → +, 0.1 → −; col 3 sparse (μ = 3, α = 0)
+    W = torch.tensor([[7.5, 0.3, 0.1, 2.0]])
+    cols = [0, 1, 2, 3]
+    sub = c.__class__(**{**c.__dict__, "group": c.group[:1, cols], "alpha": c.alpha[:, :, :1],
+                         "mu": c.mu[:, :1], "signs": c.signs[:, :1, cols]})
+    got = nearest_signs(W, sub, slice(0, 4))
+    assert got[0].tolist() == [[True, True, False, True]]  # sparse: d·α = 0 ≥ 0 → +
+    assert got[1].tolist() == [[False, False, False, False]]
+
+
+def test_intra_block_option_uses_column_feedback_and_lowers_the_error():
+    W, H = correlated(seed=2)
+    D = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+    block = reconstruct(W, H, get_method("billm"), block_size=32)
+    m = get_method("billm", {"intra_block": True})
+    assert m.feedback == "column" and get_method("billm").feedback == "block"
+    col = reconstruct(W, H, m, block_size=32)
+    assert torch.equal(col.codes.dequantize(), col.Q)
+    assert D(col.Q) < D(block.Q)
 
 
 # -- searches against naive loops -----------------------------------------------------------

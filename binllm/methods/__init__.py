@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
-from .codes import BinaryCodes, UniformCodes
 from .arbllm import ARB, ARBRC, ARBX
+from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
 from .billm import BiLLM
+from .codes import BinaryCodes, UniformCodes
 from .gptq import GPTQ
 from .pbllm import PBLLM
 from .sign import RtnSign

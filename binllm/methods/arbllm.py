@@ -64,6 +64,7 @@ class ARBArgs:
     cgb    column-group bitmap: split the salient columns in two (ARB-LLM_X / _RC)
     num_p  rounds of the magnitude split (P + 1 non-salient groups, with CGB also P + 1
            salient groups)
+    intra_block  as BiLLM: GPTQ-style updates inside the block (§8.1); off in the reference
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -73,6 +74,7 @@ class ARBArgs:
     iters: int = 15
     cgb: bool = False
     num_p: int = 1
+    intra_block: bool = False
 
 
 @dataclass(frozen=True)

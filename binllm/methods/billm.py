@@ -26,7 +26,7 @@ Group ids in the codes: 0 = salient, 1 = sparse, 2 = concentrated (methods.md §
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -51,6 +51,9 @@ class BiLLMArgs:
     up_lim          salient-column candidates (top columns by score), clamped to the block
     order_salient   residual order of the salient columns (2)
     order_rest      order of the concentrated and sparse groups (1)
+    intra_block     False: the block is binarized at once and only later blocks are compensated
+                    (reference, §8.1); True: GPTQ-style updates inside the block, each column
+                    rounded to the nearest level of the grid fitted at block start
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -59,6 +62,7 @@ class BiLLMArgs:
     up_lim: int = 50
     order_salient: int = 2
     order_rest: int = 1
+    intra_block: bool = False
 
 
 def check_search_args(args) -> None:
@@ -166,6 +170,29 @@ def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
                        orders=tuple(orders), n_salient=n_salient, block_size=B)
 
 
+def nearest_signs(W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
+    """Signs (K, rows, c) of the grid level nearest to each weight of W (rows, c).
+
+    Order 1: μ ± c₁; order 2: the nearest of μ ± c₁ ± c₂ (ties to the first of −−, −+, +−,
+    ++), with c_o = α_o (· β_o for column scales) of the weight's group.
+    """
+    g = grid.group[:, cols].long()  # (rows, c)
+    r = torch.arange(W.shape[0], device=W.device)[:, None]  # (rows, 1)
+    c = grid.alpha[g, :, r, 0]  # (rows, c, K)
+    if grid.beta is not None:
+        j = torch.arange(cols.start, cols.stop, device=W.device)[None, :]  # (1, c)
+        c = c * grid.beta[g, :, j]  # (rows, c, K)
+    d = W - grid.mu[g, r, 0] if grid.mu is not None else W  # (rows, c)
+    first = d * c[..., 0] >= 0  # order 1: the side of μ
+    if c.shape[-1] == 1:
+        return first[None]
+    c1, c2 = c[..., 0], c[..., 1]
+    levels = torch.stack([-c1 - c2, -c1 + c2, c1 - c2, c1 + c2], -1)  # (rows, c, 4)
+    idx = (d[..., None] - levels).abs().argmin(-1)  # (rows, c)
+    two = torch.tensor(grid.orders, device=W.device)[g] == 2  # (rows, c)
+    return torch.stack([torch.where(two, idx >= 2, first), two & (idx % 2 == 1)])
+
+
 class BlockCodesMethod(Method):
     """Shared plumbing of methods whose `fit` returns a block's BinaryCodes."""
 
@@ -179,14 +206,24 @@ class BlockCodesMethod(Method):
             return inverse_diag(U)
         return None
 
+    def __init__(self, args):
+        super().__init__(args)
+        if args.intra_block:  # §8.1 as an option: GPTQ's column loop on the block's grid
+            self.feedback = "column"
+
     def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
-        return grid.signs[:, :, cols]  # (K, rows, c)
+        if self.args.intra_block:
+            return nearest_signs(W, grid, cols)  # (K, rows, c)
+        return grid.signs[:, :, cols]  # (K, rows, c): the fit's own signs
 
     def dequantize(self, grid: BinaryCodes, levels: Tensor, cols: slice) -> Tensor:
-        return grid.dequantize()[:, cols]  # (rows, c)
+        part = replace(grid, group=grid.group[:, cols], signs=levels,
+                       beta=None if grid.beta is None else grid.beta[..., cols],
+                       salient_cols=grid.salient_cols[cols])
+        return part.dequantize()  # (rows, c)
 
     def codes(self, grids: list[BinaryCodes], levels: Tensor) -> BinaryCodes:
-        return BinaryCodes.cat(grids)
+        return replace(BinaryCodes.cat(grids), signs=levels)
 
     def targets(self, W: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
         """(s, x): the saliency and the matrix the searches measure error on."""
