@@ -52,7 +52,7 @@ from .billm import (
 from .bra import first_min, quantiles, residual_binarize, split_params
 from .codes import BinaryCodes
 
-_X_CHUNK = 1 << 22  # elements per candidate chunk of the ARB-X split error
+_X_CHUNK = 1 << 19  # elements per candidate chunk of the ARB-X split error
 
 
 @dataclass(frozen=True)
