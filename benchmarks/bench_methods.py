@@ -34,6 +34,12 @@ RUNS = [  # (label, method, method args)
     ("ARB-LLM_X", "arb-llm-x", []),
     ("ARB-LLM_RC", "arb-llm-rc", []),
 ]
+VARIANTS = [  # named options that depart from the reference code (stories260K only)
+    ("PB-LLM 10%, masked stats", "pbllm-10", ["stats=masked"]),
+    ("BiLLM, search on W", "billm", ["search_target=weight"]),
+    ("BiLLM, intra-block", "billm", ["intra_block=true"]),
+    ("ARB-LLM_RC, intra-block", "arb-llm-rc", ["intra_block=true"]),
+]
 LINEAR_SHAPES = [(4096, 4096), (11008, 4096)]
 
 
@@ -60,7 +66,7 @@ def stories_rows(nsamples: int, max_windows: int | None) -> list[dict]:
              "paper_bits": 32.0, "stored_bits": 32.0, "seconds": 0.0, "peak_memory_mb": None}]
     from binllm.methods import METHODS
 
-    for label, method, margs in RUNS:
+    for label, method, margs in RUNS + VARIANTS:
         if method not in METHODS:
             rows.append({"label": label, "method": method, "missing": True})
             continue

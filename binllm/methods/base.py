@@ -116,5 +116,11 @@ def parse_args(Args: type, overrides: dict[str, Any]) -> Any:
 def describe_args(Args: type) -> list[tuple[str, str, Any]]:
     """(name, type, default) of every argument, for `binllm methods`."""
     hints = typing.get_type_hints(Args)
-    return [(f.name, str(hints[f.name]).replace("typing.", ""), f.default)
-            for f in dataclasses.fields(Args)]
+    return [(f.name, _type_name(hints[f.name]), f.default) for f in dataclasses.fields(Args)]
+
+
+def _type_name(typ: Any) -> str:
+    """'int', 'bool', 'hessian|magnitude' — what a user may write after KEY=."""
+    if typing.get_origin(typ) is Literal:
+        return "|".join(map(str, typing.get_args(typ)))
+    return getattr(typ, "__name__", str(typ).replace("typing.", ""))
