@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizeConfig
+from .journal import JournalMismatch, LayerJournal
 from .methods import get_method
 from .reconstruct import reconstruct
 from .walker import (UnsupportedArchitecture, collect_hessians, find_decoder_layers, find_linears,
@@ -73,12 +74,15 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 
 def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[Tensor], *,
                    device: torch.device | str = "cpu", keep_codes: bool = True,
-                   on_layer: Callable[[int, int], None] | None = None) -> QuantizeReport:
+                   on_layer: Callable[[int, int], None] | None = None,
+                   journal: LayerJournal | None = None) -> QuantizeReport:
     """Quantize every nn.Linear inside the decoder layers of `model`, in place.
 
     calibration: batches of token ids (batch, seqlen). Embeddings, norms, biases and the
     LM head stay as they are. Returns the report (and, with keep_codes, every layer's codes
     for packing). `on_layer(i, n)` is called after each decoder layer (progress bars).
+    journal: finished layers are stored there, and layers it already holds are restored
+    from it instead of quantized again (resume after a crash; `binllm.journal`).
     """
     method = get_method(config.method, config.method_args)
     report = QuantizeReport(method=config.method,
@@ -93,6 +97,12 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     for i, path, layer, inputs in walk_layers(model, calibration, device):
         linears = {n: m for n, m in find_linears(layer).items()
                    if not any(n == s or n.endswith("." + s) for s in config.skip)}
+        if journal is not None and journal.done(i):
+            _restore_layer(report, journal, i, path, linears, keep_codes)
+            if on_layer:
+                on_layer(i + 1, n_layers)
+            continue
+        layer_codes, first = {}, len(report.linears)
         hessians = (collect_hessians(layer, inputs, list(linears), device)
                     if method.needs_hessian or (config.feedback or method.feedback) != "none"
                     else {})
@@ -112,15 +122,39 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                 name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
                 paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
                 seconds=time.perf_counter() - t0))
-            if keep_codes:
-                report.codes[full] = rec.codes
+            layer_codes[name] = rec.codes
             log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss, report.linears[-1].paper_bits)
         del hessians
+        if journal is not None:
+            journal.save(i, layer_codes, report.linears[first:])
+        if keep_codes:
+            report.codes.update({f"{path}.{n}": c for n, c in layer_codes.items()})
         if on_layer:
             on_layer(i + 1, n_layers)
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb(device)
     return report
+
+
+def _restore_layer(report: QuantizeReport, journal: LayerJournal, i: int, path: str,
+                   linears: dict[str, nn.Module], keep_codes: bool) -> None:
+    """Set layer i's linears to the journal's codes and copy its reports."""
+    codes, reports = journal.load(i)
+    if set(codes) != set(linears):
+        raise JournalMismatch(f"layer {i} in {journal.path} holds {sorted(codes)}, the model "
+                              f"has {sorted(linears)}; choose a new --resume-dir")
+    for name, linear in linears.items():
+        W = linear.weight.data
+        Q = codes[name].dequantize()
+        if tuple(Q.shape) != tuple(W.shape):
+            raise JournalMismatch(f"{path}.{name}: journal codes are {tuple(Q.shape)}, the "
+                                  f"weight is {tuple(W.shape)}; choose a new --resume-dir")
+        linear.weight.data = Q.to(device=W.device, dtype=W.dtype)
+        if keep_codes:
+            report.codes[f"{path}.{name}"] = codes[name]
+    for r in reports:
+        report.linears.append(LinearReport(**{**r, "shape": tuple(r["shape"])}))
+    log.info("layer %d restored from %s", i, journal.path)
 
 
 quantize = binarize_model  # `binllm.quantize(model, config, calibration)`

@@ -164,6 +164,8 @@ def add_quantize(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="save the binarized model here (packed HF directory, see `binllm inspect`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--resume-dir", default=None, metavar="DIR",
+                   help="keep every finished layer here; rerunning the same command resumes")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -207,7 +209,15 @@ def cmd_quantize(args) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer)
+    journal = None
+    if args.resume_dir:
+        from .journal import LayerJournal, run_identity
+
+        journal = LayerJournal(args.resume_dir, run_identity(model, config, batches))
+        if journal.layers_done():
+            print(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
+    qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
+                             journal=journal)
     bar.close()
     report["quantization"] = qreport.to_dict()
     print(f"\n{args.method}: {len(qreport.linears)} linears in {qreport.seconds:.1f} s, "
@@ -392,13 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     from .binarize import NonFiniteWeights
     from .data import DataError
     from .hessian import HessianNotPositiveDefinite
+    from .journal import JournalMismatch
     from .methods import MethodArgumentError
     from .packing import PackingError
     from .saved_dir import CheckpointError
     from .walker import UnsupportedArchitecture
 
     known = (CLIError, DataError, MethodArgumentError, UnsupportedArchitecture,
-             NonFiniteWeights, HessianNotPositiveDefinite, CheckpointError, PackingError)
+             NonFiniteWeights, HessianNotPositiveDefinite, CheckpointError, PackingError,
+             JournalMismatch)
     start = time.perf_counter()
     try:
         code = args.func(args)
