@@ -23,6 +23,11 @@ _LAZY = {
     "load_binarized": "binllm.checkpoint",
     "inspect_saved": "binllm.saved_dir",
     "BinaryLinear": "binllm.layers",
+    "LayerJournal": "binllm.journal",
+    "QATConfig": "binllm.qat",
+    "prepare_qat": "binllm.qat",
+    "finalize_qat": "binllm.qat",
+    "train_qat": "binllm.qat_train",
 }
 
 __all__ = sorted(_LAZY)
