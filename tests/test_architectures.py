@@ -155,6 +155,31 @@ def test_binarize_model_runs_and_quantizes_every_linear(family, method, args):
         assert err > 0.05
 
 
+PAPER_METHODS = ["pbllm-10", "billm", "arb", "arb-x", "arb-rc", "arb-llm-x", "arb-llm-rc"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", PAPER_METHODS)
+def test_paper_methods_run_on_every_family(family, method):
+    """Each paper method binarizes every decoder linear of each family; the weights left in
+    the model are exactly its codes' dequantization and the bits are the method's."""
+    model = tiny_causal_lm(family)
+    batches = _batches(n=2, batch=1, seqlen=16)
+    report = binarize_model(model, QuantizeConfig(method), batches)
+    path, layers = find_decoder_layers(model)
+    linears = {f"{path}.{i}.{n}": m for i, layer in enumerate(layers)
+               for n, m in find_linears(layer).items()}
+    assert sorted(report.codes) == sorted(linears)
+    assert len(linears) == 2 * LINEARS_PER_LAYER[family]
+    for name, linear in linears.items():
+        W = linear.weight.data
+        assert torch.equal(W, report.codes[name].dequantize().to(W.dtype)), name
+    low, high = (1.6, 1.8) if method.startswith("pbllm") else (1.0, 2.0)
+    assert low < report.paper_bits < high
+    with torch.no_grad():
+        assert torch.isfinite(model(batches[0]).logits).all()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("feedback,needs_hessian", [("none", False), ("block", True),
                                                     ("column", False)])
