@@ -187,7 +187,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--max-windows", type=int, default=100, help="cap for wikitext2/ptb/c4; 0 = all")
+    ap.add_argument("--max-windows", type=int, default=100,
+                    help="cap for wikitext2/ptb/c4; 0 = all")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="runs per linear timing (best kept)")
     args = ap.parse_args()

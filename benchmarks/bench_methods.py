@@ -86,7 +86,8 @@ def stories_rows(nsamples: int, max_windows: int | None) -> list[dict]:
                      "perplexity": r["perplexity"], "paper_bits": q["paper_bits"],
                      "stored_bits": q["stored_bits"], "seconds": q["seconds"],
                      "peak_memory_mb": q["peak_memory_mb"], "protocol": r["protocol"]})
-        print(f"{label}: {({k: round(v['ppl'], 2) for k, v in r['perplexity'].items()})}", flush=True)
+        print(f"{label}: {({k: round(v['ppl'], 2) for k, v in r['perplexity'].items()})}",
+              flush=True)
     return rows
 
 
@@ -134,13 +135,16 @@ def markdown(result: dict) -> str:
     cap = result["max_windows"]
     lines = [f"# Methods on stories260K (seqlen 512, calibration: {result['nsamples']} windows of "
              f"wikitext2 validation, seed 0)", "",
-             "Perplexity on the test splits, " + ("all windows" if not cap else f"first {cap} windows")
+             "Perplexity on the test splits, "
+             + ("all windows" if not cap else f"first {cap} windows")
              + f"; torch {result['torch']}, {result['threads']} CPU threads.", ""]
-    head = "| method | " + " | ".join(DATASETS) + " | paper bits | stored bits | quant s | peak MiB |"
+    head = ("| method | " + " | ".join(DATASETS)
+            + " | paper bits | stored bits | quant s | peak MiB |")
     lines += [head, "|" + "---|" * (len(DATASETS) + 5)]
     for r in result["stories260K"]:
         if r.get("missing"):
-            lines.append(f"| {r['label']} | " + " | ".join("not registered" for _ in DATASETS) + " | | | | |")
+            lines.append(f"| {r['label']} | "
+                         + " | ".join("not registered" for _ in DATASETS) + " | | | | |")
             continue
         ppl = " | ".join(f"{r['perplexity'][d]['ppl']:.2f}" for d in DATASETS)
         mem = "" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"

@@ -6,8 +6,8 @@ model in fp16, peak RSS while `binllm.load` runs (in a fresh subprocess after th
 the kernel's high-water mark is reset through /proc/self/clear_refs, and VmHWM after loading
 minus VmRSS before is reported, after touching every loaded tensor since safetensors maps
 the files lazily; ru_maxrss is recorded too but is unusable here: a child forked from this
-large process inherits the parent's high-water mark), and greedy generation speed of the packed model
-(dequantizing at every forward, and with cache_dequantized) against the fp32 original.
+large process inherits the parent's high-water mark), and greedy generation speed of the packed
+model (dequantizing at every forward, and with cache_dequantized) against the fp32 original.
 
 Part 2, one LLaMA-7B-shaped decoder layer (q/k/v/o 4096×4096, gate/up 11008×4096, down
 4096×11008; vocab 256 so embeddings are negligible). Running BiLLM/ARB on these shapes takes
@@ -162,7 +162,8 @@ def layout_codes(like, rows: int, cols: int, small_cols: int, g: torch.Generator
     if isinstance(like, UniformCodes):
         gs = scaled(like.groupsize)
         ng = -(-cols // gs)
-        return UniformCodes(torch.randint(0, 2 ** like.bits, (rows, cols), generator=g).to(torch.uint8),
+        return UniformCodes(torch.randint(0, 2 ** like.bits, (rows, cols),
+                                          generator=g).to(torch.uint8),
                             to_storage(torch.rand(rows, ng, generator=g) * 0.01),
                             torch.randint(0, 2 ** like.bits, (rows, ng), generator=g).float(),
                             like.bits, gs)
@@ -171,11 +172,14 @@ def layout_codes(like, rows: int, cols: int, small_cols: int, g: torch.Generator
         ng = -(-cols // gs)
         sal = torch.rand(rows, cols, generator=g) < like.salient.float().mean().item()
         q = torch.randint(0, 2 ** like.high_bit, (rows, cols), generator=g).to(torch.uint8)
-        return PartialBinaryCodes(sal, torch.where(sal, q, 0), to_storage(torch.rand(rows, generator=g) * 1e-3),
-                                  torch.randint(0, 2 ** like.high_bit, (rows,), generator=g).float(),
+        return PartialBinaryCodes(sal, torch.where(sal, q, 0),
+                                  to_storage(torch.rand(rows, generator=g) * 1e-3),
+                                  torch.randint(0, 2 ** like.high_bit, (rows,),
+                                                generator=g).float(),
                                   torch.rand(rows, cols, generator=g) > 0.5,
                                   to_storage(torch.rand(rows, ng, generator=g) * 0.02),
-                                  to_storage(torch.randn(rows, ng, generator=g) * 1e-3), like.high_bit, gs)
+                                  to_storage(torch.randn(rows, ng, generator=g) * 1e-3),
+                                  like.high_bit, gs)
     assert isinstance(like, BinaryCodes)
     bs = scaled(like.block_size)
     nblk, G, K = -(-cols // bs), len(like.orders), like.signs.shape[0]
@@ -251,7 +255,8 @@ def stack_part(methods: list[str], reports: dict, args, work: Path) -> tuple[lis
                      "gate_dequantize_s": dequant_s, "tokens_per_s_packed": packed_speed,
                      "tokens_per_s_cached": cached_speed})
         print(f"7B layer {method}: {info.stored_bits:.3f} bits/w, "
-              f"{rows[-1]['linear_bytes'] / 2**20:.1f} MiB linears, load +{load['delta_mib']:.0f} MiB, "
+              f"{rows[-1]['linear_bytes'] / 2**20:.1f} MiB linears, "
+              f"load +{load['delta_mib']:.0f} MiB, "
               f"{packed_speed:.2f}/{cached_speed:.2f} tok/s", flush=True)
         del packed
         shutil.rmtree(out)
@@ -299,7 +304,8 @@ def write_markdown(res: dict, path: Path) -> None:
     if res.get("stack"):
         b = res["stack_base"]
         lines += [
-            "", "## One LLaMA-7B-shaped decoder layer (codes synthesised with each method's layout)",
+            "",
+            "## One LLaMA-7B-shaped decoder layer (codes synthesised with each method's layout)",
             "",
             (f"{b['linear_numel'] / 1e6:.1f} M linear weights (q/k/v/o 4096×4096, gate/up "
              f"11008×4096, down 4096×11008): fp16 checkpoint {b['fp16_file_bytes'] / mib:.1f} MiB, "

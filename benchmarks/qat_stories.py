@@ -134,7 +134,8 @@ def main() -> None:
                        "losses": result.losses, "train_seconds": train_seconds})
 
     meta = {"model": "stories260K", "seqlen": SEQLEN, "salient_fraction": 0.1, "high_bit": 8,
-            "calibration": f"c4 sample ({train_src.path}), {args.nsamples} × {SEQLEN} tokens, seed 0",
+            "calibration": (f"c4 sample ({train_src.path}), {args.nsamples} × {SEQLEN} tokens, "
+                            "seed 0"),
             "training": f"c4 sample, {train_ids.numel()} tokens, random windows, batch 2 × accum 4",
             "eval": {"tinystories": "test file, every window",
                      "wikitext2": f"test, first {args.wiki_windows} windows"},

@@ -123,7 +123,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                 paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
                 seconds=time.perf_counter() - t0))
             layer_codes[name] = rec.codes
-            log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss, report.linears[-1].paper_bits)
+            log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss,
+                     report.linears[-1].paper_bits)
         del hessians
         if journal is not None:
             journal.save(i, layer_codes, report.linears[first:])

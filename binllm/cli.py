@@ -125,7 +125,8 @@ def print_ppl_table(results: dict[str, Any], title: str) -> None:
     print(f"\n{title}")
     print(f"  {'dataset':<12} {'split':<11} {'ppl':>12} {'windows':>12}")
     for name, r in results.items():
-        print(f"  {name:<12} {r['split']:<11} {r['ppl']:>12.3f} {r['windows']:>5}/{r['total_windows']:<6}")
+        print(f"  {name:<12} {r['split']:<11} {r['ppl']:>12.3f} "
+              f"{r['windows']:>5}/{r['total_windows']:<6}")
 
 
 def _datasets(value: str | None) -> list[str]:
@@ -135,8 +136,10 @@ def _datasets(value: str | None) -> list[str]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 …")
     p.add_argument("--data-dir", default=None,
-                   help="folder laid out like ../shared/data (default: $BINLLM_DATA, ./data, ../shared/data)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(2048, context))")
+                   help="folder laid out like ../shared/data "
+                        "(default: $BINLLM_DATA, ./data, ../shared/data)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default: min(2048, context))")
     p.add_argument("--max-windows", type=int, default=None,
                    help="evaluate only the first N windows of each dataset (quick runs; reported)")
     p.add_argument("--eval-split", default="test", choices=["test", "validation"])
@@ -158,8 +161,10 @@ def add_quantize(sub) -> None:
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--feedback", choices=["column", "block", "none"], default=None,
                    help="override the method's error-feedback mode ('none' = no GPTQ compensation)")
-    p.add_argument("--skip", default="", help="comma-separated linear names to leave alone (e.g. down_proj)")
-    p.add_argument("--eval", default="wikitext2,ptb,c4", help="comma-separated datasets ('' for none)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated linear names to leave alone (e.g. down_proj)")
+    p.add_argument("--eval", default="wikitext2,ptb,c4",
+                   help="comma-separated datasets ('' for none)")
     p.add_argument("--compare-fp", action="store_true", help="also evaluate the unquantized model")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="save the binarized model here (packed HF directory, see `binllm inspect`)")
@@ -186,7 +191,8 @@ def cmd_quantize(args) -> int:
         raise CLIError("--nsamples must be at least 1")
     if args.out and Path(args.out).exists() and not args.overwrite and \
             (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
-        raise CLIError(f"--out {args.out} exists and is not empty; pass --overwrite or another --out")
+        raise CLIError(f"--out {args.out} exists and is not empty; "
+                       "pass --overwrite or another --out")
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)
     eval_names = _datasets(args.eval)
@@ -302,7 +308,8 @@ def add_qat(sub) -> None:
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--eval", default="wikitext2", help="comma-separated datasets ('' for none)")
-    p.add_argument("--eval-every", type=int, default=0, help="perplexity every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="perplexity every N steps (0: at the end)")
     p.add_argument("--checkpoint", default=None, help="file for the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
@@ -352,7 +359,8 @@ def cmd_qat(args) -> int:
             bar.n = info.step
             bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
             if info.evals:
-                bar.write(f"step {info.step}: " + ", ".join(f"{k} ppl {v:.3f}" for k, v in info.evals.items()))
+                bar.write(f"step {info.step}: "
+                          + ", ".join(f"{k} ppl {v:.3f}" for k, v in info.evals.items()))
 
         result = train_qat(model, train_ids, config, eval_sets=evals, device=args.device,
                            resume=args.checkpoint if args.resume else None, callback=on_step)

@@ -33,7 +33,8 @@ class QuantizeConfig:
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be a positive number of columns")
         if not 0 < self.percdamp < 10:
-            raise ValueError(f"percdamp={self.percdamp}: use a small positive fraction such as 0.01")
+            raise ValueError(f"percdamp={self.percdamp}: "
+                             "use a small positive fraction such as 0.01")
         if self.feedback not in (None, "column", "block", "none"):
             raise ValueError(f"feedback={self.feedback!r}: use column, block or none")
 

@@ -109,7 +109,8 @@ def load_text(name: str, split: str = "test", root: str | os.PathLike | None = N
         f = _named_file(base, name, cand) if base else None
         if f is not None:
             note = "" if i == 0 else f"{name}: {split} split not available locally; used {cand}"
-            if name in ("c4", "tinystories") and split not in f.name and _SPLIT_FILE[split] not in f.name:
+            if (name in ("c4", "tinystories") and split not in f.name
+                    and _SPLIT_FILE[split] not in f.name):
                 note = f"{name}: one local file ({f.name}) serves every split"
             if note:
                 log.warning(note)

@@ -115,7 +115,8 @@ def _load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, confi
     except Exception as e:  # truncated or foreign file: pickle/zip errors of many kinds
         raise QATError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or "
                        "not a binllm QAT checkpoint: start a new run") from None
-    if not isinstance(state, dict) or state.get("format") != "binllm-qat" or state.get("version") != CHECKPOINT_VERSION:
+    if (not isinstance(state, dict) or state.get("format") != "binllm-qat"
+            or state.get("version") != CHECKPOINT_VERSION):
         raise QATError(f"{path} is not a binllm QAT checkpoint of version {CHECKPOINT_VERSION}")
     diff = [k for k in _TRAJECTORY if state["config"].get(k) != getattr(config, k)]
     if diff:

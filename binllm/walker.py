@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .hessian import HessianAccumulator
 
 # Where decoder layers live, for models whose `_no_split_modules` does not say.
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",

@@ -208,7 +208,10 @@ def test_codes_reproduce_Q_exactly_and_count_bits(name):
 @pytest.mark.parametrize("name", ARB_NAMES)
 def test_arb_variants_beat_billm_in_hessian_weighted_error(name):
     W, H = correlated(seed=6)
-    err = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
+    def err(Q):
+        return torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
     billm = reconstruct(W, H, get_method("billm"), block_size=32).Q
     assert err(reconstruct(W, H, get_method(name), block_size=32).Q) < err(billm)
 

@@ -157,7 +157,10 @@ def test_nearest_signs_round_new_weights_onto_the_golden_grid():
 
 def test_intra_block_option_uses_column_feedback_and_lowers_the_error():
     W, H = correlated(seed=2)
-    D = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
+    def D(Q):
+        return torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
     block = reconstruct(W, H, get_method("billm"), block_size=32)
     m = get_method("billm", {"intra_block": True})
     assert m.feedback == "column" and get_method("billm").feedback == "block"
@@ -279,7 +282,10 @@ def test_seeded_runs_are_deterministic():
 
 def test_billm_beats_sign_baseline_in_hessian_error():
     W, H = correlated(seed=4)
-    D = lambda Q: torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
+    def D(Q):
+        return torch.einsum("rc,cd,rd->", W - Q, H, W - Q).item()
+
     billm = reconstruct(W, H, get_method("billm"), block_size=32).Q
     sign = reconstruct(W, H, get_method("rtn-sign"), block_size=32, feedback="none").Q
     assert D(billm) < D(sign)

@@ -178,7 +178,8 @@ def test_architecture_the_walker_cannot_binarize(capsys, model_dirs, data, name,
 
 @pytest.mark.parametrize("margs,needles", [
     (["--method", "sign-of-the-times"], ["unknown method 'sign-of-the-times'", "gptq"]),
-    (["--method", "gptq", "--method-arg", "colour=blue"], ["unknown method argument 'colour'", "bits"]),
+    (["--method", "gptq", "--method-arg", "colour=blue"],
+     ["unknown method argument 'colour'", "bits"]),
     (["--method", "gptq", "--method-arg", "bits=nine"], ["bits='nine'", "int"]),
     (["--method", "gptq", "--method-arg", "bits=12"], ["1 to 8 bits"]),
     (["--method", "gptq", "--method-arg", "bits"], ["KEY=VALUE"]),

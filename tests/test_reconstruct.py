@@ -166,7 +166,8 @@ def test_block_feedback_equals_a_column_by_column_oracle():
 
 @pytest.mark.parametrize("method,args,feedback", [
     ("gptq", {"bits": 4}, "column"), ("gptq", {"bits": 2}, "block"),
-    ("gptq", {"bits": 3, "groupsize": 16}, "column"), ("gptq", {"bits": 3, "groupsize": 16}, "none"),
+    ("gptq", {"bits": 3, "groupsize": 16}, "column"),
+    ("gptq", {"bits": 3, "groupsize": 16}, "none"),
     ("rtn-sign", {}, "none"), ("rtn-sign", {"groupsize": 16}, "block"),
 ])
 def test_codes_dequantize_to_exactly_the_loops_Q(method, args, feedback):

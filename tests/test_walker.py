@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
 from torch import nn
 
 from binllm.walker import LAYER_PATHS, UnsupportedArchitecture, calibration_context, \

@@ -34,14 +34,16 @@ class MethodSpec:
 
 _SPECS = (
     MethodSpec("rtn-sign", RtnSign, summary="per-row α·sign(W−μ)+μ, no reconstruction (baseline)"),
-    MethodSpec("gptq", GPTQ, summary="uniform asymmetric GPTQ, 1–8 bits, per row or group (baseline)"),
+    MethodSpec("gptq", GPTQ,
+               summary="uniform asymmetric GPTQ, 1–8 bits, per row or group (baseline)"),
     MethodSpec("billm", BiLLM, summary="BiLLM: salient columns at residual order 2, bell-shaped "
                "split of the rest into two order-1 groups, block feedback"),
     MethodSpec("arb", ARB, summary="ARB-LLM: alternating refined (μ, α, B) on BiLLM's masks"),
     MethodSpec("arb-x", ARBX, summary="ARB-X: ARB plus calibration-aware (μ, α) from H_blk/2"),
     MethodSpec("arb-rc", ARBRC, summary="ARB-RC: row and column scales, no mean"),
     MethodSpec("arb-llm-x", ARBX, {"cgb": True}, "ARB-LLM_X: ARB-X with the column-group bitmap"),
-    MethodSpec("arb-llm-rc", ARBRC, {"cgb": True}, "ARB-LLM_RC: ARB-RC with the column-group bitmap"),
+    MethodSpec("arb-llm-rc", ARBRC, {"cgb": True},
+               "ARB-LLM_RC: ARB-RC with the column-group bitmap"),
     MethodSpec("pbllm", PBLLM, summary="PB-LLM: unstructured salient weights at high_bit, "
                "the rest α·sign(W−μ)+μ, GPTQ column feedback"),
     MethodSpec("pbllm-10", PBLLM, {"salient_fraction": 0.1, "salient_metric": "hessian"},
@@ -59,7 +61,8 @@ def get_method(name: str, overrides: Mapping[str, Any] | None = None) -> Method:
     """Instantiate a registered method; unknown names and arguments raise MethodArgumentError."""
     if name not in METHODS:
         raise MethodArgumentError(
-            f"unknown method {name!r}; registered methods: {', '.join(METHODS)} (see `binllm methods`)")
+            f"unknown method {name!r}; registered methods: {', '.join(METHODS)} "
+            "(see `binllm methods`)")
     return METHODS[name].build(overrides)
 
 

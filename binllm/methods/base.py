@@ -61,7 +61,8 @@ class Method:
         raise NotImplementedError
 
     def round(self, W: Tensor, grid: Any, cols: slice) -> Tensor:
-        """Integer/boolean levels of the columns `cols` (relative to the block); last dim = columns."""
+        """Integer/boolean levels of the columns `cols` (relative to the block);
+        last dim = columns."""
         raise NotImplementedError
 
     def dequantize(self, grid: Any, levels: Tensor, cols: slice) -> Tensor:
@@ -97,7 +98,8 @@ def _convert(value: str, typ: Any, key: str) -> Any:
             raise ValueError
         return typ(value)
     except ValueError:
-        raise MethodArgumentError(f"{key}={value!r}: expected a value of type {typ.__name__}") from None
+        raise MethodArgumentError(
+            f"{key}={value!r}: expected a value of type {typ.__name__}") from None
 
 
 def parse_args(Args: type, overrides: dict[str, Any]) -> Any:
@@ -108,7 +110,8 @@ def parse_args(Args: type, overrides: dict[str, Any]) -> Any:
     for key, value in overrides.items():
         if key not in known:
             raise MethodArgumentError(
-                f"unknown method argument {key!r}; this method takes: {', '.join(sorted(known)) or 'none'}")
+                f"unknown method argument {key!r}; "
+                f"this method takes: {', '.join(sorted(known)) or 'none'}")
         values[key] = _convert(value, hints[key], key) if isinstance(value, str) else value
     return Args(**values)
 

@@ -117,7 +117,7 @@ class BinaryCodes:
         for o in range(K):  # plane o: one stream over the column classes holding order > o
             bits += _stream(rows * sum(col_count[sal] for sal in (True, False) if any(
                 self.orders[g] > o and is_sal[g] == sal for g in range(G))))
-        bits += _stream(rows * n_sal_cols * _bits(self.n_salient))          # group ids, salient cols
+        bits += _stream(rows * n_sal_cols * _bits(self.n_salient))  # group ids, salient cols
         bits += _stream(rows * col_count[False] * _bits(G - self.n_salient))  # group ids, the rest
         if 0 < self.n_salient < G:
             bits += _stream(cols)  # salient-column bitmap

@@ -46,7 +46,8 @@ from .gptq import minmax_params, quantize_uniform
 @dataclass(frozen=True)
 class PBLLMArgs:
     salient_fraction: float = 0.1  # = 1 − low_frac of the reference CLI
-    salient_metric: Literal["magnitude", "hessian"] = "hessian"  # README/tables; CLI default magnitude
+    # README/tables; CLI default magnitude
+    salient_metric: Literal["magnitude", "hessian"] = "hessian"
     high_bit: int = 8
     groupsize: int = -1  # columns sharing one threshold and one (α, μ) per row; -1 = whole row
     stats: Literal["reference", "masked"] = "reference"
