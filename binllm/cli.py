@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_lmeval import add_lm_eval_args, run_lm_eval
+
 log = logging.getLogger("binllm")
 
 
@@ -172,6 +174,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--resume-dir", default=None, metavar="DIR",
                    help="keep every finished layer here; rerunning the same command resumes")
     _add_common(p)
+    add_lm_eval_args(p)
     p.set_defaults(func=cmd_quantize)
 
 
@@ -242,6 +245,9 @@ def cmd_quantize(args) -> int:
         model.to(args.device)
         report["perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
         print_ppl_table(report["perplexity"], f"{args.method} (seqlen {seqlen})")
+    if args.tasks:
+        model.to(args.device)
+        report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method)
     if args.report:
         write_json_atomic(args.report, report)
         print(f"report written to {args.report}")
@@ -249,10 +255,12 @@ def cmd_quantize(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model (original or saved binllm model)")
+    p = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model, original or saved")
     p.add_argument("model")
-    p.add_argument("--datasets", default="wikitext2,ptb,c4")
+    p.add_argument("--datasets", default="wikitext2,ptb,c4",
+                   help="perplexity datasets ('' for none)")
     _add_common(p)
+    add_lm_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -262,9 +270,11 @@ def cmd_eval(args) -> int:
     model.to(args.device)
     results = evaluate_datasets(model, tokenizer, _datasets(args.datasets), seqlen, args)
     print_ppl_table(results, f"{args.model} (seqlen {seqlen})")
+    tasks = run_lm_eval(model, tokenizer, args, args.model)
     if args.report:
         write_json_atomic(args.report, {"command": "eval", "model": args.model,
-                                        "seqlen": seqlen, "perplexity": results})
+                                        "seqlen": seqlen, "perplexity": results,
+                                        "lm_eval": tasks})
     return 0
 
 
