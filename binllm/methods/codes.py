@@ -67,19 +67,35 @@ class BinaryCodes:
         return tuple(self.group.shape)
 
     def dequantize(self) -> Tensor:
+        """Ŵ (rows, cols) fp32, gathering each weight's own group's α, μ, β (rows in chunks)."""
         rows, cols = self.group.shape
-        blk = torch.arange(cols, device=self.group.device) // self.block_size  # (cols,)
-        S = self.signs.to(torch.float32) * 2 - 1  # (K, rows, cols)
-        Q = torch.zeros(rows, cols, dtype=torch.float32, device=self.group.device)
-        for g, order in enumerate(self.orders):
-            Qg = (self.mu[g][:, blk] if self.mu is not None
-                  else torch.zeros(rows, cols, device=Q.device))  # (rows, cols)
-            for o in range(order):
-                term = self.alpha[g, o][:, blk] * S[o]  # (rows, cols)
-                if self.beta is not None:
-                    term = term * self.beta[g, o][None, :]
-                Qg = Qg + term
-            Q = torch.where(self.group == g, Qg, Q)
+        dev = self.group.device
+        G, K = len(self.orders), self.signs.shape[0]
+        blk = torch.arange(cols, device=dev) // self.block_size  # (cols,)
+        orders = torch.tensor(self.orders, device=dev)  # (G,)
+        cols_G = torch.arange(cols, device=dev) * G  # (cols,)
+        Q = torch.empty(rows, cols, dtype=torch.float32, device=dev)
+        step = max(1, (1 << 21) // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r = slice(r0, min(r0 + step, rows))
+            g = self.group[r].long()  # (n, cols)
+            idx = blk[None, :] * G + g  # (n, cols): entry (block, group) of each weight's row
+            col_idx = cols_G[None, :] + g if self.beta is not None else None  # (n, cols)
+
+            def at(table: Tensor) -> Tensor:  # (G, rows, nblk) -> (n, cols)
+                per_row = table[:, r].permute(1, 2, 0).reshape(g.shape[0], -1)  # (n, nblk·G)
+                return torch.gather(per_row, 1, idx)
+
+            acc = None
+            for o in range(K):
+                term = at(self.alpha[:, o]) * (self.signs[o, r].to(torch.float32) * 2 - 1)
+                if self.beta is not None:  # β[g, o, c] from the (cols, G) table
+                    term = term * torch.take(self.beta[:, o].T.contiguous(), col_idx)
+                if acc is None:
+                    acc = term if self.mu is None else at(self.mu) + term
+                else:  # plane o only where the group's order reaches it
+                    acc = torch.where(orders[g] > o, acc + term, acc)
+            Q[r] = acc
         return Q
 
     @staticmethod
