@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_lmeval import add_lm_eval_args, run_lm_eval
+from .cli_lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 
 log = logging.getLogger("binllm")
 
@@ -124,6 +124,8 @@ def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args) -> 
 
 
 def print_ppl_table(results: dict[str, Any], title: str) -> None:
+    if not results:
+        return
     print(f"\n{title}")
     print(f"  {'dataset':<12} {'split':<11} {'ppl':>12} {'windows':>12}")
     for name, r in results.items():
@@ -192,6 +194,7 @@ def cmd_quantize(args) -> int:
     get_method(config.method, config.method_args)  # fail fast on a bad method or argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
+    check_lm_eval(args)
     if args.out and Path(args.out).exists() and not args.overwrite and \
             (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
         raise CLIError(f"--out {args.out} exists and is not empty; "
@@ -247,7 +250,12 @@ def cmd_quantize(args) -> int:
         print_ppl_table(report["perplexity"], f"{args.method} (seqlen {seqlen})")
     if args.tasks:
         model.to(args.device)
-        report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method)
+        try:
+            report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method)
+        except CLIError:
+            if args.report:  # keep what was measured
+                write_json_atomic(args.report, report)
+            raise
     if args.report:
         write_json_atomic(args.report, report)
         print(f"report written to {args.report}")
@@ -265,6 +273,7 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    check_lm_eval(args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)
     model.to(args.device)

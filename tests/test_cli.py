@@ -227,3 +227,15 @@ def test_healthy_tiny_model_quantizes(capsys, model_dirs, data):
                          "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
     assert code == 0, err
     assert "14 linears" in out
+
+
+def test_tasks_without_lm_eval_fail_before_any_work(stories_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # import fails as if not installed
+    code = main(["-q", "quantize", str(stories_path), "--method", "rtn-sign", "--calib",
+                 "tinystories", "--nsamples", "2", "--seqlen", "64", "--eval", "",
+                 "--tasks", "arc_easy"])
+    out = capsys.readouterr()
+    assert code == 2 and "lm-eval is not installed" in out.err
+    assert "linears in" not in out.out  # refused before binarizing

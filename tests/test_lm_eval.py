@@ -111,3 +111,8 @@ def test_cli_eval_and_quantize_run_tasks_into_the_report(stories_path, task_dir,
     assert f"{TASK:<24} acc,none" in capsys.readouterr().out
     assert main(["-q", "eval", str(stories_path), "--datasets", "", "--tasks", "nope_xyz"]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
+    assert main(["-q", "quantize", str(stories_path), "--method", "rtn-sign", "--calib",
+                 "tinystories", "--nsamples", "2", "--seqlen", "64", "--eval", "",
+                 "--tasks", "nope_xyz"]) == 2
+    out = capsys.readouterr()
+    assert "unknown lm-eval task" in out.err and "linears in" not in out.out  # before any work
