@@ -146,7 +146,8 @@ def _from_hub(name: str, split: str) -> TextSource:
 def tokenize(tokenizer, text: str) -> Tensor:
     """Token ids (1, n) of the whole text as one sequence; special-token strings stay text."""
     try:
-        ids = tokenizer(text, return_tensors="pt", split_special_tokens=True).input_ids
+        ids = tokenizer(text, return_tensors="pt", split_special_tokens=True,
+                        verbose=False).input_ids
     except TypeError:  # tokenizers without the option
         ids = tokenizer(text, return_tensors="pt").input_ids
     return ids
