@@ -277,10 +277,11 @@ def _partial_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
     if int(sal.sum()) != n:
         raise PackingError(f"the salient bitmap marks {int(sal.sum())} weights, config.json "
                            f"says {n}: the file is corrupt")
+    # masked_scatter_ fills the True positions in row-major order, as pack read them
     q_high = torch.zeros(rows, cols, dtype=torch.uint8, device=sal.device)
-    q_high[sal] = unpack_uint(t["q_high"], n, hb)
+    q_high.masked_scatter_(sal, unpack_uint(t["q_high"], n, hb))
     signs = torch.zeros(rows, cols, dtype=torch.bool, device=sal.device)
-    signs[~sal] = unpack_bits(t["signs"], rows * cols - n)
+    signs.masked_scatter_(~sal, unpack_bits(t["signs"], rows * cols - n))
     return PartialBinaryCodes(salient=sal, q_high=q_high, high_scale=t["high_scale"].float(),
                               high_zero=unpack_uint(t["high_zero"], rows, hb).float(),
                               signs=signs, alpha=t["alpha"].float(), mu=t["mu"].float(),
