@@ -1,9 +1,9 @@
 """The one GPTQ-style reconstruction loop shared by every method.
 
     W (rows, cols), H (cols, cols)
-      │ dead columns: H_jj = 0 → H_jj = 1, W[:, j] = 0
+      │ dead columns: H_jj = 0 → H_jj = 1 (for U only), W[:, j] = 0
       │ U = upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean diag H (retry ×10)
-      │ state = method.prepare(W, H, U)
+      │ state = method.prepare(W, H, U, original=W before zeroing dead columns)
       ▼
     for each block [i1, i2) of block_size columns:
         grid = method.fit(W[:, i1:i2], ctx)              ctx = (H_blk, U_blk, columns, state)
@@ -48,13 +48,17 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         block_size = method.block_size(block_size, cols)
     U = Hfix = None
     used_damp = None
+    original = W
     if H is not None and (method.needs_hessian or feedback != "none"):
         inv = inverse_cholesky(H, percdamp, name=name)
-        U, Hfix, used_damp = inv.U, inv.H, inv.percdamp
-        W[:, inv.dead] = 0
+        U, Hfix, used_damp = inv.U, inv.H.clone(), inv.percdamp
+        Hfix[inv.dead, inv.dead] = 0  # the inputs' Gram matrix again (ARB-X's S = H/2)
+        if inv.dead.any():
+            original = W.clone()
+            W[:, inv.dead] = 0
     elif feedback != "none":
         raise ValueError(f"feedback={feedback!r} needs a Hessian; pass H or use feedback='none'")
-    state = method.prepare(W, Hfix, U)
+    state = method.prepare(W, Hfix, U, original=original)
 
     Q = torch.zeros_like(W)
     grids, levels = [], []

@@ -205,3 +205,59 @@ def test_input_weight_is_not_modified():
 def test_feedback_without_hessian_is_refused():
     with pytest.raises(ValueError, match="Hessian"):
         reconstruct(_W(), None, get_method("gptq"), feedback="column")
+
+
+def _with_dead_column(j=3, rows=8, cols=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    W[:, j] = 10.0  # the row maximum sits in the dead column
+    X = torch.randn(4 * cols, cols, generator=g)
+    X[:, j] = 0  # input j never fires
+    return W, 2 / X.shape[0] * X.T @ X
+
+
+@pytest.mark.parametrize("name,scale_of", [
+    ("gptq", lambda c: c.scale[:, 0]), ("pbllm-10", lambda c: c.high_scale)])
+def test_minmax_grids_are_fitted_before_dead_columns_are_zeroed(name, scale_of):
+    """GPTQ and PB-LLM's references calibrate the min–max grid on W with its dead columns."""
+    from binllm.methods.gptq import minmax_params
+
+    W, H = _with_dead_column()
+    bits = 4 if name == "gptq" else 8
+    rec = reconstruct(W, H, get_method(name, {}))
+    want, _ = minmax_params(W, bits)
+    zeroed = W.clone()
+    zeroed[:, 3] = 0
+    without, _ = minmax_params(zeroed, bits)
+    assert torch.allclose(scale_of(rec.codes), want, rtol=1e-3)
+    assert not torch.allclose(scale_of(rec.codes), without, rtol=1e-3)
+
+
+def test_block_gram_matrix_has_zero_diagonal_on_dead_columns():
+    """ARB-X's S = H_blk/2 is the inputs' Gram matrix: a dead input has S_jj = 0, not 1/2."""
+    from binllm.methods.base import Method
+
+    seen = []
+
+    class Spy(Method):
+        feedback = "block"
+
+        def fit(self, W, ctx):
+            seen.append(ctx.H.clone())
+            return None
+
+        def round(self, W, grid, cols):
+            return W.clone()
+
+        def dequantize(self, grid, levels, cols):
+            return levels
+
+        def codes(self, grids, levels):
+            return None
+
+    W, H = _with_dead_column()
+    reconstruct(W, H, Spy(None))
+    assert seen[0][3, 3] == 0
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[3] = False
+    assert torch.equal(seen[0][keep][:, keep], H[keep][:, keep])

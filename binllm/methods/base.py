@@ -53,8 +53,13 @@ class Method:
     def __init__(self, args):
         self.args = args
 
-    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None) -> Any:
-        """Layer-wide state computed once on the original W (rows, cols); default none."""
+    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
+                original: Tensor | None = None) -> Any:
+        """Layer-wide state computed once before the blocks; default none.
+
+        W (rows, cols) has its dead columns zeroed; `original` is W before that (GPTQ and
+        PB-LLM fit their min–max grids on it, as their reference code does).
+        """
         return None
 
     def fit(self, W: Tensor, ctx: BlockContext) -> Any:

@@ -198,7 +198,8 @@ class BlockCodesMethod(Method):
 
     feedback = "block"
 
-    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None):
+    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
+                original: Tensor | None = None):
         a = self.args
         if a.salient_metric == "hessian" and a.hessian_diag == "inverse":
             if U is None:

@@ -59,10 +59,11 @@ class GPTQ(Method):
             raise MethodArgumentError(f"bits={args.bits}: gptq supports 1 to 8 bits")
         super().__init__(args)
 
-    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None):
+    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
+                original: Tensor | None = None):
         if self.args.groupsize != -1:
             return None
-        scale, zero = minmax_params(W, self.args.bits)
+        scale, zero = minmax_params(W if original is None else original, self.args.bits)
         return UniformGrid(scale[:, None], zero[:, None], groupsize=W.shape[1])
 
     def fit(self, W: Tensor, ctx: BlockContext) -> UniformGrid:

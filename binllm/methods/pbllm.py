@@ -127,7 +127,8 @@ class PBLLM(Method):
                                       "positive number of columns")
         super().__init__(args)
 
-    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None) -> PBLLMState:
+    def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
+                original: Tensor | None = None) -> PBLLMState:
         a = self.args
         cols = W.shape[1]
         gs = cols if a.groupsize == -1 else a.groupsize
@@ -140,7 +141,8 @@ class PBLLM(Method):
             alpha, mu = binarization_stats(W[:, g], salient[:, g], a.stats)
             alphas.append(alpha)
             mus.append(mu)
-        scale, zero = minmax_params(W, a.high_bit)  # (rows,) each, over the full row
+        # (rows,) each, over the full row, dead columns included (the reference's order)
+        scale, zero = minmax_params(W if original is None else original, a.high_bit)
         return PBLLMState(salient=salient, high_scale=scale, high_zero=zero,
                           alpha=torch.stack(alphas, 1), mu=torch.stack(mus, 1), groupsize=gs)
 
