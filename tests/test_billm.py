@@ -308,3 +308,27 @@ def test_end_to_end_stories260k(stories_model, stories_tokenizer, shared):
         assert torch.equal(codes.dequantize(), stories_model.get_submodule(name).weight.data)
     assert 1.0 < report.paper_bits < 2.0 and report.stored_bits > report.paper_bits
     assert math.isfinite(perplexity(stories_model, tokens, 256, max_windows=2).ppl)
+
+
+@pytest.mark.parametrize("name", ["billm", "arb", "arb-x", "arb-rc"])
+def test_split_on_weight_splits_the_non_salient_weights_by_magnitude(name):
+    """split_on=weight (the paper, §3.4): sparse = the largest |W| of the non-salient weights;
+    the reference default splits the Hessian-scaled |s| instead, which orders them otherwise."""
+    from binllm.methods import get_method
+    from binllm.reconstruct import reconstruct
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3.0, 64)  # uneven H diagonal
+    H = 2 / 256 * X.T @ X
+
+    def ordered_by_magnitude(codes) -> bool:
+        a = W.abs()
+        sparse, conc = codes.group == codes.n_salient, codes.group == codes.n_salient + 1
+        return bool(a[conc].max() <= a[sparse].min())
+
+    paper = reconstruct(W, H, get_method(name, {"split_on": "weight"}), feedback="none")
+    reference = reconstruct(W, H, get_method(name, {}), feedback="none")
+    assert ordered_by_magnitude(paper.codes)
+    assert not ordered_by_magnitude(reference.codes)
+    assert torch.equal(paper.codes.dequantize(), paper.Q)

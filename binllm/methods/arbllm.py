@@ -59,7 +59,7 @@ _X_CHUNK = 1 << 19  # elements per candidate chunk of the ARB-X split error
 class ARBArgs:
     """ARB-LLM's options; defaults reproduce the reference code (methods.md §4, §8).
 
-    salient_metric, hessian_diag, search_target, up_lim: as BiLLM (`BiLLMArgs`)
+    salient_metric, hessian_diag, search_target, split_on, up_lim: as BiLLM (`BiLLMArgs`)
     iters  alternating iterations of the kernels (T = 15, fixed in the reference)
     cgb    column-group bitmap: split the salient columns in two (ARB-LLM_X / _RC)
     num_p  rounds of the magnitude split (P + 1 non-salient groups, with CGB also P + 1
@@ -70,6 +70,7 @@ class ARBArgs:
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
     hessian_diag: Literal["cholesky", "inverse"] = "cholesky"
     search_target: Literal["saliency", "weight"] = "saliency"
+    split_on: Literal["saliency", "weight"] = "saliency"
     up_lim: int = 50
     iters: int = 15
     cgb: bool = False
@@ -165,8 +166,12 @@ class ARB(BlockCodesMethod):
         return self.args.num_p > 1
 
     # -- the mask search of §4.4b / §4.5 ---------------------------------------------------
-    def search_masks(self, x: Tensor, s: Tensor, sal: Tensor, S: Tensor):
-        """(salient group masks, non-salient group masks), each a list of (rows, B) bool."""
+    def search_masks(self, x: Tensor, s: Tensor, sal: Tensor, S: Tensor,
+                     t: Tensor | None = None):
+        """(salient group masks, non-salient group masks), each a list of (rows, B) bool.
+
+        t: what the non-salient break-points split (default s; W with split_on="weight")."""
+        t = s if t is None else t
         P = self.args.num_p
         sal_masks = self._cgb(x, s, sal) if self.args.cgb else [sal]
         taken = sal.clone()  # salient ∪ sparse groups chosen so far
@@ -174,8 +179,8 @@ class ARB(BlockCodesMethod):
         rest, best, small = [], float("inf"), None
         for _ in range(P):
             region = ~taken
-            p, best, _ = self.split_errors(x, s, region, fixed, S, best)
-            large, small = split_masks(s, region, p)
+            p, best, _ = self.split_errors(x, t, region, fixed, S, best)
+            large, small = split_masks(t, region, p)
             rest.append(large)
             taken |= large
             if fixed is not None:
@@ -206,7 +211,8 @@ class ARB(BlockCodesMethod):
         cols = search_salient(x, s, self.args.up_lim)  # (B,)
         sal = cols[None, :].expand_as(W).clone()  # (rows, B)
         S = ctx.H / 2 if ctx.H is not None else None  # (B, B): mean XᵀX of the block
-        sal_masks, rest = self.search_masks(x, s, sal, S)
+        t = s if self.args.split_on == "saliency" else W  # what the break-points split
+        sal_masks, rest = self.search_masks(x, s, sal, S, t)
         masks = sal_masks + rest
         orders = [2] * len(sal_masks) + [1] * len(rest)
         fits = [on_columns(self.binarize, W, m, o, S) for m, o in zip(masks, orders)]

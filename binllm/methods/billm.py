@@ -48,6 +48,9 @@ class BiLLMArgs:
                     "inverse": d_j = [H⁻¹]_jj as the paper writes
     search_target   "saliency": both searches measure error on s (reference, §8.2);
                     "weight": on W (slower split search, evaluated candidate by candidate mask)
+    split_on        "saliency": the break-point splits |s| of the non-salient weights (the
+                    reference with the hessian metric, §3.4); "weight": it splits |W|, as the
+                    paper describes (s = W with the magnitude metric: both are the same)
     up_lim          salient-column candidates (top columns by score), clamped to the block
     order_salient   residual order of the salient columns (2)
     order_rest      order of the concentrated and sparse groups (1)
@@ -59,6 +62,7 @@ class BiLLMArgs:
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
     hessian_diag: Literal["cholesky", "inverse"] = "cholesky"
     search_target: Literal["saliency", "weight"] = "saliency"
+    split_on: Literal["saliency", "weight"] = "saliency"
     up_lim: int = 50
     order_salient: int = 2
     order_rest: int = 1
@@ -248,8 +252,9 @@ class BiLLM(BlockCodesMethod):
         s, x = self.targets(W, ctx)
         cols = search_salient(x, s, a.up_lim)  # (B,)
         sal = cols[None, :].expand_as(W)  # (rows, B)
-        p, _, _ = search_split(x, s, ~sal, order=a.order_rest)
-        sparse, concentrated = split_masks(s, ~sal, p)
+        t = s if a.split_on == "saliency" else W  # what the break-point splits
+        p, _, _ = search_split(x, t, ~sal, order=a.order_rest)
+        sparse, concentrated = split_masks(t, ~sal, p)
         masks, orders = [sal, sparse, concentrated], [a.order_salient, a.order_rest, a.order_rest]
         fits = [residual_binarize(W, m, o) for m, o in zip(masks, orders)]
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
