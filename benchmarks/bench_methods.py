@@ -43,10 +43,12 @@ VARIANTS = [  # named options that depart from the reference code
     ("PB-LLM 10%, masked stats", "pbllm-10", ["stats=masked"]),
     ("BiLLM, search on W", "billm", ["search_target=weight"]),
     ("BiLLM, intra-block", "billm", ["intra_block=true"]),
+    ("BiLLM, split on W magnitude", "billm", ["split_on=weight"]),
     ("ARB-LLM_RC, intra-block", "arb-llm-rc", ["intra_block=true"]),
 ]
 LINEAR_SHAPES = [(4096, 4096), (11008, 4096)]
-LINEAR_VARIANTS = [v for v in VARIANTS if v[0] != "BiLLM, search on W"]  # 4096×4096 only
+LINEAR_VARIANTS = [v for v in VARIANTS  # 4096×4096 only
+                   if v[0] not in ("BiLLM, search on W", "BiLLM, split on W magnitude")]
 
 
 def run_cli(args: list[str]) -> dict:
@@ -62,7 +64,8 @@ def run_cli(args: list[str]) -> dict:
         return out
 
 
-def stories_rows(nsamples: int, max_windows: int | None) -> list[dict]:
+def stories_rows(nsamples: int, max_windows: int | None, only: set[str] | None = None,
+                 ) -> list[dict]:
     common = ["--seqlen", "512", "--eval", ",".join(DATASETS)]
     if max_windows:
         common += ["--max-windows", str(max_windows)]
@@ -73,6 +76,8 @@ def stories_rows(nsamples: int, max_windows: int | None) -> list[dict]:
     from binllm.methods import METHODS
 
     for label, method, margs in RUNS + VARIANTS:
+        if only is not None and label not in only:
+            continue
         if method not in METHODS:
             rows.append({"label": label, "method": method, "missing": True})
             continue
@@ -169,10 +174,19 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--skip-linear", action="store_true")
+    ap.add_argument("--only", default=None, metavar="LABELS",
+                    help="';'-separated row labels to recompute on stories260K (kept: the rest)")
     ap.add_argument("--linear-only", action="store_true",
                     help="recompute the per-linear rows; keep the stories260K rows of methods.json")
     args = ap.parse_args()
-    if args.linear_only:
+    if args.only:  # recompute these stories260K rows, keep everything else
+        result = json.loads((OUT / "methods.json").read_text())
+        new = {r["label"]: r for r in stories_rows(args.nsamples, args.max_windows,
+                                                    set(args.only.split(";")))[1:]}
+        old_rows = result["stories260K"]
+        result["stories260K"] = [new.pop(r["label"], r) for r in old_rows] + list(new.values())
+        args.skip_linear = True
+    elif args.linear_only:
         result = json.loads((OUT / "methods.json").read_text())
     else:
         result = {"nsamples": args.nsamples, "max_windows": args.max_windows,
