@@ -224,8 +224,9 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
                    cache_dequantized: bool = False) -> nn.Module:
     """The binarized model saved in `path`, with BinaryLinears computing from packed codes.
 
-    dtype casts the unchanged floating tensors (embeddings, norms, biases); packed scales stay
-    fp16 as stored. verify: check the files' sha256 against the values recorded at save time.
+    dtype casts the unchanged floating tensors (embeddings, norms, biases); packed scales keep
+    their stored dtype (fp16 or fp32). verify: check the files' sha256 against the values
+    recorded at save time.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

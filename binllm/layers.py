@@ -89,7 +89,7 @@ class BinaryLinear(nn.Module):
         return F.linear(x, self.weight_for(x.dtype), bias)
 
     def _apply(self, fn, recurse: bool = True):
-        """Packed buffers follow device moves but keep their dtype (fp16 scales stay fp16
+        """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
         under model.half() / .to(torch.bfloat16), so the codes never change)."""
         self.clear_cache()
         packed = {name: self._buffers.pop(name) for name in self.layout.specs()}

@@ -1,7 +1,9 @@
 """The stored tensors of each codes container (format_version 1; conventions in binllm.packing).
 
 Shapes use rows = out_features, cols = in_features. `bits(n)` is a uint8 stream of ⌈n/8⌉
-bytes, `uint_b(n)` an n-value stream of b-bit integers (⌈n·b/8⌉ bytes).
+bytes, `uint_b(n)` an n-value stream of b-bit integers (⌈n·b/8⌉ bytes). `float` is the dtype of
+the layout param "scale_dtype" of every format: fp16 ("float16", also when the param is absent)
+or fp32 ("float32").
 
 binary — BinaryCodes (rtn-sign, BiLLM, ARB-*). G groups of orders o_g; groups [0, n_salient)
 live in the S salient columns, the others in the R = cols − S remaining ones; P = Σ o_g pairs
@@ -14,18 +16,18 @@ live in the S salient columns, the others in the R = cols − S remaining ones; 
 | salient_cols  | salient-column bitmap, only when 0 < n_salient < G     | bits(cols)          |
 | group_salient | group id in salient columns, b_S = ⌈log2 n_salient⌉    | uint_{b_S}(rows·S)  |
 | group_rest    | group id − n_salient, b_R = ⌈log2(G − n_salient)⌉      | uint_{b_R}(rows·R)  |
-| alpha         | α of the used pairs, g-major then o                    | fp16 (P, rows, nblk)|
-| mu            | μ of every group (absent without a mean, ARB-RC)       | fp16 (G, rows, nblk)|
-| beta_salient  | β of the salient pairs over the salient columns (RC)   | fp16 (P_S, S)       |
-| beta_rest     | β of the other pairs over the other columns (RC)       | fp16 (P − P_S, R)   |
+| alpha         | α of the used pairs, g-major then o                    | float (P,rows,nblk) |
+| mu            | μ of every group (absent without a mean, ARB-RC)       | float (G,rows,nblk) |
+| beta_salient  | β of the salient pairs over the salient columns (RC)   | float (P_S, S)      |
+| beta_rest     | β of the other pairs over the other columns (RC)       | float (P − P_S, R)  |
 
 uniform — UniformCodes (gptq), ngroups = ⌈cols / groupsize⌉:
-q uint_bits(rows·cols), scale fp16 (rows, ngroups), zero uint_bits(rows·ngroups).
+q uint_bits(rows·cols), scale float (rows, ngroups), zero uint_bits(rows·ngroups).
 
 partial-binary — PartialBinaryCodes (PB-LLM PTQ and QAT), n = number of salient weights:
 salient bits(rows·cols), q_high uint_{high_bit}(n) (salient weights in row-major order),
-signs bits(rows·cols − n) (the other weights in row-major order), high_scale fp16 (rows,),
-high_zero uint_{high_bit}(rows), alpha and mu fp16 (rows, ngroups).
+signs bits(rows·cols − n) (the other weights in row-major order), high_scale float (rows,),
+high_zero uint_{high_bit}(rows), alpha and mu float (rows, ngroups).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .methods.codes import BinaryCodes, PartialBinaryCodes, UniformCodes
+from .methods.codes import SCALE_DTYPES, BinaryCodes, PartialBinaryCodes, UniformCodes
 from .packing import (
     CodesFormat,
     PackingError,
@@ -47,7 +49,8 @@ from .packing import (
     float_spec,
     pack_bits,
     pack_uint,
-    to_fp16_exact,
+    scale_dtype_of,
+    to_exact,
     unpack_bits,
     unpack_uint,
 )
@@ -60,6 +63,19 @@ def _ceil_div(a: int, b: int) -> int:
 def index_bits(n: int) -> int:
     """Bits needed to tell n alternatives apart (0 for one): ⌈log2 n⌉."""
     return 0 if n <= 1 else (n - 1).bit_length()
+
+
+def _check_keys(kind: str, p: Mapping[str, Any], need: set[str]) -> None:
+    """Refuse params other than `need` plus the optional "scale_dtype" (absent: fp16)."""
+    if set(p) - {"scale_dtype"} != need:
+        raise PackingError(f"{kind} layout params {sorted(p)} differ from {sorted(need)} "
+                           "(and an optional scale_dtype)")
+    scale_dtype_of(p)
+
+
+def _scale_name(p: Mapping[str, Any]) -> str:
+    """The layout's scale dtype by name; "float16" for layouts written before the param."""
+    return str(p.get("scale_dtype", "float16"))
 
 
 # -- binary ----------------------------------------------------------------------------------
@@ -92,10 +108,8 @@ def _binary_plan(rows: int, cols: int, p: Mapping[str, Any]) -> _BinaryPlan:
 
 
 def _binary_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
-    need = {"orders", "n_salient", "planes", "block_size", "mean", "column_scales",
-            "salient_columns"}
-    if set(p) != need:
-        raise PackingError(f"binary layout params {sorted(p)} differ from {sorted(need)}")
+    _check_keys("binary", p, {"orders", "n_salient", "planes", "block_size", "mean",
+                              "column_scales", "salient_columns"})
     orders, n_sal, S = list(p["orders"]), int(p["n_salient"]), int(p["salient_columns"])
     if not orders or not 0 <= n_sal <= len(orders) or len(orders) > 256 \
             or any(not 0 <= o <= int(p["planes"]) for o in orders) or int(p["block_size"]) < 1:
@@ -108,23 +122,24 @@ def _binary_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
 def _binary_params(c: BinaryCodes) -> dict[str, Any]:
     return {"orders": list(c.orders), "n_salient": c.n_salient, "planes": c.signs.shape[0],
             "block_size": c.block_size, "mean": c.mu is not None,
-            "column_scales": c.beta is not None, "salient_columns": int(c.salient_cols.sum())}
+            "column_scales": c.beta is not None, "salient_columns": int(c.salient_cols.sum()),
+            "scale_dtype": c.scale_dtype}
 
 
 def _binary_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
-    pl = _binary_plan(rows, cols, p)
+    pl, fd = _binary_plan(rows, cols, p), scale_dtype_of(p)
     specs = {f"signs{o}": bit_spec(rows * (pl.S * s + pl.R * r))
              for o, (s, r) in enumerate(pl.planes)}
     if pl.bitmap:
         specs["salient_cols"] = bit_spec(cols)
     specs["group_salient"] = bit_spec(rows * pl.S * pl.bits_salient)
     specs["group_rest"] = bit_spec(rows * pl.R * pl.bits_rest)
-    specs["alpha"] = float_spec(len(pl.pairs), rows, pl.nblk)
+    specs["alpha"] = float_spec(len(pl.pairs), rows, pl.nblk, dtype=fd)
     if p["mean"]:
-        specs["mu"] = float_spec(pl.G, rows, pl.nblk)
+        specs["mu"] = float_spec(pl.G, rows, pl.nblk, dtype=fd)
     if p["column_scales"]:
-        specs["beta_salient"] = float_spec(pl.n_salient_pairs, pl.S)
-        specs["beta_rest"] = float_spec(len(pl.pairs) - pl.n_salient_pairs, pl.R)
+        specs["beta_salient"] = float_spec(pl.n_salient_pairs, pl.S, dtype=fd)
+        specs["beta_rest"] = float_spec(len(pl.pairs) - pl.n_salient_pairs, pl.R, dtype=fd)
     return specs
 
 
@@ -138,7 +153,7 @@ def _binary_pack(c: BinaryCodes) -> dict[str, Tensor]:
     rows, cols = c.shape
     p = _binary_params(c)
     _binary_check(rows, cols, p)
-    pl = _binary_plan(rows, cols, p)
+    pl, fd = _binary_plan(rows, cols, p), SCALE_DTYPES[c.scale_dtype]
     sal = c.salient_cols.bool()  # (cols,)
     group = c.group.long()  # (rows, cols)
     if group.numel() and (group.min() < 0 or group.max() >= pl.G):
@@ -157,14 +172,14 @@ def _binary_pack(c: BinaryCodes) -> dict[str, Tensor]:
     out["group_salient"] = pack_uint(group[:, sal], pl.bits_salient)  # (rows, S) flat
     out["group_rest"] = pack_uint(group[:, ~sal] - c.n_salient, pl.bits_rest)  # (rows, R) flat
     gi, oi = _pair_index(pl, c.alpha.device)
-    out["alpha"] = to_fp16_exact(c.alpha[gi, oi], "alpha")  # (P, rows, nblk)
+    out["alpha"] = to_exact(c.alpha[gi, oi], "alpha", fd)  # (P, rows, nblk)
     if c.mu is not None:
-        out["mu"] = to_fp16_exact(c.mu, "mu")  # (G, rows, nblk)
+        out["mu"] = to_exact(c.mu, "mu", fd)  # (G, rows, nblk)
     if c.beta is not None:
         k = pl.n_salient_pairs
         beta = c.beta[gi, oi]  # (P, cols)
-        out["beta_salient"] = to_fp16_exact(beta[:k][:, sal], "beta")  # (P_S, S)
-        out["beta_rest"] = to_fp16_exact(beta[k:][:, ~sal], "beta")  # (P − P_S, R)
+        out["beta_salient"] = to_exact(beta[:k][:, sal], "beta", fd)  # (P_S, S)
+        out["beta_rest"] = to_exact(beta[k:][:, ~sal], "beta", fd)  # (P − P_S, R)
     return out
 
 
@@ -210,23 +225,29 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
             beta[gi[part, None], oi[part, None], cidx[None, :]] = t[key].float()
     return BinaryCodes(group=group, signs=signs, alpha=alpha, mu=mu, beta=beta, salient_cols=sal,
                        orders=tuple(int(o) for o in p["orders"]), n_salient=n_sal,
-                       block_size=int(p["block_size"]))
+                       block_size=int(p["block_size"]), scale_dtype=_scale_name(p))
 
 
 # -- uniform ---------------------------------------------------------------------------------
 def _uniform_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
-    if set(p) != {"bits", "groupsize"} or not 1 <= int(p["bits"]) <= 8 or int(p["groupsize"]) < 1:
+    _check_keys("uniform", p, {"bits", "groupsize"})
+    if not 1 <= int(p["bits"]) <= 8 or int(p["groupsize"]) < 1:
         raise PackingError(f"uniform layout params {dict(p)}: need bits in 1..8 and groupsize ≥ 1")
 
 
 def _uniform_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
     b, ng = int(p["bits"]), _ceil_div(cols, int(p["groupsize"]))
-    return {"q": bit_spec(rows * cols * b), "scale": float_spec(rows, ng),
+    return {"q": bit_spec(rows * cols * b), "scale": float_spec(rows, ng, dtype=scale_dtype_of(p)),
             "zero": bit_spec(rows * ng * b)}
 
 
+def _uniform_params(c: UniformCodes) -> dict[str, Any]:
+    return {"bits": c.bits, "groupsize": c.groupsize, "scale_dtype": c.scale_dtype}
+
+
 def _uniform_pack(c: UniformCodes) -> dict[str, Tensor]:
-    return {"q": pack_uint(c.q, c.bits), "scale": to_fp16_exact(c.scale, "scale"),
+    fd = SCALE_DTYPES[c.scale_dtype]
+    return {"q": pack_uint(c.q, c.bits), "scale": to_exact(c.scale, "scale", fd),
             "zero": pack_uint(c.zero, c.bits)}
 
 
@@ -237,37 +258,41 @@ def _uniform_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
     return UniformCodes(q=unpack_uint(t["q"], rows * cols, b).view(rows, cols),
                         scale=t["scale"].float(),
                         zero=unpack_uint(t["zero"], rows * ng, b).view(rows, ng).float(),
-                        bits=b, groupsize=gs)
+                        bits=b, groupsize=gs, scale_dtype=_scale_name(p))
 
 
 # -- partial binary ----------------------------------------------------------------------------
 def _partial_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
-    if set(p) != {"high_bit", "groupsize", "salient_count"} or not 1 <= int(p["high_bit"]) <= 8 \
-            or int(p["groupsize"]) < 1 or not 0 <= int(p["salient_count"]) <= rows * cols:
+    _check_keys("partial-binary", p, {"high_bit", "groupsize", "salient_count"})
+    if not 1 <= int(p["high_bit"]) <= 8 or int(p["groupsize"]) < 1 \
+            or not 0 <= int(p["salient_count"]) <= rows * cols:
         raise PackingError(f"partial-binary layout params {dict(p)}: need high_bit in 1..8, "
                            f"groupsize ≥ 1 and 0 ≤ salient_count ≤ {rows * cols}")
 
 
 def _partial_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
     hb, n, ng = int(p["high_bit"]), int(p["salient_count"]), _ceil_div(cols, int(p["groupsize"]))
+    fd = scale_dtype_of(p)
     return {"salient": bit_spec(rows * cols), "q_high": bit_spec(n * hb),
-            "signs": bit_spec(rows * cols - n), "high_scale": float_spec(rows),
-            "high_zero": bit_spec(rows * hb), "alpha": float_spec(rows, ng),
-            "mu": float_spec(rows, ng)}
+            "signs": bit_spec(rows * cols - n), "high_scale": float_spec(rows, dtype=fd),
+            "high_zero": bit_spec(rows * hb), "alpha": float_spec(rows, ng, dtype=fd),
+            "mu": float_spec(rows, ng, dtype=fd)}
 
 
 def _partial_params(c: PartialBinaryCodes) -> dict[str, Any]:
-    return {"high_bit": c.high_bit, "groupsize": c.groupsize, "salient_count": int(c.salient.sum())}
+    return {"high_bit": c.high_bit, "groupsize": c.groupsize, "salient_count": int(c.salient.sum()),
+            "scale_dtype": c.scale_dtype}
 
 
 def _partial_pack(c: PartialBinaryCodes) -> dict[str, Tensor]:
     sal = c.salient.bool()  # (rows, cols)
+    fd = SCALE_DTYPES[c.scale_dtype]
     return {"salient": pack_bits(sal.reshape(-1)),
             "q_high": pack_uint(c.q_high[sal], c.high_bit),  # (n,) row-major
             "signs": pack_bits(c.signs.bool()[~sal]),  # (rows·cols − n,) row-major
-            "high_scale": to_fp16_exact(c.high_scale, "high_scale"),
+            "high_scale": to_exact(c.high_scale, "high_scale", fd),
             "high_zero": pack_uint(c.high_zero, c.high_bit),
-            "alpha": to_fp16_exact(c.alpha, "alpha"), "mu": to_fp16_exact(c.mu, "mu")}
+            "alpha": to_exact(c.alpha, "alpha", fd), "mu": to_exact(c.mu, "mu", fd)}
 
 
 def _partial_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
@@ -285,14 +310,15 @@ def _partial_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
     return PartialBinaryCodes(salient=sal, q_high=q_high, high_scale=t["high_scale"].float(),
                               high_zero=unpack_uint(t["high_zero"], rows, hb).float(),
                               signs=signs, alpha=t["alpha"].float(), mu=t["mu"].float(),
-                              high_bit=hb, groupsize=int(p["groupsize"]))
+                              high_bit=hb, groupsize=int(p["groupsize"]),
+                              scale_dtype=_scale_name(p))
 
 
 FORMATS: Mapping[str, CodesFormat] = MappingProxyType({f.name: f for f in (
     CodesFormat("binary", BinaryCodes, _binary_params, _binary_specs, _binary_pack,
                 _binary_unpack, _binary_check),
-    CodesFormat("uniform", UniformCodes, lambda c: {"bits": c.bits, "groupsize": c.groupsize},
-                _uniform_specs, _uniform_pack, _uniform_unpack, _uniform_check),
+    CodesFormat("uniform", UniformCodes, _uniform_params, _uniform_specs, _uniform_pack,
+                _uniform_unpack, _uniform_check),
     CodesFormat("partial-binary", PartialBinaryCodes, _partial_params, _partial_specs,
                 _partial_pack, _partial_unpack, _partial_check),
 )})

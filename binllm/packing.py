@@ -1,4 +1,4 @@
-"""The packed form of every layer's codes: bit streams, fp16 scales, shapes declared up front.
+"""The packed form of every layer's codes: bit streams, float scales, shapes declared up front.
 
 A binarized linear `<prefix>` is stored as the tensors `<prefix>.<suffix>` of its codes
 format and nothing else. Every tensor's shape and dtype is a pure function of
@@ -11,8 +11,11 @@ Bit streams (format_version 1) are 1-D uint8 tensors. The elements of the logica
 taken in row-major order; element i sits at bit i % 8 of byte i // 8 (little-endian within a
 byte); the last byte is padded with zeros. An n-bit integer stream stores element i's bits,
 least significant first, as the elements n·i … n·i + n − 1 of a bit stream. Scales and means
-are fp16; the codes already hold them rounded to fp16 (`codes.to_storage`), and packing
-refuses values that are not, since the saved model would then differ from the calibrated one.
+are stored in the codes' `scale_dtype`, recorded as the layout param "scale_dtype": "float16"
+(the default; layouts without the param, written before it existed, read as fp16) or
+"float32". The codes already hold them rounded to that precision (`codes.to_storage`), and
+packing refuses values that are not, since the saved model would then differ from the
+calibrated one.
 Tensors with no element are not stored. `codes.stored_bits()` counts exactly these bytes.
 The per-format tables are in `binllm.packed_formats`.
 """
@@ -27,8 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .methods.codes import SCALE_DTYPES
+
 FORMAT_VERSION = 1  # version of the on-disk layout written into quantization_config
-FLOAT_DTYPE = torch.float16
+FLOAT_DTYPE = torch.float16  # scales and means of layouts without a "scale_dtype" param
 
 
 class PackingError(ValueError):
@@ -56,8 +61,17 @@ def bit_spec(n_bits: int) -> TensorSpec:
     return TensorSpec(((n_bits + 7) // 8,), torch.uint8)
 
 
-def float_spec(*shape: int) -> TensorSpec:
-    return TensorSpec(tuple(shape), FLOAT_DTYPE)
+def scale_dtype_of(params: Mapping[str, Any]) -> torch.dtype:
+    """The dtype a layout stores its scales and means in (fp16 when the param is absent)."""
+    name = params.get("scale_dtype", "float16")
+    if name not in SCALE_DTYPES:
+        raise PackingError(f"scale_dtype={name!r}: this binllm stores scales as "
+                           f"{' or '.join(SCALE_DTYPES)}")
+    return SCALE_DTYPES[name]
+
+
+def float_spec(*shape: int, dtype: torch.dtype = FLOAT_DTYPE) -> TensorSpec:
+    return TensorSpec(tuple(shape), dtype)
 
 
 # -- bit primitives ----------------------------------------------------------------------
@@ -150,14 +164,14 @@ def unpack_uint(packed: Tensor, n: int, nbits: int) -> Tensor:
     return (bits << shifts).sum(dim=1, dtype=torch.uint8)
 
 
-def to_fp16_exact(x: Tensor, name: str) -> Tensor:
-    """x as fp16, refusing values that fp16 does not hold exactly."""
-    h = x.to(FLOAT_DTYPE)
+def to_exact(x: Tensor, name: str, dtype: torch.dtype = FLOAT_DTYPE) -> Tensor:
+    """x as `dtype`, refusing values that `dtype` does not hold exactly."""
+    h = x.to(dtype, copy=True)  # a copy also for fp32: the packed tensors own their memory
     if not torch.equal(h.to(x.dtype), x):
         raise PackingError(
-            f"{name} holds values that are not exact in fp16: the method must round its scales "
-            "and means with codes.to_storage before using them, or the saved model would not "
-            "reproduce the calibrated one")
+            f"{name} holds values that are not exact in fp{dtype.itemsize * 8}: the method "
+            "must round its scales and means with codes.to_storage before using them, or the "
+            "saved model would not reproduce the calibrated one")
     return h
 
 

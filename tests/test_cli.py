@@ -66,8 +66,9 @@ def test_quantize_writes_a_complete_report(capsys, tmp_path, stories, data, meth
     r = json.loads(report.read_text())
     q = r["quantization"]
     assert q["method"] == method
-    assert q["method_args"] == ({"bits": 3, "groupsize": -1} if method == "gptq"
-                                else {"groupsize": -1})
+    assert q["method_args"] == ({"bits": 3, "groupsize": -1, "scale_dtype": "float16"}
+                                if method == "gptq"
+                                else {"groupsize": -1, "scale_dtype": "float16"})
     assert r["protocol"] == {
         "calibration": "ptb", "calibration_split": "validation",
         "calibration_note": "ptb: train split not available locally; used validation",

@@ -50,7 +50,7 @@ from .billm import (
     split_masks,
 )
 from .bra import first_min, quantiles, residual_binarize, split_params
-from .codes import BinaryCodes
+from .codes import BinaryCodes, ScaleDtype
 
 _X_CHUNK = 1 << 19  # elements per candidate chunk of the ARB-X split error
 
@@ -65,6 +65,8 @@ class ARBArgs:
     num_p  rounds of the magnitude split (P + 1 non-salient groups, with CGB also P + 1
            salient groups)
     intra_block  as BiLLM: GPTQ-style updates inside the block (§8.1); off in the reference
+    scale_dtype  as BiLLM: "float16" rounds α, μ, β before Ŵ and the feedback; "float32" keeps
+                 them fp32 as the reference does
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -76,6 +78,7 @@ class ARBArgs:
     cgb: bool = False
     num_p: int = 1
     intra_block: bool = False
+    scale_dtype: ScaleDtype = "float16"
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,8 @@ class ARB(BlockCodesMethod):
         fits = [on_columns(self.binarize, W, m, o, S) for m, o in zip(masks, orders)]
         beta = [f.beta for f in fits] if fits[0].beta is not None else None
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
-                            [f.signs for f in fits], cols, n_salient=len(sal_masks), beta=beta)
+                            [f.signs for f in fits], cols, n_salient=len(sal_masks), beta=beta,
+                            scale_dtype=self.args.scale_dtype)
 
 
 class ARBX(ARB):

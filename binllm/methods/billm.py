@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .base import BlockContext, Method, MethodArgumentError
 from .bra import first_min, quantiles, residual_binarize, salient_columns, split_errors
-from .codes import BinaryCodes, to_storage
+from .codes import BinaryCodes, ScaleDtype, to_storage
 
 _BRUTE_CHUNK = 1 << 22  # elements per candidate chunk of the brute-force split search
 
@@ -57,6 +57,8 @@ class BiLLMArgs:
     intra_block     False: the block is binarized at once and only later blocks are compensated
                     (reference, §8.1); True: GPTQ-style updates inside the block, each column
                     rounded to the nearest level of the grid fitted at block start
+    scale_dtype     "float16": α, μ rounded to fp16 before Ŵ and the feedback (stored fp16);
+                    "float32": kept fp32 as the reference does (stored fp32)
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -67,6 +69,7 @@ class BiLLMArgs:
     order_salient: int = 2
     order_rest: int = 1
     intra_block: bool = False
+    scale_dtype: ScaleDtype = "float16"
 
 
 def check_search_args(args) -> None:
@@ -145,11 +148,12 @@ def search_split(x: Tensor, s: Tensor, region: Tensor, order: int, base: float =
 def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
                  mu: list[Tensor | None],
                  signs: list[Tensor], salient_cols: Tensor, n_salient: int,
-                 beta: list[Tensor] | None = None) -> BinaryCodes:
+                 beta: list[Tensor] | None = None,
+                 scale_dtype: ScaleDtype = "float16") -> BinaryCodes:
     """One block's BinaryCodes from disjoint group masks (rows, B) covering the block.
 
     alpha[g]: (order_g, rows); mu[g]: (rows,) or None; signs[g]: (order_g, rows, B) bool;
-    beta[g]: (order_g, B) column scales (ARB-RC). Scales are rounded to storage here.
+    beta[g]: (order_g, B) column scales (ARB-RC). Scales are rounded to `scale_dtype` here.
     """
     rows, B = masks[0].shape
     K = max(orders)
@@ -168,10 +172,11 @@ def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
             M[g, :, 0] = mu[g]
         if beta is not None:
             Bc[g, :orders[g]] = beta[g]
-    return BinaryCodes(group=group, signs=planes, alpha=to_storage(A),
-                       mu=None if beta is not None else to_storage(M),
-                       beta=None if Bc is None else to_storage(Bc), salient_cols=salient_cols,
-                       orders=tuple(orders), n_salient=n_salient, block_size=B)
+    return BinaryCodes(group=group, signs=planes, alpha=to_storage(A, scale_dtype),
+                       mu=None if beta is not None else to_storage(M, scale_dtype),
+                       beta=None if Bc is None else to_storage(Bc, scale_dtype),
+                       salient_cols=salient_cols, orders=tuple(orders), n_salient=n_salient,
+                       block_size=B, scale_dtype=scale_dtype)
 
 
 def nearest_signs(W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
@@ -258,4 +263,5 @@ class BiLLM(BlockCodesMethod):
         masks, orders = [sal, sparse, concentrated], [a.order_salient, a.order_rest, a.order_rest]
         fits = [residual_binarize(W, m, o) for m, o in zip(masks, orders)]
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
-                            [f.signs for f in fits], cols, n_salient=1)
+                            [f.signs for f in fits], cols, n_salient=1,
+                            scale_dtype=a.scale_dtype)

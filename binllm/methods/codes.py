@@ -3,23 +3,35 @@
 Every method returns one of these containers. `dequantize()` is *the* dequantization: the
 reconstruction loop measures its error on it and the packed model computes its forward from
 it, so a saved model reproduces the calibrated weights bit for bit. Floating-point fields
-hold values already rounded to their storage precision (fp16, see `to_storage`).
+hold values already rounded to their storage precision, the container's `scale_dtype`: fp16 by
+default, fp32 (no rounding) to reproduce the reference code exactly (see `to_storage`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-STORAGE_DTYPE = torch.float16  # scales and means are stored in fp16
+ScaleDtype = Literal["float16", "float32"]  # a method's `scale_dtype` argument
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STORAGE_DTYPE = SCALE_DTYPES["float16"]  # scales and means are stored in fp16 by default
 
 
-def to_storage(x: Tensor) -> Tensor:
-    """Round to the storage precision (fp16), returned as fp32 so calibration math stays fp32."""
-    return x.to(STORAGE_DTYPE).to(torch.float32)
+def to_storage(x: Tensor, dtype: ScaleDtype = "float16") -> Tensor:
+    """Round to the storage precision `dtype`, returned as fp32 so calibration math stays fp32.
+
+    "float16" (the default) rounds; "float32" keeps fp32 values as they are (the references).
+    """
+    return x.to(SCALE_DTYPES[dtype]).to(torch.float32)
+
+
+def scale_bits(dtype: ScaleDtype) -> int:
+    """Bits one stored scale or mean of `dtype` occupies."""
+    return SCALE_DTYPES[dtype].itemsize * 8
 
 
 def _bits(n: int) -> int:
@@ -50,6 +62,7 @@ class BinaryCodes:
     | salient_cols | structured salient columns (BiLLM's column bitmap)   | (cols,) bool        |
     | orders       | binarization order of each group                     | G ints              |
     | n_salient    | groups [0, n_salient) live in salient columns        | int                 |
+    | scale_dtype  | storage precision of alpha, mu and beta              | "float16"/"float32" |
     """
 
     group: Tensor
@@ -61,6 +74,7 @@ class BinaryCodes:
     orders: tuple[int, ...]
     n_salient: int
     block_size: int
+    scale_dtype: ScaleDtype = "float16"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,11 +152,12 @@ class BinaryCodes:
         if 0 < self.n_salient < G:
             bits += _stream(cols)  # salient-column bitmap
         pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]
-        bits += len(pairs) * rows * nblk * 16  # alpha
+        fb = scale_bits(self.scale_dtype)
+        bits += len(pairs) * rows * nblk * fb  # alpha
         if self.mu is not None:
-            bits += G * rows * nblk * 16
+            bits += G * rows * nblk * fb
         if self.beta is not None:
-            bits += sum(col_count[is_sal[g]] for g, _ in pairs) * 16
+            bits += sum(col_count[is_sal[g]] for g, _ in pairs) * fb
         return bits
 
 
@@ -153,8 +168,10 @@ class UniformCodes:
     | name  | meaning                          | shape                 |
     |-------|----------------------------------|-----------------------|
     | q     | integer levels in [0, 2^bits−1]  | (rows, cols) uint8    |
-    | scale | step per row and group (fp16)    | (rows, ngroups)       |
+    | scale | step per row and group           | (rows, ngroups)       |
     | zero  | integer zero point               | (rows, ngroups)       |
+
+    scale_dtype: storage precision of scale ("float16" or "float32").
     """
 
     q: Tensor
@@ -162,6 +179,7 @@ class UniformCodes:
     zero: Tensor
     bits: int
     groupsize: int
+    scale_dtype: ScaleDtype = "float16"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,7 +194,8 @@ class UniformCodes:
 
     def stored_bits(self) -> int:
         rows, cols = self.q.shape
-        return (_stream(rows * cols * self.bits) + self.scale.numel() * 16  # q, scale
+        fb = scale_bits(self.scale_dtype)
+        return (_stream(rows * cols * self.bits) + self.scale.numel() * fb  # q, scale
                 + _stream(self.scale.numel() * self.bits))  # zero points
 
 
@@ -190,11 +209,13 @@ class PartialBinaryCodes:
     |------------|------------------------------------------------|--------------------|
     | salient    | salient positions (kept at high_bit)           | (rows, cols) bool  |
     | q_high     | levels of salient weights (0 elsewhere)        | (rows, cols) uint8 |
-    | high_scale | step of the per-row high-bit grid (fp16)       | (rows,)            |
+    | high_scale | step of the per-row high-bit grid              | (rows,)            |
     | high_zero  | integer zero point of that grid                | (rows,)            |
     | signs      | signs of binarized weights, True = +1          | (rows, cols) bool  |
-    | alpha      | binarization scale per row and group (fp16)    | (rows, ngroups)    |
-    | mu         | binarization mean per row and group (fp16)     | (rows, ngroups)    |
+    | alpha      | binarization scale per row and group           | (rows, ngroups)    |
+    | mu         | binarization mean per row and group            | (rows, ngroups)    |
+
+    scale_dtype: storage precision of high_scale, alpha and mu ("float16" or "float32").
     """
 
     salient: Tensor
@@ -206,6 +227,7 @@ class PartialBinaryCodes:
     mu: Tensor
     high_bit: int
     groupsize: int
+    scale_dtype: ScaleDtype = "float16"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -224,10 +246,11 @@ class PartialBinaryCodes:
     def stored_bits(self) -> int:
         numel = self.signs.numel()
         n_sal = int(self.salient.sum())
+        fb = scale_bits(self.scale_dtype)
         return (_stream(numel)  # salient-position bitmap (bit streams padded to bytes)
                 + _stream(n_sal * self.high_bit) + _stream(numel - n_sal)  # salient levels, signs
-                + self.high_scale.numel() * 16 + _stream(self.high_zero.numel() * self.high_bit)
-                + (self.alpha.numel() + self.mu.numel()) * 16)
+                + self.high_scale.numel() * fb + _stream(self.high_zero.numel() * self.high_bit)
+                + (self.alpha.numel() + self.mu.numel()) * fb)
 
 
 def codes_fields(codes) -> dict[str, object]:

@@ -13,26 +13,29 @@ import torch
 from torch import Tensor
 
 from .base import BlockContext, Method, MethodArgumentError
-from .codes import UniformCodes, to_storage
+from .codes import ScaleDtype, UniformCodes, to_storage
 
 
 @dataclass(frozen=True)
 class GPTQArgs:
     bits: int = 4
     groupsize: int = -1  # -1 = one (scale, zero) per row
+    scale_dtype: ScaleDtype = "float16"  # storage precision of the scale (float32: no rounding)
 
 
-def minmax_params(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def minmax_params(W: Tensor, bits: int,
+                  scale_dtype: ScaleDtype = "float16") -> tuple[Tensor, Tensor]:
     """Asymmetric min–max grid per row of W (rows, c): scale (rows,), integer zero (rows,).
 
-    x_min = min(0, min W), x_max = max(0, max W); an all-zero row gets [−1, 1].
+    x_min = min(0, min W), x_max = max(0, max W); an all-zero row gets [−1, 1]. The scale is
+    rounded to `scale_dtype` before the zero point is derived from it.
     """
     maxq = 2 ** bits - 1
     xmin = W.min(dim=1).values.clamp(max=0)  # (rows,)
     xmax = W.max(dim=1).values.clamp(min=0)  # (rows,)
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = to_storage((xmax - xmin) / maxq)
+    scale = to_storage((xmax - xmin) / maxq, scale_dtype)
     zero = torch.round(-xmin / scale)
     return scale, zero
 
@@ -61,9 +64,10 @@ class GPTQ(Method):
 
     def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
                 original: Tensor | None = None):
-        if self.args.groupsize != -1:
+        a = self.args
+        if a.groupsize != -1:
             return None
-        scale, zero = minmax_params(W if original is None else original, self.args.bits)
+        scale, zero = minmax_params(W if original is None else original, a.bits, a.scale_dtype)
         return UniformGrid(scale[:, None], zero[:, None], groupsize=W.shape[1])
 
     def fit(self, W: Tensor, ctx: BlockContext) -> UniformGrid:
@@ -72,7 +76,8 @@ class GPTQ(Method):
         gs = self.args.groupsize
         if ctx.columns.start % gs:
             raise MethodArgumentError(f"groupsize={gs} must divide the block size")
-        params = [minmax_params(W[:, k:k + gs], self.args.bits) for k in range(0, W.shape[1], gs)]
+        params = [minmax_params(W[:, k:k + gs], self.args.bits, self.args.scale_dtype)
+                  for k in range(0, W.shape[1], gs)]
         scale, zero = (torch.stack(p, dim=1) for p in zip(*params))  # (rows, groups in block)
         return UniformGrid(scale, zero, gs)
 
@@ -95,4 +100,5 @@ class GPTQ(Method):
             scale = torch.cat([g.scale for g in grids], 1)
             zero = torch.cat([g.zero for g in grids], 1)
             gs = self.args.groupsize
-        return UniformCodes(q=levels, scale=scale, zero=zero, bits=self.args.bits, groupsize=gs)
+        return UniformCodes(q=levels, scale=scale, zero=zero, bits=self.args.bits, groupsize=gs,
+                            scale_dtype=self.args.scale_dtype)

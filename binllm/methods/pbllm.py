@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .base import BlockContext, Method, MethodArgumentError
-from .codes import PartialBinaryCodes, to_storage
+from .codes import PartialBinaryCodes, ScaleDtype, to_storage
 from .gptq import minmax_params, quantize_uniform
 
 
@@ -52,6 +52,7 @@ class PBLLMArgs:
     groupsize: int = -1  # columns sharing one threshold and one (α, μ) per row; -1 = whole row
     stats: Literal["reference", "masked"] = "reference"
     hessian_diag: Literal["cholesky", "inverse"] = "cholesky"
+    scale_dtype: ScaleDtype = "float16"  # storage precision of s, α, μ (float32: no rounding)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,10 @@ class PBLLMState:
     """Everything PB-LLM fixes before the column loop (one per linear)."""
 
     salient: Tensor     # (rows, cols) bool
-    high_scale: Tensor  # (rows,) fp16-rounded step
+    high_scale: Tensor  # (rows,) step, rounded to the storage precision
     high_zero: Tensor   # (rows,) integer zero point (float tensor)
-    alpha: Tensor       # (rows, groups) fp16-rounded
-    mu: Tensor          # (rows, groups) fp16-rounded
+    alpha: Tensor       # (rows, groups) rounded to the storage precision
+    mu: Tensor          # (rows, groups) rounded to the storage precision
     groupsize: int      # columns per group (cols for groupsize −1)
 
 
@@ -91,8 +92,9 @@ def salient_mask(sigma: Tensor, low_frac: float) -> Tensor:
     return sigma > tau
 
 
-def binarization_stats(W: Tensor, salient: Tensor, stats: str) -> tuple[Tensor, Tensor]:
-    """Per-row (alpha, mu) of the non-salient part of W (rows, c), fp16-rounded.
+def binarization_stats(W: Tensor, salient: Tensor, stats: str,
+                       scale_dtype: ScaleDtype = "float16") -> tuple[Tensor, Tensor]:
+    """Per-row (alpha, mu) of the non-salient part of W (rows, c), rounded to `scale_dtype`.
 
     reference: μ = mean_j M_rj, α = mean_j |M_rj − μ| with M = W ⊙ ¬salient over all c columns.
     masked:    the same means over the non-salient entries only (0 for rows without any).
@@ -106,7 +108,7 @@ def binarization_stats(W: Tensor, salient: Tensor, stats: str) -> tuple[Tensor, 
         n = keep.sum(dim=1).clamp(min=1)  # (rows,)
         mu = M.sum(dim=1) / n
         alpha = ((W - mu[:, None]).abs() * keep).sum(dim=1) / n
-    return to_storage(alpha), to_storage(mu)
+    return to_storage(alpha, scale_dtype), to_storage(mu, scale_dtype)
 
 
 class PBLLM(Method):
@@ -138,11 +140,11 @@ class PBLLM(Method):
         for g0 in range(0, cols, gs):  # a handful of groups; rows stay vectorised
             g = slice(g0, min(g0 + gs, cols))
             salient[:, g] = salient_mask(sigma[:, g], 1.0 - a.salient_fraction)  # (rows, gs)
-            alpha, mu = binarization_stats(W[:, g], salient[:, g], a.stats)
+            alpha, mu = binarization_stats(W[:, g], salient[:, g], a.stats, a.scale_dtype)
             alphas.append(alpha)
             mus.append(mu)
         # (rows,) each, over the full row, dead columns included (the reference's order)
-        scale, zero = minmax_params(W if original is None else original, a.high_bit)
+        scale, zero = minmax_params(W if original is None else original, a.high_bit, a.scale_dtype)
         return PBLLMState(salient=salient, high_scale=scale, high_zero=zero,
                           alpha=torch.stack(alphas, 1), mu=torch.stack(mus, 1), groupsize=gs)
 
@@ -178,4 +180,5 @@ class PBLLM(Method):
             q_high=torch.where(st.salient, levels, 0).to(torch.uint8),
             high_scale=st.high_scale, high_zero=st.high_zero,
             signs=(levels == 1) & ~st.salient,
-            alpha=st.alpha, mu=st.mu, high_bit=self.args.high_bit, groupsize=st.groupsize)
+            alpha=st.alpha, mu=st.mu, high_bit=self.args.high_bit, groupsize=st.groupsize,
+            scale_dtype=self.args.scale_dtype)

@@ -13,22 +13,23 @@ import torch
 from torch import Tensor
 
 from .base import BlockContext, Method
-from .codes import BinaryCodes, to_storage
+from .codes import BinaryCodes, ScaleDtype, to_storage
 
 
 @dataclass(frozen=True)
 class SignArgs:
     groupsize: int = -1  # columns sharing one (α, μ) per row; -1 = the whole row
+    scale_dtype: ScaleDtype = "float16"  # storage precision of α, μ (float32: no rounding)
 
 
-def row_binarize(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def row_binarize(W: Tensor, scale_dtype: ScaleDtype = "float16") -> tuple[Tensor, Tensor, Tensor]:
     """First-order binarization of each row of W (rows, c).
 
-    Returns alpha (rows,), mu (rows,) rounded to storage precision and signs (rows, c) bool.
+    Returns alpha (rows,), mu (rows,) rounded to `scale_dtype` and signs (rows, c) bool.
     """
     mu = W.mean(dim=1)  # (rows,)
     alpha = (W - mu[:, None]).abs().mean(dim=1)  # (rows,)
-    return to_storage(alpha), to_storage(mu), W >= mu[:, None]
+    return to_storage(alpha, scale_dtype), to_storage(mu, scale_dtype), W >= mu[:, None]
 
 
 class RtnSign(Method):
@@ -42,12 +43,12 @@ class RtnSign(Method):
 
     def fit(self, W: Tensor, ctx: BlockContext) -> BinaryCodes:
         rows, B = W.shape
-        alpha, mu, signs = row_binarize(W)
+        alpha, mu, signs = row_binarize(W, self.args.scale_dtype)
         return BinaryCodes(
             group=torch.zeros(rows, B, dtype=torch.uint8, device=W.device),
             signs=signs[None], alpha=alpha[None, None, :, None], mu=mu[None, :, None],
             beta=None, salient_cols=torch.zeros(B, dtype=torch.bool, device=W.device),
-            orders=(1,), n_salient=0, block_size=B)
+            orders=(1,), n_salient=0, block_size=B, scale_dtype=self.args.scale_dtype)
 
     def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
         return grid.signs[:, :, cols]  # (1, rows, c)
