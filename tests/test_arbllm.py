@@ -233,3 +233,26 @@ def test_end_to_end_stories260k(name, stories_model, stories_tokenizer, shared):
         assert torch.equal(codes.dequantize(), stories_model.get_submodule(lin).weight.data)
     assert 1.0 < report.paper_bits < 2.0
     assert math.isfinite(perplexity(stories_model, tokens, 256, max_windows=2).ppl)
+
+
+def test_x_warm_iters_chooses_the_weight_space_start_of_arb_x():
+    """None = `iters` (reference); 0 = X-space steps straight from the BiLLM init (paper)."""
+    from binllm.methods import arb_refine
+    from binllm.methods.base import MethodArgumentError
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 40, generator=g)
+    X = torch.randn(160, 40, generator=g) * torch.linspace(0.3, 2.0, 40)
+    H = 2 / 160 * X.T @ X
+    mask = torch.rand(12, 40, generator=g) > 0.3
+    for warm, want in [(None, 15), (15, 15), (0, 0)]:
+        m = get_method("arb-x", {} if warm is None else {"x_warm_iters": str(warm)})
+        fit = m.binarize(W, mask, 1, H / 2)
+        a, mu, _ = arb_refine.arb_x1(W, mask, H / 2, iters=15, arb_iters=want)
+        assert torch.equal(fit.alpha[0], a) and torch.equal(fit.mu, mu)
+    default = reconstruct(W, H, get_method("arb-x", {})).Q
+    assert torch.equal(reconstruct(W, H, get_method("arb-x", {"x_warm_iters": "15"})).Q, default)
+    assert not torch.equal(reconstruct(W, H, get_method("arb-x", {"x_warm_iters": "0"})).Q,
+                           default)
+    with pytest.raises(MethodArgumentError, match="x_warm_iters=-1"):
+        get_method("arb-x", {"x_warm_iters": "-1"})

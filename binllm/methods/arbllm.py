@@ -83,9 +83,16 @@ class ARBArgs:
 
 @dataclass(frozen=True)
 class ARBXArgs(ARBArgs):
-    """ARB-X adds the calibration-aware iterations run after the weight-space ones."""
+    """ARB-X adds the calibration-aware iterations run after the weight-space ones.
+
+    x_iters       X-space (μ, α) iterations with the signs fixed (15)
+    x_warm_iters  weight-space ARB iterations before them inside ARB-X's kernel; None = `iters`
+                  (the reference); 0 = X-space steps straight from the BiLLM init, as the
+                  paper's figure draws it. The mask search always uses `iters`.
+    """
 
     x_iters: int = 15
+    x_warm_iters: int | None = None
 
 
 class GroupFit(NamedTuple):
@@ -138,8 +145,10 @@ class ARB(BlockCodesMethod):
         check_search_args(args)
         if args.num_p < 1:
             raise MethodArgumentError(f"num_p={args.num_p}: use at least one split round")
-        if args.iters < 0:
-            raise MethodArgumentError(f"iters={args.iters}: use a non-negative iteration count")
+        for key in ("iters", "x_iters", "x_warm_iters"):
+            value = getattr(args, key, None)
+            if value is not None and value < 0:
+                raise MethodArgumentError(f"{key}={value}: use a non-negative iteration count")
         super().__init__(args)
 
     # -- the method's kernels (overridden by ARB-X and ARB-RC) ---------------------------
@@ -234,7 +243,8 @@ class ARBX(ARB):
 
     def binarize(self, W: Tensor, mask: Tensor, order: int, S: Tensor) -> GroupFit:
         kernel = arb_refine.arb_x1 if order == 1 else arb_refine.arb_x2
-        a, mu, sg = kernel(W, mask, S, iters=self.args.x_iters, arb_iters=self.args.iters)
+        warm = self.args.iters if self.args.x_warm_iters is None else self.args.x_warm_iters
+        a, mu, sg = kernel(W, mask, S, iters=self.args.x_iters, arb_iters=warm)
         return GroupFit(a[None], mu, sg[None], None) if order == 1 else GroupFit(a, mu, sg, None)
 
     def search_approx(self, x: Tensor, mask: Tensor, order: int) -> Tensor:
