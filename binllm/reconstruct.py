@@ -46,19 +46,19 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     rows, cols = W.shape
     if hasattr(method, "block_size"):
         block_size = method.block_size(block_size, cols)
-    U = Hfix = None
+    U = Hgram = None
     used_damp = None
     original = W
     if H is not None and (method.needs_hessian or feedback != "none"):
         inv = inverse_cholesky(H, percdamp, name=name)
-        U, Hfix, used_damp = inv.U, inv.H.clone(), inv.percdamp
-        Hfix[inv.dead, inv.dead] = 0  # the inputs' Gram matrix again (ARB-X's S = H/2)
+        U, used_damp = inv.U, inv.percdamp
+        Hgram = H.to(torch.float32)  # the inputs' own Gram matrix: dead H_jj stay 0 (ARB-X)
         if inv.dead.any():
             original = W.clone()
             W[:, inv.dead] = 0
     elif feedback != "none":
         raise ValueError(f"feedback={feedback!r} needs a Hessian; pass H or use feedback='none'")
-    state = method.prepare(W, Hfix, U, original=original)
+    state = method.prepare(W, Hgram, U, original=original)
 
     Q = torch.zeros_like(W)
     grids, levels = [], []
@@ -67,7 +67,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()  # (rows, B)
         U1 = U[i1:i2, i1:i2] if U is not None else None  # (B, B)
-        ctx = BlockContext(H=Hfix[i1:i2, i1:i2] if Hfix is not None else None, U=U1,
+        ctx = BlockContext(H=Hgram[i1:i2, i1:i2] if Hgram is not None else None, U=U1,
                            columns=slice(i1, i2), state=state)
         grid = method.fit(W1, ctx)
         if feedback == "column":
