@@ -194,7 +194,7 @@ def cmd_quantize(args) -> int:
     get_method(config.method, config.method_args)  # fail fast on a bad method or argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
-    check_lm_eval(args)
+    task_manager = check_lm_eval(args)
     if args.out and Path(args.out).exists() and not args.overwrite and \
             (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
         raise CLIError(f"--out {args.out} exists and is not empty; "
@@ -248,10 +248,10 @@ def cmd_quantize(args) -> int:
         model.to(args.device)
         report["perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
         print_ppl_table(report["perplexity"], f"{args.method} (seqlen {seqlen})")
-    if args.tasks:
+    if task_manager is not None:
         model.to(args.device)
         try:
-            report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method)
+            report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method, task_manager)
         except CLIError:
             if args.report:  # keep what was measured
                 write_json_atomic(args.report, report)
@@ -273,17 +273,17 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    check_lm_eval(args)
+    task_manager = check_lm_eval(args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)
     model.to(args.device)
     results = evaluate_datasets(model, tokenizer, _datasets(args.datasets), seqlen, args)
     print_ppl_table(results, f"{args.model} (seqlen {seqlen})")
-    tasks = run_lm_eval(model, tokenizer, args, args.model)
+    lm_eval = run_lm_eval(model, tokenizer, args, args.model, task_manager)
     if args.report:
         write_json_atomic(args.report, {"command": "eval", "model": args.model,
                                         "seqlen": seqlen, "perplexity": results,
-                                        "lm_eval": tasks})
+                                        "lm_eval": lm_eval})
     return 0
 
 

@@ -20,32 +20,35 @@ def _tasks(args) -> list[str]:
     return [t.strip() for t in args.tasks.split(",") if t.strip()]
 
 
-def check_lm_eval(args) -> None:
-    """Before any work: lm-eval is installed and knows every task of `--tasks`."""
+def check_lm_eval(args):
+    """Before any work: lm-eval is installed and knows every task of `--tasks`.
+
+    Returns the task manager for `run_lm_eval` (None without tasks)."""
     from .cli import CLIError
     from .evaluate import lm_eval_task_manager
 
-    if _tasks(args):
-        try:
-            lm_eval_task_manager(_tasks(args), args.tasks_path)
-        except (RuntimeError, ValueError) as e:
-            raise CLIError(str(e)) from None
+    if not _tasks(args):
+        return None
+    try:
+        return lm_eval_task_manager(_tasks(args), args.tasks_path)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
-def run_lm_eval(model, tokenizer, args, title: str) -> dict[str, Any] | None:
-    """lm-eval results of `args.tasks` (None when no task is asked for); prints a table."""
+def run_lm_eval(model, tokenizer, args, title: str, manager) -> dict[str, Any] | None:
+    """lm-eval results of `args.tasks` with `check_lm_eval`'s manager (None: no tasks)."""
     from .cli import CLIError
     from .evaluate import lm_eval_tasks
 
-    tasks = _tasks(args)
-    if not tasks:
+    if manager is None:
         return None
+    tasks = _tasks(args)
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
     try:
         results = lm_eval_tasks(model, tokenizer, tasks, limit=limit, num_fewshot=args.num_fewshot,
-                                include_path=args.tasks_path, device=args.device)
+                                device=args.device, task_manager=manager)
     except (RuntimeError, ValueError, OSError) as e:  # OSError: a task's data is not reachable
         raise CLIError(f"lm-eval failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                        ) from None

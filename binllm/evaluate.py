@@ -71,13 +71,16 @@ def lm_eval_task_manager(tasks: list[str], include_path: str | None = None):
 
 def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, batch_size: int = 1,
                   limit: int | float | None = None, num_fewshot: int | None = None,
-                  include_path: str | None = None, device: str = "cpu") -> dict:
+                  include_path: str | None = None, device: str = "cpu",
+                  task_manager=None) -> dict:
     """lm-evaluation-harness tasks on an in-memory model, binarized or not.
 
     Needs `pip install 'lm_eval[hf]'`. `include_path` is a folder of task YAML files (local
-    datasets, e.g. `dataset_path: json`); returns lm-eval's per-task results.
+    datasets, e.g. `dataset_path: json`); `task_manager` one `lm_eval_task_manager` already
+    built for these tasks (indexing every task takes seconds); returns lm-eval's per-task
+    results.
     """
-    manager = lm_eval_task_manager(tasks, include_path)
+    manager = task_manager or lm_eval_task_manager(tasks, include_path)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
