@@ -49,6 +49,7 @@ from .packing import (
     float_spec,
     pack_bits,
     pack_uint,
+    scale_dtype_name,
     scale_dtype_of,
     to_exact,
     unpack_bits,
@@ -70,12 +71,7 @@ def _check_keys(kind: str, p: Mapping[str, Any], need: set[str]) -> None:
     if set(p) - {"scale_dtype"} != need:
         raise PackingError(f"{kind} layout params {sorted(p)} differ from {sorted(need)} "
                            "(and an optional scale_dtype)")
-    scale_dtype_of(p)
-
-
-def _scale_name(p: Mapping[str, Any]) -> str:
-    """The layout's scale dtype by name; "float16" for layouts written before the param."""
-    return str(p.get("scale_dtype", "float16"))
+    scale_dtype_name(p)
 
 
 # -- binary ----------------------------------------------------------------------------------
@@ -225,7 +221,7 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
             beta[gi[part, None], oi[part, None], cidx[None, :]] = t[key].float()
     return BinaryCodes(group=group, signs=signs, alpha=alpha, mu=mu, beta=beta, salient_cols=sal,
                        orders=tuple(int(o) for o in p["orders"]), n_salient=n_sal,
-                       block_size=int(p["block_size"]), scale_dtype=_scale_name(p))
+                       block_size=int(p["block_size"]), scale_dtype=scale_dtype_name(p))
 
 
 # -- uniform ---------------------------------------------------------------------------------
@@ -258,7 +254,7 @@ def _uniform_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
     return UniformCodes(q=unpack_uint(t["q"], rows * cols, b).view(rows, cols),
                         scale=t["scale"].float(),
                         zero=unpack_uint(t["zero"], rows * ng, b).view(rows, ng).float(),
-                        bits=b, groupsize=gs, scale_dtype=_scale_name(p))
+                        bits=b, groupsize=gs, scale_dtype=scale_dtype_name(p))
 
 
 # -- partial binary ----------------------------------------------------------------------------
@@ -311,7 +307,7 @@ def _partial_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
                               high_zero=unpack_uint(t["high_zero"], rows, hb).float(),
                               signs=signs, alpha=t["alpha"].float(), mu=t["mu"].float(),
                               high_bit=hb, groupsize=int(p["groupsize"]),
-                              scale_dtype=_scale_name(p))
+                              scale_dtype=scale_dtype_name(p))
 
 
 FORMATS: Mapping[str, CodesFormat] = MappingProxyType({f.name: f for f in (

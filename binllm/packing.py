@@ -61,13 +61,18 @@ def bit_spec(n_bits: int) -> TensorSpec:
     return TensorSpec(((n_bits + 7) // 8,), torch.uint8)
 
 
-def scale_dtype_of(params: Mapping[str, Any]) -> torch.dtype:
-    """The dtype a layout stores its scales and means in (fp16 when the param is absent)."""
+def scale_dtype_name(params: Mapping[str, Any]) -> str:
+    """A layout's "scale_dtype" ("float16" when the param is absent: older layouts), checked."""
     name = params.get("scale_dtype", "float16")
     if name not in SCALE_DTYPES:
         raise PackingError(f"scale_dtype={name!r}: this binllm stores scales as "
                            f"{' or '.join(SCALE_DTYPES)}")
-    return SCALE_DTYPES[name]
+    return name
+
+
+def scale_dtype_of(params: Mapping[str, Any]) -> torch.dtype:
+    """The dtype a layout stores its scales and means in."""
+    return SCALE_DTYPES[scale_dtype_name(params)]
 
 
 def float_spec(*shape: int, dtype: torch.dtype = FLOAT_DTYPE) -> TensorSpec:
