@@ -34,9 +34,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, method):
     model = tiny_llama()
     base = copy.deepcopy(model)
     config, calib = QuantizeConfig(method), _calib()
-    full = binarize_model(copy.deepcopy(base), config, calib)
     reference = copy.deepcopy(base)
-    binarize_model(reference, config, calib)
+    full = binarize_model(reference, config, calib)  # the uninterrupted run
 
     journal = LayerJournal(tmp_path / "j", run_identity(base, config, calib))
 
