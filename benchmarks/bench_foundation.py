@@ -56,7 +56,7 @@ def load_model():
 
 
 def eval_streams(tokenizer) -> dict[str, tuple[torch.Tensor, str]]:
-    from binllm.data import eval_tokens, load_text
+    from binllm.evaluation.data import eval_tokens, load_text
 
     out = {}
     for name in DATASETS:
@@ -68,10 +68,10 @@ def eval_streams(tokenizer) -> dict[str, tuple[torch.Tensor, str]]:
 def stories_rows(nsamples: int, max_windows: int | None) -> tuple[list[dict], dict]:
     from transformers import AutoTokenizer
 
-    from binllm.binarize import binarize_model
-    from binllm.config import QuantizeConfig
-    from binllm.data import calibration_batches, load_text
-    from binllm.evaluate import perplexity
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, load_text
+    from binllm.evaluation.perplexity import perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     streams = eval_streams(tokenizer)
@@ -113,7 +113,7 @@ def synthetic_hessian(d: int, seed: int = 0) -> torch.Tensor:
 
 def linear_rows(repeat: int) -> list[dict]:
     from binllm.methods import get_method
-    from binllm.reconstruct import reconstruct
+    from binllm.engine.reconstruct import reconstruct
 
     rows = []
     hessians: dict[int, torch.Tensor] = {}

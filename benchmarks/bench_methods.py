@@ -76,7 +76,7 @@ def stories_rows(nsamples: int, max_windows: int | None, only: set[str] | None =
     from binllm.methods import METHODS
 
     for label, method, margs in RUNS + VARIANTS:
-        if only is not None and label not in only:
+        if only is not None and label not in only and method not in only:
             continue
         if method not in METHODS:
             rows.append({"label": label, "method": method, "missing": True})
@@ -113,7 +113,7 @@ def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> 
 
 def linear_rows() -> list[dict]:
     from binllm.methods import METHODS, get_method
-    from binllm.reconstruct import reconstruct
+    from binllm.engine.reconstruct import reconstruct
 
     rows = []
     for out_f, in_f in LINEAR_SHAPES:
@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--only", default=None, metavar="LABELS",
-                    help="';'-separated row labels to recompute on stories260K (kept: the rest)")
+                    help="';'-separated row labels or method names to recompute on stories260K "
+                         "(kept: the rest)")
     ap.add_argument("--linear-only", action="store_true",
                     help="recompute the per-linear rows; keep the stories260K rows of methods.json")
     args = ap.parse_args()

@@ -45,7 +45,7 @@ PROMPT = "Once upon a time, there was a little"
 
 LOAD_SNIPPET = r"""
 import json, resource, sys, time
-import torch, safetensors.torch, transformers, binllm, binllm.checkpoint
+import torch, safetensors.torch, transformers, binllm, binllm.packed.checkpoint
 import transformers.models.llama.modeling_llama
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
@@ -107,13 +107,13 @@ def dir_bytes(d: Path) -> int:
 def stories_part(methods: list[str], args, work: Path) -> tuple[list[dict], dict, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from binllm.binarize import binarize_model
-    from binllm.checkpoint import load_binarized, save_binarized
-    from binllm.config import QuantizeConfig
-    from binllm.data import calibration_batches, eval_tokens, load_text
-    from binllm.evaluate import perplexity
-    from binllm.layers import set_cache_dequantized
-    from binllm.saved_dir import inspect_saved
+    from binllm.engine.binarize import binarize_model
+    from binllm.packed.checkpoint import load_binarized, save_binarized
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
+    from binllm.evaluation.perplexity import perplexity
+    from binllm.packed.layers import set_cache_dequantized
+    from binllm.packed.saved_dir import inspect_saved
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
@@ -205,10 +205,10 @@ def layout_codes(like, rows: int, cols: int, small_cols: int, g: torch.Generator
 def stack_part(methods: list[str], reports: dict, args, work: Path) -> tuple[list[dict], dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from binllm.binarize import QuantizeReport
-    from binllm.checkpoint import load_binarized, save_binarized
-    from binllm.layers import set_cache_dequantized
-    from binllm.saved_dir import inspect_saved
+    from binllm.engine.binarize import QuantizeReport
+    from binllm.packed.checkpoint import load_binarized, save_binarized
+    from binllm.packed.layers import set_cache_dequantized
+    from binllm.packed.saved_dir import inspect_saved
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,

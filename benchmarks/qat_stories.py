@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from binllm.binarize import binarize_model
-from binllm.config import QuantizeConfig
-from binllm.data import calibration_batches, eval_tokens, load_text, tokenize
-from binllm.qat import QATConfig, finalize_qat, prepare_qat
-from binllm.qat_train import evaluate_sets, train_qat
+from binllm.engine.binarize import binarize_model
+from binllm.engine.config import QuantizeConfig
+from binllm.evaluation.data import calibration_batches, eval_tokens, load_text, tokenize
+from binllm.qat.model import QATConfig, finalize_qat, prepare_qat
+from binllm.qat.train import evaluate_sets, train_qat
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -13,7 +13,7 @@ from binllm.methods import METHODS, MethodArgumentError, get_method
 from binllm.methods.arbllm import ARBRC, ARBX, x_split_errors
 from binllm.methods.base import BlockContext
 from binllm.methods.bra import quantiles
-from binllm.reconstruct import reconstruct
+from binllm.engine.reconstruct import reconstruct
 
 ARB_NAMES = ["arb", "arb-x", "arb-rc", "arb-llm-x", "arb-llm-rc"]
 
@@ -218,10 +218,10 @@ def test_arb_variants_beat_billm_in_hessian_weighted_error(name):
 
 @pytest.mark.parametrize("name", ARB_NAMES)
 def test_end_to_end_stories260k(name, stories_model, stories_tokenizer, shared):
-    from binllm.binarize import binarize_model
-    from binllm.config import QuantizeConfig
-    from binllm.data import calibration_batches, eval_tokens, load_text
-    from binllm.evaluate import perplexity
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
+    from binllm.evaluation.perplexity import perplexity
 
     calib = calibration_batches(load_text("tinystories", "train", shared / "data"),
                                 stories_tokenizer, nsamples=4, seqlen=128, seed=0)

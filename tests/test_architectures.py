@@ -16,12 +16,17 @@ import torch
 from conftest import TINY_FAMILIES, tiny_causal_lm
 from torch import nn
 
-import binllm.binarize
-from binllm.binarize import binarize_model
-from binllm.config import QuantizeConfig
+import binllm.engine.binarize
+from binllm.engine.binarize import binarize_model
+from binllm.engine.config import QuantizeConfig
 from binllm.methods.base import Method
-from binllm.walker import UnsupportedArchitecture, find_decoder_layers, find_linears, run_layer, \
-    walk_layers
+from binllm.engine.walker import (
+    UnsupportedArchitecture,
+    find_decoder_layers,
+    find_linears,
+    run_layer,
+    walk_layers,
+)
 
 FAMILIES = sorted(TINY_FAMILIES)
 LINEARS_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7,
@@ -187,7 +192,7 @@ def test_noop_method_leaves_every_layer_output_and_logits_identical(family, feed
                                                                     needs_hessian, monkeypatch):
     model = tiny_causal_lm(family)
     reference = copy.deepcopy(model)
-    monkeypatch.setattr(binllm.binarize, "get_method",
+    monkeypatch.setattr(binllm.engine.binarize, "get_method",
                         lambda name, args: KeepWeights(feedback, needs_hessian))
     batches = _batches(n=2, batch=2, seqlen=10)
     report = binarize_model(model, QuantizeConfig("gptq"), batches)

@@ -13,7 +13,7 @@ from binllm.methods import MethodArgumentError, get_method
 from binllm.methods.base import BlockContext
 from binllm.methods.billm import inverse_diag, nearest_signs, saliency, search_split, split_masks
 from binllm.methods.bra import quantiles, residual_binarize, salient_columns
-from binllm.reconstruct import reconstruct
+from binllm.engine.reconstruct import reconstruct
 
 # Golden block. With U = I the saliency is s = W². Columns 0 and 5 hold the large weights;
 # the rest are ±1 (concentrated) or ±3 (sparse). Every number below is exact in fp16
@@ -293,10 +293,10 @@ def test_billm_beats_sign_baseline_in_hessian_error():
 
 # -- end to end ----------------------------------------------------------------------------------
 def test_end_to_end_stories260k(stories_model, stories_tokenizer, shared):
-    from binllm.binarize import binarize_model
-    from binllm.config import QuantizeConfig
-    from binllm.data import calibration_batches, eval_tokens, load_text
-    from binllm.evaluate import perplexity
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
+    from binllm.evaluation.perplexity import perplexity
 
     calib = calibration_batches(load_text("tinystories", "train", shared / "data"),
                                 stories_tokenizer, nsamples=4, seqlen=128, seed=0)
@@ -315,7 +315,7 @@ def test_split_on_weight_splits_the_non_salient_weights_by_magnitude(name):
     """split_on=weight (the paper, §3.4): sparse = the largest |W| of the non-salient weights;
     the reference default splits the Hessian-scaled |s| instead, which orders them otherwise."""
     from binllm.methods import get_method
-    from binllm.reconstruct import reconstruct
+    from binllm.engine.reconstruct import reconstruct
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(16, 64, generator=g)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import binllm
-import binllm.checkpoint as ckpt
-from binllm.binarize import binarize_model
-from binllm.checkpoint import (
+import binllm.packed.checkpoint as ckpt
+from binllm.engine.binarize import binarize_model
+from binllm.packed.checkpoint import (
     CorruptCheckpoint,
     FormatVersionError,
     NotBinllmModel,
@@ -24,10 +24,10 @@ from binllm.checkpoint import (
     load_binarized,
     save_binarized,
 )
-from binllm.config import QuantizeConfig
-from binllm.layers import BinaryLinear
+from binllm.engine.config import QuantizeConfig
+from binllm.packed.layers import BinaryLinear
 from binllm.methods import METHODS
-from binllm.saved_dir import inspect_saved
+from binllm.packed.saved_dir import inspect_saved
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ print(type(m.model.layers[0].self_attn.q_proj).__name__)
 def test_install_registers_at_once_when_transformers_is_already_loaded():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    from binllm.hf_hook import RegisterOnImport, install
+    from binllm.packed.hf_hook import RegisterOnImport, install
 
     install()  # idempotent: registers (again) right away, adds no finder
     assert AUTO_QUANTIZER_MAPPING["binllm"].__name__ == "BinllmHfQuantizer"

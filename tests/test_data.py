@@ -9,8 +9,16 @@ import sys
 import pytest
 import torch
 
-from binllm.data import DataError, TextSource, calibration_batches, data_dir, eval_tokens, \
-    load_text, stack, tokenize
+from binllm.evaluation.data import (
+    DataError,
+    TextSource,
+    calibration_batches,
+    data_dir,
+    eval_tokens,
+    load_text,
+    stack,
+    tokenize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,7 @@ def test_c4_keeps_documents_and_truncates_eval_to_256_windows(data, stories_toke
 
 # -- stories260K full-precision perplexities ---------------------------------------------
 def test_stories260K_tinystories_perplexity_on_every_window(data, stories, stories_tokenizer):
-    from binllm.evaluate import perplexity
+    from binllm.evaluation.perplexity import perplexity
 
     tokens = eval_tokens(load_text("tinystories", "test", data), stories_tokenizer, 512)
     res = perplexity(stories, tokens, 512)
@@ -75,7 +83,7 @@ def test_stories260K_tinystories_perplexity_on_every_window(data, stories, stori
 # join is pinned exactly by the Llama-2 token count above.)
 @pytest.mark.parametrize("name,ppl", [("ptb", 153.3015), ("c4", 29.3626)])
 def test_stories260K_capped_perplexity_pins(data, stories, stories_tokenizer, name, ppl):
-    from binllm.evaluate import perplexity
+    from binllm.evaluation.perplexity import perplexity
 
     tokens = eval_tokens(load_text(name, "test", data), stories_tokenizer, 512)
     assert perplexity(stories, tokens, 512, max_windows=16).ppl == pytest.approx(ppl, rel=1e-4)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from torch import nn
 
-from binllm.evaluate import perplexity
+from binllm.evaluation.perplexity import perplexity
 
 
 class FixedLogits(nn.Module):

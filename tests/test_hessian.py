@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from binllm.hessian import HessianAccumulator, HessianNotPositiveDefinite, inverse_cholesky
+from binllm.engine.hessian import HessianAccumulator, HessianNotPositiveDefinite, inverse_cholesky
 
 
 def naive_H(samples: list[torch.Tensor]) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_slightly_indefinite_hessian_recovers_with_more_damping(caplog):
     # mean diag = 2.95/4 ≈ 0.74: percdamp 0.01 adds 0.0074 < 0.05 (fails), 0.1 adds 0.074 (works)
     H = _with_eigenvalues([1.0, 1.0, 1.0, -0.05])
     assert torch.linalg.cholesky_ex(H + 0.01 * torch.diag(H).mean() * torch.eye(4)).info > 0
-    with caplog.at_level(logging.WARNING, logger="binllm.hessian"):
+    with caplog.at_level(logging.WARNING, logger="binllm.engine.hessian"):
         inv = inverse_cholesky(H, percdamp=0.01, name="layers.3.mlp.up_proj")
     assert inv.percdamp == pytest.approx(0.1)
     assert "layers.3.mlp.up_proj" in caplog.text and "retrying" in caplog.text

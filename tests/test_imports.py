@@ -12,11 +12,11 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "binllm"
 HEAVY = ("transformers", "datasets", "lm_eval", "accelerate")
 # architecture.md §4: these import torch (and the standard library) and each other, only.
-# packed_formats is packing's per-format table, split out of packing.py.
-PURE = ("packing", "packed_formats", "hessian", "methods", "reconstruct")
-# the command line: cli.py and its subcommand modules (cli_*.py); only they and __main__
-# may import it
-CLI = ("cli",)
+# packed.formats is packing's per-format table, packed.layout the registry on top of both.
+PURE = ("binllm.packed.packing", "binllm.packed.formats", "binllm.packed.layout",
+        "binllm.engine.hessian", "binllm.engine.reconstruct", "binllm.methods", "binllm.atomic")
+# the command line: the binllm.cli package; only it and __main__ may import it
+CLI = ("binllm.cli",)
 
 
 def _run(code: str) -> str:
@@ -42,7 +42,8 @@ def test_engine_modules_load_without_transformers_and_without_cuda():
     out = _run(
         "import sys, torch, binllm\n"
         "binllm.QuantizeConfig, binllm.METHODS, binllm.reconstruct, binllm.binarize_model\n"
-        "import binllm.walker, binllm.data, binllm.evaluate, binllm.cli\n"
+        "import binllm.engine.walker, binllm.evaluation.data, binllm.evaluation.perplexity\n"
+        "import binllm.cli\n"
         "binllm.cli.build_parser()\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
         "print(torch.cuda.is_initialized())\n")
@@ -82,26 +83,25 @@ def _sources():
     return sorted(PKG.rglob("*.py"))
 
 
-def _top(name: str) -> str:
-    parts = name.split(".")
-    return parts[1] if parts[0] == "binllm" and len(parts) > 1 else parts[0]
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def test_import_parser_resolves_relative_imports():
     names = _imports(PKG / "methods" / "__init__.py")
     assert "binllm.methods.base" in names and "torch" not in names
-    assert {"binllm.hessian", "binllm.methods.base"} <= _imports(PKG / "reconstruct.py")
+    assert {"binllm.engine.hessian", "binllm.methods.base"} <= _imports(
+        PKG / "engine" / "reconstruct.py")
 
 
-@pytest.mark.parametrize("path", [p for p in _sources()
-                                  if _top(_module_name(p)) in PURE],
+@pytest.mark.parametrize("path", [p for p in _sources() if _under(_module_name(p), PURE)],
                          ids=lambda p: str(p.relative_to(PKG)))
 def test_pure_modules_import_only_torch_stdlib_and_each_other(path):
     bad = []
     for name in _imports(path):
         top = name.split(".")[0]
         if top == "binllm":
-            if _top(name) not in PURE:
+            if not _under(name, PURE) and name not in ("binllm.packed", "binllm.engine"):
                 bad.append(name)
         elif top != "torch" and top not in sys.stdlib_module_names:
             bad.append(name)
@@ -109,8 +109,7 @@ def test_pure_modules_import_only_torch_stdlib_and_each_other(path):
 
 
 def _is_cli(name: str) -> bool:
-    top = _top(name)
-    return name.startswith("binllm.") and (top in CLI or top.startswith("cli_"))
+    return _under(name, CLI)
 
 
 def test_nothing_outside_the_command_line_imports_it():
@@ -118,3 +117,67 @@ def test_nothing_outside_the_command_line_imports_it():
                  for p in _sources()
                  if not _is_cli(_module_name(p)) and p.name != "__main__.py"}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def _module_files() -> dict[str, Path]:
+    return {_module_name(p): p for p in _sources()}
+
+
+def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module → binllm modules it imports (module-level and lazy imports alike)."""
+    edges = {}
+    for name, path in modules.items():
+        targets = set()
+        for imp in _imports(path):
+            while imp and imp not in modules:  # `from .codes import X`: X is a name in .codes
+                imp = imp.rpartition(".")[0]
+            if imp and imp != name:
+                targets.add(imp)
+        edges[name] = targets
+    return edges
+
+
+def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(edges):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    edges = _edges(_module_files())
+    assert "binllm.packed.layout" in edges["binllm.packed.layers"]  # the walk sees real edges
+    cycle = _find_cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_subpackage_says_what_lives_there():
+    for init in PKG.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        assert doc and len(doc) > 80, f"{init.relative_to(PKG)} needs a docstring"
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(PKG)): n for p in _sources()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"

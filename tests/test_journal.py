@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from binllm import QuantizeConfig
-from binllm.binarize import binarize_model
+from binllm.engine.binarize import binarize_model
 from binllm.cli import main
-from binllm.journal import JournalMismatch, LayerJournal, run_identity
+from binllm.engine.journal import JournalMismatch, LayerJournal, run_identity
 from conftest import tiny_llama
 
 

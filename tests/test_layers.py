@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from packed_codes import HAND_BUILT
 from torch import nn
 
-from binllm.layers import BinaryLinear, replace_linears, set_cache_dequantized
-from binllm.packing import PackedLayout, PackingError, pack
+from binllm.packed.layers import BinaryLinear, replace_linears, set_cache_dequantized
+from binllm.packed.layout import PackedLayout, pack
+from binllm.packed.packing import PackingError
 
 
 @pytest.mark.parametrize("kind", ["billm-like", "rc-cgb-like", "uniform-3bit", "pb-3bit-grouped"])

@@ -14,8 +14,8 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from binllm import QuantizeConfig  # noqa: E402
-from binllm.binarize import binarize_model  # noqa: E402
-from binllm.evaluate import lm_eval_tasks  # noqa: E402
+from binllm.engine.binarize import binarize_model  # noqa: E402
+from binllm.evaluation.harness import lm_eval_tasks  # noqa: E402
 
 TASK = "binllm_next_sentence"
 

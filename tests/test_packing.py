@@ -9,20 +9,12 @@ import pytest
 import torch
 from packed_codes import HAND_BUILT, binary_codes, partial_codes, uniform_codes
 
-import binllm.packing
+import binllm.packed.packing
 from binllm.methods import METHODS, get_method
 from binllm.methods.codes import BinaryCodes
-from binllm.packing import (
-    PackedLayout,
-    PackingError,
-    pack,
-    pack_bits,
-    pack_uint,
-    unpack,
-    unpack_bits,
-    unpack_uint,
-)
-from binllm.reconstruct import reconstruct
+from binllm.packed.layout import PackedLayout, pack, unpack
+from binllm.packed.packing import PackingError, pack_bits, pack_uint, unpack_bits, unpack_uint
+from binllm.engine.reconstruct import reconstruct
 
 
 def disk_bits(tensors: dict) -> int:
@@ -30,7 +22,7 @@ def disk_bits(tensors: dict) -> int:
 
 
 def test_docstring_examples_hold():
-    result = doctest.testmod(binllm.packing)
+    result = doctest.testmod(binllm.packed.packing)
     assert result.attempted >= 3 and result.failed == 0
 
 

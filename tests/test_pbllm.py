@@ -10,7 +10,7 @@ import torch
 from binllm.methods import METHODS, MethodArgumentError, get_method
 from binllm.methods.codes import PartialBinaryCodes, to_storage
 from binllm.methods.pbllm import binarization_stats, saliency, salient_mask
-from binllm.reconstruct import reconstruct
+from binllm.engine.reconstruct import reconstruct
 
 # 2×8 golden matrix, every entry exact in fp16.
 W_GOLD = torch.tensor([[0.5, -1.0, 4.0, 0.25, -0.5, 1.0, -0.25, 2.0],
@@ -181,10 +181,10 @@ def test_hessian_metric_without_calibration_is_a_clear_error():
 
 # -- end to end ----------------------------------------------------------------------------
 def test_end_to_end_stories260k(stories_model, stories_tokenizer, shared):
-    from binllm.binarize import binarize_model
-    from binllm.config import QuantizeConfig
-    from binllm.data import calibration_batches, eval_tokens, load_text
-    from binllm.evaluate import perplexity
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
+    from binllm.evaluation.perplexity import perplexity
 
     model = stories_model
     calib = calibration_batches(load_text("c4", "validation", shared / "data"),

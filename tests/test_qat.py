@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from binllm.methods.codes import PartialBinaryCodes, to_storage
-from binllm.qat import (
+from binllm.qat.model import (
     PartialBinaryLinear,
     QATConfig,
     QATError,
@@ -18,7 +18,7 @@ from binllm.qat import (
     qat_modules,
     to_plain_linears,
 )
-from binllm.qat_train import train_qat, training_windows
+from binllm.qat.train import train_qat, training_windows
 
 W4 = torch.tensor([[0.5, -0.25, 3.0, 0.125],
                    [-1.0, 0.75, -0.5, -2.0]])
@@ -28,7 +28,7 @@ MASK4 = torch.tensor([[False, False, True, False],
 
 @pytest.fixture(scope="module")
 def c4_tokens(shared, stories_tokenizer):
-    from binllm.data import load_text, tokenize
+    from binllm.evaluation.data import load_text, tokenize
 
     text = load_text("c4", "train", shared / "data").text[:60_000]
     return tokenize(stories_tokenizer, text)  # (1, N)
@@ -120,8 +120,8 @@ def test_lm_head_is_an_option_and_unties_the_embedding(stories_model):
 def test_masks_from_pbllm_ptq_codes(tiny_llama_model):
     import copy
 
-    from binllm.binarize import binarize_model
-    from binllm.config import QuantizeConfig
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
 
     model = tiny_llama_model
     calib = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i))
@@ -254,7 +254,7 @@ def test_qat_codes_and_gradient_checkpointing(stories_path, stories_model, c4_to
 
 # -- packed format and CLI -----------------------------------------------------------------
 def test_finalize_saves_through_the_packed_format(stories_model, c4_tokens, tmp_path):
-    checkpoint = pytest.importorskip("binllm.checkpoint")
+    checkpoint = pytest.importorskip("binllm.packed.checkpoint")
     model = stories_model
     cfg = small_config(steps=2)
     prepare_qat(model, cfg)

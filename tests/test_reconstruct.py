@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from binllm.methods import get_method
-from binllm.reconstruct import reconstruct
+from binllm.engine.reconstruct import reconstruct
 
 
 def _W(rows=16, cols=64, seed=0):
@@ -144,7 +144,7 @@ def test_gptq_column_feedback_equals_the_naive_obs_update():
 
 def test_block_feedback_equals_a_column_by_column_oracle():
     """Block mode: binarize a whole block, then push E = (W − Q)/U_jj onto later columns."""
-    from binllm.hessian import inverse_cholesky
+    from binllm.engine.hessian import inverse_cholesky
 
     X = correlated_inputs(n=256, d=48)
     W = _W(rows=8, cols=48)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_checkpoint import logits, quantize, tiny_biased_llama
 
-from binllm.binarize import binarize_model
-from binllm.checkpoint import load_binarized, save_binarized
-from binllm.config import QuantizeConfig
+from binllm.engine.binarize import binarize_model
+from binllm.packed.checkpoint import load_binarized, save_binarized
+from binllm.engine.config import QuantizeConfig
 from binllm.methods import MethodArgumentError, get_method
-from binllm.packing import PackedLayout, pack, unpack
-from binllm.reconstruct import reconstruct
+from binllm.packed.layout import PackedLayout, pack, unpack
+from binllm.engine.reconstruct import reconstruct
 
 NAMES = ["rtn-sign", "gptq", "pbllm-10", "billm", "arb-x", "arb-llm-rc"]
 

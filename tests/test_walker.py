@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from binllm.walker import LAYER_PATHS, UnsupportedArchitecture, calibration_context, \
-    collect_hessians, find_decoder_layers, find_linears, walk_layers
+from binllm.engine.walker import (
+    LAYER_PATHS,
+    UnsupportedArchitecture,
+    calibration_context,
+    collect_hessians,
+    find_decoder_layers,
+    find_linears,
+    walk_layers,
+)
 
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -1,7 +1,7 @@
 """The method seam: what a binarizer implements to plug into the one reconstruction loop.
 
 A method decides the grid (masks, scales, means) of a block of columns and how weights are
-rounded onto it; it never sees modules, hooks or files. The loop (`binllm.reconstruct`)
+rounded onto it; it never sees modules, hooks or files. The loop (`binllm.engine.reconstruct`)
 calls, for each block of columns:
 
     grid   = method.fit(W_blk, ctx)              # once at block start, on the fed-back block

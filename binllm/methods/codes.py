@@ -34,13 +34,13 @@ def scale_bits(dtype: ScaleDtype) -> int:
     return SCALE_DTYPES[dtype].itemsize * 8
 
 
-def _bits(n: int) -> int:
-    """Bits needed to index n alternatives (0 for a single one)."""
-    return 0 if n <= 1 else math.ceil(math.log2(n))
+def ceil_log2(n: int) -> int:
+    """Bits needed to tell n alternatives apart (0 for a single one): ⌈log2 n⌉."""
+    return 0 if n <= 1 else (n - 1).bit_length()
 
 
 def _stream(n_bits: int) -> int:
-    """Bits a packed stream of n_bits occupies on disk: whole bytes (binllm.packing)."""
+    """Bits a packed stream of n_bits occupies on disk: whole bytes (binllm.packed.packing)."""
     return 8 * math.ceil(n_bits / 8)
 
 
@@ -134,7 +134,7 @@ class BinaryCodes:
     def stored_bits(self) -> int:
         """Every bit the packed form stores: sign planes, bitmaps, scales and means.
 
-        Equals the bytes binllm.packing writes for these codes, × 8 (each bit stream is
+        Equals the bytes binllm.packed.layout.pack writes for these codes, × 8 (each bit stream is
         padded to whole bytes).
         """
         rows, cols = self.group.shape
@@ -147,8 +147,8 @@ class BinaryCodes:
         for o in range(K):  # plane o: one stream over the column classes holding order > o
             bits += _stream(rows * sum(col_count[sal] for sal in (True, False) if any(
                 self.orders[g] > o and is_sal[g] == sal for g in range(G))))
-        bits += _stream(rows * n_sal_cols * _bits(self.n_salient))  # group ids, salient cols
-        bits += _stream(rows * col_count[False] * _bits(G - self.n_salient))  # group ids, the rest
+        bits += _stream(rows * n_sal_cols * ceil_log2(self.n_salient))  # group ids, salient cols
+        bits += _stream(rows * col_count[False] * ceil_log2(G - self.n_salient))  # group ids, the rest
         if 0 < self.n_salient < G:
             bits += _stream(cols)  # salient-column bitmap
         pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]

@@ -1,0 +1,12 @@
+"""The command line (`binllm …`): one module per command group.
+
+`app` builds the parser and maps library errors to one-line messages (exit 2); `common` holds
+what the commands share (`CLIError`, argument helpers, the model loader, perplexity tables);
+`quantize`, `evaluate` (eval, methods), `packed` (inspect, generate), `qat` and `lmeval`
+(`--tasks`) each register their subcommands. Command modules import `common` and the library,
+never each other's entry points; the library never imports the CLI.
+"""
+
+from .app import build_parser, main
+
+__all__ = ["build_parser", "main"]

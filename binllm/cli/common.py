@@ -1,0 +1,151 @@
+"""What every CLI command shares: `CLIError`, argument helpers, the model loader, perplexity tables.
+
+Imports no other CLI module's entry point; the command modules import from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_json_atomic  # noqa: F401  (the CLI's reports are written with it)
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line."""
+
+
+
+def parse_method_args(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CLIError(f"--method-arg {pair!r}: write KEY=VALUE, e.g. --method-arg bits=3")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def model_context(model) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def resolve_seqlen(model, seqlen: int | None) -> int:
+    ctx = model_context(model)
+    if seqlen is None:
+        return min(2048, ctx) if ctx else 2048
+    if seqlen < 2:
+        raise CLIError(f"--seqlen {seqlen}: use at least 2 tokens")
+    if ctx is not None and seqlen > ctx:
+        raise CLIError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens; "
+                       f"use --seqlen {ctx} or less")
+    return seqlen
+
+
+def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
+    """(model, tokenizer) from a local directory or a hub id, with one-line errors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not local.exists() and not looks_like_hub_id:
+        raise CLIError(f"model {path!r} not found: pass a local model directory or a hub id "
+                       "such as meta-llama/Llama-2-7b-hf")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CLIError(f"{path} has no config.json: it is not a Hugging Face model directory")
+
+    if is_binllm_dir(local):  # a saved binarized model: packed BinaryLinears via binllm.load
+        return load_saved(path, dtype)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from ..evaluation.data import eval_tokens, load_text
+    from ..evaluation.perplexity import perplexity
+
+    results = {}
+    for name in names:
+        source = load_text(name, args.eval_split, args.data_dir)
+        tokens = eval_tokens(source, tokenizer, seqlen)
+        bar = tqdm(desc=f"ppl {name}", unit="win", leave=False, disable=args.quiet)
+
+        def progress(done, total, bar=bar):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        res = perplexity(model, tokens, seqlen, max_windows=args.max_windows,
+                         device=args.device, progress=progress)
+        bar.close()
+        results[name] = {"ppl": res.ppl, "windows": res.windows,
+                         "total_windows": res.total_windows, "split": source.split,
+                         "tokens": tokens.numel(), "note": source.note}
+    return results
+
+
+def print_ppl_table(results: dict[str, Any], title: str) -> None:
+    if not results:
+        return
+    print(f"\n{title}")
+    print(f"  {'dataset':<12} {'split':<11} {'ppl':>12} {'windows':>12}")
+    for name, r in results.items():
+        print(f"  {name:<12} {r['split']:<11} {r['ppl']:>12.3f} "
+              f"{r['windows']:>5}/{r['total_windows']:<6}")
+
+
+def csv_list(value: str | None) -> list[str]:
+    return [d.strip() for d in (value or "").split(",") if d.strip()]
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 …")
+    p.add_argument("--data-dir", default=None,
+                   help="folder laid out like ../shared/data "
+                        "(default: $BINLLM_DATA, ./data, ../shared/data)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default: min(2048, context))")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows of each dataset (quick runs; reported)")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"])
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--dtype", default="auto", help="load dtype: auto, float32, float16, bfloat16")
+
+
+def is_binllm_dir(path: str | Path) -> bool:
+    """Whether `path` holds a model saved by binllm (quantization_config.quant_method)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "binllm"
+
+
+def load_saved(path: str, dtype: str = "auto"):
+    """(model, tokenizer) of a binllm directory through binllm.load (clear errors)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..packed.checkpoint import load_binarized
+
+    model = load_binarized(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

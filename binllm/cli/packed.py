@@ -1,0 +1,94 @@
+"""CLI subcommands on saved binllm directories: `binllm inspect DIR`, `binllm generate DIR "…"`.
+
+Registered in `binllm.cli.app.COMMANDS`; like the rest of the CLI they parse, call one library
+function and print.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .common import CLIError, is_binllm_dir, load_saved, write_json_atomic
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-layer stored bits (measured on disk) of a saved model")
+    p.add_argument("model", help="directory written by `binllm quantize … --out DIR`")
+    p.add_argument("--verify", action="store_true", help="also check the files' sha256")
+    p.add_argument("--report", default=None, help="write the inspection as JSON here")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from ..packed.saved_dir import inspect_saved
+
+    info = inspect_saved(args.model, verify=args.verify)
+    args_text = ", ".join(f"{k}={v}" for k, v in info.method_args.items())
+    print(f"{info.path}: method {info.method} ({args_text}), format_version {info.format_version}")
+    width = max([len(lay.name) for lay in info.layers] + [5])
+    print(f"  {'layer':<{width}}  {'format':<14} {'shape':>11}  {'bits/w disk':>11}  "
+          f"{'paper bits':>10}  {'stored':>11}")
+    for lay in info.layers:
+        shape = f"{lay.shape[0]}×{lay.shape[1]}"
+        print(f"  {lay.name:<{width}}  {lay.format:<14} {shape:>11}  {lay.stored_bits:>11.3f}  "
+              f"{lay.paper_bits:>10.3f}  {_kib(lay.stored_bytes):>11}")
+    agree = "=" if abs(info.stored_bits - info.codes_bits) < 1e-12 else "≠"
+    print(f"  total: {len(info.layers)} binarized linears, "
+          f"{info.stored_bits:.3f} stored bits/weight "
+          f"measured on disk ({agree} {info.codes_bits:.3f} by the codes' accounting), "
+          f"{info.paper_bits:.3f} paper bits")
+    print(f"  files {_kib(info.file_bytes)} vs fp16 {_kib(info.fp16_bytes)} "
+          f"({info.file_bytes / info.fp16_bytes:.3f}×); unchanged tensors {_kib(info.other_bytes)}")
+    if args.report:
+        write_json_atomic(args.report, {"command": "inspect", **info.to_dict()})
+    return 0
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a saved binllm model")
+    p.add_argument("model", help="directory written by `binllm quantize … --out DIR`")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true",
+                   help="dequantize the packed weights at every forward instead of once")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="dtype of the unchanged tensors")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ..packed.layers import set_cache_dequantized
+
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be at least 1")
+    if not is_binllm_dir(args.model):
+        raise CLIError(f"{args.model} is not a binllm directory; write one with "
+                       "`binllm quantize MODEL --method … --out DIR`")
+    model, tokenizer = load_saved(args.model, args.dtype)
+    set_cache_dequantized(model, not args.no_cache)
+    model.to(args.device)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+    torch.manual_seed(args.seed)
+    sample: dict[str, Any] = {"do_sample": False}
+    if args.temperature > 0:
+        sample = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    start = time.perf_counter()
+    with torch.no_grad():
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sample)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    print(f"\n[{new} new tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]")
+    return 0

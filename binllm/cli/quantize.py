@@ -1,0 +1,120 @@
+"""`binllm quantize`: binarize a model, evaluate it, save it packed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
+                     parse_method_args, print_ppl_table, resolve_seqlen, write_json_atomic)
+from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="binarize a model, then evaluate it")
+    p.add_argument("model", help="local model directory or hub id")
+    p.add_argument("--method", required=True, help="registered method (see `binllm methods`)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--calib", default="c4", help="calibration dataset name or .txt/.jsonl path")
+    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"])
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--feedback", choices=["column", "block", "none"], default=None,
+                   help="override the method's error-feedback mode ('none' = no GPTQ compensation)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated linear names to leave alone (e.g. down_proj)")
+    p.add_argument("--eval", default="wikitext2,ptb,c4",
+                   help="comma-separated datasets ('' for none)")
+    p.add_argument("--compare-fp", action="store_true", help="also evaluate the unquantized model")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="save the binarized model here (packed HF directory, see `binllm inspect`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--resume-dir", default=None, metavar="DIR",
+                   help="keep every finished layer here; rerunning the same command resumes")
+    add_common(p)
+    add_lm_eval_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from ..engine.binarize import binarize_model
+    from ..engine.config import QuantizeConfig
+    from ..evaluation.data import calibration_batches, load_text
+    from ..methods import get_method
+
+    config = QuantizeConfig(method=args.method, method_args=parse_method_args(args.method_arg),
+                            block_size=args.block_size, percdamp=args.percdamp,
+                            feedback=args.feedback, skip=tuple(csv_list(args.skip)))
+    get_method(config.method, config.method_args)  # fail fast on a bad method or argument
+    if args.nsamples < 1:
+        raise CLIError("--nsamples must be at least 1")
+    task_manager = check_lm_eval(args)
+    if args.out and Path(args.out).exists() and not args.overwrite and \
+            (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise CLIError(f"--out {args.out} exists and is not empty; "
+                       "pass --overwrite or another --out")
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    seqlen = resolve_seqlen(model, args.seqlen)
+    eval_names = csv_list(args.eval)
+    report: dict[str, Any] = {"command": "quantize", "model": args.model}
+    if args.compare_fp and eval_names:
+        model.to(args.device)
+        report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
+        model.to("cpu")
+        print_ppl_table(report["fp_perplexity"], "full precision")
+
+    source = load_text(args.calib, args.calib_split, args.data_dir)
+    batches = calibration_batches(source, tokenizer, args.nsamples, seqlen, args.seed)
+    report["protocol"] = {"calibration": source.name, "calibration_split": source.split,
+                          "calibration_note": source.note, "nsamples": args.nsamples,
+                          "seqlen": seqlen, "seed": args.seed, "eval_split": args.eval_split,
+                          "max_windows": args.max_windows}
+    bar = tqdm(desc=f"{args.method}", unit="layer", disable=args.quiet)
+
+    def on_layer(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    journal = None
+    if args.resume_dir:
+        from ..engine.journal import LayerJournal, run_identity
+
+        journal = LayerJournal(args.resume_dir, run_identity(model, config, batches))
+        if journal.layers_done():
+            print(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
+    qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
+                             journal=journal)
+    bar.close()
+    report["quantization"] = qreport.to_dict()
+    print(f"\n{args.method}: {len(qreport.linears)} linears in {qreport.seconds:.1f} s, "
+          f"peak memory {qreport.peak_memory_mb:.0f} MiB, "
+          f"{qreport.paper_bits:.3f} bits/weight as the papers count, "
+          f"{qreport.stored_bits:.3f} bits/weight stored")
+    if source.note:
+        print(f"note: {source.note}")
+    if args.out:
+        from ..packed.checkpoint import save_binarized
+
+        save_binarized(model.to("cpu"), qreport, tokenizer, args.out, overwrite=args.overwrite)
+        report["out"] = args.out
+        print(f"model saved to {args.out} (see `binllm inspect {args.out}`)")
+    if eval_names:
+        model.to(args.device)
+        report["perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
+        print_ppl_table(report["perplexity"], f"{args.method} (seqlen {seqlen})")
+    if task_manager is not None:
+        model.to(args.device)
+        try:
+            report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method, task_manager)
+        except CLIError:
+            if args.report:  # keep what was measured
+                write_json_atomic(args.report, report)
+            raise
+    if args.report:
+        write_json_atomic(args.report, report)
+        print(f"report written to {args.report}")
+    return 0

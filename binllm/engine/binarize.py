@@ -1,0 +1,166 @@
+"""binarize_model: the only place where walker, Hessians, the loop and the methods meet."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import QuantizeConfig
+from .journal import JournalMismatch, LayerJournal
+from ..methods import get_method
+from .reconstruct import reconstruct
+from .walker import (
+    UnsupportedArchitecture,
+    collect_hessians,
+    find_decoder_layers,
+    find_linears,
+    walk_layers,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteWeights(ValueError):
+    """A weight matrix holds NaN or Inf before quantization."""
+
+
+@dataclass(frozen=True)
+class LinearReport:
+    name: str
+    shape: tuple[int, int]      # (out_features, in_features)
+    loss: float                 # GPTQ proxy loss Σ (w − q)²/U_jj²/2
+    percdamp: float | None
+    paper_bits: float           # bits per weight as the papers count them
+    stored_bits: float          # bits per weight of everything the codes need
+    seconds: float
+
+
+@dataclass
+class QuantizeReport:
+    method: str
+    method_args: dict[str, Any]
+    config: dict[str, Any]
+    linears: list[LinearReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
+
+    def _weighted(self, key: str) -> float:
+        n = sum(r.shape[0] * r.shape[1] for r in self.linears)
+        return sum(getattr(r, key) * r.shape[0] * r.shape[1] for r in self.linears) / max(n, 1)
+
+    @property
+    def paper_bits(self) -> float:
+        return self._weighted("paper_bits")
+
+    @property
+    def stored_bits(self) -> float:
+        return self._weighted("stored_bits")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "method_args": self.method_args, "config": self.config,
+                "paper_bits": self.paper_bits, "stored_bits": self.stored_bits,
+                "seconds": self.seconds, "peak_memory_mb": self.peak_memory_mb,
+                "linears": [dataclasses.asdict(r) for r in self.linears]}
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[Tensor], *,
+                   device: torch.device | str = "cpu", keep_codes: bool = True,
+                   on_layer: Callable[[int, int], None] | None = None,
+                   journal: LayerJournal | None = None) -> QuantizeReport:
+    """Quantize every nn.Linear inside the decoder layers of `model`, in place.
+
+    calibration: batches of token ids (batch, seqlen). Embeddings, norms, biases and the
+    LM head stay as they are. Returns the report (and, with keep_codes, every layer's codes
+    for packing). `on_layer(i, n)` is called after each decoder layer (progress bars).
+    journal: finished layers are stored there, and layers it already holds are restored
+    from it instead of quantized again (resume after a crash; `binllm.engine.journal`).
+    """
+    method = get_method(config.method, config.method_args)
+    report = QuantizeReport(method=config.method,
+                            method_args=dataclasses.asdict(method.args), config=config.to_dict())
+    start = time.perf_counter()
+    path, layers = find_decoder_layers(model)
+    if not any(find_linears(layer) for layer in layers):
+        raise UnsupportedArchitecture(
+            f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
+            "style Conv1D projections are not supported), so there is nothing to binarize")
+    n_layers = len(layers)
+    for i, path, layer, inputs in walk_layers(model, calibration, device):
+        linears = {n: m for n, m in find_linears(layer).items()
+                   if not any(n == s or n.endswith("." + s) for s in config.skip)}
+        if journal is not None and journal.done(i):
+            _restore_layer(report, journal, i, path, linears, keep_codes)
+            if on_layer:
+                on_layer(i + 1, n_layers)
+            continue
+        layer_codes, first = {}, len(report.linears)
+        hessians = (collect_hessians(layer, inputs, list(linears), device)
+                    if method.needs_hessian or (config.feedback or method.feedback) != "none"
+                    else {})
+        for name, linear in linears.items():
+            full = f"{path}.{name}"
+            W = linear.weight.data
+            if not torch.isfinite(W).all():
+                raise NonFiniteWeights(f"{full}.weight holds NaN or Inf; the checkpoint is "
+                                       "corrupt or was saved after a diverged run")
+            t0 = time.perf_counter()
+            H = hessians[name].H if name in hessians else None
+            rec = reconstruct(W, H, method, block_size=config.block_size,
+                              percdamp=config.percdamp, feedback=config.feedback, name=full)
+            linear.weight.data = rec.Q.to(W.dtype)
+            numel = W.numel()
+            report.linears.append(LinearReport(
+                name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
+                paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
+                seconds=time.perf_counter() - t0))
+            layer_codes[name] = rec.codes
+            log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss,
+                     report.linears[-1].paper_bits)
+        del hessians
+        if journal is not None:
+            journal.save(i, layer_codes, report.linears[first:])
+        if keep_codes:
+            report.codes.update({f"{path}.{n}": c for n, c in layer_codes.items()})
+        if on_layer:
+            on_layer(i + 1, n_layers)
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_mb = peak_memory_mb(device)
+    return report
+
+
+def _restore_layer(report: QuantizeReport, journal: LayerJournal, i: int, path: str,
+                   linears: dict[str, nn.Module], keep_codes: bool) -> None:
+    """Set layer i's linears to the journal's codes and copy its reports."""
+    codes, reports = journal.load(i)
+    if set(codes) != set(linears):
+        raise JournalMismatch(f"layer {i} in {journal.path} holds {sorted(codes)}, the model "
+                              f"has {sorted(linears)}; choose a new --resume-dir")
+    for name, linear in linears.items():
+        W = linear.weight.data
+        Q = codes[name].dequantize()
+        if tuple(Q.shape) != tuple(W.shape):
+            raise JournalMismatch(f"{path}.{name}: journal codes are {tuple(Q.shape)}, the "
+                                  f"weight is {tuple(W.shape)}; choose a new --resume-dir")
+        linear.weight.data = Q.to(device=W.device, dtype=W.dtype)
+        if keep_codes:
+            report.codes[f"{path}.{name}"] = codes[name]
+    for r in reports:
+        report.linears.append(LinearReport(**{**r, "shape": tuple(r["shape"])}))
+    log.info("layer %d restored from %s", i, journal.path)
+
+
+quantize = binarize_model  # `binllm.quantize(model, config, calibration)`

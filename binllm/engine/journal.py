@@ -1,0 +1,126 @@
+"""Resume a crashed binarization run: every finished decoder layer is kept on disk.
+
+A `LayerJournal` is a folder. `journal.json` records what the run is (the config, a sha256
+of the calibration token ids, the model class and its decoder-layer count); each finished
+layer i is one file `layer_{i:05d}.safetensors` holding the packed codes of its linears
+(`binllm.packed.layout`) and, in the header metadata, their layouts and reports. Every file is
+written to a temporary name and renamed, so a crash leaves either the whole layer or none.
+
+Resuming replays the run: layers found in the journal get their weights from the stored
+codes (which dequantize to exactly the calibrated weights) instead of being quantized
+again, and the walker still runs them on the calibration batches, so the later layers see
+the same inputs as in an uninterrupted run. No activations are stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_write
+from ..packed.layout import PackedLayout, pack, unpack
+
+MANIFEST = "journal.json"
+JOURNAL_VERSION = 1
+
+
+class JournalMismatch(ValueError):
+    """The journal folder belongs to a different run (model, method, arguments or data)."""
+
+
+def calibration_sha256(batches: list[Tensor]) -> str:
+    h = hashlib.sha256()
+    for ids in batches:
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(model: Any, config: Any, calibration: list[Tensor]) -> dict[str, Any]:
+    """What must match for a journal to be resumed: model, config, calibration data."""
+    model_config = getattr(model, "config", None)
+    arch = json.dumps(model_config.to_dict() if hasattr(model_config, "to_dict") else {},
+                      sort_keys=True, default=str)
+    return {"model_class": type(model).__name__,
+            "model_config_sha256": hashlib.sha256(arch.encode()).hexdigest(),
+            "quantize_config": config.to_dict(),
+            "calibration_sha256": calibration_sha256(calibration)}
+
+
+class LayerJournal:
+    """Finished layers of one run, in `path`; `identity` says which run (JSON-serialisable)."""
+
+    def __init__(self, path: str | os.PathLike, identity: dict[str, Any]):
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps({"version": JOURNAL_VERSION, **identity},
+                                              default=str))
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            try:
+                found = json.loads(manifest.read_text())
+            except (OSError, ValueError) as e:
+                raise JournalMismatch(f"{manifest} is unreadable ({e}); delete the folder "
+                                      "or choose another --resume-dir") from None
+            diff = sorted(k for k in set(found) | set(self.identity)
+                          if found.get(k) != self.identity.get(k))
+            if diff:
+                raise JournalMismatch(
+                    f"{self.path} holds layers of a different run ({', '.join(diff)} differ); "
+                    "use the same model, method, arguments and calibration to resume, or "
+                    "choose a new --resume-dir")
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise JournalMismatch(f"{self.path} is not empty and holds no {MANIFEST}; "
+                                  "choose an empty or new folder for --resume-dir")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(manifest, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=2)))
+
+    def _file(self, i: int) -> Path:
+        return self.path / f"layer_{i:05d}.safetensors"
+
+    def done(self, i: int) -> bool:
+        return self._file(i).exists()
+
+    def layers_done(self) -> int:
+        return sum(1 for _ in self.path.glob("layer_*.safetensors"))
+
+    def save(self, i: int, codes: dict[str, Any], reports: list[Any]) -> None:
+        """Store layer i's codes (linear name -> codes) and its linear reports, atomically."""
+        from safetensors.torch import save_file
+
+        tensors, layouts = {}, {}
+        for name, c in codes.items():
+            layout, packed = pack(c)
+            layouts[name] = layout.to_dict()
+            tensors.update({f"{name}.{k}": v.cpu() for k, v in packed.items()})
+        meta = {"layouts": json.dumps(layouts),
+                "reports": json.dumps([dataclasses.asdict(r) for r in reports])}
+        atomic_write(self._file(i), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def load(self, i: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(linear name -> codes, reports as dicts) of layer i."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._file(i)), framework="pt") as f:
+                meta = f.metadata() or {}
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+            layouts = json.loads(meta["layouts"])
+            reports = json.loads(meta["reports"])
+        except Exception as e:  # noqa: BLE001 - any damage means: this layer is not usable
+            raise JournalMismatch(f"{self._file(i)} is damaged ({type(e).__name__}: {e}); "
+                                  "delete that file to quantize the layer again") from None
+        codes = {}
+        for name, d in layouts.items():
+            prefix = name + "."
+            codes[name] = unpack(PackedLayout.from_dict(d),
+                                 {k[len(prefix):]: v for k, v in stored.items()
+                                  if k.startswith(prefix)})
+        return codes, reports

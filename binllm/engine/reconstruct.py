@@ -1,0 +1,106 @@
+"""The one GPTQ-style reconstruction loop shared by every method.
+
+    W (rows, cols), H (cols, cols)
+      │ dead columns: H_jj = 0 → H_jj = 1 (for U only), W[:, j] = 0
+      │ U = upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean diag H (retry ×10)
+      │ state = method.prepare(W, H, U, original=W before zeroing dead columns)
+      ▼
+    for each block [i1, i2) of block_size columns:
+        grid = method.fit(W[:, i1:i2], ctx)              ctx = (H_blk, U_blk, columns, state)
+        feedback "column":  for each column j: q_j = round + dequantize;
+                            E_j = (w_j − q_j)/U_jj;  W_blk[:, j:] −= E_j · U_blk[j, j:]
+        feedback "block":   Q_blk = dequantize(round(W_blk)); E = (W_blk − Q_blk)/diag U_blk
+        feedback "none":    as "block", but nothing is propagated
+        W[:, i2:] −= E · U[i1:i2, i2:]                   (lazy batch update, GPTQ §3)
+    codes = method.codes(grids, levels);  codes.dequantize() == Q
+
+"column" is GPTQ / PB-LLM (intra-block updates); "block" is BiLLM / ARB-LLM, whose block is
+binarized at once and only compensates later blocks (methods.md §3.3, §8.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .hessian import inverse_cholesky
+from ..methods.base import BlockContext, Feedback, Method
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    Q: Tensor          # (rows, cols) quantized weights, fp32
+    codes: object      # the method's layer codes; codes.dequantize() == Q
+    loss: float        # Σ (w − q)² / U_jj² / 2, GPTQ's proxy loss (plain Σ (w − q)²/2 without H)
+    percdamp: float | None  # damping finally used (None without a Hessian)
+
+
+def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int = 128,
+                percdamp: float = 0.01, feedback: Feedback | None = None,
+                name: str = "") -> Reconstruction:
+    """Quantize W (rows, cols) with `method`, compensating errors through H (cols, cols)."""
+    feedback = feedback or method.feedback
+    W = W.detach().to(torch.float32).clone()  # (rows, cols)
+    rows, cols = W.shape
+    if hasattr(method, "block_size"):
+        block_size = method.block_size(block_size, cols)
+    U = Hgram = None
+    used_damp = None
+    original = W
+    if H is not None and (method.needs_hessian or feedback != "none"):
+        inv = inverse_cholesky(H, percdamp, name=name)
+        U, used_damp = inv.U, inv.percdamp
+        Hgram = H.to(torch.float32)  # the inputs' own Gram matrix: dead H_jj stay 0 (ARB-X)
+        if inv.dead.any():
+            original = W.clone()
+            W[:, inv.dead] = 0
+    elif feedback != "none":
+        raise ValueError(f"feedback={feedback!r} needs a Hessian; pass H or use feedback='none'")
+    state = method.prepare(W, Hgram, U, original=original)
+
+    Q = torch.zeros_like(W)
+    grids, levels = [], []
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B)
+        U1 = U[i1:i2, i1:i2] if U is not None else None  # (B, B)
+        ctx = BlockContext(H=Hgram[i1:i2, i1:i2] if Hgram is not None else None, U=U1,
+                           columns=slice(i1, i2), state=state)
+        grid = method.fit(W1, ctx)
+        if feedback == "column":
+            Q1, L1, Err1 = _column_feedback(method, grid, W1, U1)
+        else:
+            every = slice(0, i2 - i1)
+            L1 = method.round(W1, grid, every)
+            Q1 = method.dequantize(grid, L1, every)  # (rows, B)
+            Err1 = (W1 - Q1) / torch.diag(U1)[None, :] if U1 is not None else W1 - Q1
+        loss += (Err1 ** 2).sum().item() / 2  # Σ (w − q)² / U_jj² / 2
+        if feedback != "none":
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Q[:, i1:i2] = Q1
+        grids.append(grid)
+        levels.append(L1)
+    codes = method.codes(grids, torch.cat(levels, dim=-1))
+    return Reconstruction(Q=Q, codes=codes, loss=loss, percdamp=used_damp)
+
+
+def _column_feedback(method: Method, grid, W1: Tensor, U1: Tensor):
+    """GPTQ's inner loop: round column j, then push its error onto columns j+1… of the block."""
+    B = W1.shape[1]
+    Q1 = torch.zeros_like(W1)  # (rows, B)
+    Err1 = torch.zeros_like(W1)  # (rows, B)
+    L = []
+    for j in range(B):
+        col = slice(j, j + 1)
+        w = W1[:, col]  # (rows, 1)
+        lv = method.round(w, grid, col)
+        q = method.dequantize(grid, lv, col)  # (rows, 1)
+        Q1[:, col] = q
+        err = (w - q) / U1[j, j]  # (rows, 1)
+        W1[:, j:] -= err @ U1[j:j + 1, j:]
+        Err1[:, col] = err
+        L.append(lv)
+    return Q1, torch.cat(L, dim=-1), Err1

@@ -1,0 +1,55 @@
+"""Perplexity with the GPTQ protocol.
+
+Protocol (methods.md §7): the test text is one token stream; it is cut into n = ⌊N/seqlen⌋
+non-overlapping windows (the remainder is dropped); every window is evaluated on its own
+(no carried context); the loss of a window is the mean cross-entropy over its seqlen − 1
+shifted positions, and ppl = exp(mean of the window losses). `max_windows` evaluates only
+the first windows, for quick runs; the result says how many were used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    windows: int        # windows evaluated
+    total_windows: int  # windows the full stream has
+    seqlen: int
+
+
+def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, *, max_windows: int | None = None,
+               device: torch.device | str = "cpu", batch_size: int = 1,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """GPTQ-convention perplexity of `model` on tokens (1, N)."""
+    total = tokens.numel() // seqlen
+    if total == 0:
+        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
+                         f"window of {seqlen}; use a smaller --seqlen")
+    n = total if max_windows is None else min(total, max_windows)
+    windows = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)  # (n, seqlen)
+    losses = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                ids = windows[i:i + batch_size].to(device)  # (b, seqlen)
+                logits = model(ids, use_cache=False).logits.float()  # (b, seqlen, vocab)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                       ids[:, 1:].reshape(-1), reduction="none")
+                losses.append(loss.reshape(ids.shape[0], -1).mean(dim=1).cpu())
+                if progress:
+                    progress(min(i + batch_size, n), n)
+    finally:
+        model.train(was_training)
+    mean = torch.cat(losses).double().mean().item()
+    return Perplexity(ppl=math.exp(mean), windows=n, total_windows=total, seqlen=seqlen)

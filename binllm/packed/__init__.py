@@ -1,0 +1,10 @@
+"""The packed on-disk format and the layers that compute from it.
+
+`packing` holds the pure pack/unpack primitives (bit planes, n-bit integer streams, exact
+float casts) and the `CodesFormat` contract, importing no format; `formats` registers the
+stored tensors of each codes type on top of them; `layout` is the per-linear `PackedLayout`
+record of config.json with `pack`/`unpack` through the registry. `layers` is `BinaryLinear`,
+`checkpoint` saves and loads whole directories (atomically), `saved_dir` reads and verifies
+them, `hf_integration` and `hf_hook` let transformers' `from_pretrained` load them. May import
+`binllm.methods` (codes types), `binllm.kernels` and `binllm.atomic`; never the engine or CLI.
+"""

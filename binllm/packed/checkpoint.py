@@ -1,0 +1,246 @@
+"""Saving and loading binarized models as ordinary Hugging Face directories.
+
+    DIR/config.json                the model's config + quantization_config (below)
+    DIR/model.safetensors          (or model-0000k-of-0000n.safetensors + an index json):
+                                   packed codes `<linear>.<suffix>` (binllm.packed.formats) for
+                                   every binarized linear, the other tensors unchanged
+    DIR/tokenizer*, generation_config.json, binllm_report.json (the run report)
+
+quantization_config = {quant_method: "binllm", format_version, method, method_args,
+block_size, percdamp, feedback, skip, modules_to_not_convert, layers: {linear: PackedLayout},
+files: {file: {bytes, sha256}}}. Saves are atomic: everything is written into a hidden
+temporary directory beside DIR, which is renamed to DIR at the very end, so an interrupted
+save never leaves a complete-looking DIR. Loading builds the model skeleton with its
+parameters on the meta device (no full-precision weights are ever materialised), swaps in
+BinaryLinears and reads the safetensors files (never pickle); bad input raises a
+`CheckpointError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_dir
+from .layers import BinaryLinear, replace_linears, set_cache_dequantized
+from .layout import FORMAT_VERSION, PackedLayout, pack
+from .saved_dir import (  # noqa: F401
+    _DTYPES,
+    QUANT_METHOD,
+    CheckpointError,
+    CorruptCheckpoint,
+    FormatVersionError,
+    NotBinllmModel,
+    SavedModel,
+    WrongTensorShape,
+    read_saved,
+    read_tensors,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "binllm_report.json"
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+# -- save ------------------------------------------------------------------------------------
+def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str | os.PathLike, *,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write `model` (binarized in place by `binarize_model`) with the codes of `report`.
+
+    report: the QuantizeReport (with codes); tokenizer: saved alongside when not None.
+    An existing non-empty out_dir is refused unless `overwrite`.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or "
+                              "overwrite it")
+    if not report.codes:
+        raise ValueError("the report holds no codes: run binarize_model(..., keep_codes=True)")
+    tensors, layers, untie = _collect_tensors(model, report.codes)
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
+    qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+          "method": report.method, "method_args": report.method_args,
+          **{k: report.config.get(k) for k in ("block_size", "percdamp", "feedback", "skip")},
+          "modules_to_not_convert": [n for n in linears if n not in layers],
+          "layers": {n: lay.to_dict() for n, lay in layers.items()}}
+    with atomic_dir(out) as tmp:
+        qc["files"] = _write_shards(tmp, tensors, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        _write_json(tmp / REPORT_FILE, report.to_dict())
+        config = model.config.to_diff_dict()
+        config["architectures"] = [type(model).__name__]
+        config["quantization_config"] = qc
+        if untie:  # a binarized linear was tied to a kept tensor: both are stored on their own
+            config["tie_word_embeddings"] = False
+        _write_json(tmp / "config.json", config)  # last: only a finished dir has a binllm config
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+    log.info("saved %d binarized linears to %s", len(layers), out)
+    return out
+
+
+def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
+    """Tensors to store in state_dict order: packed codes in place of binarized weights."""
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, PackedLayout] = {}
+    weight_of = {f"{name}.weight": name for name in codes}
+    missing = sorted(set(weight_of) - set(state))
+    if missing:
+        raise ValueError(f"the report's codes name linears the model does not have: {missing[:3]}")
+    def ident(t: Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+    binarized = {ident(state[k]) for k in weight_of}
+    seen: set[tuple] = set()
+    untie = False
+    for key, t in state.items():
+        if t.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device; save a model whose weights are loaded")
+        if key in weight_of:
+            name = weight_of[key]
+            layout, packed = pack(codes[name])
+            if (layout.out_features, layout.in_features) != tuple(t.shape):
+                raise ValueError(f"{name}: codes of shape {codes[name].shape} for a weight "
+                                 f"{tuple(t.shape)}")
+            layers[name] = layout
+            tensors.update({f"{name}.{s}": v.detach().cpu() for s, v in packed.items()})
+            continue
+        if ident(t) in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(ident(t))
+        untie |= ident(t) in binarized
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, layers, untie
+
+
+def _write_shards(tmp: Path, tensors: dict[str, Tensor], max_bytes: int) -> dict[str, dict]:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    n = len(shards)
+    names = ([SINGLE_FILE] if n == 1
+             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    meta = {"format": "pt", "binllm_format_version": str(FORMAT_VERSION)}
+    files = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(tmp / name), metadata=meta)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+    if n > 1:
+        _write_json(tmp / INDEX_FILE, {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
+    return files
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+# -- load --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Create every nn.Parameter on the meta device while the block runs (buffers stay real).
+
+    Non-persistent buffers (rotary inv_freq) are computed at construction and not saved, so
+    they must be real; parameters are filled from the checkpoint, so they need no memory.
+    A scoped patch of nn.Module.register_parameter, always restored (process-wide while it
+    lasts: build nothing else concurrently in other threads).
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                   dtype: torch.dtype | None = None, verify: bool = True,
+                   cache_dequantized: bool = False) -> nn.Module:
+    """The binarized model saved in `path`, with BinaryLinears computing from packed codes.
+
+    dtype casts the unchanged floating tensors (embeddings, norms, biases); packed scales keep
+    their stored dtype (fp16 or fp32). verify: check the files' sha256 against the values
+    recorded at save time.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    saved = read_saved(path, verify=verify)
+    config = AutoConfig.from_pretrained(saved.path)
+    quantization = config.quantization_config
+    del config.quantization_config  # build the plain architecture; BinaryLinears go in below
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    replace_linears(model, saved.layouts, device="meta")
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    _check_shapes(saved, expected, tied)
+    state = read_tensors(saved)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CorruptCheckpoint(f"{saved.path} does not store {left[:4]} and they are not tied to "
+                                "a stored tensor; the save is incomplete")
+    model.config.quantization_config = quantization
+    model.eval().to(device)
+    if dtype is not None:
+        model.to(dtype)
+    if cache_dequantized:
+        set_cache_dequantized(model, True)
+    return model
+
+
+def load(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """`binllm.load(DIR)`: see load_binarized."""
+    return load_binarized(path, **kwargs)
+
+
+def _check_shapes(saved: SavedModel, expected: dict[str, Tensor], tied: set[str]) -> None:
+    packed = {f"{n}.{s}" for n, lay in saved.layouts.items() for s in lay.specs()}
+    extra = sorted(set(saved.tensors) - set(expected))
+    missing = sorted(set(expected) - set(saved.tensors) - tied)
+    if extra or missing:
+        raise CorruptCheckpoint(f"{saved.path}: the files store tensors the model built from "
+                                f"config.json lacks {extra[:4]} or miss tensors it needs "
+                                f"{missing[:4]}; the directory is inconsistent")
+    for key, st in saved.tensors.items():
+        exp = expected[key]
+        wrong_dtype = key in packed and _DTYPES[st.dtype] != exp.dtype
+        if st.shape != tuple(exp.shape) or wrong_dtype:
+            raise WrongTensorShape(f"{saved.path / st.file}: tensor {key} is {st.dtype} "
+                                   f"{st.shape}, "
+                                   f"config.json declares {exp.dtype} {tuple(exp.shape)}; the "
+                                   "file does not belong to this config (re-save the model)")
