@@ -68,7 +68,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         W1 = W[:, i1:i2].clone()  # (rows, B)
         U1 = U[i1:i2, i1:i2] if U is not None else None  # (B, B)
         ctx = BlockContext(H=Hgram[i1:i2, i1:i2] if Hgram is not None else None, U=U1,
-                           columns=slice(i1, i2), state=state)
+                           columns=slice(i1, i2), state=state, feedback=feedback)
         grid = method.fit(W1, ctx)
         if feedback == "column":
             Q1, L1, Err1 = _column_feedback(method, grid, W1, U1)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from .arbllm import ARB, ARBRC, ARBX
 from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
 from .billm import BiLLM
+from .block_sign import BlockSign
 from .codes import BinaryCodes, UniformCodes
 from .gptq import GPTQ
 from .pbllm import PBLLM
@@ -52,6 +53,10 @@ _SPECS = (
                "PB-LLM, 20 % salient at 8 bit (2.4 paper bits), Hessian saliency"),
     MethodSpec("pbllm-30", PBLLM, {"salient_fraction": 0.3, "salient_metric": "hessian"},
                "PB-LLM, 30 % salient at 8 bit (3.1 paper bits), Hessian saliency"),
+    MethodSpec("block-sign", BlockSign, summary="sign plane with α (and μ, β) per row and block, "
+               "GPTQ column feedback alternating with least-squares scales (ARB)"),
+    MethodSpec("q1_0", BlockSign, {"block": 128, "mean": False, "column_scales": False},
+               "llama.cpp Q1_0: sign bits + one fp16 α per 128 weights (1.125 bits), GPTQ + ARB α"),
 )
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})

@@ -34,12 +34,14 @@ class BlockContext:
     | U       | block of the upper Cholesky factor of the damped H⁻¹     | (B, B)  |
     | columns | position of the block inside the layer                   | slice   |
     | state   | what `prepare` returned for the whole layer              | any     |
+    | feedback| the loop's error feedback for this layer                 | str     |
     """
 
     H: Tensor | None
     U: Tensor | None
     columns: slice
     state: Any = None
+    feedback: Feedback = "block"
 
 
 class Method:
