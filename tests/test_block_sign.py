@@ -9,8 +9,8 @@ import torch
 from binllm.methods import get_method
 from binllm.methods.block_sign import fit_scales, sign_pass
 from binllm.methods.codes import to_storage
-from binllm.packing import pack, unpack
-from binllm.reconstruct import reconstruct
+from binllm.packed.layout import pack, unpack
+from binllm.engine.reconstruct import reconstruct
 
 
 def hessian(cols: int, seed: int = 0) -> torch.Tensor:
@@ -54,7 +54,7 @@ def test_q1_0_without_feedback_is_llama_cpp_reference_quantizer():
 def gptq_with_fixed_q1_0_grid(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Naive oracle: per 128-column block α = fp16(mean |W̃|) at block start, then GPTQ column by
     column onto ±α, errors fed forward through the whole remaining layer."""
-    from binllm.hessian import inverse_cholesky
+    from binllm.engine.hessian import inverse_cholesky
 
     U = inverse_cholesky(H, 0.01).U
     W = W.clone()

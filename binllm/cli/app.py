@@ -15,13 +15,14 @@ import time
 
 from .common import CLIError
 from .evaluate import add_eval, add_methods
+from .export import add_export
 from .packed import add_generate, add_inspect
 from .qat import add_qat
 from .quantize import add_quantize
 
 log = logging.getLogger("binllm")
 
-COMMANDS = (add_quantize, add_eval, add_methods, add_qat, add_inspect, add_generate)
+COMMANDS = (add_quantize, add_eval, add_methods, add_qat, add_inspect, add_generate, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Export of binllm directories to other runtimes' formats (`binllm export`)."""
