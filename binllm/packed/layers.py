@@ -86,6 +86,12 @@ class BinaryLinear(nn.Module):
         self._cached = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda:  # packed-bits GPU kernel where one applies (binllm.kernels.gpu)
+            from ..kernels.gpu import gpu_forward
+
+            y = gpu_forward(self, x)
+            if y is not None:
+                return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight_for(x.dtype), bias)
 
