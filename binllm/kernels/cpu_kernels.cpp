@@ -1,0 +1,270 @@
+// CPU kernels of binllm's kernel form (binllm/kernels/form.py), registered as torch.ops.binllm_cpu.
+//
+// bitpart(xv, planes, plane, ver, coef, cnst, seg, y, impl):
+//   y[n, r] += sum_t sum_s coef[t, r, s] * sum_{j in s} B_{plane[t]}[r, j] * xv[n, ver[t], j]
+//            + sum_v sum_s cnst[v, r, s] * sum_{j in s} xv[n, v, j]
+//   xv (N, V, P) fp32, planes (NP, rows, P/8) uint8 (bit k of byte b = column 8b + k),
+//   plane/ver (T,) int64, coef (T, rows, nseg) fp32, cnst (V, rows, nseg) fp32,
+//   seg (nseg + 1,) int64 byte offsets (even: whole 16-column chunks), y (N, rows) fp32.
+//   impl 0: AVX-512 masked adds where compiled with AVX-512F, 1: portable C++ loop.
+// sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y):
+//   y[n, r] += sum_k (scale[r] * (q_k - zero[r]) - sub[r, col_k / groupsize]) * x[n, col_k]
+// bitpart_dense(planes, plane, ver, coef, cnst, seg, v, r0, out):
+//   out (n, P) = rows [r0, r0 + n) of the part's weight for x version v (the prefill path).
+// Every loop reads only the packed planes; rows are split over torch's intra-op threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct Part {
+  const float* xv; const uint8_t* planes; const int64_t* plane; const int64_t* ver;
+  const float* coef; const float* cnst; const int64_t* seg;
+  int64_t N, V, P, rows, PB, T, nseg;
+};
+
+// sums[n, v, s] = sum over segment s of xv[n, v, :]
+std::vector<float> seg_sums(const Part& p) {
+  std::vector<float> sums(p.N * p.V * p.nseg);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t v = 0; v < p.V; ++v) {
+      const float* x = p.xv + (n * p.V + v) * p.P;
+      for (int64_t s = 0; s < p.nseg; ++s) {
+        double a = 0;  // once per call: exact enough and cheap
+        for (int64_t j = p.seg[s] * 8; j < p.seg[s + 1] * 8; ++j) a += x[j];
+        sums[(n * p.V + v) * p.nseg + s] = static_cast<float>(a);
+      }
+    }
+  return sums;
+}
+
+float const_term(const Part& p, const std::vector<float>& sums, int64_t n, int64_t r) {
+  float c = 0.f;
+  for (int64_t v = 0; v < p.V; ++v) {
+    const float* k = p.cnst + (v * p.rows + r) * p.nseg;
+    const float* s = sums.data() + (n * p.V + v) * p.nseg;
+    for (int64_t i = 0; i < p.nseg; ++i) c += k[i] * s[i];
+  }
+  return c;
+}
+
+// portable: one row, every batch element
+void rows_generic(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
+                  int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t n = 0; n < p.N; ++n) {
+      float tot = const_term(p, sums, n, r);
+      for (int64_t s = 0; s < p.nseg; ++s)
+        for (int64_t t = 0; t < p.T; ++t) {
+          const uint8_t* bits = p.planes + (p.plane[t] * p.rows + r) * p.PB;
+          const float* x = p.xv + (n * p.V + p.ver[t]) * p.P;
+          float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          for (int64_t b = p.seg[s]; b < p.seg[s + 1]; ++b) {
+            const unsigned byte = bits[b];
+            const float* xb = x + 8 * b;
+            for (int k = 0; k < 8; ++k) acc[k] += xb[k] * static_cast<float>((byte >> k) & 1u);
+          }
+          float a = 0.f;
+          for (int k = 0; k < 8; ++k) a += acc[k];
+          tot += p.coef[(t * p.rows + r) * p.nseg + s] * a;
+        }
+      y[n * p.rows + r] += tot;
+    }
+}
+
+#ifdef __AVX512F__
+// R rows x N batch elements at once: R*N independent accumulator chains per 16 columns
+template <int R, int N>
+void tile_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_t r) {
+  __m512 tot[R][N];
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < N; ++n) tot[i][n] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    const int64_t b0 = p.seg[s], b1 = p.seg[s + 1];
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint8_t* bits[R];
+      for (int i = 0; i < R; ++i) bits[i] = p.planes + (p.plane[t] * p.rows + r + i) * p.PB;
+      const float* x[N];
+      for (int n = 0; n < N; ++n) x[n] = p.xv + (n * p.V + p.ver[t]) * p.P;
+      __m512 acc[R][N];
+      for (int i = 0; i < R; ++i)
+        for (int n = 0; n < N; ++n) acc[i][n] = _mm512_setzero_ps();
+      for (int64_t b = b0; b < b1; b += 2) {
+        __m512 xs[N];
+        for (int n = 0; n < N; ++n) xs[n] = _mm512_loadu_ps(x[n] + 8 * b);
+        for (int i = 0; i < R; ++i) {
+          uint16_t m;
+          std::memcpy(&m, bits[i] + b, 2);
+          for (int n = 0; n < N; ++n) acc[i][n] = _mm512_mask_add_ps(acc[i][n], m, acc[i][n], xs[n]);
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m512 c = _mm512_set1_ps(p.coef[(t * p.rows + r + i) * p.nseg + s]);
+        for (int n = 0; n < N; ++n) tot[i][n] = _mm512_fmadd_ps(c, acc[i][n], tot[i][n]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < N; ++n)
+      y[n * p.rows + r + i] += _mm512_reduce_add_ps(tot[i][n]) + const_term(p, sums, n, r + i);
+}
+
+template <int R, int N>
+void rows_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
+                 int64_t r1) {
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) tile_avx512<R, N>(p, sums, y, r);
+  for (; r < r1; ++r) tile_avx512<1, N>(p, sums, y, r);
+}
+
+bool rows_avx512_dispatch(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
+                          int64_t r1) {
+  switch (p.N) {
+    case 1: rows_avx512<4, 1>(p, sums, y, r0, r1); return true;
+    case 2: rows_avx512<2, 2>(p, sums, y, r0, r1); return true;
+    case 3: rows_avx512<2, 3>(p, sums, y, r0, r1); return true;
+    case 4: rows_avx512<1, 4>(p, sums, y, r0, r1); return true;
+    case 5: rows_avx512<1, 5>(p, sums, y, r0, r1); return true;
+    case 6: rows_avx512<1, 6>(p, sums, y, r0, r1); return true;
+    case 7: rows_avx512<1, 7>(p, sums, y, r0, r1); return true;
+    case 8: rows_avx512<1, 8>(p, sums, y, r0, r1); return true;
+    default: return false;
+  }
+}
+#endif
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "binllm_cpu: ", what); }
+
+Part make_part(const at::Tensor& xv, const at::Tensor& planes, const at::Tensor& plane,
+               const at::Tensor& ver, const at::Tensor& coef, const at::Tensor& cnst,
+               const at::Tensor& seg) {
+  check(xv.dim() == 3 && xv.scalar_type() == at::kFloat && xv.is_contiguous(), "xv (N, V, P) f32");
+  check(planes.dim() == 3 && planes.scalar_type() == at::kByte && planes.is_contiguous(),
+        "planes (NP, rows, P/8) uint8");
+  check(plane.scalar_type() == at::kLong && ver.scalar_type() == at::kLong &&
+            seg.scalar_type() == at::kLong, "plane, ver, seg int64");
+  check(coef.scalar_type() == at::kFloat && coef.is_contiguous() &&
+            cnst.scalar_type() == at::kFloat && cnst.is_contiguous(), "coef, cnst f32");
+  Part p{xv.data_ptr<float>(), planes.data_ptr<uint8_t>(), plane.data_ptr<int64_t>(),
+         ver.data_ptr<int64_t>(), coef.data_ptr<float>(), cnst.data_ptr<float>(),
+         seg.data_ptr<int64_t>(), xv.size(0), xv.size(1), xv.size(2), coef.size(1),
+         planes.size(2), plane.size(0), seg.size(0) - 1};
+  check(p.PB * 8 == p.P && cnst.size(0) == p.V && cnst.size(1) == p.rows &&
+            coef.size(2) == p.nseg && (p.T == 0 || planes.size(1) == p.rows) &&
+            p.seg[p.nseg] == p.PB, "inconsistent part shapes");
+  return p;
+}
+
+void bitpart(const at::Tensor& xv, const at::Tensor& planes, const at::Tensor& plane,
+             const at::Tensor& ver, const at::Tensor& coef, const at::Tensor& cnst,
+             const at::Tensor& seg, at::Tensor y, int64_t impl) {
+  const Part p = make_part(xv, planes, plane, ver, coef, cnst, seg);
+  check(y.scalar_type() == at::kFloat && y.is_contiguous() && y.size(0) == p.N &&
+            y.size(1) == p.rows, "y (N, rows) f32");
+  const std::vector<float> sums = seg_sums(p);
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(1, p.PB * p.T));
+  at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) {
+#ifdef __AVX512F__
+    if (impl == 0 && rows_avx512_dispatch(p, sums, out, r0, r1)) return;
+#endif
+    rows_generic(p, sums, out, r0, r1);
+  });
+}
+
+void bitpart_dense(const at::Tensor& planes, const at::Tensor& plane, const at::Tensor& ver,
+                   const at::Tensor& coef, const at::Tensor& cnst, const at::Tensor& seg,
+                   int64_t v, int64_t r0, at::Tensor out) {
+  const int64_t P = planes.size(2) * 8, rows = coef.size(1), nseg = seg.size(0) - 1;
+  const int64_t n = out.size(0), T = plane.size(0), PB = planes.size(2);
+  check(out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == P &&
+            r0 >= 0 && r0 + n <= rows, "out (n, P) f32 inside the rows");
+  const uint8_t* pl = planes.data_ptr<uint8_t>();
+  const int64_t *pi = plane.data_ptr<int64_t>(), *vi = ver.data_ptr<int64_t>(),
+                *sg = seg.data_ptr<int64_t>();
+  const float *cf = coef.data_ptr<float>(), *cn = cnst.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t r = r0 + i;
+      float* w = o + i * P;
+      for (int64_t s = 0; s < nseg; ++s) {
+        const float c0 = cn[(v * rows + r) * nseg + s];
+        for (int64_t j = sg[s] * 8; j < sg[s + 1] * 8; ++j) w[j] = c0;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        if (vi[t] != v) continue;
+        const uint8_t* bits = pl + (pi[t] * rows + r) * PB;
+        for (int64_t s = 0; s < nseg; ++s) {
+          const float c = cf[(t * rows + r) * nseg + s];
+          for (int64_t j = sg[s] * 8; j < sg[s + 1] * 8; ++j)
+            w[j] += ((bits[j >> 3] >> (j & 7)) & 1u) ? c : 0.f;
+        }
+      }
+    }
+  });
+}
+
+void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+            const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+            const at::Tensor& sub, int64_t groupsize, at::Tensor y) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+  check(rowptr.scalar_type() == at::kLong && col.scalar_type() == at::kInt &&
+            q.scalar_type() == at::kByte && sub.is_contiguous() && groupsize > 0,
+        "sparse part dtypes");
+  const int64_t N = x.size(0), cols = x.size(1), rows = rowptr.size(0) - 1, ng = sub.size(1);
+  check(y.size(0) == N && y.size(1) == rows && y.is_contiguous(), "y (N, rows) f32");
+  const float *xp = x.data_ptr<float>(), *sc = scale.data_ptr<float>(),
+              *ze = zero.data_ptr<float>(), *sb = sub.data_ptr<float>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int32_t* cp = col.data_ptr<int32_t>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        const float* xr = xp + n * cols;
+        float acc = 0.f;
+        for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+          const int32_t c = cp[k];
+          acc += (sc[r] * (static_cast<float>(qp[k]) - ze[r]) - sb[r * ng + c / groupsize]) * xr[c];
+        }
+        out[n * rows + r] += acc;
+      }
+  });
+}
+
+bool has_avx512() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(binllm_cpu, m) {
+  m.def("bitpart(Tensor xv, Tensor planes, Tensor plane, Tensor ver, Tensor coef, Tensor cnst, "
+        "Tensor seg, Tensor(a!) y, int impl) -> ()");
+  m.def("bitpart_dense(Tensor planes, Tensor plane, Tensor ver, Tensor coef, Tensor cnst, "
+        "Tensor seg, int v, int r0, Tensor(a!) out) -> ()");
+  m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
+        "Tensor sub, int groupsize, Tensor(a!) y) -> ()");
+  m.def("has_avx512() -> bool", has_avx512);
+}
+
+TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
+  m.impl("bitpart", bitpart);
+  m.impl("bitpart_dense", bitpart_dense);
+  m.impl("sparse", sparse);
+}

@@ -1,0 +1,93 @@
+"""Kernel form (binllm.kernels.form): form · x equals codes.dequantize() · x to fp32 round-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from packed_codes import HAND_BUILT
+
+from binllm.kernels.form import form_dense, form_matmul_torch, kernel_form
+from binllm.methods import METHODS, get_method
+from binllm.reconstruct import reconstruct
+
+# (rows, cols, block): a single row, columns not a multiple of 8, 16 or 128, several blocks
+SHAPES = [(1, 37, 16), (9, 77, 32), (6, 200, 128)]
+
+
+def layer(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * cols, cols, generator=g)
+    X[:, 0] *= 20  # an outlier input channel, as LLM activations have
+    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0]
+
+
+def assert_product_close(form, W, N=3, seed=1):
+    """form · x against the dequantized W · x, with fp32 round-off scaled by |W| · |x|."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, W.shape[1], generator=g)
+    x[:, 0] *= 20
+    y = form_matmul_torch(form, x)
+    ref = x.double() @ W.double().T
+    bound = 1e-5 * (x.abs().double() @ W.abs().double().T) + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all(), float(((y - ref) / bound).abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(METHODS))
+def test_form_reproduces_the_dequantized_product_for_every_method(name, shape):
+    rows, cols, block = shape
+    W, H = layer(rows, cols)
+    codes = reconstruct(W, H, get_method(name), block_size=block).codes
+    Q = codes.dequantize()
+    form = kernel_form(codes)
+    assert torch.allclose(form_dense(form), Q, rtol=0, atol=1e-6 * float(Q.abs().max()))
+    assert_product_close(form, Q)
+
+
+@pytest.mark.parametrize("kind", list(HAND_BUILT))
+def test_form_of_hand_built_codes(kind):
+    codes = HAND_BUILT[kind]()
+    Q = codes.dequantize()
+    form = kernel_form(codes)
+    assert torch.allclose(form_dense(form), Q, rtol=0, atol=1e-6 * float(Q.abs().max()))
+    assert_product_close(form, Q, N=2)
+
+
+def test_form_layout_billm_planes_and_permutation():
+    """BiLLM: salient columns gathered per block (2 sign planes), the rest 3 planes
+    (sign, group bit, their AND); segments are whole 16-column chunks, padding is −1."""
+    codes = HAND_BUILT["billm-like"]()  # 5 x 77, blocks of 32, orders (2, 1, 1)
+    form = kernel_form(codes)
+    sal, rest = form.parts
+    assert sal.planes.shape[0] == 2 and rest.planes.shape[0] == 3
+    assert rest.scale is None and sal.scale is None
+    for part, cls in ((sal, codes.salient_cols), (rest, ~codes.salient_cols)):
+        real = part.perm[part.perm >= 0]
+        assert torch.equal(real, torch.nonzero(cls).flatten())  # block order, then column order
+        assert part.width % 16 == 0 and int(part.seg[-1]) * 8 == part.width
+        assert (part.seg.diff() % 2 == 0).all()
+
+
+def test_form_rc_folds_column_scales_into_x_versions():
+    codes = HAND_BUILT["rc-like"]()
+    form = kernel_form(codes)
+    assert all(p.scale is not None and p.scale.shape[0] >= 2 for p in form.parts)
+
+
+def test_form_partial_binary_is_one_plane_plus_a_sparse_part():
+    codes = HAND_BUILT["pb-8bit"]()
+    form = kernel_form(codes)
+    (part,) = form.parts
+    assert part.planes.shape[0] == 1
+    assert form.sparse.q.dtype == torch.uint8
+    assert form.sparse.col.numel() == int(codes.salient.sum())
+
+
+def test_form_moves_between_devices():
+    form = kernel_form(HAND_BUILT["rc-cgb-like"]()).to("meta")
+    assert all(p.planes.is_meta and p.scale.is_meta for p in form.parts)
+
+
+def test_unknown_codes_have_no_form():
+    with pytest.raises(TypeError, match="no kernel form"):
+        kernel_form(object())
