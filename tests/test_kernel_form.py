@@ -8,7 +8,7 @@ from packed_codes import HAND_BUILT
 
 from binllm.kernels.form import form_dense, form_matmul_torch, kernel_form
 from binllm.methods import METHODS, get_method
-from binllm.reconstruct import reconstruct
+from binllm.engine.reconstruct import reconstruct
 
 # (rows, cols, block): a single row, columns not a multiple of 8, 16 or 128, several blocks
 SHAPES = [(1, 37, 16), (9, 77, 32), (6, 200, 128)]

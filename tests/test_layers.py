@@ -18,10 +18,13 @@ def test_forward_equals_linear_on_the_codes_dequantize(kind):
     codes = HAND_BUILT[kind]()
     rows, cols = codes.shape
     bias = torch.randn(rows)
-    layer = BinaryLinear.from_codes(codes, bias)
+    layer = BinaryLinear.from_codes(codes, bias, kernels=False)  # the reference path
     x = torch.randn(3, 4, cols)
     assert torch.equal(layer(x), F.linear(x, codes.dequantize(), bias))
     assert torch.equal(layer.dequantize(), codes.dequantize())
+    fast = BinaryLinear.from_codes(codes, bias)  # the default: kernels, to fp32 round-off
+    torch.testing.assert_close(fast(x), F.linear(x, codes.dequantize(), bias),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_keys_are_the_packed_tensor_names():

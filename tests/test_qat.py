@@ -267,7 +267,7 @@ def test_finalize_saves_through_the_packed_format(stories_model, c4_tokens, tmp_
     with torch.no_grad():
         before = model(ids).logits
     checkpoint.save_binarized(model, report, None, tmp_path / "out")
-    loaded = checkpoint.load_binarized(tmp_path / "out")
+    loaded = checkpoint.load_binarized(tmp_path / "out", kernels=False)
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)

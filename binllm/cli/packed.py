@@ -57,8 +57,11 @@ def add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dequantized", action="store_true",
+                   help="dequantize every packed weight once and keep it (fp memory, dense "
+                        "speed) instead of the default fast kernels on the packed bits")
     p.add_argument("--no-cache", action="store_true",
-                   help="dequantize the packed weights at every forward instead of once")
+                   help="keep no dequantized weights (the default; kept for old scripts)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="dtype of the unchanged tensors")
     p.set_defaults(func=cmd_generate)
@@ -75,7 +78,7 @@ def cmd_generate(args) -> int:
         raise CLIError(f"{args.model} is not a binllm directory; write one with "
                        "`binllm quantize MODEL --method … --out DIR`")
     model, tokenizer = load_saved(args.model, args.dtype)
-    set_cache_dequantized(model, not args.no_cache)
+    set_cache_dequantized(model, args.cache_dequantized and not args.no_cache)
     model.to(args.device)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
     torch.manual_seed(args.seed)

@@ -4,3 +4,29 @@ Every kernel here is a pure function of a layer's packed codes and its input, te
 the plain path `codes.dequantize() @ x`. May import `binllm.methods` (codes types) and
 `binllm.packed.packing` (bit primitives); `binllm.packed.layers` dispatches to it.
 """
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .form import KernelForm, form_matmul_torch, kernel_form
+
+
+def form_matmul(form: KernelForm, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols): the compiled CPU kernels for CPU tensors
+    (`binllm.kernels.cpu`), the pure-PyTorch form elsewhere."""
+    if x.device.type == "cpu":
+        from .cpu import form_matmul as cpu_matmul
+
+        return cpu_matmul(form, x)
+    return form_matmul_torch(form, x)
+
+
+def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, Ŵ, bias) for x (..., cols) of any float dtype, computed from the form."""
+    y = form_matmul(form, x.reshape(-1, form.cols)).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], form.rows)
+    return y if bias is None else y + bias
+
+
+__all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch"]

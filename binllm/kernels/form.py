@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from ..methods.codes import BinaryCodes, PartialBinaryCodes, UniformCodes
-from ..packing import pack_bits, unpack_bits
+from ..packed.packing import pack_bits, unpack_bits
 
 CHUNK = 16  # columns per segment chunk: segments are whole chunks (2 bytes of each plane row)
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_dir
-from .layers import BinaryLinear, replace_linears, set_cache_dequantized
+from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .saved_dir import (  # noqa: F401
     _DTYPES,
@@ -188,12 +188,14 @@ def parameters_on_meta():
 
 def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu",
                    dtype: torch.dtype | None = None, verify: bool = True,
-                   cache_dequantized: bool = False) -> nn.Module:
+                   cache_dequantized: bool = False, kernels: bool = True) -> nn.Module:
     """The binarized model saved in `path`, with BinaryLinears computing from packed codes.
 
     dtype casts the unchanged floating tensors (embeddings, norms, biases); packed scales keep
     their stored dtype (fp16 or fp32). verify: check the files' sha256 against the values
-    recorded at save time.
+    recorded at save time. kernels: compute from the packed bits with the fast kernels (the
+    default; equal to the reference to fp32 round-off) or, False, dequantize at every forward
+    (bit for bit the calibrated model); cache_dequantized keeps dequantized weights instead.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,6 +222,8 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
         model.to(dtype)
     if cache_dequantized:
         set_cache_dequantized(model, True)
+    if not kernels:
+        set_kernels(model, False)
     return model
 
 

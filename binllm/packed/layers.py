@@ -1,14 +1,17 @@
 """BinaryLinear: a linear layer computed from its packed codes.
 
 The packed tensors of `binllm.packed.packing` are the module's buffers, so `state_dict()` keys are
-the on-disk keys and `.to(device)` moves them. The forward is the reference path
+the on-disk keys and `.to(device)` moves them. Three forwards, chosen per layer:
 
-    W = unpack(layout, buffers).dequantize()     # the codes' own dequantize(), as in calibration
-    y = F.linear(x, W.to(x.dtype), bias)
-
-so a loaded model reproduces the calibrated fake-quantized model bit for bit. With
-`cache_dequantized` the dequantized weight is kept after the first forward (memory of an
-fp weight, speed of nn.Linear) until the buffers change.
+- kernels (the default): the codes' kernel form (`binllm.kernels.form`, bit planes and
+  coefficients, derived once from the buffers on the first forward) and the fast kernels of
+  `binllm.kernels` compute y = x Ŵᵀ + b from the bits; no dequantized weight is kept, and y
+  equals the reference to fp32 round-off.
+- reference (`kernels=False`): W = unpack(layout, buffers).dequantize(), the codes' own
+  dequantize() as in calibration, then F.linear(x, W.to(x.dtype), bias), at every call: bit for
+  bit the calibrated fake-quantized model.
+- `cache_dequantized`: the reference weight is kept after the first forward (memory of an fp
+  weight, speed of nn.Linear) until the buffers change.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import form_linear
+from ..kernels.form import KernelForm, kernel_form
 from .layout import PackedLayout, pack, unpack
 from .packing import PackingError
 
@@ -29,7 +34,7 @@ class BinaryLinear(nn.Module):
 
     def __init__(self, layout: PackedLayout, bias: bool = False, *,
                  device: torch.device | str | None = None, bias_dtype: torch.dtype | None = None,
-                 cache_dequantized: bool = False):
+                 cache_dequantized: bool = False, kernels: bool = True):
         super().__init__()
         self.layout = layout
         self.in_features, self.out_features = layout.in_features, layout.out_features
@@ -41,7 +46,9 @@ class BinaryLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = cache_dequantized
+        self.kernels = kernels
         self._cached: Tensor | None = None
+        self._form: KernelForm | None = None
 
     @classmethod
     def from_codes(cls, codes: Any, bias: Tensor | None = None, **kwargs) -> BinaryLinear:
@@ -84,6 +91,13 @@ class BinaryLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._cached = None
+        self._form = None
+
+    def kernel_form(self) -> KernelForm:
+        """The codes' kernel form, derived from the buffers once (dropped when they change)."""
+        if self._form is None:
+            self._form = kernel_form(self.codes())
+        return self._form
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda:  # packed-bits GPU kernel where one applies (binllm.kernels.gpu)
@@ -93,6 +107,8 @@ class BinaryLinear(nn.Module):
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernels and not self.cache_dequantized:
+            return form_linear(self.kernel_form(), x, bias)
         return F.linear(x, self.weight_for(x.dtype), bias)
 
     def _apply(self, fn, recurse: bool = True):
@@ -117,7 +133,7 @@ class BinaryLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.layout.format}, "
                 f"bits/weight={self.layout.stored_bits() / n:.3f}, "
-                f"cache_dequantized={self.cache_dequantized}")
+                f"kernels={self.kernels}, cache_dequantized={self.cache_dequantized}")
 
 
 def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
@@ -153,6 +169,18 @@ def set_cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
     for m in model.modules():
         if isinstance(m, BinaryLinear):
             m.cache_dequantized = enabled
+            m.clear_cache()
+            n += 1
+    return n
+
+
+def set_kernels(model: nn.Module, enabled: bool = True) -> int:
+    """Use the fast kernels (True) or the reference dequantize path (False) in every
+    BinaryLinear; returns how many there are."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BinaryLinear):
+            m.kernels = enabled
             m.clear_cache()
             n += 1
     return n

@@ -1,0 +1,116 @@
+"""CPU kernels of the kernel form against the plain dequantized path, and their fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from packed_codes import HAND_BUILT
+from test_kernel_form import layer
+
+from binllm.engine.reconstruct import reconstruct
+from binllm.kernels import cpu
+from binllm.kernels.form import kernel_form
+from binllm.methods import METHODS, get_method
+from binllm.packed.layers import BinaryLinear, set_kernels
+
+needs_extension = pytest.mark.skipif(not cpu.extension().ok, reason=cpu.extension().reason)
+BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3]  # decode, small batch, prefill
+
+
+def check(y, x, W):
+    """y ≈ x Wᵀ to fp32 round-off, scaled by |x| |W|ᵀ."""
+    ref = x.double() @ W.double().T
+    bound = 1e-5 * (x.abs().double() @ W.abs().double().T) + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all(), float(((y - ref) / bound).abs().max())
+
+
+def inputs(N, cols, seed=2):
+    x = torch.randn(N, cols, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] *= 20
+    return x
+
+
+@needs_extension
+@pytest.mark.parametrize("impl", list(cpu.IMPLS))
+@pytest.mark.parametrize("name", list(METHODS))
+def test_cpu_kernels_equal_the_dequantized_product_for_every_method(name, impl):
+    for rows, cols, block in [(1, 37, 16), (11, 200, 128)]:
+        W, H = layer(rows, cols)
+        codes = reconstruct(W, H, get_method(name), block_size=block).codes
+        form, Q = kernel_form(codes), codes.dequantize()
+        for N in BATCHES:
+            x = inputs(N, cols)
+            check(cpu.form_matmul(form, x, impl), x, Q)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", list(HAND_BUILT))
+def test_cpu_kernels_on_hand_built_codes(kind):
+    codes = HAND_BUILT[kind]()
+    form, Q = kernel_form(codes), codes.dequantize()
+    for N in BATCHES:
+        x = inputs(N, codes.shape[1])
+        for impl in cpu.IMPLS:
+            check(cpu.form_matmul(form, x, impl), x, Q)
+
+
+@needs_extension
+def test_cpu_kernels_on_a_wider_layer_with_every_row_tile():
+    """4·k + 3 rows (the tail of the 4-row tiles), several 128-column blocks, 3 salient groups."""
+    from packed_codes import binary_codes
+
+    codes = binary_codes(rows=67, cols=515, block=128, orders=(2, 2, 1, 1), n_salient=2,
+                         mean=False, beta=True, seed=4)
+    form, Q = kernel_form(codes), codes.dequantize()
+    for N in BATCHES:
+        x = inputs(N, 515)
+        check(cpu.form_matmul(form, x), x, Q)
+
+
+def test_fallback_warns_once_and_computes_the_same(monkeypatch, caplog):
+    codes = HAND_BUILT["pb-3bit-grouped"]()
+    form, Q = kernel_form(codes), codes.dequantize()
+    monkeypatch.setattr(cpu, "extension", lambda: cpu.ExtensionStatus(False, "no compiler here"))
+    cpu._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="binllm.kernels.cpu"):
+        for N in (1, 12):
+            x = inputs(N, codes.shape[1])
+            check(cpu.form_matmul(form, x), x, Q)
+    warned = [r for r in caplog.records if "no compiler here" in r.getMessage()]
+    assert len(warned) == 1
+    cpu._warn_once.cache_clear()
+
+
+def test_inputs_that_need_gradients_take_the_differentiable_path():
+    codes = HAND_BUILT["billm-like"]()
+    layer_ = BinaryLinear.from_codes(codes)
+    x = inputs(2, codes.shape[1]).requires_grad_()
+    layer_(x).sum().backward()
+    torch.testing.assert_close(x.grad, codes.dequantize().sum(0).expand(2, -1))
+
+
+def test_binary_linear_uses_the_kernels_by_default_and_keeps_no_weight(monkeypatch):
+    codes = HAND_BUILT["rc-cgb-like"]()
+    rows, cols = codes.shape
+    layer_ = BinaryLinear.from_codes(codes, torch.randn(rows))
+    calls = []
+    real = cpu.form_matmul
+    monkeypatch.setattr(cpu, "form_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = inputs(6, cols).to(torch.bfloat16)
+    y = layer_(x.reshape(2, 3, cols))
+    assert calls and y.shape == (2, 3, rows) and y.dtype == torch.bfloat16
+    ref = F.linear(x.float(), codes.dequantize(), layer_.bias.float()).reshape(2, 3, rows)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    assert layer_._cached is None
+    big = [t for p in layer_.kernel_form().parts for t in (p.coef, p.const)
+           if t.is_floating_point() and t.numel() >= rows * cols]
+    assert not big  # only bits and per-(row, segment) coefficients
+    assert set_kernels(torch.nn.Sequential(layer_), False) == 1
+    assert torch.equal(layer_(x.float()), F.linear(x.float(), codes.dequantize(), layer_.bias))
+    layer_.kernels = True
+    layer_.load_state_dict(BinaryLinear.from_codes(HAND_BUILT["rc-cgb-like"](),
+                                                   torch.zeros(rows)).state_dict())
+    assert layer_._form is None  # new buffers: the form is derived again
