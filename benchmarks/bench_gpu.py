@@ -116,8 +116,10 @@ def bench_layers(iters: int) -> list[dict]:
         for batch in (1, 16):
             x = torch.randn(batch, K, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, W).float()
-            paths = {"bf16 F.linear": lambda: F.linear(x, W),
-                     "triton q1_0": lambda: sign_linear(x, layout, packed)}
+            paths = {"bf16 F.linear": lambda: F.linear(x, W)}
+            for br in (8, 16, 32, 64):  # rows per program: the kernel's one tuning knob
+                paths[f"triton q1_0, BLOCK_R={br}"] = \
+                    lambda br=br: sign_linear(x, layout, packed, block_r=br)
             if gl is not None:
                 paths["gemlite A16W1"] = lambda: gl(x)
             for label, fn in paths.items():
