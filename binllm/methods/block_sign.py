@@ -76,11 +76,9 @@ class BlockSignArgs:
     scale_dtype: ScaleDtype = "float16"
 
 
-def _in_space(M: Tensor, U: Tensor | None) -> Tensor:
-    """M U⁻¹ (rows, B), the error space of GPTQ's loss; M itself without U."""
-    if U is None:
-        return M
-    return torch.linalg.solve_triangular(U, M, upper=True, left=False)
+def _in_space(M: Tensor, A: Tensor | None) -> Tensor:
+    """M A (rows, B) with A = U⁻¹, the error space of GPTQ's loss; M itself without A."""
+    return M if A is None else M @ A
 
 
 def levels(mu: Tensor, alpha: Tensor, beta: Tensor, signs: Tensor) -> Tensor:
@@ -168,13 +166,15 @@ class BlockSign(Method):
             raise MethodArgumentError("feedback=column needs the layer's Hessian; calibrate or "
                                       "use --feedback none")
         mu, alpha, beta = self._init(W)
-        X = _in_space(W, U)  # (rows, B)
-        one = _in_space(torch.ones(1, B, device=W.device), U)  # (1, B)
+        A = None if U is None else torch.linalg.solve_triangular(  # U⁻¹, upper triangular
+            U, torch.eye(B, device=W.device, dtype=U.dtype), upper=True)
+        X = _in_space(W, A)  # (rows, B)
+        one = _in_space(torch.ones(1, B, device=W.device), A)  # (1, B)
         best = None
 
         def consider(mu, alpha, signs):
             nonlocal best
-            loss = ((X - _in_space(levels(mu, alpha, beta, signs), U)) ** 2).sum(1)  # (rows,)
+            loss = ((X - _in_space(levels(mu, alpha, beta, signs), A)) ** 2).sum(1)  # (rows,)
             if best is None:
                 best = [loss, mu, alpha, signs]
                 return
@@ -187,7 +187,7 @@ class BlockSign(Method):
             consider(mu, alpha, signs)
             if it == a.refine_iters:
                 break
-            V = _in_space(torch.where(signs, beta, -beta), U)  # (rows, B): B diag β in A-space
+            V = _in_space(torch.where(signs, beta, -beta), A)  # (rows, B): B diag β in A-space
             new_mu, new_alpha, ok = fit_scales(X, one, V, a.mean)  # α-step
             flip = new_alpha < 0  # α ≥ 0 by convention: −α·B = α·(−B)
             signs = signs ^ flip[:, None]
