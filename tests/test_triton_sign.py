@@ -83,7 +83,9 @@ def test_binary_linear_dispatch_computes_the_layer(ts):
     assert gpu_forward(layer, x) is None  # a CPU tensor keeps the dense path
     got = gpu_forward(layer, x, require_cuda=False)
     assert torch.allclose(got, layer(x), rtol=1e-5, atol=1e-5)
-    layer.cache_dequantized = True
+    layer.kernels = False  # the bit-exact reference path stays the reference
+    assert gpu_forward(layer, x, require_cuda=False) is None
+    layer.kernels, layer.cache_dequantized = True, True
     assert gpu_forward(layer, x, require_cuda=False) is None
     billm = BinaryLinear.from_codes(__import__("packed_codes").HAND_BUILT["billm-like"]())
     assert gpu_forward(billm, torch.zeros(1, billm.in_features), require_cuda=False) is None

@@ -14,11 +14,18 @@ from .form import KernelForm, form_matmul_torch, kernel_form
 
 def form_matmul(form: KernelForm, x: Tensor) -> Tensor:
     """y = x Ŵᵀ (N, rows) fp32 for x (N, cols): the compiled CPU kernels for CPU tensors
-    (`binllm.kernels.cpu`), the pure-PyTorch form elsewhere."""
+    (`binllm.kernels.cpu`), the Triton kernel for CUDA tensors where Triton is installed
+    (`binllm.kernels.triton_form`), the pure-PyTorch form elsewhere."""
     if x.device.type == "cpu":
         from .cpu import form_matmul as cpu_matmul
 
         return cpu_matmul(form, x)
+    from .gpu import triton_available
+
+    if x.is_cuda and triton_available():
+        from .triton_form import form_matmul as triton_matmul
+
+        return triton_matmul(form, x)
     return form_matmul_torch(form, x)
 
 

@@ -1,8 +1,9 @@
 """Which GPU kernel a BinaryLinear's forward uses on a CUDA tensor (None: the dense path).
 
-Today: the Triton sign-plane kernel (`triton_sign`) for one sign plane with per-row, per-block
-scales (rtn-sign, q1_0, block-sign), when Triton is installed and the layer does not keep a
-dequantized weight (`cache_dequantized`, whose cached F.linear is used as before).
+The Triton sign-plane kernel (`triton_sign`) reads one-sign-plane layers (rtn-sign, q1_0,
+block-sign) straight from their packed buffers, when Triton is installed and the layer computes
+with kernels (`kernels=True`, not `cache_dequantized`). Every other layer goes through its kernel
+form (`binllm.kernels.form_matmul`, whose CUDA path is `triton_form`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def gpu_forward(layer, x: Tensor, *, require_cuda: bool = True) -> Tensor | None
 
     require_cuda=False lets the tests run the same call on the CPU under TRITON_INTERPRET=1.
     """
-    if (require_cuda and not x.is_cuda) or layer.cache_dequantized or not triton_available():
+    if (require_cuda and not x.is_cuda) or not getattr(layer, "kernels", True) \
+            or layer.cache_dequantized or not triton_available():
         return None
     from . import triton_sign
 

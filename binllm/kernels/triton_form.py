@@ -1,0 +1,107 @@
+"""Triton kernel of the general kernel form (`binllm.kernels.form`): every codes type on a GPU.
+
+For each BitPart of a layer's KernelForm (x versions xv_v = x[perm] · scale_v, P columns cut
+into segments s of whole 16-column chunks),
+
+    y[m, r] += Σ_t Σ_s coef[t, r, s] · Σ_{j∈s} B_{plane[t]}[r, j] · xv_{ver[t]}[m, j]   (kernel)
+             + Σ_v Σ_s const[v, r, s] · Σ_{j∈s} xv_v[m, j]                            (host)
+
+One program owns BLOCK_R rows and BLOCK_M inputs; for every term it walks the segments and,
+inside a segment, column tiles of BLOCK_K: it loads the plane's bytes of the tile, expands
+bit k of byte b to column 8b + k (binllm's bit order) and forms the tile's B·xv (a `tl.dot`
+for BLOCK_M ≥ 16, a multiply-sum for the decode GEMV), then scales the segment's sum by its
+coefficient. Only bit planes and per-(row, segment) coefficients are read. The constant part
+is a (m, V·nseg) × (V·nseg, rows) matmul of the segment sums; PB-LLM's sparse 8-bit part a
+scatter-add over its CSR entries. Tests run it on the CPU with TRITON_INTERPRET=1 against
+`codes.dequantize()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .form import BitPart, KernelForm, part_inputs
+
+GEMV_MAX_BATCH = 4
+
+
+@triton.jit
+def bitpart_kernel(xv_ptr, planes_ptr, plane_ptr, ver_ptr, coef_ptr, seg_ptr, y_ptr,
+                   M, R, P, PB, NSEG, T,
+                   USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    rmask = rows < R
+    mmask = ms < M
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for t in range(T):
+        p = tl.load(plane_ptr + t)
+        v = tl.load(ver_ptr + t)
+        for s in range(NSEG):
+            c0 = tl.load(seg_ptr + s) * 8
+            c1 = tl.load(seg_ptr + s + 1) * 8
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(c0, c1, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+                cmask = cols < c1
+                x = tl.load(xv_ptr + (v * M + ms[:, None]) * P + cols[None, :],
+                            mask=mmask[:, None] & cmask[None, :], other=0.0)  # (BM, BK) fp32
+                wmask = rmask[:, None] & cmask[None, :]
+                byte = tl.load(planes_ptr + (p * R + rows[:, None]) * PB + (cols[None, :] >> 3),
+                               mask=wmask, other=0).to(tl.int32)
+                bit = ((byte >> (cols[None, :] & 7)) & 1).to(tl.float32)  # (BR, BK) {0, 1}
+                if USE_DOT:
+                    part += tl.dot(x, tl.trans(bit), input_precision="ieee")
+                else:
+                    part += tl.sum(x[:, None, :] * bit[None, :, :], axis=2)
+            c = tl.load(coef_ptr + (t * R + rows) * NSEG + s, mask=rmask, other=0.0)
+            acc += part * c[None, :]
+    ymask = mmask[:, None] & rmask[None, :]
+    ptrs = y_ptr + ms[:, None] * R + rows[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ymask, other=0.0) + acc, mask=ymask)
+
+
+def _segment_sums(part: BitPart, xv: Tensor) -> Tensor:
+    """Σ_{j∈s} xv[m, v, j] per segment: (M, V, nseg) fp32."""
+    nseg = part.seg.shape[0] - 1
+    seg_of = torch.repeat_interleave(torch.arange(nseg, device=xv.device), part.seg.diff() * 8)
+    out = xv.new_zeros(*xv.shape[:2], nseg)
+    return out.index_add_(2, seg_of, xv)
+
+
+def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None = None) -> None:
+    """y (M, rows) fp32 += the part's product with x (M, cols)."""
+    M, R = y.shape
+    xv = part_inputs(part, x)  # (M, V, P) fp32
+    y += torch.einsum("mvs,vrs->mr", _segment_sums(part, xv), part.const)
+    T = part.plane.shape[0]
+    if T == 0:
+        return
+    xvt = xv.transpose(0, 1).contiguous()  # (V, M, P)
+    P = part.width
+    gemv = M <= GEMV_MAX_BATCH
+    block_m = 1 if gemv else 16
+    br = block_r or (16 if gemv else 32)
+    grid = (triton.cdiv(R, br), triton.cdiv(M, block_m))
+    bitpart_kernel[grid](
+        xvt, part.planes.contiguous(), part.plane.contiguous(), part.ver.contiguous(),
+        part.coef.contiguous(), part.seg.contiguous(), y, M, R, P, P // 8,
+        part.seg.shape[0] - 1, T, USE_DOT=not gemv, BLOCK_M=block_m, BLOCK_R=br, BLOCK_K=64)
+
+
+def form_matmul(form: KernelForm, x: Tensor, *, block_r: int | None = None) -> Tensor:
+    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols), computed from the kernel form."""
+    y = torch.zeros(x.shape[0], form.rows, dtype=torch.float32, device=x.device)
+    for part in form.parts:
+        bitpart_matmul(part, x, y, block_r=block_r)
+    if form.sparse is not None:
+        sp = form.sparse  # y[:, r] += value_k · x[:, col_k] over the row's entries k
+        r = torch.repeat_interleave(torch.arange(form.rows, device=x.device), sp.rowptr.diff())
+        y.index_add_(1, r, x.float()[:, sp.col.long()] * sp.values()[None])
+    return y
