@@ -1,4 +1,4 @@
-"""Command line: `binllm quantize | eval | methods | qat | inspect | generate`.
+"""Command line: `binllm quantize | eval | methods | qat | inspect | generate | compare`.
 
 Each subcommand module has an `add_<name>(subparsers)` function that registers its parser and
 sets `func`; the library does the work and returns report objects, the command modules print
@@ -14,6 +14,7 @@ import sys
 import time
 
 from .common import CLIError
+from .compare import add_compare
 from .evaluate import add_eval, add_methods
 from .export import add_export
 from .packed import add_generate, add_inspect
@@ -22,7 +23,8 @@ from .quantize import add_quantize
 
 log = logging.getLogger("binllm")
 
-COMMANDS = (add_quantize, add_eval, add_methods, add_qat, add_inspect, add_generate, add_export)
+COMMANDS = (add_quantize, add_eval, add_methods, add_qat, add_inspect, add_generate, add_export,
+            add_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,5 +2,7 @@
 
 `data` loads the local datasets (WikiText-2, PTB, C4, TinyStories, or a .txt/.jsonl file) and
 cuts calibration and evaluation windows; `perplexity` is the GPTQ protocol; `harness` runs
-lm-evaluation-harness tasks on an in-memory model. Imports nothing else of binllm.
+lm-evaluation-harness tasks on an in-memory model; `compare` runs several methods on one
+protocol, each as a `python -m binllm` child process, and writes the comparison table and plot.
+Imports nothing else of binllm but `binllm.atomic`.
 """

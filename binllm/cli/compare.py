@@ -1,0 +1,105 @@
+"""`binllm compare`: every method on one protocol, each in its own process; table and plot."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import CLIError, csv_list
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="run several methods on one protocol (resumable), "
+                       "write results.json, results.md and frontier.png")
+    p.add_argument("model", help="local model directory or hub id")
+    p.add_argument("--methods", required=True, metavar="SPECS",
+                   help="comma-separated method specs name[:key=value…], e.g. "
+                        "billm,arb-llm-rc,gptq:bits=2,rtn-sign")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="results folder; rerunning on it skips the methods that finished")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard DIR's earlier results (needed when the protocol changed)")
+    p.add_argument("--calib", default="c4", help="calibration dataset name or .txt/.jsonl path")
+    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"])
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--eval", default="wikitext2,ptb,c4", help="comma-separated datasets")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"])
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-fp", action="store_true", help="do not evaluate the unquantized model")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a method's process after this long (recorded as failed)")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from ..evaluation.compare import CompareError, Protocol, parse_method_specs, run_comparison
+
+    try:
+        runs = parse_method_specs(args.methods)
+    except CompareError as e:
+        raise CLIError(str(e)) from None
+    if args.nsamples < 1:
+        raise CLIError("--nsamples must be at least 1")
+    if not csv_list(args.eval):
+        raise CLIError("--eval is empty: name at least one dataset, e.g. wikitext2")
+    protocol = Protocol(model=args.model, calib=args.calib, calib_split=args.calib_split,
+                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        eval=tuple(csv_list(args.eval)), eval_split=args.eval_split,
+                        max_windows=args.max_windows, block_size=args.block_size,
+                        percdamp=args.percdamp, data_dir=args.data_dir, device=args.device)
+    tty = sys.stderr.isatty() and not args.quiet
+    state = {"last": None}
+
+    def show(ev) -> None:
+        head = f"[{ev.index}/{ev.total}] {ev.label}" if ev.index else f"[FP] {ev.label}"
+        if ev.stage in ("layers",) or ev.stage.startswith("ppl "):
+            if args.quiet:
+                return
+            what = "layer" if ev.stage == "layers" else ev.stage
+            line = f"{head}: {what} {ev.done}/{ev.of}"
+            if tty:
+                print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
+            elif (ev.label, ev.stage) != state["last"]:  # one line per stage when not a tty
+                print(line, file=sys.stderr, flush=True)
+            state["last"] = (ev.label, ev.stage)
+            return
+        if tty:
+            print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
+        state["last"] = None
+        if ev.stage == "start":
+            print(f"{head}: running", flush=True)
+        elif ev.stage == "skipped":
+            print(f"{head}: already done (same protocol), skipped", flush=True)
+        elif ev.stage == "failed":
+            print(f"{head}: FAILED: {ev.row.get('error')} (the others go on)", flush=True)
+        elif ev.stage == "done" and ev.index:
+            r = ev.row
+            ppl = ", ".join(f"{d} {v['ppl']:.2f}" for d, v in r["perplexity"].items())
+            print(f"{head}: {ppl}; {r['stored_bits']:.3f} stored bits "
+                  f"({r['paper_bits']:.3f} paper), {r['seconds']:.1f} s", flush=True)
+        elif ev.stage == "done":
+            ppl = ", ".join(f"{d} {v['ppl']:.2f}" for d, v in ev.row["perplexity"].items())
+            print(f"{head}: {ppl}", flush=True)
+
+    try:
+        res = run_comparison(runs, protocol, args.out, fresh=args.fresh, fp=not args.no_fp,
+                             timeout=args.timeout, progress=show)
+    except CompareError as e:
+        raise CLIError(str(e)) from None
+    print()
+    print(res.markdown_path.read_text())
+    print(f"results: {res.results_path}, table: {res.markdown_path}")
+    if res.plot_path:
+        print(f"plot: {res.plot_path}")
+    else:
+        print(f"plot skipped: {res.plot_skipped}")
+    failed = [r["label"] for r in res.results["runs"] if r.get("status") != "ok"]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see {args.out}/logs/; rerun the same command "
+              "to retry only those)")
+    return 1 if failed else 0
