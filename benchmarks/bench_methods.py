@@ -1,10 +1,13 @@
 """Issue 3 benchmark: every paper method on stories260K, plus seconds per 7B-shaped linear.
 
-Writes benchmarks/results/methods.json and methods.md. Each method runs in its own process
-(`binllm quantize … --report`) so that its peak memory is its own. Perplexities use every
+Writes benchmarks/results/methods.json and methods.md. The stories260K rows are run by
+`binllm compare`'s machinery (`binllm.evaluation.compare`): each method in its own process
+(`binllm quantize … --report`), so that its peak memory is its own; `--runs-dir DIR` keeps
+the comparison there so that an interrupted run resumes. Perplexities use every
 window of each test split (no cap) unless --max-windows is given; the table says which.
 
     python benchmarks/bench_methods.py [--nsamples 128] [--max-windows N] [--skip-linear]
+                                       [--runs-dir DIR]
     python benchmarks/bench_methods.py --linear-only   # redo the per-linear rows, keep the rest
 
 Per linear, besides the seconds, the table gives the relative output error on the synthetic
@@ -16,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children too: idle threads sleep
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "stories260K"
 OUT = ROOT / "benchmarks" / "results"
@@ -51,48 +54,43 @@ LINEAR_VARIANTS = [v for v in VARIANTS  # 4096×4096 only
                    if v[0] not in ("BiLLM, search on W", "BiLLM, split on W magnitude")]
 
 
-def run_cli(args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "binllm", "-q", *args, "--report", str(report)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        out = json.loads(report.read_text())
-        out["wall_seconds"] = time.perf_counter() - t0
-        return out
-
-
 def stories_rows(nsamples: int, max_windows: int | None, only: set[str] | None = None,
-                 ) -> list[dict]:
-    common = ["--seqlen", "512", "--eval", ",".join(DATASETS)]
-    if max_windows:
-        common += ["--max-windows", str(max_windows)]
-    fp = run_cli(["eval", str(MODEL), "--datasets", ",".join(DATASETS), "--seqlen", "512",
-                  *(["--max-windows", str(max_windows)] if max_windows else [])])
-    rows = [{"label": "FP32", "method": None, "perplexity": fp["perplexity"],
-             "paper_bits": 32.0, "stored_bits": 32.0, "seconds": 0.0, "peak_memory_mb": None}]
+                 runs_dir: Path | None = None) -> list[dict]:
+    """The stories260K rows, run by `binllm compare`'s machinery (one child per method, resumable
+    in runs_dir: a rerun after a crash skips the methods that finished)."""
+    from binllm.evaluation.compare import MethodRun, Protocol, run_comparison
     from binllm.methods import METHODS
 
-    for label, method, margs in RUNS + VARIANTS:
-        if only is not None and label not in only and method not in only:
-            continue
-        if method not in METHODS:
+    chosen = [(label, method, margs) for label, method, margs in RUNS + VARIANTS
+              if only is None or label in only or method in only]
+    runs = [MethodRun(label, method, tuple(tuple(a.split("=", 1)) for a in margs))
+            for label, method, margs in chosen if method in METHODS]
+    protocol = Protocol(str(MODEL), calib="wikitext2", calib_split="validation",
+                        nsamples=nsamples, seqlen=512, eval=tuple(DATASETS),
+                        max_windows=max_windows)
+
+    def show(ev):
+        if ev.stage in ("done", "failed"):
+            ppl = {k: round(v["ppl"], 2) for k, v in (ev.row.get("perplexity") or {}).items()}
+            print(f"{ev.label}: {ppl or ev.row.get('error')}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_comparison(runs, protocol, runs_dir or tmp, progress=show, plot=False)
+    fp = res.results["fp"]["perplexity"]
+    rows = [{"label": "FP32", "method": None, "perplexity": fp,
+             "paper_bits": 32.0, "stored_bits": 32.0, "seconds": 0.0, "peak_memory_mb": None}]
+    done = {r["label"]: r for r in res.results["runs"]}
+    for label, method, _ in chosen:
+        r = done.get(label)
+        if r is None:
             rows.append({"label": label, "method": method, "missing": True})
-            continue
-        args = ["quantize", str(MODEL), "--method", method, "--calib", "wikitext2",
-                "--calib-split", "validation", "--nsamples", str(nsamples), *common]
-        for a in margs:
-            args += ["--method-arg", a]
-        r = run_cli(args)
-        q = r["quantization"]
-        rows.append({"label": label, "method": method, "method_args": q["method_args"],
-                     "perplexity": r["perplexity"], "paper_bits": q["paper_bits"],
-                     "stored_bits": q["stored_bits"], "seconds": q["seconds"],
-                     "peak_memory_mb": q["peak_memory_mb"], "protocol": r["protocol"]})
-        print(f"{label}: {({k: round(v['ppl'], 2) for k, v in r['perplexity'].items()})}",
-              flush=True)
+        elif r["status"] != "ok":
+            raise RuntimeError(f"{label} failed: {r['error']}")
+        else:
+            rows.append({"label": label, "method": method, "method_args": r["resolved_args"],
+                         "perplexity": r["perplexity"], "paper_bits": r["paper_bits"],
+                         "stored_bits": r["stored_bits"], "seconds": r["seconds"],
+                         "peak_memory_mb": r["peak_memory_mb"], "protocol": r["calibration"]})
     return rows
 
 
@@ -179,11 +177,14 @@ def main() -> None:
                          "(kept: the rest)")
     ap.add_argument("--linear-only", action="store_true",
                     help="recompute the per-linear rows; keep the stories260K rows of methods.json")
+    ap.add_argument("--runs-dir", type=Path, default=None,
+                    help="keep the per-method comparison here (resumable; default: a temp dir)")
     args = ap.parse_args()
     if args.only:  # recompute these stories260K rows, keep everything else
         result = json.loads((OUT / "methods.json").read_text())
         new = {r["label"]: r for r in stories_rows(args.nsamples, args.max_windows,
-                                                    set(args.only.split(";")))[1:]}
+                                                    set(args.only.split(";")),
+                                                    args.runs_dir)[1:]}
         old_rows = result["stories260K"]
         result["stories260K"] = [new.pop(r["label"], r) for r in old_rows] + list(new.values())
         args.skip_linear = True
@@ -192,7 +193,8 @@ def main() -> None:
     else:
         result = {"nsamples": args.nsamples, "max_windows": args.max_windows,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "stories260K": stories_rows(args.nsamples, args.max_windows)}
+                  "stories260K": stories_rows(args.nsamples, args.max_windows,
+                                                 runs_dir=args.runs_dir)}
     if not args.skip_linear:
         result["linears"] = linear_rows()
     OUT.mkdir(parents=True, exist_ok=True)
