@@ -22,15 +22,17 @@ import contextlib
 import json
 import logging
 import os
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_dir
+from ..atomic import OutputLock, atomic_dir
 from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
+from .output import check_output_dir
 from .saved_dir import (  # noqa: F401
     _DTYPES,
     QUANT_METHOD,
@@ -55,33 +57,76 @@ DEFAULT_SHARD_BYTES = 2 * 2**30
 
 # -- save ------------------------------------------------------------------------------------
 def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str | os.PathLike, *,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                   lock: bool = True) -> Path:
     """Write `model` (binarized in place by `binarize_model`) with the codes of `report`.
 
     report: the QuantizeReport (with codes); tokenizer: saved alongside when not None.
-    An existing non-empty out_dir is refused unless `overwrite`.
+    An existing non-empty out_dir is refused unless `overwrite`, and even then unless it is a
+    binllm output; the model's own source directory (or one containing it) never is replaced
+    (`binllm.packed.output.check_output_dir`). lock: hold `.NAME.lock` beside out_dir while
+    writing (False when the caller already holds it).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or "
-                              "overwrite it")
     if not report.codes:
         raise ValueError("the report holds no codes: run binarize_model(..., keep_codes=True)")
+    check_output_dir(out, overwrite=overwrite, sources=[_source_of(model)])
     tensors, layers, untie = _collect_tensors(model, report.codes)
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
     qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
           "method": report.method, "method_args": report.method_args,
-          **{k: report.config.get(k) for k in ("block_size", "percdamp", "feedback", "skip")},
-          "modules_to_not_convert": [n for n in linears if n not in layers],
+          **{k: report.config.get(k) for k in ("block_size", "percdamp", "feedback", "skip")}}
+    _write_dir(model, out, tensors, layers, untie, qc, tokenizer, report.to_dict(),
+               max_shard_bytes, lock)
+    log.info("saved %d binarized linears to %s", len(layers), out)
+    return out
+
+
+def save_loaded(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = True) -> Path:
+    """Re-save a model loaded from a binllm directory (`binllm.load` or `from_pretrained`).
+
+    Its BinaryLinears' packed buffers are written as they are (the same packed format) with the
+    quantization_config it was loaded with; files, sizes and checksums are recomputed.
+    `model.save_pretrained(DIR)` of such a model calls this. out_dir follows the rules of
+    `save_binarized(..., overwrite=True)`.
+    """
+    out = Path(out_dir)
+    loaded = getattr(model.config, "quantization_config", None)
+    loaded = loaded.to_dict() if hasattr(loaded, "to_dict") else dict(loaded or {})
+    layers = {n: m.layout for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    if loaded.get("quant_method") != QUANT_METHOD or not layers:
+        raise ValueError("save_loaded saves models loaded from a binllm directory (BinaryLinear "
+                         "layers); binarize a model first and save it with save_binarized")
+    check_output_dir(out, overwrite=overwrite, sources=[_source_of(model)])
+    tensors, _, _ = _collect_tensors(model, {})
+    qc = {k: v for k, v in loaded.items()
+          if k not in ("files", "layers", "modules_to_not_convert")}
+    qc["format_version"] = FORMAT_VERSION
+    report = {"resaved_from": _source_of(model), "method": qc.get("method"),
+              "method_args": qc.get("method_args")}
+    _write_dir(model, out, tensors, layers, False, qc, tokenizer, report, max_shard_bytes, True)
+    log.info("re-saved %d binarized linears to %s", len(layers), out)
+    return out
+
+
+def _source_of(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _write_dir(model, out: Path, tensors, layers, untie, qc, tokenizer, report, max_shard_bytes,
+               lock: bool) -> None:
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
+    qc = {**qc, "modules_to_not_convert": [n for n in linears if n not in layers],
           "layers": {n: lay.to_dict() for n, lay in layers.items()}}
-    with atomic_dir(out) as tmp:
+    with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
         qc["files"] = _write_shards(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        _write_json(tmp / REPORT_FILE, report.to_dict())
+        _write_json(tmp / REPORT_FILE, report)
         config = model.config.to_diff_dict()
         config["architectures"] = [type(model).__name__]
         config["quantization_config"] = qc
@@ -90,8 +135,30 @@ def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str |
         _write_json(tmp / "config.json", config)  # last: only a finished dir has a binllm config
         for f in tmp.iterdir():
             f.chmod(0o644)
-    log.info("saved %d binarized linears to %s", len(layers), out)
-    return out
+
+
+def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
+                     max_shard_size: int | str = DEFAULT_SHARD_BYTES, push_to_hub: bool = False,
+                     **kwargs) -> None:
+    """`model.save_pretrained(DIR)` of a loaded binllm model: `save_loaded` (packed format)."""
+    if push_to_hub:
+        raise NotImplementedError("push_to_hub: save_pretrained(DIR) first, then upload DIR with "
+                                  "huggingface_hub's upload_folder")
+    if state_dict is not None:
+        raise ValueError("a binllm model saves its own packed state; drop state_dict=")
+    if not is_main_process:
+        return
+    if isinstance(max_shard_size, str):
+        from transformers.utils.hub import convert_file_size_to_int
+
+        max_shard_size = convert_file_size_to_int(max_shard_size)
+    save_loaded(self, save_directory, max_shard_bytes=int(max_shard_size))
+
+
+def bind_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make `model.save_pretrained` write the packed format (an instance method; copies keep it)."""
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
 
 
 def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
@@ -206,9 +273,7 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)
     replace_linears(model, saved.layouts, device="meta")
-    expected = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    _check_shapes(saved, expected, tied)
+    check_model_matches(saved, model)
     state = read_tensors(saved)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -224,7 +289,7 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
         set_cache_dequantized(model, True)
     if not kernels:
         set_kernels(model, False)
-    return model
+    return bind_save_pretrained(model)
 
 
 def load(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -232,10 +297,26 @@ def load(path: str | os.PathLike, **kwargs) -> nn.Module:
     return load_binarized(path, **kwargs)
 
 
+def check_model_matches(saved: SavedModel, model: nn.Module) -> None:
+    """The checks both loaders run on the skeleton (BinaryLinears swapped in, nothing loaded):
+    every tensor the model needs is stored with its declared shape (and, for packed tensors,
+    dtype), none is left over, and every linear whose packed codes are stored has a layout."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    _check_shapes(saved, model.state_dict(), tied)
+
+
 def _check_shapes(saved: SavedModel, expected: dict[str, Tensor], tied: set[str]) -> None:
     packed = {f"{n}.{s}" for n, lay in saved.layouts.items() for s in lay.specs()}
     extra = sorted(set(saved.tensors) - set(expected))
     missing = sorted(set(expected) - set(saved.tensors) - tied)
+    owners = {k.rpartition(".")[0] for k in extra}
+    unlisted = sorted(k.rpartition(".")[0] for k in missing
+                      if k.endswith(".weight") and k.rpartition(".")[0] in owners)
+    if unlisted:
+        raise CorruptCheckpoint(f"{saved.path}: the files store packed codes of {unlisted[:4]} "
+                                "but config.json's quantization_config.layers has no layout for "
+                                f"{'it' if len(unlisted) == 1 else 'them'}; config.json is "
+                                "damaged: restore it or re-save the model")
     if extra or missing:
         raise CorruptCheckpoint(f"{saved.path}: the files store tensors the model built from "
                                 f"config.json lacks {extra[:4]} or miss tensors it needs "

@@ -2,20 +2,27 @@
 quantizer registry (`register_quantization_config` / `register_quantizer`, quant_method
 "binllm").
 
-The quantizer does one thing: before the weights are loaded it swaps the linears listed in
-quantization_config.layers for empty BinaryLinears (on the meta device), whose buffers then
-receive the packed tensors by their on-disk names. Everything else is transformers' own
-loading. `binllm.load(DIR)` does the same swap without transformers' loader and stays the
-primary path.
+Before the weights are loaded the quantizer runs the checks of `binllm.load` on the files
+transformers resolved (config, sizes and sha256 of every shard as recorded at save, every
+stored tensor's header) and swaps the linears listed in quantization_config.layers for empty
+BinaryLinears (on the meta device), whose buffers then receive the packed tensors by their
+on-disk names; then the skeleton is checked against the files (every tensor present with its
+declared shape and dtype, every linear with stored codes listed), so nothing is ever left
+randomly initialised. Everything else is transformers' own loading. After loading,
+`model.save_pretrained(DIR)` writes the packed format again (`checkpoint.save_loaded`).
+`binllm.load(DIR)` does the same without transformers' loader and stays the primary path.
 
 When does registration happen? `import binllm` must not import transformers, so binllm's
 `__init__` installs an import hook that calls `register()` right after transformers imports
-`transformers.quantizers.auto` (or at once if it already has). `register()` may also be
-called by hand; it is idempotent.
+`transformers.quantizers.auto` (or at once if it already has). The installed package ships
+`binllm_hf_hook.pth`, which imports binllm at interpreter start-up, so that hook is in place
+in every Python process of the environment, also without `import binllm` (lm_eval, scripts).
+`register()` may also be called by hand; it is idempotent.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers.auto import (
@@ -27,9 +34,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint import bind_save_pretrained, check_model_matches
 from .layers import replace_linears
-from .layout import FORMAT_VERSION, PackedLayout
-from .saved_dir import QUANT_METHOD, FormatVersionError
+from .layout import FORMAT_VERSION
+from .saved_dir import QUANT_METHOD, FormatVersionError, read_saved
 
 
 class BinllmConfig(QuantizationConfigMixin):
@@ -56,17 +64,20 @@ class BinllmHfQuantizer(HfQuantizer):
             raise FormatVersionError(f"this directory is binllm format_version {version!r}; the "
                                      f"installed binllm reads format_version {FORMAT_VERSION}")
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        layouts = {n: PackedLayout.from_dict(d) for n, d in self.quantization_config.layers.items()}
-        replace_linears(model, layouts, device="meta")
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        directory = (Path(checkpoint_files[0]).parent if checkpoint_files
+                     else Path(model.config.name_or_path))
+        saved = read_saved(directory, verify=True)  # what binllm.load checks, same errors
+        replace_linears(model, saved.layouts, device="meta")
+        check_model_matches(saved, model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        return model
+        return bind_save_pretrained(model)
 
     def is_serializable(self) -> bool:
-        # save_pretrained would copy the recorded file sizes and checksums of the directory it
-        # was loaded from into a new one; binllm directories are written by save_binarized only
+        # transformers' own save_pretrained would copy the recorded file sizes and checksums of
+        # the directory the model came from; loaded models get binllm's save_pretrained instead
         return False
 
     @property
