@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 from typing import Any
 
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      parse_method_args, print_ppl_table, resolve_seqlen, write_json_atomic)
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
+from .output import check_model, check_out, lock_out, save_or_keep
 
 
 def add_quantize(sub) -> None:
@@ -39,6 +40,11 @@ def add_quantize(sub) -> None:
 
 
 def cmd_quantize(args) -> int:
+    with contextlib.ExitStack() as stack:  # holds the lock of --out until the end
+        return _quantize(args, stack)
+
+
+def _quantize(args, stack: contextlib.ExitStack) -> int:
     from tqdm import tqdm
 
     from ..engine.binarize import binarize_model
@@ -53,11 +59,13 @@ def cmd_quantize(args) -> int:
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
     task_manager = check_lm_eval(args)
-    if args.out and Path(args.out).exists() and not args.overwrite and \
-            (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
-        raise CLIError(f"--out {args.out} exists and is not empty; "
-                       "pass --overwrite or another --out")
+    if args.out:
+        check_out(args)
+        lock_out(args, stack)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    check_model(args, model)
+    if args.out:
+        check_out(args, model)  # now with the free space the packed model needs
     seqlen = resolve_seqlen(model, args.seqlen)
     eval_names = csv_list(args.eval)
     report: dict[str, Any] = {"command": "quantize", "model": args.model}
@@ -79,11 +87,13 @@ def cmd_quantize(args) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    from ..engine.journal import LayerJournal, run_identity
+
+    identity = run_identity(model, config, batches)
     journal = None
     if args.resume_dir:
-        from ..engine.journal import LayerJournal, run_identity
-
-        journal = LayerJournal(args.resume_dir, run_identity(model, config, batches))
+        journal = LayerJournal(args.resume_dir, identity)
+        journal.verify()  # a damaged layer file stops the run now, with its name
         if journal.layers_done():
             print(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
     qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
@@ -97,9 +107,12 @@ def cmd_quantize(args) -> int:
     if source.note:
         print(f"note: {source.note}")
     if args.out:
-        from ..packed.checkpoint import save_binarized
-
-        save_binarized(model.to("cpu"), qreport, tokenizer, args.out, overwrite=args.overwrite)
+        try:
+            save_or_keep(args, model, qreport, tokenizer, journal, identity)
+        except CLIError:
+            if args.report:  # keep what was measured
+                write_json_atomic(args.report, report)
+            raise
         report["out"] = args.out
         print(f"model saved to {args.out} (see `binllm inspect {args.out}`)")
     if eval_names:

@@ -31,6 +31,62 @@ class NonFiniteWeights(ValueError):
     """A weight matrix holds NaN or Inf before quantization."""
 
 
+class UnknownSkip(ValueError):
+    """A `skip` name matches no linear of the decoder layers."""
+
+
+FINITE_CHUNK = 1 << 24  # elements checked at a time (bounded temporary memory)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise NonFiniteWeights naming the first parameter or buffer that holds NaN or Inf.
+
+    Every tensor (embeddings, norms, LM head, every linear) is checked, in row chunks, before
+    any layer is touched.
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), FINITE_CHUNK):
+            if not torch.isfinite(flat[start:start + FINITE_CHUNK]).all():
+                nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+                raise NonFiniteWeights(
+                    f"{name} holds {nan} NaN and {inf} Inf values (of {flat.numel()}); the "
+                    "checkpoint is corrupt or was saved after a diverged run: use another one")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the linears inside the decoder layers, relative to a layer, in order."""
+    _, layers = find_decoder_layers(model)
+    names: dict[str, None] = {}
+    for layer in layers:
+        names.update(dict.fromkeys(find_linears(layer)))
+    return list(names)
+
+
+def skip_matches(name: str, skip: tuple[str, ...] | list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def binarized_names(model: nn.Module, skip: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Full names of the linears binarize_model will quantize (decoder linears minus skip)."""
+    path, layers = find_decoder_layers(model)
+    return [f"{path}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)
+            if not skip_matches(n, skip)]
+
+
+def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
+    """Raise UnknownSkip when a skip name matches no linear of the decoder layers."""
+    names = linear_names(model)
+    unknown = [s for s in skip if not any(skip_matches(n, [s]) for n in names)]
+    if unknown:
+        short = names[-1].rpartition(".")[2] if names else ""
+        raise UnknownSkip(f"--skip {','.join(unknown)} matches no linear of "
+                          f"{type(model).__name__}'s decoder layers; they are "
+                          f"{', '.join(names)} (a name or its last part, e.g. {short})")
+
+
 @dataclass(frozen=True)
 class LinearReport:
     name: str
@@ -98,10 +154,12 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         raise UnsupportedArchitecture(
             f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
             "style Conv1D projections are not supported), so there is nothing to binarize")
+    check_skip(model, config.skip)
+    check_finite(model)
     n_layers = len(layers)
     for i, path, layer, inputs in walk_layers(model, calibration, device):
         linears = {n: m for n, m in find_linears(layer).items()
-                   if not any(n == s or n.endswith("." + s) for s in config.skip)}
+                   if not skip_matches(n, config.skip)}
         if journal is not None and journal.done(i):
             _restore_layer(report, journal, i, path, linears, keep_codes)
             if on_layer:

@@ -3,8 +3,10 @@
 A `LayerJournal` is a folder. `journal.json` records what the run is (the config, a sha256
 of the calibration token ids, the model class and its decoder-layer count); each finished
 layer i is one file `layer_{i:05d}.safetensors` holding the packed codes of its linears
-(`binllm.packed.layout`) and, in the header metadata, their layouts and reports. Every file is
-written to a temporary name and renamed, so a crash leaves either the whole layer or none.
+(`binllm.packed.layout`) and, in the header metadata, their layouts, reports and a sha256 of
+all of it (tensor names, dtypes, shapes, bytes and the other metadata), checked on every read:
+a damaged layer file is refused with its name, never used. Every file is written to a
+temporary name and renamed, so a crash leaves either the whole layer or none.
 
 Resuming replays the run: layers found in the journal get their weights from the stored
 codes (which dequantize to exactly the calibrated weights) instead of being quantized
@@ -28,7 +30,7 @@ from ..atomic import atomic_write
 from ..packed.layout import PackedLayout, pack, unpack
 
 MANIFEST = "journal.json"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: every layer file carries a sha256 of its contents
 
 
 class JournalMismatch(ValueError):
@@ -40,6 +42,18 @@ def calibration_sha256(batches: list[Tensor]) -> str:
     for ids in batches:
         h.update(str(tuple(ids.shape)).encode())
         h.update(ids.to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def contents_sha256(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and metadata entry."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(meta):
+        h.update(f"{key}|{meta[key]}|".encode())
     return h.hexdigest()
 
 
@@ -91,6 +105,14 @@ class LayerJournal:
     def layers_done(self) -> int:
         return sum(1 for _ in self.path.glob("layer_*.safetensors"))
 
+    def verify(self) -> int:
+        """Read and check every finished layer file now (before any work); returns how many."""
+        done = sorted(int(f.stem.partition("_")[2]) for f in self.path.glob("layer_*.safetensors")
+                      if f.stem.partition("_")[2].isdigit())
+        for i in done:
+            self.load(i)
+        return len(done)
+
     def save(self, i: int, codes: dict[str, Any], reports: list[Any]) -> None:
         """Store layer i's codes (linear name -> codes) and its linear reports, atomically."""
         from safetensors.torch import save_file
@@ -102,7 +124,16 @@ class LayerJournal:
             tensors.update({f"{name}.{k}": v.cpu() for k, v in packed.items()})
         meta = {"layouts": json.dumps(layouts),
                 "reports": json.dumps([dataclasses.asdict(r) for r in reports])}
+        meta["sha256"] = contents_sha256(tensors, meta)
         atomic_write(self._file(i), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def save_report(self, report: Any, layers_path: str, n_layers: int) -> None:
+        """Store every layer of a finished run (a QuantizeReport with codes), e.g. to keep the
+        work when saving the model failed; resuming from it restores every layer."""
+        for i in range(n_layers):
+            prefix = f"{layers_path}.{i}."
+            codes = {k[len(prefix):]: c for k, c in report.codes.items() if k.startswith(prefix)}
+            self.save(i, codes, [r for r in report.linears if r.name.startswith(prefix)])
 
     def load(self, i: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(linear name -> codes, reports as dicts) of layer i."""
@@ -110,13 +141,17 @@ class LayerJournal:
 
         try:
             with safe_open(str(self._file(i)), framework="pt") as f:
-                meta = f.metadata() or {}
+                meta = dict(f.metadata() or {})
                 stored = {k: f.get_tensor(k) for k in f.keys()}
+            recorded = meta.pop("sha256", None)
+            if recorded != contents_sha256(stored, meta):
+                raise ValueError("its contents do not match the sha256 written with it")
             layouts = json.loads(meta["layouts"])
             reports = json.loads(meta["reports"])
         except Exception as e:  # noqa: BLE001 - any damage means: this layer is not usable
             raise JournalMismatch(f"{self._file(i)} is damaged ({type(e).__name__}: {e}); "
-                                  "delete that file to quantize the layer again") from None
+                                  "delete that file to quantize the layer again (the other "
+                                  "finished layers are kept)") from None
         codes = {}
         for name, d in layouts.items():
             prefix = name + "."
