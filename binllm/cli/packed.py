@@ -27,7 +27,12 @@ def add_inspect(sub) -> None:
 def cmd_inspect(args) -> int:
     from ..packed.saved_dir import inspect_saved
 
-    info = inspect_saved(args.model, verify=args.verify)
+    verified = None
+    if args.verify:  # every check of binllm.load, the sha256 of each shard included
+        from ..packed.checkpoint import verify_saved
+
+        verified = verify_saved(args.model)
+    info = inspect_saved(args.model)
     args_text = ", ".join(f"{k}={v}" for k, v in info.method_args.items())
     print(f"{info.path}: method {info.method} ({args_text}), format_version {info.format_version}")
     width = max([len(lay.name) for lay in info.layers] + [5])
@@ -44,8 +49,11 @@ def cmd_inspect(args) -> int:
           f"{info.paper_bits:.3f} paper bits")
     print(f"  files {_kib(info.file_bytes)} vs fp16 {_kib(info.fp16_bytes)} "
           f"({info.file_bytes / info.fp16_bytes:.3f}×); unchanged tensors {_kib(info.other_bytes)}")
+    if verified is not None:
+        print(f"  verified: {verified.summary()}")
     if args.report:
-        write_json_atomic(args.report, {"command": "inspect", **info.to_dict()})
+        extra = {} if verified is None else {"verified": verified.summary()}
+        write_json_atomic(args.report, {"command": "inspect", **info.to_dict(), **extra})
     return 0
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,16 +265,8 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     default; equal to the reference to fp32 round-off) or, False, dequantize at every forward
     (bit for bit the calibrated model); cache_dequantized keeps dequantized weights instead.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     saved = read_saved(path, verify=verify)
-    config = AutoConfig.from_pretrained(saved.path)
-    quantization = config.quantization_config
-    del config.quantization_config  # build the plain architecture; BinaryLinears go in below
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
-    replace_linears(model, saved.layouts, device="meta")
-    check_model_matches(saved, model)
+    model, quantization = _skeleton(saved)
     state = read_tensors(saved)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -290,6 +283,42 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     if not kernels:
         set_kernels(model, False)
     return bind_save_pretrained(model)
+
+
+def _skeleton(saved: SavedModel) -> tuple[nn.Module, Any]:
+    """The model of saved.config with parameters on meta and BinaryLinears swapped in, checked
+    against the files (check_model_matches); and the quantization_config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(saved.path)
+    quantization = config.quantization_config
+    del config.quantization_config  # build the plain architecture; BinaryLinears go in below
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    replace_linears(model, saved.layouts, device="meta")
+    check_model_matches(saved, model)
+    return model, quantization
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `verify_saved` checked (`binllm inspect --verify` prints it)."""
+
+    shards: int       # safetensors files whose size and sha256 match the values recorded at save
+    linears: int      # binarized linears, every packed tensor present with its shape and dtype
+    tensors: int      # stored tensors, all expected by the model built from config.json
+
+    def summary(self) -> str:
+        return (f"{self.shards} shard{'s' * (self.shards != 1)}, {self.linears} binarized "
+                f"linears, {self.tensors} tensors: sizes and sha256 checksums match the save, "
+                "every tensor present with its declared shape and dtype")
+
+
+def verify_saved(path: str | os.PathLike) -> Verification:
+    """Every check of load_binarized (sha256 of each shard included), loading no tensor data."""
+    saved = read_saved(path, verify=True)
+    _skeleton(saved)
+    return Verification(len(saved.files), len(saved.layouts), len(saved.tensors))
 
 
 def load(path: str | os.PathLike, **kwargs) -> nn.Module:

@@ -6,6 +6,8 @@ tensor code), yet `AutoModelForCausalLM.from_pretrained(DIR)` must know quant_me
 `transformers.quantizers.auto` is already imported, and otherwise puts a one-shot finder on
 `sys.meta_path` that wraps that module's loader and calls `binllm.packed.hf_integration.register()`
 right after the module has executed. Only the standard library is imported here.
+`binllm_autoload` (installed with a .pth) hands over to `RegisterOnImport` in processes that
+never import binllm themselves.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class RegisterOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != TARGET:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
+        for f in [f for f in sys.meta_path if isinstance(f, RegisterOnImport)]:
+            sys.meta_path.remove(f)  # every instance: the real spec is found below, once
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
             spec.loader = _RegisteringLoader(spec.loader)
