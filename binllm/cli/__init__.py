@@ -3,7 +3,8 @@
 `app` builds the parser and maps library errors to one-line messages (exit 2); `common` holds
 what the commands share (`CLIError`, argument helpers, the model loader, perplexity tables);
 `quantize`, `evaluate` (eval, methods), `packed` (inspect, generate), `qat` and `lmeval`
-(`--tasks`) each register their subcommands. Command modules import `common` and the library,
+(`--tasks`) each register their subcommands; `output` holds quantize's --out checks and the
+save that keeps the work when it fails. Command modules import `common` and the library,
 never each other's entry points; the library never imports the CLI.
 """
 
