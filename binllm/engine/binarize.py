@@ -41,7 +41,7 @@ FINITE_CHUNK = 1 << 24  # elements checked at a time (bounded temporary memory)
 def check_finite(model: nn.Module) -> None:
     """Raise NonFiniteWeights naming the first parameter or buffer that holds NaN or Inf.
 
-    Every tensor (embeddings, norms, LM head, every linear) is checked, in row chunks, before
+    Every tensor (embeddings, norms, LM head, every linear) is checked, in chunks, before
     any layer is touched.
     """
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
