@@ -7,6 +7,9 @@ measured: no GPU in this session" and nothing else):
   weights), batch 1 and 16: Triton kernel (`binllm.kernels.triton_sign`) vs bf16 `F.linear` on
   the dequantized weight vs GemLite's A16W1 kernel (`pip install gemlite`; W = (q − z)·s with
   q ∈ {0, 1}, z = 0.5, s = 2α per group of 128: exactly the q1_0 weight) when importable;
+- one 4096×4096 linear with BiLLM-shaped codes (3 salient columns per 128-column block at
+  order 2, the rest split into two order-1 groups) through its kernel form
+  (`binllm.kernels.triton_form`), batch 1 and 16, against bf16 `F.linear`;
 - a LLaMA-7B-shaped stack of linears (32 layers × q/k/v/o 4096×4096, gate/up 11008×4096,
   down 4096×11008), one token through all 224 linears, eager and captured in a CUDA graph
   (launch overhead removed), for the same three paths.
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_MEASURED = "not measured: no GPU in this session"
+DEVICE = "cuda"  # where the benchmark runs (a module constant so a smoke run can use the CPU)
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 STACK = ["q/k/v/o"] * 4 + ["gate/up"] * 2 + ["down"]  # one decoder layer's linears
 
@@ -110,11 +114,11 @@ def bench_layers(iters: int) -> list[dict]:
 
     rows_out = []
     for name, (R, K) in list(SHAPES.items())[:2]:
-        layout, packed = q1_0_layer(R, K, "cuda", seed=R)
+        layout, packed = q1_0_layer(R, K, DEVICE, seed=R)
         W = unpack(layout, packed).dequantize().to(torch.bfloat16)
         gl = gemlite_layer(layout, packed, W)
         for batch in (1, 16):
-            x = torch.randn(batch, K, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(batch, K, device=DEVICE, dtype=torch.bfloat16)
             ref = F.linear(x, W).float()
             paths = {"bf16 F.linear": lambda: F.linear(x, W)}
             for br in (8, 16, 32, 64):  # rows per program: the kernel's one tuning knob
@@ -131,6 +135,47 @@ def bench_layers(iters: int) -> list[dict]:
     return rows_out
 
 
+def billm_like(rows: int, cols: int, seed: int):
+    """Random BinaryCodes with BiLLM's layout: groups (salient 2, sparse 1, concentrated 1)."""
+    from binllm.methods.codes import BinaryCodes, to_storage
+
+    g = torch.Generator().manual_seed(seed)
+    nblk = cols // 128
+    sal = torch.zeros(cols, dtype=torch.bool)
+    for b in range(nblk):
+        sal[b * 128 + torch.randperm(128, generator=g)[:3]] = True
+    rest = 1 + (torch.rand(rows, cols, generator=g) < 0.3).to(torch.uint8)  # sparse = 1
+    group = torch.where(sal[None, :], torch.zeros_like(rest), rest)
+    alpha = to_storage(torch.rand(3, 2, rows, nblk, generator=g) * 0.02 + 0.005)
+    alpha[1:, 1] = 0
+    return BinaryCodes(group=group, signs=torch.rand(2, rows, cols, generator=g) > 0.5,
+                       alpha=alpha, mu=to_storage(torch.randn(3, rows, nblk, generator=g) * 1e-3),
+                       beta=None, salient_cols=sal, orders=(2, 1, 1), n_salient=1,
+                       block_size=128)
+
+
+def bench_form(iters: int) -> list[dict]:
+    from binllm.kernels.form import kernel_form
+    from binllm.kernels.triton_form import form_matmul
+
+    R, K = SHAPES["q/k/v/o"]
+    codes = billm_like(R, K, seed=7)
+    form = kernel_form(codes).to(DEVICE)
+    W = codes.dequantize().to(DEVICE, torch.bfloat16)
+    out = []
+    for batch in (1, 16):
+        x = torch.randn(batch, K, device=DEVICE, dtype=torch.bfloat16)
+        ref = F.linear(x, W).float()
+        for label, fn in {"bf16 F.linear": lambda: F.linear(x, W),
+                          "triton form (billm-like)": lambda: form_matmul(form, x)}.items():
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            ms = cuda_time(fn, iters)
+            out.append({"shape": f"{R}x{K}", "batch": batch, "path": label, "ms": ms,
+                        "rel_err_vs_bf16": err})
+            print(f"billm-like batch {batch} {label}: {ms * 1000:.1f} µs (rel err {err:.1e})")
+    return out
+
+
 def bench_stack(iters: int, layers: int) -> list[dict]:
     from binllm.kernels.triton_sign import sign_linear
     from binllm.packed.layout import unpack
@@ -139,12 +184,12 @@ def bench_stack(iters: int, layers: int) -> list[dict]:
     for i in range(layers):
         for j, kind in enumerate(STACK):
             R, K = SHAPES[kind]
-            layout, packed = q1_0_layer(R, K, "cuda", seed=1000 * i + j)
+            layout, packed = q1_0_layer(R, K, DEVICE, seed=1000 * i + j)
             q1.append((layout, packed))
             dense.append(unpack(layout, packed).dequantize().to(torch.bfloat16))
             gls.append((gemlite_layer(layout, packed, dense[-1]), K))
-    xs = {4096: torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16),
-          11008: torch.randn(1, 11008, device="cuda", dtype=torch.bfloat16)}
+    xs = {K: torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+          for K in {k for _, k in SHAPES.values()}}
     paths = {"bf16 F.linear": lambda: [F.linear(xs[W.shape[1]], W) for W in dense],
              "triton q1_0": lambda: [sign_linear(xs[lay.in_features], lay, p) for lay, p in q1]}
     if all(g is not None for g, _ in gls):
@@ -205,7 +250,8 @@ def main(argv=None) -> int:
         write(args.out_dir, result)
         return 0
     result.update(measured=True, device=torch.cuda.get_device_name(),
-                  layers=bench_layers(args.iters), stack=bench_stack(args.iters, args.layers))
+                  layers=bench_layers(args.iters) + bench_form(args.iters),
+                  stack=bench_stack(args.iters, args.layers))
     write(args.out_dir, result)
     return 0
 
