@@ -99,6 +99,8 @@ def test_llama_metadata_and_the_sentencepiece_vocabulary(exported, stories_path)
     assert value("llama.attention.head_count") == 4
     assert value("llama.attention.head_count_kv") == 2
     assert value("llama.feed_forward_length") == 256
+    assert value("llama.rope.freq_base") == 10000.0  # transformers 5: in rope_parameters
+    assert value("llama.context_length") == 128 and value("llama.rope.dimension_count") == 32
     assert value("general.file_type") == gguf.LlamaFileType.MOSTLY_Q1_0
     sp = spm.SentencePieceProcessor(model_file=str(stories_path / "tokenizer.model"))
     # the saved directory has only tokenizer.json: its derived scores are the original's
@@ -124,6 +126,25 @@ def test_codes_q1_0_cannot_express_are_refused(stories_tokenizer, tmp_path):
                        ".*Q1_0 needs .*--method q1_0"):
         export_gguf(out, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "qwen2"}, "llama architecture; this model is 'qwen2'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     "rope type 'llama3'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'")])
+def test_configs_llama_cpp_would_run_differently_are_refused(exported, tmp_path, change,
+                                                             message):
+    import json
+    import shutil
+
+    out, _ = exported
+    copy = tmp_path / "m"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ExportError, match=message):
+        export_gguf(copy, tmp_path / "m.gguf")
 
 
 def test_cli_refuses_a_mean_with_the_layout_needed(stories_tokenizer, tmp_path, capsys):

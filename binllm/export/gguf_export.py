@@ -125,9 +125,14 @@ def _hparams(config: dict) -> dict[str, Any]:
     if config.get("model_type") != "llama":
         raise ExportError(f"GGUF export writes llama.cpp's llama architecture; this model is "
                           f"{config.get('model_type')!r}")
-    rs = config.get("rope_scaling")
-    if rs and rs.get("rope_type", rs.get("type")) not in ("linear", "default"):
-        raise ExportError(f"rope_scaling {rs} is not supported by the GGUF export (linear only)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"hidden_act {config['hidden_act']!r}: llama.cpp's llama architecture "
+                          "computes SiLU")
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}  # transformers 4 / 5
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ExportError(f"rope type {kind!r} ({rope}) is not supported by the GGUF export "
+                          "(default and linear only)")
     n_head = config["num_attention_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // n_head
     return {"n_embd": config["hidden_size"], "n_ff": config["intermediate_size"],
@@ -135,9 +140,9 @@ def _hparams(config: dict) -> dict[str, Any]:
             "n_head_kv": config.get("num_key_value_heads") or n_head, "head_dim": hd,
             "n_ctx": config.get("max_position_embeddings", 2048),
             "eps": config.get("rms_norm_eps", 1e-5),
-            "theta": config.get("rope_theta", (config.get("rope_parameters") or {}).get(
-                "rope_theta", 10000.0)),
-            "vocab": config["vocab_size"], "rope_scaling": rs}
+            "theta": config.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            "linear_rope": rope.get("factor") if kind == "linear" else None,
+            "vocab": config["vocab_size"]}
 
 
 def _gguf():
@@ -224,10 +229,9 @@ def _write_metadata(gguf, w, saved, hp: dict, vocab) -> None:
     if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
-    rs = hp["rope_scaling"]
-    if rs and rs.get("rope_type", rs.get("type")) == "linear":
+    if hp["linear_rope"]:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
+        w.add_rope_scaling_factor(float(hp["linear_rope"]))
     if len(vocab.tokens) != hp["vocab"]:
         raise ExportError(f"the tokenizer has {len(vocab.tokens)} tokens, the model "
                           f"{hp['vocab']}; pass the model's own --tokenizer-model")
