@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizeConfig
+from .distributed import Distributed, guard, report_dict
 from .journal import JournalMismatch, LayerJournal
 from ..methods import get_method
 from .reconstruct import reconstruct
@@ -136,7 +137,8 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[Tensor], *,
                    device: torch.device | str = "cpu", keep_codes: bool = True,
                    on_layer: Callable[[int, int], None] | None = None,
-                   journal: LayerJournal | None = None) -> QuantizeReport:
+                   journal: LayerJournal | None = None,
+                   dist: "Distributed | None" = None) -> QuantizeReport:
     """Quantize every nn.Linear inside the decoder layers of `model`, in place.
 
     calibration: batches of token ids (batch, seqlen). Embeddings, norms, biases and the
@@ -144,6 +146,9 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     for packing). `on_layer(i, n)` is called after each decoder layer (progress bars).
     journal: finished layers are stored there, and layers it already holds are restored
     from it instead of quantized again (resume after a crash; `binllm.engine.journal`).
+    dist: this process's rank in a torchrun group (`binllm.engine.distributed`); every rank
+    passes the same model, config and calibration, and ends with the same weights and
+    report; only rank 0's journal is read and written. None: one process.
     """
     method = get_method(config.method, config.method_args)
     report = QuantizeReport(method=config.method,
@@ -154,71 +159,121 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         raise UnsupportedArchitecture(
             f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
             "style Conv1D projections are not supported), so there is nothing to binarize")
-    check_skip(model, config.skip)
-    check_finite(model)
+    with guard(dist, "weight checks"):
+        check_skip(model, config.skip)
+        check_finite(model)
     n_layers = len(layers)
-    for i, path, layer, inputs in walk_layers(model, calibration, device):
+    needs_h = method.needs_hessian or (config.feedback or method.feedback) != "none"
+    walk = walk_layers(model, calibration if dist is None else dist.local_windows(calibration),
+                       device)
+    for i, path, layer, inputs in (walk if dist is None else dist.guarded(walk, "calibration forward")):
         linears = {n: m for n, m in find_linears(layer).items()
                    if not skip_matches(n, config.skip)}
-        if journal is not None and journal.done(i):
-            _restore_layer(report, journal, i, path, linears, keep_codes)
+        restore = journal is not None and journal.done(i)
+        if restore if dist is None else dist.decide(restore):
+            _restore_layer(report, journal, i, path, linears, keep_codes, dist)
             if on_layer:
                 on_layer(i + 1, n_layers)
             continue
-        layer_codes, first = {}, len(report.linears)
-        hessians = (collect_hessians(layer, inputs, list(linears), device)
-                    if method.needs_hessian or (config.feedback or method.feedback) != "none"
-                    else {})
-        for name, linear in linears.items():
-            full = f"{path}.{name}"
-            W = linear.weight.data
-            if not torch.isfinite(W).all():
-                raise NonFiniteWeights(f"{full}.weight holds NaN or Inf; the checkpoint is "
-                                       "corrupt or was saved after a diverged run")
-            t0 = time.perf_counter()
-            H = hessians[name].H if name in hessians else None
-            rec = reconstruct(W, H, method, block_size=config.block_size,
-                              percdamp=config.percdamp, feedback=config.feedback, name=full)
-            linear.weight.data = rec.Q.to(W.dtype)
-            numel = W.numel()
-            report.linears.append(LinearReport(
-                name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
-                paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
-                seconds=time.perf_counter() - t0))
-            layer_codes[name] = rec.codes
-            log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss,
-                     report.linears[-1].paper_bits)
+        owners = {n: 0 for n in linears} if dist is None else dist.owners(
+            {n: tuple(m.weight.shape) for n, m in linears.items()},
+            heavy=getattr(method, "needs_gram", False))
+        mine = [n for n in linears if dist is None or owners[n] == dist.rank]
+        with guard(dist, f"Hessians of layer {i}"):
+            hessians = (collect_hessians(layer, inputs, list(linears) if dist is None
+                                         else dist.hessian_names(list(linears), owners), device)
+                        if needs_h else {})
+        if dist is not None and hessians:
+            hessians = dist.reduce_hessians(hessians, owners)
+        done: dict[str, tuple[Any, LinearReport]] = {}
+        with guard(dist, f"layer {i}"):
+            for name in mine:
+                done[name] = _quantize_linear(linears[name], f"{path}.{name}",
+                                              hessians.pop(name, None), method, config)
         del hessians
-        if journal is not None:
-            journal.save(i, layer_codes, report.linears[first:])
-        if keep_codes:
-            report.codes.update({f"{path}.{n}": c for n, c in layer_codes.items()})
-        if on_layer:
-            on_layer(i + 1, n_layers)
+        with guard(dist, f"layer {i} codes"):
+            if dist is not None:
+                shared = dist.share_layer({n: (c, report_dict(r)) for n, (c, r) in done.items()},
+                                          list(linears), owners)
+                for name, (codes, rep) in shared.items():
+                    if name not in done:
+                        _set_weight(linears[name], codes.dequantize())
+                        done[name] = (codes, _linear_report(rep))
+                done = {n: done[n] for n in linears}  # registration order
+            report.linears.extend(r for _, r in done.values())
+            layer_codes = {n: c for n, (c, _) in done.items()}
+            if journal is not None:
+                journal.save(i, layer_codes, [r for _, r in done.values()])
+            if keep_codes:
+                report.codes.update({f"{path}.{n}": c for n, c in layer_codes.items()})
+            if on_layer:
+                on_layer(i + 1, n_layers)
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb(device)
+    if dist is not None:
+        report.peak_memory_mb = dist.max_over_ranks(report.peak_memory_mb)
     return report
 
 
-def _restore_layer(report: QuantizeReport, journal: LayerJournal, i: int, path: str,
-                   linears: dict[str, nn.Module], keep_codes: bool) -> None:
-    """Set layer i's linears to the journal's codes and copy its reports."""
-    codes, reports = journal.load(i)
-    if set(codes) != set(linears):
-        raise JournalMismatch(f"layer {i} in {journal.path} holds {sorted(codes)}, the model "
-                              f"has {sorted(linears)}; choose a new --resume-dir")
-    for name, linear in linears.items():
-        W = linear.weight.data
-        Q = codes[name].dequantize()
-        if tuple(Q.shape) != tuple(W.shape):
-            raise JournalMismatch(f"{path}.{name}: journal codes are {tuple(Q.shape)}, the "
-                                  f"weight is {tuple(W.shape)}; choose a new --resume-dir")
-        linear.weight.data = Q.to(device=W.device, dtype=W.dtype)
-        if keep_codes:
-            report.codes[f"{path}.{name}"] = codes[name]
-    for r in reports:
-        report.linears.append(LinearReport(**{**r, "shape": tuple(r["shape"])}))
-    log.info("layer %d restored from %s", i, journal.path)
+def _quantize_linear(linear: nn.Module, full: str, acc, method, config: QuantizeConfig):
+    """(codes, LinearReport) of one linear; its weight becomes the quantized one."""
+    W = linear.weight.data
+    if not torch.isfinite(W).all():
+        raise NonFiniteWeights(f"{full}.weight holds NaN or Inf; the checkpoint is "
+                               "corrupt or was saved after a diverged run")
+    t0 = time.perf_counter()
+    H = acc.H if acc is not None else None
+    rec = reconstruct(W, H, method, block_size=config.block_size,
+                      percdamp=config.percdamp, feedback=config.feedback, name=full)
+    linear.weight.data = rec.Q.to(W.dtype)
+    numel = W.numel()
+    rep = LinearReport(
+        name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
+        paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
+        seconds=time.perf_counter() - t0)
+    log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss, rep.paper_bits)
+    return rec.codes, rep
+
+
+def _linear_report(d: dict[str, Any]) -> LinearReport:
+    return LinearReport(**{**d, "shape": tuple(d["shape"])})
+
+
+def _set_weight(linear: nn.Module, Q: Tensor) -> None:
+    W = linear.weight.data
+    linear.weight.data = Q.to(device=W.device, dtype=W.dtype)
+
+
+def _restore_layer(report: QuantizeReport, journal: LayerJournal | None, i: int, path: str,
+                   linears: dict[str, nn.Module], keep_codes: bool,
+                   dist: "Distributed | None" = None) -> None:
+    """Set layer i's linears to the journal's codes and copy its reports (rank 0 reads the
+    journal and shares the codes with the other ranks)."""
+    with guard(dist, f"restoring layer {i}"):
+        codes, reports = journal.load(i) if journal is not None else ({}, [])
+        if journal is not None and set(codes) != set(linears):
+            raise JournalMismatch(f"layer {i} in {journal.path} holds {sorted(codes)}, the "
+                                  f"model has {sorted(linears)}; choose a new --resume-dir")
+    if dist is not None:
+        by_name = {r["name"]: r for r in reports}
+        shared = dist.share_layer({n: (c, by_name[f"{path}.{n}"]) for n, c in codes.items()},
+                                  list(linears), {n: 0 for n in linears})
+        codes = {n: c for n, (c, _) in shared.items()}
+        reports = [r for _, r in shared.values()]
+    with guard(dist, f"restoring layer {i}"):
+        for name, linear in linears.items():
+            W = linear.weight.data
+            Q = codes[name].dequantize()
+            if tuple(Q.shape) != tuple(W.shape):
+                raise JournalMismatch(f"{path}.{name}: journal codes are {tuple(Q.shape)}, "
+                                      f"the weight is {tuple(W.shape)}; choose a new "
+                                      "--resume-dir")
+            _set_weight(linear, Q)
+            if keep_codes:
+                report.codes[f"{path}.{name}"] = codes[name]
+        for r in reports:
+            report.linears.append(_linear_report(r))
+    log.info("layer %d restored from %s", i, journal.path if journal else "rank 0")
 
 
 quantize = binarize_model  # `binllm.quantize(model, config, calibration)`

@@ -1,0 +1,293 @@
+"""Several processes (torchrun): ranks, window shares, linear owners and the collectives.
+
+Pure plumbing for `binarize_model(..., dist=Distributed(...))`; `dist=None` is one process.
+Per decoder layer every rank issues the same collectives in the same order:
+
+    guarded next(walk)    agree on errors of the capture / previous layer's forward
+    decide(restore)       rank 0's journal says whether the layer is restored
+    guard(Hessians)       local: collect XᵀX on this rank's windows (split) or owned linears
+    reduce_hessians       split only: counts all-reduced, each XᵀX reduced (fp64) to its owner
+    guard(solve)          local: reconstruct the linears this rank owns
+    share_layer           all-gather layouts + reports, one byte buffer per linear broadcast
+                          from its owner (codes packed by binllm.packed.layout.pack)
+    guard(apply)          local: non-owned weights = codes.dequantize(); rank 0 journals
+
+Two calibration modes. "split" (the default): the windows are cut into contiguous shares, one
+per rank; each rank sums XᵀX over its share in fp32 exactly as one process does, the partial
+sums are added in fp64 and rounded once to fp32, so H equals one process's H up to fp32
+round-off (the order of the additions differs) and the codes may differ in a few near-tie
+weights. "replicated": every rank runs every window and accumulates only the Hessians of the
+linears it owns, with the same addmm sequence as one process, so H and the codes are
+bit-identical to one process (same kernels, same threads per process); only the Hessian
+work and the solve are divided.
+
+A failure on one rank reaches the others at the next guard: every rank raises, the failing
+one its own exception, the others `DistributedError` naming the rank and the message. A rank
+that dies makes the others' next collective fail (gloo: connection closed; NCCL: the process
+group timeout), which becomes a `DistributedError` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..packed.layout import PackedLayout, pack, unpack
+
+CALIB_MODES = ("split", "replicated")
+HEAVY_COST = 2.0  # cost factor of methods with X-space iterations on the Gram matrix (ARB-X)
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed, a rank was lost, or the run cannot be split this way."""
+
+    def __init__(self, message: str, lost_contact: bool = False):
+        super().__init__(message)
+        self.lost_contact = lost_contact
+
+
+def window_share(n: int, rank: int, world: int) -> range:
+    """Contiguous share of n windows for `rank`; the first n % world ranks get one more."""
+    if world > n:
+        raise DistributedError(
+            f"{world} processes but only {n} calibration windows: every rank needs at least "
+            f"one; use --nsamples {world} or more, or --nproc_per_node {n} or fewer")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def linear_cost(rows: int, cols: int, heavy: bool = False) -> float:
+    """Estimated solve cost of one linear: rows · cols² (the feedback), ×HEAVY_COST for ARB-X."""
+    return float(rows) * cols * cols * (HEAVY_COST if heavy else 1.0)
+
+
+def assign_owners(costs: Mapping[str, float], world: int) -> dict[str, int]:
+    """Greedy bin-packing (longest first): each linear to the least-loaded rank.
+
+    Ties go to the earlier linear and the lower rank, so every rank computes the same map.
+    """
+    loads = [0.0] * world
+    owners = {}
+    order = sorted(costs, key=lambda n: (-costs[n], list(costs).index(n)))
+    for name in order:
+        r = min(range(world), key=lambda k: (loads[k], k))
+        owners[name] = r
+        loads[r] += costs[name]
+    return {n: owners[n] for n in costs}  # registration order
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class Distributed:
+    """This process's place in the group; methods are collectives unless noted.
+
+    rank, world   from torchrun's RANK / WORLD_SIZE
+    device        where collective tensors live (cuda:LOCAL_RANK for NCCL, cpu for gloo)
+    calib         "split" | "replicated" (module docstring)
+    reduce_dtype  dtype in which the partial Hessians are added (float64; float32 halves the
+                  traffic and adds ⌈log2 world⌉ fp32 roundings per entry)
+    """
+
+    rank: int
+    world: int
+    device: torch.device = torch.device("cpu")
+    calib: str = "split"
+    reduce_dtype: torch.dtype = torch.float64
+
+    def __post_init__(self):
+        if self.calib not in CALIB_MODES:
+            raise DistributedError(f"calibration mode {self.calib!r}: use one of "
+                                   f"{', '.join(CALIB_MODES)}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- local decisions (no communication) -------------------------------------------
+    def local_windows(self, calibration: list[Tensor]) -> list[Tensor]:
+        share = window_share(len(calibration), self.rank, self.world)
+        return calibration if self.calib == "replicated" else [calibration[k] for k in share]
+
+    def owners(self, shapes: Mapping[str, tuple[int, int]], heavy: bool) -> dict[str, int]:
+        return assign_owners({n: linear_cost(*s, heavy) for n, s in shapes.items()},
+                             self.world)
+
+    def hessian_names(self, names: list[str], owners: Mapping[str, int]) -> list[str]:
+        """Linears whose XᵀX this rank accumulates: all (split) or its own (replicated)."""
+        return list(names) if self.calib == "split" else \
+            [n for n in names if owners[n] == self.rank]
+
+    # ---- collectives --------------------------------------------------------------------
+    def _collective(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
+            raise DistributedError(
+                f"rank {self.rank} lost contact with the other ranks during {what} "
+                f"({_describe(e)}); a rank died or timed out, see its output; rerun the same "
+                "command (with --resume-dir to keep finished layers)", lost_contact=True) from None
+
+    def gather_objects(self, obj: Any, what: str) -> list[Any]:
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * self.world
+        self._collective(what, tdist.all_gather_object, out, obj)
+        return out
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Every rank says whether `what` failed; if any did, every rank raises."""
+        messages = self.gather_objects(None if error is None else _describe(error), what)
+        if error is not None:
+            raise error
+        for r, m in enumerate(messages):
+            if m is not None:
+                raise DistributedError(f"rank {r} failed ({what}): {m}")
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run local work; then all ranks agree on whether it failed somewhere."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
+            self.agree(e, what)
+        else:
+            self.agree(None, what)
+
+    def guarded(self, items: Iterator[Any], what: str) -> Iterator[Any]:
+        """Iterate `items`, agreeing after every step (the walker's capture and forwards)."""
+        end = object()
+        while True:
+            with self.guard(what):
+                item = next(items, end)
+            if item is end:
+                return
+            yield item
+
+    def decide(self, flag: bool, what: str = "resume") -> bool:
+        """Rank 0's flag on every rank."""
+        import torch.distributed as tdist
+
+        box = [bool(flag)]
+        self._collective(what, tdist.broadcast_object_list, box, src=0)
+        return bool(box[0])
+
+    def reduce_hessians(self, accs: dict[str, Any], owners: Mapping[str, int]) -> dict[str, Any]:
+        """Sum each accumulator's XᵀX and count over the ranks, onto its owner (split mode).
+
+        Returns the owned accumulators, now holding the full sums; the others are dropped.
+        """
+        import torch.distributed as tdist
+
+        if self.calib != "split":
+            return {n: a for n, a in accs.items() if owners[n] == self.rank}
+        names = list(accs)
+        counts = torch.tensor([accs[n].nsamples for n in names], dtype=torch.int64,
+                              device=self.device)
+        self._collective("Hessian counts", tdist.all_reduce, counts)
+        owned = {}
+        for k, name in enumerate(names):
+            acc = accs[name]
+            buf = acc.XtX.to(self.device, self.reduce_dtype)
+            self._collective(f"Hessian of {name}", tdist.reduce, buf, dst=owners[name])
+            if owners[name] == self.rank:
+                acc.XtX = buf.to(acc.XtX.device, torch.float32)
+                acc.nsamples = int(counts[k])
+                owned[name] = acc
+        return owned
+
+    def share_layer(self, own: Mapping[str, tuple[Any, dict]], names: list[str],
+                    owners: Mapping[str, int]) -> dict[str, tuple[Any, dict]]:
+        """Every linear's (codes, report dict) on every rank, from `own` of each owner.
+
+        Layouts and reports travel by all_gather_object; each linear's packed tensors as one
+        uint8 buffer broadcast from its owner, in the order of `names`. The owner keeps its
+        own codes object; the others unpack theirs (which dequantize to the same weights).
+        """
+        import torch.distributed as tdist
+
+        packed, meta = {}, {}
+        for name, (codes, rep) in own.items():
+            layout, tensors = pack(codes)
+            packed[name] = tensors
+            meta[name] = (layout.to_dict(), rep)
+        gathered: dict[str, tuple[dict, dict]] = {}
+        for part in self.gather_objects(meta, "code layouts"):
+            gathered.update(part)
+        out = {}
+        for name in names:
+            layout = PackedLayout.from_dict(gathered[name][0])
+            specs = layout.specs()
+            keys = sorted(specs)
+            nbytes = sum(specs[k].nbytes for k in keys)
+            if nbytes == 0:
+                pass
+            elif owners[name] == self.rank:
+                buf = torch.cat([packed[name][k].reshape(-1).view(torch.uint8).to(self.device)
+                                 for k in keys])
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if nbytes:
+                self._collective(f"codes of {name}", tdist.broadcast, buf, src=owners[name])
+            if owners[name] == self.rank:
+                out[name] = own[name]
+                continue
+            tensors, offset = {}, 0
+            for k in keys:
+                s = specs[k]
+                tensors[k] = buf[offset:offset + s.nbytes].clone().view(s.dtype).reshape(s.shape)
+                offset += s.nbytes
+            out[name] = (unpack(layout, tensors), gathered[name][1])
+        return out
+
+    def max_over_ranks(self, value: float, what: str = "peak memory") -> float:
+        return max(self.gather_objects(float(value), what))
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A linear report as a plain dict (what `share_layer` carries)."""
+    return dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+
+
+def guard(dist: Distributed | None, what: str):
+    """`dist.guard(what)`, or nothing in one process."""
+    return contextlib.nullcontext() if dist is None else dist.guard(what)
+
+
+def from_env(device: str = "cpu", calib: str = "split",
+             timeout_s: float = 1800.0) -> tuple[Distributed | None, str]:
+    """(Distributed, compute device) when started by torchrun with WORLD_SIZE > 1, else
+    (None, device). Initialises the process group: NCCL when `device` is CUDA (each rank on
+    cuda:LOCAL_RANK), gloo on the CPU; `timeout_s` bounds every collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, device
+    import torch.distributed as tdist
+
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        if torch.cuda.device_count() <= local:
+            raise DistributedError(f"rank {rank} wants cuda:{local} but this machine has "
+                                   f"{torch.cuda.device_count()} GPUs; use --nproc_per_node "
+                                   f"{torch.cuda.device_count()} or fewer")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        kwargs = {"device_id": torch.device(device)} if cuda else {}
+        tdist.init_process_group("nccl" if cuda else "gloo",
+                                 timeout=timedelta(seconds=timeout_s), **kwargs)
+    return Distributed(rank, world, torch.device(device if cuda else "cpu"), calib), device
