@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -49,15 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..packed.packing import PackingError
     from ..packed.saved_dir import CheckpointError
     from ..engine.walker import UnsupportedArchitecture
+    from ..engine.distributed import DistributedError
 
     known = (CLIError, DataError, MethodArgumentError, UnsupportedArchitecture,
              NonFiniteWeights, HessianNotPositiveDefinite, CheckpointError, PackingError,
-             JournalMismatch)
+             JournalMismatch, DistributedError)
     start = time.perf_counter()
     try:
         code = args.func(args)
     except known as e:
-        print(f"binllm: error: {e}", file=sys.stderr)
+        # under torchrun rank 0 prints every rank's error; the others only when they lost it
+        if os.environ.get("RANK", "0") == "0" or getattr(e, "lost_contact", False):
+            print(f"binllm: error: {e}", file=sys.stderr)
         return 2
     log.info("done in %.1f s", time.perf_counter() - start)
     return code

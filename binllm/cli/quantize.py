@@ -7,6 +7,7 @@ from typing import Any
 
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      parse_method_args, print_ppl_table, resolve_seqlen, write_json_atomic)
+from .distributed import add_dist_args, finish, start
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 from .output import check_model, check_out, lock_out, save_or_keep
 
@@ -36,15 +37,21 @@ def add_quantize(sub) -> None:
                    help="keep every finished layer here; rerunning the same command resumes")
     add_common(p)
     add_lm_eval_args(p)
+    add_dist_args(p)
     p.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args) -> int:
-    with contextlib.ExitStack() as stack:  # holds the lock of --out until the end
-        return _quantize(args, stack)
+    """Under torchrun every rank runs this; only rank 0 prints, evaluates and writes."""
+    dist = start(args)
+    try:
+        with contextlib.ExitStack() as stack:  # holds the lock of --out until the end
+            return _quantize(args, stack, dist)
+    finally:
+        finish(dist)
 
 
-def _quantize(args, stack: contextlib.ExitStack) -> int:
+def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     from tqdm import tqdm
 
     from ..engine.binarize import binarize_model
@@ -58,10 +65,13 @@ def _quantize(args, stack: contextlib.ExitStack) -> int:
     get_method(config.method, config.method_args)  # fail fast on a bad method or argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
-    task_manager = check_lm_eval(args)
+    main = dist is None or dist.is_main
+    say = print if main else (lambda *a, **k: None)
+    task_manager = check_lm_eval(args) if main else None
     if args.out:
-        check_out(args)
-        lock_out(args, stack)
+        check_out(args)  # every rank refuses a bad --out alike; rank 0 alone locks it
+        if main:
+            lock_out(args, stack)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     check_model(args, model)
     if args.out:
@@ -69,7 +79,7 @@ def _quantize(args, stack: contextlib.ExitStack) -> int:
     seqlen = resolve_seqlen(model, args.seqlen)
     eval_names = csv_list(args.eval)
     report: dict[str, Any] = {"command": "quantize", "model": args.model}
-    if args.compare_fp and eval_names:
+    if args.compare_fp and eval_names and main:  # the other ranks wait at their first step
         model.to(args.device)
         report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
         model.to("cpu")
@@ -81,6 +91,9 @@ def _quantize(args, stack: contextlib.ExitStack) -> int:
                           "calibration_note": source.note, "nsamples": args.nsamples,
                           "seqlen": seqlen, "seed": args.seed, "eval_split": args.eval_split,
                           "max_windows": args.max_windows}
+    if dist is not None:
+        report["protocol"]["processes"] = dist.world
+        report["protocol"]["dist_calib"] = dist.calib
     bar = tqdm(desc=f"{args.method}", unit="layer", disable=args.quiet)
 
     def on_layer(done, total):
@@ -91,14 +104,16 @@ def _quantize(args, stack: contextlib.ExitStack) -> int:
 
     identity = run_identity(model, config, batches)
     journal = None
-    if args.resume_dir:
+    if args.resume_dir and main:  # rank 0 reads and writes the journal, shares its layers
         journal = LayerJournal(args.resume_dir, identity)
         journal.verify()  # a damaged layer file stops the run now, with its name
         if journal.layers_done():
-            print(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
+            say(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
     qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
-                             journal=journal)
+                             journal=journal, dist=dist)
     bar.close()
+    if not main:
+        return 0  # rank 0 evaluates and writes; evaluation runs there alone
     report["quantization"] = qreport.to_dict()
     print(f"\n{args.method}: {len(qreport.linears)} linears in {qreport.seconds:.1f} s, "
           f"peak memory {qreport.peak_memory_mb:.0f} MiB, "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,6 +91,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _backend_reason(e: BaseException) -> str:
+    """The gist of a backend error: gloo's "[file.cc:537] Read error ...: Connection reset by
+    peer. This is typically ..." becomes "Read error ...: Connection reset by peer"."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
+
+
 @dataclass
 class Distributed:
     """This process's place in the group; methods are collectives unless noted.
@@ -137,7 +146,7 @@ class Distributed:
         except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
             raise DistributedError(
                 f"rank {self.rank} lost contact with the other ranks during {what} "
-                f"({_describe(e)}); a rank died or timed out, see its output; rerun the same "
+                f"({_backend_reason(e)}); a rank died or timed out, see its output; rerun the same "
                 "command (with --resume-dir to keep finished layers)", lost_contact=True) from None
 
     def gather_objects(self, obj: Any, what: str) -> list[Any]:

@@ -1,0 +1,344 @@
+"""Several processes: 2 gloo ranks on the CPU against one process, on stories260K.
+
+One pair of spawned ranks runs every scenario in turn (process start-up dominates the time):
+billm and arb-llm-x with the windows split and replicated, a rank that raises, a journaled
+run interrupted and resumed across ranks, and last a rank that dies. The parent runs the
+single-process references and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+from binllm.engine.distributed import (DistributedError, assign_owners, linear_cost,
+                                       window_share)
+
+STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "stories260K")
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+NSAMPLES, SEQLEN, EVAL_WINDOWS = 8, 128, 8
+
+
+# ---- plumbing without processes -------------------------------------------------------------
+def test_window_shares_cover_every_window_once_in_order():
+    for n in range(1, 12):
+        for world in range(1, n + 1):
+            shares = [window_share(n, r, world) for r in range(world)]
+            assert [k for s in shares for k in s] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_more_ranks_than_windows_is_refused():
+    with pytest.raises(DistributedError, match="4 processes but only 3 calibration windows"):
+        window_share(3, 0, 4)
+
+
+def test_greedy_owners_balance_like_the_best_split_within_lpt_bound():
+    import itertools
+
+    costs = {f"l{k}": linear_cost(r, c) for k, (r, c) in
+             enumerate([(64, 64), (32, 64), (32, 64), (64, 64), (172, 64), (172, 64), (64, 172)])}
+    for world in (2, 3):
+        owners = assign_owners(costs, world)
+        assert list(owners) == list(costs) and set(owners.values()) <= set(range(world))
+        load = max(sum(c for n, c in costs.items() if owners[n] == r) for r in range(world))
+        best = min(max(sum(c for c, o in zip(costs.values(), a) if o == r) for r in range(world))
+                   for a in itertools.product(range(world), repeat=len(costs)))  # brute force
+        assert best <= load <= best * (4 / 3 - 1 / (3 * world)) + 1e-9  # Graham's LPT bound
+        assert assign_owners(costs, world) == owners  # deterministic
+    assert linear_cost(8, 16, heavy=True) > linear_cost(8, 16)
+
+
+def test_cli_refuses_more_processes_than_windows_before_any_group(monkeypatch, capsys):
+    from binllm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["quantize", "unused-model-dir", "--method", "billm", "--nsamples", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--nsamples 2 is fewer than the 4 processes" in err
+
+
+# ---- two ranks --------------------------------------------------------------------------------
+def _calibration():
+    from transformers import AutoTokenizer
+
+    from binllm.evaluation.data import calibration_batches, load_text
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    return calibration_batches(load_text("wikitext2", "validation", DATA), tok, NSAMPLES, SEQLEN)
+
+
+def _run(method, calib, **kw):
+    """(packed codes by linear, linear weights, losses) of one binarize_model run."""
+    from transformers import AutoModelForCausalLM
+
+    from binllm import QuantizeConfig, binarize_model
+    from binllm.packed.layout import pack
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    report = binarize_model(model, QuantizeConfig(method), calib, **kw)
+    return {"codes": {n: pack(c)[1] for n, c in report.codes.items()},
+            "weights": {n: m.weight.detach().clone() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)},
+            "losses": [r.loss for r in report.linears]}
+
+
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - the parent checks the kind and the message
+        return (type(e).__name__, str(e), getattr(e, "lost_contact", None))
+
+
+def _worker(rank, world, port, outdir):
+    torch.set_num_threads(1)
+    import torch.distributed as tdist
+    from datetime import timedelta
+
+    from binllm.engine.distributed import Distributed
+    from binllm.engine.journal import LayerJournal, run_identity
+
+    try:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                 world_size=world, timeout=timedelta(seconds=60))
+        calib = _calibration()
+        res = {}
+        save = lambda: torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))  # noqa: E731
+        for method in ("billm", "arb-llm-x"):
+            for mode in ("split", "replicated"):
+                res[method, mode] = _run(method, calib, dist=Distributed(rank, world,
+                                                                        calib=mode))
+        rep = Distributed(rank, world, calib="replicated")
+        # rank 1 holds a NaN weight in layer 1: it raises, rank 0 must hear why
+        from transformers import AutoModelForCausalLM
+        from binllm import QuantizeConfig, binarize_model
+
+        def nan_on_rank1():
+            model = AutoModelForCausalLM.from_pretrained(STORIES)
+            if rank == 1:
+                for m in model.model.layers[1].modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.data[0, 0] = float("nan")
+            binarize_model(model, QuantizeConfig("billm"), calib, dist=rep)
+
+        res["nan"] = _outcome(nan_on_rank1)
+        save()
+
+        # a journaled run stopped by an exception on rank 0 after 2 layers, then resumed
+        def journal():
+            if rank != 0:
+                return None
+            model = AutoModelForCausalLM.from_pretrained(STORIES)
+            return LayerJournal(os.path.join(outdir, "journal"),
+                                run_identity(model, QuantizeConfig("billm"), calib))
+
+        def stop_at_2(done, total):
+            if rank == 0 and done == 2:
+                raise KeyboardInterrupt_("stopped after 2 layers")
+
+        res["stopped"] = _outcome(lambda: _run("billm", calib, dist=rep, journal=journal(),
+                                               on_layer=stop_at_2))
+        res["resumed"] = _outcome(lambda: _run("billm", calib, dist=rep, journal=journal()))
+        save()
+
+        # rank 1 dies after layer 1; rank 0 must fail with a clear error, not wait forever
+        def die_at_2(done, total):
+            if rank == 1 and done == 2:
+                os._exit(3)
+
+        def killed():
+            j = None
+            if rank == 0:
+                model = AutoModelForCausalLM.from_pretrained(STORIES)
+                j = LayerJournal(os.path.join(outdir, "journal_killed"),
+                                 run_identity(model, QuantizeConfig("billm"), calib))
+            return _run("billm", calib, dist=rep, journal=j, on_layer=die_at_2)
+
+        res["killed"] = _outcome(killed)
+    except Exception:  # noqa: BLE001 - reported to the parent
+        res = {"crash": traceback.format_exc()}
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+class KeyboardInterrupt_(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _differing(a, b) -> tuple[int, int]:
+    diff = sum(int((a[n][k] != b[n][k]).sum()) for n in b for k in b[n])
+    return diff, sum(b[n][k].numel() for n in b for k in b[n])
+
+
+def _ppl(weights, tokens):
+    from transformers import AutoModelForCausalLM
+
+    from binllm.evaluation.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    for n, m in model.named_modules():
+        if n in weights:
+            m.weight.data = weights[n]
+    return perplexity(model, tokens, SEQLEN, max_windows=EVAL_WINDOWS).ppl
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared is not present")
+    import multiprocessing as mp
+
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, outdir)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+             if os.path.exists(os.path.join(outdir, f"rank{r}.pt")) else None for r in range(2)]
+    assert ranks[0] is not None and "crash" not in ranks[0], ranks[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: same kernels, same threads
+    try:
+        calib = _calibration()
+        refs = {m: _run(m, calib) for m in ("billm", "arb-llm-x")}
+    finally:
+        torch.set_num_threads(threads)
+    return ranks, refs, outdir, procs
+
+
+@pytest.mark.parametrize("method", ["billm", "arb-llm-x"])
+def test_replicated_windows_give_bit_identical_codes(two_ranks, method):
+    ranks, refs, _, _ = two_ranks
+    for r in (0, 1):
+        got, want = ranks[r][method, "replicated"], refs[method]
+        assert got["codes"].keys() == want["codes"].keys()
+        assert _differing(got["codes"], want["codes"])[0] == 0
+        assert all(torch.equal(got["weights"][n], w) for n, w in want["weights"].items())
+        assert got["losses"] == want["losses"]
+
+
+@pytest.mark.parametrize("method", ["billm", "arb-llm-x"])
+def test_split_windows_equal_one_process_up_to_round_off(two_ranks, method):
+    """Partial Hessians summed across ranks differ from one process's running fp32 sum by
+    round-off; a few near-tie codes flip, the perplexity agrees to 4 significant digits."""
+    from transformers import AutoTokenizer
+
+    from binllm.evaluation.data import eval_tokens, load_text
+
+    ranks, refs, _, _ = two_ranks
+    got, want = ranks[0][method, "split"], refs[method]
+    for n in want["weights"]:  # both ranks hold the same model
+        assert torch.equal(ranks[1][method, "split"]["weights"][n], got["weights"][n])
+    diff, total = _differing(got["codes"], want["codes"])
+    assert diff < 0.01 * total
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    tokens = eval_tokens(load_text("tinystories", "test", DATA), tok, SEQLEN)
+    a, b = _ppl(got["weights"], tokens), _ppl(want["weights"], tokens)
+    assert f"{a:.4g}" == f"{b:.4g}", (a, b)
+
+
+def test_a_rank_that_raises_stops_every_rank_with_its_message(two_ranks):
+    ranks, _, _, _ = two_ranks
+    assert ranks[1]["nan"][0] == "NonFiniteWeights"
+    kind, msg, _ = ranks[0]["nan"]
+    assert kind == "DistributedError"
+    assert msg.startswith("rank 1 failed (layer 1): NonFiniteWeights: model.layers.1.")
+    assert ranks[0]["stopped"][0] == "KeyboardInterrupt_"
+    assert ranks[1]["stopped"][:2] == ("DistributedError", "rank 0 failed (layer 1 codes): "
+                                       "KeyboardInterrupt_: stopped after 2 layers")
+
+
+def test_a_journal_resumed_across_ranks_equals_one_process(two_ranks):
+    ranks, refs, _, _ = two_ranks
+    for r in (0, 1):
+        kind, got = ranks[r]["resumed"]
+        assert kind == "ok"
+        assert _differing(got["codes"], refs["billm"]["codes"])[0] == 0
+        assert got["losses"] == refs["billm"]["losses"]
+
+
+def test_a_killed_rank_ends_the_others_with_a_clear_error_and_the_journal_resumes(two_ranks):
+    from transformers import AutoModelForCausalLM
+
+    from binllm import QuantizeConfig
+    from binllm.engine.journal import LayerJournal, run_identity
+
+    ranks, refs, outdir, procs = two_ranks
+    assert procs[1].exitcode == 3 and ranks[1] is not None and "killed" not in ranks[1]
+    kind, msg, lost = ranks[0]["killed"]
+    assert kind == "DistributedError" and lost and "lost contact" in msg, msg
+    assert "--resume-dir" in msg
+    calib = _calibration()
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    journal = LayerJournal(os.path.join(outdir, "journal_killed"),
+                           run_identity(copy.deepcopy(model), QuantizeConfig("billm"), calib))
+    assert journal.layers_done() == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = _run("billm", calib, journal=journal)
+    finally:
+        torch.set_num_threads(threads)
+    assert _differing(resumed["codes"], refs["billm"]["codes"])[0] == 0
+
+
+@pytest.mark.slow
+def test_torchrun_cli_rank0_alone_prints_and_writes_what_one_process_writes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m binllm quantize ...` (replicated windows): one summary,
+    one saved directory and report, and the saved tensors equal a single-process run's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from binllm.cli import main
+
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared is not present")
+    common = ["quantize", STORIES, "--method", "billm", "--calib", "wikitext2",
+              "--calib-split", "validation", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
+              "--eval", "tinystories", "--max-windows", "4", "--data-dir", DATA]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "binllm", "-q",
+         *common, "--dist-calib", "replicated", "--out", str(tmp_path / "two"),
+         "--report", str(tmp_path / "two.json"), "--resume-dir", str(tmp_path / "journal")],
+        capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("billm: 35 linears in") == 1
+    assert proc.stdout.count("tinystories") == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["-q", *common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert two.keys() == one.keys()
+    assert all(torch.equal(two[k], one[k]) for k in one)
+    import json
+
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert report["protocol"]["processes"] == 2
+    assert len(list((tmp_path / "journal").glob("layer_*.safetensors"))) == 5
