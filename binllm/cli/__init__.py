@@ -4,7 +4,8 @@
 what the commands share (`CLIError`, argument helpers, the model loader, perplexity tables);
 `quantize`, `evaluate` (eval, methods), `packed` (inspect, generate), `qat` and `lmeval`
 (`--tasks`) each register their subcommands; `output` holds quantize's --out checks and the
-save that keeps the work when it fails. Command modules import `common` and the library,
+save that keeps the work when it fails, `distributed` its torchrun side. Command modules
+import `common` and the library,
 never each other's entry points; the library never imports the CLI.
 """
 

@@ -3,7 +3,8 @@
 `config` (the frozen, versioned `QuantizeConfig`), `hessian` (H = 2/N ΣXᵀX, damping, the
 Cholesky factor of H⁻¹), `reconstruct` (the one GPTQ-style reconstruction loop every method
 runs through), `walker` (finding decoder layers and linears, capturing layer inputs, one layer
-on the device at a time), `binarize` (`binarize_model`: the walk, reports) and `journal`
-(resume: finished layers' codes kept on disk). May import `binllm.methods`, `binllm.packed`
+on the device at a time), `binarize` (`binarize_model`: the walk, reports), `journal`
+(resume: finished layers' codes kept on disk) and `distributed` (torchrun ranks: window
+shares, linear owners, the Hessian reduce and code broadcast). May import `binllm.methods`, `binllm.packed`
 (for the journal's packed layer files) and `binllm.atomic`; never the CLI.
 """

@@ -170,6 +170,8 @@ class Distributed:
         """Run local work; then all ranks agree on whether it failed somewhere."""
         try:
             yield
+        except DistributedError:
+            raise  # the group is broken or already agreed: no further collective
         except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
             self.agree(e, what)
         else:
