@@ -261,7 +261,7 @@ def test_a_rank_that_raises_stops_every_rank_with_its_message(two_ranks):
     assert ranks[1]["nan"][0] == "NonFiniteWeights"
     kind, msg, _ = ranks[0]["nan"]
     assert kind == "DistributedError"
-    assert msg.startswith("rank 1 failed (layer 1): NonFiniteWeights: model.layers.1.")
+    assert msg.startswith("rank 1 failed (weight checks): NonFiniteWeights: model.layers.1.")
     assert ranks[0]["stopped"][0] == "KeyboardInterrupt_"
     assert ranks[1]["stopped"][:2] == ("DistributedError", "rank 0 failed (layer 1 codes): "
                                        "KeyboardInterrupt_: stopped after 2 layers")

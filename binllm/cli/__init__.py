@@ -5,8 +5,7 @@ what the commands share (`CLIError`, argument helpers, the model loader, perplex
 `quantize`, `evaluate` (eval, methods), `packed` (inspect, generate), `qat` and `lmeval`
 (`--tasks`) each register their subcommands; `output` holds quantize's --out checks and the
 save that keeps the work when it fails, `distributed` its torchrun side. Command modules
-import `common` and the library,
-never each other's entry points; the library never imports the CLI.
+import `common` and the library, never each other's entry points; the library never imports the CLI.
 """
 
 from .app import build_parser, main

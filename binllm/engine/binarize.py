@@ -166,7 +166,9 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     needs_h = method.needs_hessian or (config.feedback or method.feedback) != "none"
     walk = walk_layers(model, calibration if dist is None else dist.local_windows(calibration),
                        device)
-    for i, path, layer, inputs in (walk if dist is None else dist.guarded(walk, "calibration forward")):
+    if dist is not None:
+        walk = dist.guarded(walk, "calibration forward")
+    for i, path, layer, inputs in walk:
         linears = {n: m for n, m in find_linears(layer).items()
                    if not skip_matches(n, config.skip)}
         restore = journal is not None and journal.done(i)
