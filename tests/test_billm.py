@@ -99,7 +99,12 @@ def test_bra_row_by_hand():
 
 
 def test_golden_4x8_salient_columns_split_scales_means_signs():
-    c = get_method("billm").fit(W_GOLD, CTX_GOLD)
+    m = get_method("billm")
+    loop = m.fit(W_GOLD, CTX_GOLD)  # the grid the loop uses: fp32 scales, as the reference
+    c = m.store(loop)  # stored: rounded to fp16 once
+    assert (loop.scale_dtype, c.scale_dtype) == ("float32", "float16")
+    assert loop.mu[2, 0, 0].item() == torch.tensor(0.2).item() != fp16(0.2)
+    assert torch.equal(c.signs, loop.signs) and torch.equal(c.group, loop.group)
     # column scores Σ W²: col 0 = 294, col 5 = 277, the rest ≤ 12. k = 2 makes both salient
     # columns exact (two values per row) and leaves only the {1, 9} mixture outside.
     assert c.salient_cols.tolist() == [True, False, False, False, False, True, False, False]

@@ -74,6 +74,13 @@ def test_load_reproduces_the_in_memory_logits(saved):
     assert isinstance(q, BinaryLinear) and q.bias is not None
 
 
+def test_the_model_in_memory_computes_with_the_stored_codes(saved):
+    _, model, report, _ = saved
+    assert report.codes
+    for path, codes in report.codes.items():  # scales rounded once, after each layer's loop
+        assert torch.equal(codes.dequantize(), model.get_submodule(path).weight)
+
+
 def test_cached_weights_give_the_same_logits(saved):
     _, model, _, out = saved
     assert torch.equal(logits(load_binarized(out, cache_dequantized=True), 96), logits(model, 96))

@@ -18,26 +18,33 @@ def _fp16(x):
     return x.half().float()
 
 
-def rtn_minmax(W, bits):
-    """Round-to-nearest on the asymmetric min–max grid of each row, worked out by hand."""
+def rtn_minmax(W, bits, in_loop=False):
+    """Round-to-nearest on the asymmetric min–max grid of each row, worked out by hand.
+
+    The levels come from the fp32 scale (the reference), which is stored in fp16 afterwards;
+    in_loop: the fp16 scale is used for the levels too (scale_rounding=in_loop)."""
     maxq = 2 ** bits - 1
     xmin = torch.clamp(W.min(dim=1, keepdim=True).values, max=0)
     xmax = torch.clamp(W.max(dim=1, keepdim=True).values, min=0)
-    scale = _fp16((xmax - xmin) / maxq)  # scales are stored in fp16
+    scale = (xmax - xmin) / maxq
+    if in_loop:
+        scale = _fp16(scale)
     zero = torch.round(-xmin / scale)
     q = torch.clamp(torch.round(W / scale) + zero, 0, maxq)
-    return scale * (q - zero)
+    return _fp16(scale) * (q - zero)  # scales are stored in fp16
 
 
-def sign_by_hand(W, groupsize):
-    """α·sign(W − μ) + μ per row and group of columns, α = mean|W − μ|, μ = mean W."""
+def sign_by_hand(W, groupsize, rounded=True):
+    """α·sign(W − μ) + μ per row and group of columns, α = mean|W − μ|, μ = mean W
+    (α and μ rounded to fp16 unless not `rounded`)."""
+    r = _fp16 if rounded else (lambda x: x)
     Q = torch.empty_like(W)
     for c in range(0, W.shape[1], groupsize):
         Wg = W[:, c:c + groupsize]
         mu = Wg.mean(dim=1, keepdim=True)
         alpha = (Wg - mu).abs().mean(dim=1, keepdim=True)
         S = torch.where(Wg >= mu, 1.0, -1.0)
-        Q[:, c:c + groupsize] = _fp16(alpha) * S + _fp16(mu)
+        Q[:, c:c + groupsize] = r(alpha) * S + r(mu)
     return Q
 
 
@@ -65,6 +72,8 @@ def test_gptq_with_identity_hessian_is_round_to_nearest(bits):
     none = reconstruct(W, H, gptq, feedback="none")
     assert torch.equal(column.Q, none.Q)
     torch.testing.assert_close(column.Q, rtn_minmax(W, bits), rtol=0, atol=1e-6)
+    in_loop = reconstruct(W, H, get_method("gptq", {"bits": bits, "scale_rounding": "in_loop"}))
+    torch.testing.assert_close(in_loop.Q, rtn_minmax(W, bits, in_loop=True), rtol=0, atol=1e-6)
 
 
 def test_gptq_groups_with_identity_hessian_round_each_group_by_hand():
@@ -142,23 +151,34 @@ def test_gptq_column_feedback_equals_the_naive_obs_update():
     torch.testing.assert_close(rec.Q, obs_oracle(W, H, quantize), rtol=0, atol=1e-5)
 
 
-def test_block_feedback_equals_a_column_by_column_oracle():
-    """Block mode: binarize a whole block, then push E = (W − Q)/U_jj onto later columns."""
+@pytest.mark.parametrize("scale_rounding", ["after", "in_loop"])
+def test_block_feedback_equals_a_column_by_column_oracle(scale_rounding):
+    """Block mode: binarize a whole block, then push E = (W − Q)/U_jj onto later columns.
+
+    "after" (default): the loop's Q and its feedback use fp32 α, μ; the stored Q rounds them
+    to fp16 at the end. "in_loop": the feedback already sees the fp16-rounded Q."""
     from binllm.engine.hessian import inverse_cholesky
 
     X = correlated_inputs(n=256, d=48)
     W = _W(rows=8, cols=48)
     H = H_of(X)
-    rec = reconstruct(W, H, get_method("rtn-sign", {"groupsize": 16}), feedback="block")
+    args = {"groupsize": 16, "scale_rounding": scale_rounding}
+    rec = reconstruct(W, H, get_method("rtn-sign", args), feedback="block")
     U = inverse_cholesky(H).U.double()
     W2, Q = W.double().clone(), torch.zeros(8, 48, dtype=torch.float64)
+    stored, loss = torch.zeros_like(Q), 0.0
     for i1 in range(0, 48, 16):
-        Q[:, i1:i1 + 16] = sign_by_hand(W2[:, i1:i1 + 16].float(), 16).double()
+        blk = W2[:, i1:i1 + 16].float()
+        Q[:, i1:i1 + 16] = sign_by_hand(blk, 16, rounded=scale_rounding == "in_loop").double()
+        stored[:, i1:i1 + 16] = sign_by_hand(blk, 16).double()
         for j in range(i1, i1 + 16):
             err = (W2[:, j] - Q[:, j]) / U[j, j]
+            loss += ((W2[:, j] - stored[:, j]) ** 2).sum().item() / U[j, j].item() ** 2 / 2
             for k in range(i1 + 16, 48):
                 W2[:, k] -= err * U[j, k]
-    torch.testing.assert_close(rec.Q, Q.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rec.Q, stored.float(), rtol=0, atol=1e-5)
+    assert rec.loss == pytest.approx(loss, rel=1e-5)  # of the stored Q, on the loop's targets
+    assert (rec.calibration_loss == rec.loss) == (scale_rounding == "in_loop")
     none = reconstruct(W, H, get_method("rtn-sign", {"groupsize": 16}), feedback="none")
     assert torch.equal(rec.Q[:, :16], none.Q[:, :16])  # the first block sees no feedback
     assert not torch.allclose(rec.Q[:, 16:], none.Q[:, 16:])

@@ -1,8 +1,12 @@
-"""scale_dtype: fp16-rounded scales (default) or fp32 ones as the reference code keeps them.
+"""scale_dtype: fp16-stored scales (default) or fp32 ones; scale_rounding: when they are rounded.
 
-With float32 the codes hold unrounded scales, dequantize() still equals the calibrated Q, the
-packed format stores them as fp32 (bit-exact round trip, 32 bits per scale in the accounting)
-and a saved model reproduces the in-memory logits.
+Calibration keeps scales and means fp32 as the reference code does; by default they are
+rounded to fp16 once, after the layer's loop (scale_rounding=after), so the default's signs and
+levels are exactly those of scale_dtype=float32 and its scales are those rounded.
+scale_rounding=in_loop rounds them before Ŵ and the feedback (binllm's former default).
+With float32 the codes hold unrounded scales, dequantize() still equals Q, the packed format
+stores them as fp32 (bit-exact round trip, 32 bits per scale in the accounting) and a saved
+model reproduces the in-memory logits.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_checkpoint import logits, quantize, tiny_biased_llama
+from test_checkpoint import logits, tiny_biased_llama
 
 from binllm.engine.binarize import binarize_model
 from binllm.packed.checkpoint import load_binarized, save_binarized
 from binllm.engine.config import QuantizeConfig
 from binllm.methods import MethodArgumentError, get_method
+from binllm.methods.codes import codes_fields, round_scales
 from binllm.packed.layout import PackedLayout, pack, unpack
 from binllm.engine.reconstruct import reconstruct
 
@@ -74,18 +79,55 @@ def test_float32_costs_16_more_bits_per_stored_scale(fp32):
     assert rec.codes.stored_bits() - as_fp16.stored_bits() == 16 * n_scales
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_default_is_float16_and_unchanged(name, fp32):
+def same_codes(a, b) -> bool:
+    fa, fb = codes_fields(a), codes_fields(b)
+    return fa.keys() == fb.keys() and all(
+        torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k]
+        for k, x in fa.items())
+
+
+def test_default_stores_float16_and_equals_the_float32_run_rounded_once(fp32):
+    name, rec32 = fp32
     rec = run(name)
-    explicit = run(name, scale_dtype="float16")
+    explicit = run(name, scale_dtype="float16", scale_rounding="after")
     assert rec.codes.scale_dtype == "float16"
     assert torch.equal(rec.Q, explicit.Q)
     assert torch.equal(rec.codes.dequantize(), rec.Q)
+    # the same calibration as scale_dtype=float32 (the reference), rounded only for storage
+    assert same_codes(rec.codes, round_scales(rec32.codes, "float16"))
+    assert rec.calibration_loss == rec32.loss == rec32.calibration_loss
+    assert not torch.equal(rec32.Q, rec.Q)  # the storage precision changes the weights
     layout, tensors = pack(rec.codes)
     assert layout.params["scale_dtype"] == "float16"
     assert all(t.dtype == torch.float16 for t in float_tensors(tensors))
-    if fp32[0] == name:
-        assert not torch.equal(fp32[1].Q, rec.Q)  # the option changes the result
+
+
+def test_stored_loss_is_that_of_the_rounded_weights(fp32):
+    name, rec32 = fp32
+    rec = run(name)
+    # rounding moves every weight by at most half an fp16 step of its scales: a small change
+    assert rec.loss != rec.calibration_loss
+    assert rec.loss == pytest.approx(rec.calibration_loss, rel=2e-2)
+    if name == "rtn-sign":  # no Hessian feedback: the loss is Σ (w − q)²/U_jj²/2 on W itself
+        W, _ = weights_and_hessian()
+        assert rec.loss == pytest.approx(((W - rec.Q) ** 2).sum().item() / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_loop_rounds_before_the_feedback(name):
+    rec = run(name, scale_rounding="in_loop")
+    assert rec.codes.scale_dtype == "float16"
+    assert torch.equal(rec.codes.dequantize(), rec.Q)
+    assert rec.loss == rec.calibration_loss  # nothing left to round after the loop
+    _, tensors = pack(rec.codes)
+    assert all(t.dtype == torch.float16 for t in float_tensors(tensors))
+    if name not in ("rtn-sign",):  # with feedback the rounding changes later columns' codes
+        assert not same_codes(rec.codes, run(name).codes)
+
+
+def test_bad_scale_rounding_is_refused():
+    with pytest.raises(MethodArgumentError, match="after, in_loop"):
+        get_method("arb-llm-x", {"scale_rounding": "before"})
 
 
 def test_layouts_without_scale_dtype_read_as_float16():
@@ -104,19 +146,29 @@ def test_bad_scale_dtype_is_refused():
 
 
 @pytest.mark.parametrize("name", ["gptq", "pbllm-10", "arb-llm-rc"])
-def test_float32_save_load_reproduces_the_logits(name, tmp_path):
-    model = tiny_biased_llama()
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 96, (1, 16), generator=g) for _ in range(2)]
-    report = binarize_model(model, QuantizeConfig(method=name,
-                                                  method_args={"scale_dtype": "float32"}), batches)
-    assert report.method_args["scale_dtype"] == "float32"
+@pytest.mark.parametrize("args", [{"scale_dtype": "float32"}, {"scale_rounding": "in_loop"}])
+def test_options_save_load_reproduce_the_logits(name, args, tmp_path):
+    model, report = binarized(name, args)
+    assert all(report.method_args[k] == v for k, v in args.items())
+    for path, codes in report.codes.items():  # the model computes with the stored codes
+        weight = model.get_submodule(path).weight
+        assert torch.equal(codes.dequantize(), weight)
     out = save_binarized(model, report, None, tmp_path / "model")
     loaded = load_binarized(out, kernels=False)  # the dequantize path: bit for bit
     q = loaded.model.layers[0].self_attn.q_proj
-    assert q.layout.params["scale_dtype"] == "float32"
-    assert any(b.dtype == torch.float32 for b in q.packed().values())
+    dtype = args.get("scale_dtype", "float16")
+    assert q.layout.params["scale_dtype"] == dtype
+    assert any(b.dtype == getattr(torch, dtype) for b in q.packed().values())
     assert torch.equal(logits(loaded, 96), logits(model, 96))
-    default = tiny_biased_llama()
-    quantize(default, name, 96)  # fp16 scales: the option reaches the model
+    default, _ = binarized(name, {})  # the option reaches the model
     assert not torch.equal(logits(default, 96), logits(model, 96))
+
+
+def binarized(name: str, args: dict):
+    """The tiny LLaMA binarized with blocks of 32 columns (its linears are 60 and 76 wide, so
+    block-feedback methods feed errors forward too)."""
+    model = tiny_biased_llama()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 96, (1, 16), generator=g) for _ in range(2)]
+    config = QuantizeConfig(method=name, method_args=args, block_size=32)
+    return model, binarize_model(model, config, batches)

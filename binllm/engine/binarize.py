@@ -92,11 +92,14 @@ def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
 class LinearReport:
     name: str
     shape: tuple[int, int]      # (out_features, in_features)
-    loss: float                 # GPTQ proxy loss Σ (w − q)²/U_jj²/2
+    loss: float                 # GPTQ proxy loss Σ (w − q)²/U_jj²/2 of the stored weights
     percdamp: float | None
     paper_bits: float           # bits per weight as the papers count them
     stored_bits: float          # bits per weight of everything the codes need
     seconds: float
+    # the same loss of the loop's weights before their scales were rounded for storage (the
+    # references' printed loss; equals `loss` with scale_rounding=in_loop or scale_dtype=float32)
+    calibration_loss: float | None = None
 
 
 @dataclass
@@ -232,7 +235,7 @@ def _quantize_linear(linear: nn.Module, full: str, acc, method, config: Quantize
     rep = LinearReport(
         name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
         paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, calibration_loss=rec.calibration_loss)
     log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss, rep.paper_bits)
     return rec.codes, rep
 

@@ -30,7 +30,7 @@ from ..atomic import atomic_write
 from ..packed.layout import PackedLayout, pack, unpack
 
 MANIFEST = "journal.json"
-JOURNAL_VERSION = 2  # 2: every layer file carries a sha256 of its contents
+JOURNAL_VERSION = 3  # 2: layer files carry a sha256; 3: calibrated (fp32-scale) codes, issue 13
 
 
 class JournalMismatch(ValueError):

@@ -12,10 +12,18 @@
         feedback "block":   Q_blk = dequantize(round(W_blk)); E = (W_blk − Q_blk)/diag U_blk
         feedback "none":    as "block", but nothing is propagated
         W[:, i2:] −= E · U[i1:i2, i2:]                   (lazy batch update, GPTQ §3)
-    codes = method.codes(grids, levels);  codes.dequantize() == Q
+    calibrated = method.codes(grids, levels)       calibrated.dequantize() == Q of the loop
+    codes = method.store(calibrated)               scales rounded once to their storage dtype
+    Q = codes.dequantize()                         what the model computes with and saves
 
 "column" is GPTQ / PB-LLM (intra-block updates); "block" is BiLLM / ARB-LLM, whose block is
 binarized at once and only compensates later blocks (methods.md §3.3, §8.1).
+
+Inside the loop scales and means are fp32, as the reference code keeps them; `method.store`
+rounds them to their storage precision after the last block (nothing is fed back after that
+rounding). `loss` is the proxy loss of the stored weights against the very targets the loop
+rounded (the fed-back columns), `calibration_loss` that of the loop's own weights, which is
+what the references print; they differ only by that final rounding.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from ..methods.base import BlockContext, Feedback, Method
 
 @dataclass(frozen=True)
 class Reconstruction:
-    Q: Tensor          # (rows, cols) quantized weights, fp32
-    codes: object      # the method's layer codes; codes.dequantize() == Q
-    loss: float        # Σ (w − q)² / U_jj² / 2, GPTQ's proxy loss (plain Σ (w − q)²/2 without H)
+    Q: Tensor          # (rows, cols) quantized weights as stored, fp32; codes.dequantize() == Q
+    codes: object      # the method's layer codes at their storage precision
+    loss: float        # Σ (w − q)² / U_jj² / 2 of the stored Q, GPTQ's proxy loss (plain
+    #                    Σ (w − q)²/2 without H), w the fed-back column the loop rounded
+    calibration_loss: float  # the same of the loop's Q (fp32 scales unless scale_rounding=in_loop)
     percdamp: float | None  # damping finally used (None without a Hessian)
 
 
@@ -61,6 +71,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     state = method.prepare(W, Hgram, U, original=original)
 
     Q = torch.zeros_like(W)
+    E = torch.zeros_like(W)  # (rows, cols) scaled errors (w − q)/U_jj of the loop
     grids, levels = [], []
     loss = 0.0
     for i1 in range(0, cols, block_size):
@@ -81,10 +92,19 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         if feedback != "none":
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
         Q[:, i1:i2] = Q1
+        E[:, i1:i2] = Err1
         grids.append(grid)
         levels.append(L1)
-    codes = method.codes(grids, torch.cat(levels, dim=-1))
-    return Reconstruction(Q=Q, codes=codes, loss=loss, percdamp=used_damp)
+    calibrated = method.codes(grids, torch.cat(levels, dim=-1))
+    codes = method.store(calibrated)
+    stored_loss = loss
+    if codes is not calibrated:  # scales rounded after the loop: Q moves, the targets do not
+        Q_stored = codes.dequantize()  # (rows, cols)
+        d = torch.diag(U)[None, :] if U is not None else 1.0  # (1, cols)
+        stored_loss = ((E + (Q - Q_stored) / d) ** 2).sum(dtype=torch.float64).item() / 2
+        Q = Q_stored
+    return Reconstruction(Q=Q, codes=codes, loss=stored_loss, calibration_loss=loss,
+                          percdamp=used_damp)
 
 
 def _column_feedback(method: Method, grid, W1: Tensor, U1: Tensor):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import arb_refine
-from .base import BlockContext, MethodArgumentError
+from .base import BlockContext, MethodArgumentError, ScaleRounding
 from .billm import (
     BlockCodesMethod,
     binary_codes,
@@ -65,8 +65,8 @@ class ARBArgs:
     num_p  rounds of the magnitude split (P + 1 non-salient groups, with CGB also P + 1
            salient groups)
     intra_block  as BiLLM: GPTQ-style updates inside the block (§8.1); off in the reference
-    scale_dtype  as BiLLM: "float16" rounds α, μ, β before Ŵ and the feedback; "float32" keeps
-                 them fp32 as the reference does
+    scale_dtype, scale_rounding  as BiLLM: storage precision of α, μ, β and when they are
+                 rounded to it ("after" the layer, the reference's fp32 loop, or "in_loop")
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -79,6 +79,7 @@ class ARBArgs:
     num_p: int = 1
     intra_block: bool = False
     scale_dtype: ScaleDtype = "float16"
+    scale_rounding: ScaleRounding = "after"
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class ARB(BlockCodesMethod):
         beta = [f.beta for f in fits] if fits[0].beta is not None else None
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
                             [f.signs for f in fits], cols, n_salient=len(sal_masks), beta=beta,
-                            scale_dtype=self.args.scale_dtype)
+                            scale_dtype=self.loop_dtype)
 
 
 class ARBX(ARB):

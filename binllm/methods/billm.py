@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import BlockContext, Method, MethodArgumentError
+from .base import BlockContext, Method, MethodArgumentError, ScaleRounding
 from .bra import first_min, quantiles, residual_binarize, salient_columns, split_errors
 from .codes import BinaryCodes, ScaleDtype, to_storage
 
@@ -57,8 +57,10 @@ class BiLLMArgs:
     intra_block     False: the block is binarized at once and only later blocks are compensated
                     (reference, §8.1); True: GPTQ-style updates inside the block, each column
                     rounded to the nearest level of the grid fitted at block start
-    scale_dtype     "float16": α, μ rounded to fp16 before Ŵ and the feedback (stored fp16);
-                    "float32": kept fp32 as the reference does (stored fp32)
+    scale_dtype     storage precision of α, μ: "float16" (default) or "float32" (no rounding)
+    scale_rounding  "after": α, μ stay fp32 in the loop, as the reference, and are rounded to
+                    scale_dtype once the layer is done; "in_loop": rounded before Ŵ and the
+                    feedback (binllm's former default, README)
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -70,6 +72,7 @@ class BiLLMArgs:
     order_rest: int = 1
     intra_block: bool = False
     scale_dtype: ScaleDtype = "float16"
+    scale_rounding: ScaleRounding = "after"
 
 
 def check_search_args(args) -> None:
@@ -264,4 +267,4 @@ class BiLLM(BlockCodesMethod):
         fits = [residual_binarize(W, m, o) for m, o in zip(masks, orders)]
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
                             [f.signs for f in fits], cols, n_salient=1,
-                            scale_dtype=a.scale_dtype)
+                            scale_dtype=self.loop_dtype)

@@ -2,16 +2,17 @@
 
 Every method returns one of these containers. `dequantize()` is *the* dequantization: the
 reconstruction loop measures its error on it and the packed model computes its forward from
-it, so a saved model reproduces the calibrated weights bit for bit. Floating-point fields
-hold values already rounded to their storage precision, the container's `scale_dtype`: fp16 by
-default, fp32 (no rounding) to reproduce the reference code exactly (see `to_storage`).
+it, so a saved model reproduces the model in memory bit for bit. Floating-point fields hold
+values at the container's `scale_dtype`: "float32" while a layer is calibrated (as the reference
+code), then `round_scales` rounds them once to their storage precision (fp16 by default) when
+the layer is finished; see `binllm.methods.base.Method.store`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -27,6 +28,19 @@ def to_storage(x: Tensor, dtype: ScaleDtype = "float16") -> Tensor:
     "float16" (the default) rounds; "float32" keeps fp32 values as they are (the references).
     """
     return x.to(SCALE_DTYPES[dtype]).to(torch.float32)
+
+
+def round_scales(codes, dtype: ScaleDtype):
+    """`codes` with their scales and means (the container's SCALE_FIELDS) rounded to `dtype`.
+
+    The codes themselves when they already are at `dtype` (their values are then exact in it).
+    Integer fields (signs, levels, zero points) are kept as they are.
+    """
+    if codes.scale_dtype == dtype:
+        return codes
+    rounded = {f: to_storage(getattr(codes, f), dtype) for f in type(codes).SCALE_FIELDS
+               if getattr(codes, f) is not None}
+    return replace(codes, **rounded, scale_dtype=dtype)
 
 
 def scale_bits(dtype: ScaleDtype) -> int:
@@ -64,6 +78,8 @@ class BinaryCodes:
     | n_salient    | groups [0, n_salient) live in salient columns        | int                 |
     | scale_dtype  | storage precision of alpha, mu and beta              | "float16"/"float32" |
     """
+
+    SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "mu", "beta")
 
     group: Tensor
     signs: Tensor
@@ -174,6 +190,8 @@ class UniformCodes:
     scale_dtype: storage precision of scale ("float16" or "float32").
     """
 
+    SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("scale",)
+
     q: Tensor
     scale: Tensor
     zero: Tensor
@@ -217,6 +235,8 @@ class PartialBinaryCodes:
 
     scale_dtype: storage precision of high_scale, alpha and mu ("float16" or "float32").
     """
+
+    SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("high_scale", "alpha", "mu")
 
     salient: Tensor
     q_high: Tensor

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import BlockContext, Method, MethodArgumentError
+from .base import BlockContext, Method, MethodArgumentError, ScaleRounding
 from .codes import ScaleDtype, UniformCodes, to_storage
 
 
@@ -21,6 +21,7 @@ class GPTQArgs:
     bits: int = 4
     groupsize: int = -1  # -1 = one (scale, zero) per row
     scale_dtype: ScaleDtype = "float16"  # storage precision of the scale (float32: no rounding)
+    scale_rounding: ScaleRounding = "after"  # round once after the layer, or "in_loop"
 
 
 def minmax_params(W: Tensor, bits: int,
@@ -67,7 +68,7 @@ class GPTQ(Method):
         a = self.args
         if a.groupsize != -1:
             return None
-        scale, zero = minmax_params(W if original is None else original, a.bits, a.scale_dtype)
+        scale, zero = minmax_params(W if original is None else original, a.bits, self.loop_dtype)
         return UniformGrid(scale[:, None], zero[:, None], groupsize=W.shape[1])
 
     def fit(self, W: Tensor, ctx: BlockContext) -> UniformGrid:
@@ -76,7 +77,7 @@ class GPTQ(Method):
         gs = self.args.groupsize
         if ctx.columns.start % gs:
             raise MethodArgumentError(f"groupsize={gs} must divide the block size")
-        params = [minmax_params(W[:, k:k + gs], self.args.bits, self.args.scale_dtype)
+        params = [minmax_params(W[:, k:k + gs], self.args.bits, self.loop_dtype)
                   for k in range(0, W.shape[1], gs)]
         scale, zero = (torch.stack(p, dim=1) for p in zip(*params))  # (rows, groups in block)
         return UniformGrid(scale, zero, gs)
@@ -101,4 +102,4 @@ class GPTQ(Method):
             zero = torch.cat([g.zero for g in grids], 1)
             gs = self.args.groupsize
         return UniformCodes(q=levels, scale=scale, zero=zero, bits=self.args.bits, groupsize=gs,
-                            scale_dtype=self.args.scale_dtype)
+                            scale_dtype=self.loop_dtype)

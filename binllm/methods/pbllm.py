@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import BlockContext, Method, MethodArgumentError
+from .base import BlockContext, Method, MethodArgumentError, ScaleRounding
 from .codes import PartialBinaryCodes, ScaleDtype, to_storage
 from .gptq import minmax_params, quantize_uniform
 
@@ -53,6 +53,7 @@ class PBLLMArgs:
     stats: Literal["reference", "masked"] = "reference"
     hessian_diag: Literal["cholesky", "inverse"] = "cholesky"
     scale_dtype: ScaleDtype = "float16"  # storage precision of s, α, μ (float32: no rounding)
+    scale_rounding: ScaleRounding = "after"  # round once after the layer, or "in_loop"
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,11 @@ class PBLLM(Method):
         for g0 in range(0, cols, gs):  # a handful of groups; rows stay vectorised
             g = slice(g0, min(g0 + gs, cols))
             salient[:, g] = salient_mask(sigma[:, g], 1.0 - a.salient_fraction)  # (rows, gs)
-            alpha, mu = binarization_stats(W[:, g], salient[:, g], a.stats, a.scale_dtype)
+            alpha, mu = binarization_stats(W[:, g], salient[:, g], a.stats, self.loop_dtype)
             alphas.append(alpha)
             mus.append(mu)
         # (rows,) each, over the full row, dead columns included (the reference's order)
-        scale, zero = minmax_params(W if original is None else original, a.high_bit, a.scale_dtype)
+        scale, zero = minmax_params(W if original is None else original, a.high_bit, self.loop_dtype)
         return PBLLMState(salient=salient, high_scale=scale, high_zero=zero,
                           alpha=torch.stack(alphas, 1), mu=torch.stack(mus, 1), groupsize=gs)
 
@@ -181,4 +182,4 @@ class PBLLM(Method):
             high_scale=st.high_scale, high_zero=st.high_zero,
             signs=(levels == 1) & ~st.salient,
             alpha=st.alpha, mu=st.mu, high_bit=self.args.high_bit, groupsize=st.groupsize,
-            scale_dtype=self.args.scale_dtype)
+            scale_dtype=self.loop_dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import BlockContext, Method
+from .base import BlockContext, Method, ScaleRounding
 from .codes import BinaryCodes, ScaleDtype, to_storage
 
 
@@ -20,6 +20,7 @@ from .codes import BinaryCodes, ScaleDtype, to_storage
 class SignArgs:
     groupsize: int = -1  # columns sharing one (α, μ) per row; -1 = the whole row
     scale_dtype: ScaleDtype = "float16"  # storage precision of α, μ (float32: no rounding)
+    scale_rounding: ScaleRounding = "after"  # round once after the layer, or "in_loop"
 
 
 def row_binarize(W: Tensor, scale_dtype: ScaleDtype = "float16") -> tuple[Tensor, Tensor, Tensor]:
@@ -43,12 +44,12 @@ class RtnSign(Method):
 
     def fit(self, W: Tensor, ctx: BlockContext) -> BinaryCodes:
         rows, B = W.shape
-        alpha, mu, signs = row_binarize(W, self.args.scale_dtype)
+        alpha, mu, signs = row_binarize(W, self.loop_dtype)
         return BinaryCodes(
             group=torch.zeros(rows, B, dtype=torch.uint8, device=W.device),
             signs=signs[None], alpha=alpha[None, None, :, None], mu=mu[None, :, None],
             beta=None, salient_cols=torch.zeros(B, dtype=torch.bool, device=W.device),
-            orders=(1,), n_salient=0, block_size=B, scale_dtype=self.args.scale_dtype)
+            orders=(1,), n_salient=0, block_size=B, scale_dtype=self.loop_dtype)
 
     def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
         return grid.signs[:, :, cols]  # (1, rows, c)
