@@ -66,9 +66,9 @@ def test_quantize_writes_a_complete_report(capsys, tmp_path, stories, data, meth
     r = json.loads(report.read_text())
     q = r["quantization"]
     assert q["method"] == method
-    assert q["method_args"] == ({"bits": 3, "groupsize": -1, "scale_dtype": "float16"}
-                                if method == "gptq"
-                                else {"groupsize": -1, "scale_dtype": "float16"})
+    scales = {"scale_dtype": "float16", "scale_rounding": "after"}
+    assert q["method_args"] == ({"bits": 3, "groupsize": -1, **scales} if method == "gptq"
+                                else {"groupsize": -1, **scales})
     assert r["protocol"] == {
         "calibration": "ptb", "calibration_split": "validation",
         "calibration_note": "ptb: train split not available locally; used validation",
@@ -77,6 +77,7 @@ def test_quantize_writes_a_complete_report(capsys, tmp_path, stories, data, meth
     for lin in q["linears"]:
         assert lin["paper_bits"] == bits and lin["stored_bits"] > bits
         assert math.isfinite(lin["loss"]) and lin["loss"] >= 0 and lin["seconds"] >= 0
+        assert lin["calibration_loss"] == pytest.approx(lin["loss"], rel=0.05)  # before rounding
         assert (lin["percdamp"] is None) == (method == "rtn-sign")
     assert q["paper_bits"] == bits and q["peak_memory_mb"] > 0
     for name in ("tinystories", "ptb"):
