@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_pins import (  # noqa: E402
+from reference_pins import (
     DATA,
     LOSS_RTOL,
     METHODS,
@@ -68,9 +68,9 @@ def main() -> None:
     torch.manual_seed(0)
     wins = windows()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True).stdout.strip()
+                         text=True, check=False).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "binllm"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+                           capture_output=True, text=True, check=False).stdout.strip()
     methods, checks = {}, {}
     for m in METHODS:
         with one_thread():

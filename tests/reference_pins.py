@@ -6,8 +6,8 @@ stored in the JSON itself (token ids, so neither the data files nor the tokenize
 them); one CPU thread. Per method (its default arguments) and per linear: the loop's proxy
 loss before storage rounding (`calibration_loss`, the figure the reference code prints), the
 loss of the stored weights (`loss`), two sha256 checksums of the stored codes (`int_sha256`
-over the integer and boolean fields — sign planes, group ids, masks, levels, zero points —
-and the metadata; `sha256` over every field, the fp16 scales and means included), and the
+over the integer and boolean fields — sign planes, group ids, masks, integer levels — and
+the structural metadata; `sha256` over every field, the fp16 scales and means included), and the
 first sign plane of every weight (`signs`, all linears in order, packed bits, zlib, base64).
 
 Why two tiers: the run is bit-for-bit deterministic for a given thread count on one machine,
@@ -78,7 +78,7 @@ def decode_signs(text: str, n: int) -> torch.Tensor:
 
 
 def codes_checksums(codes) -> dict[str, str]:
-    """sha256 of the integer fields + metadata, and of every field, in field order."""
+    """sha256 of the integer fields + structure (not scale_dtype), and of every field."""
     from binllm.methods.codes import codes_fields
 
     every, ints = hashlib.sha256(), hashlib.sha256()
@@ -89,7 +89,8 @@ def codes_checksums(codes) -> dict[str, str]:
         else:
             blob = f"{name}={value!r}".encode()
         every.update(blob)
-        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        if name != "scale_dtype" and not (isinstance(value, torch.Tensor)
+                                          and value.is_floating_point()):
             ints.update(blob)
     return {"int_sha256": ints.hexdigest(), "sha256": every.hexdigest()}
 

@@ -103,7 +103,7 @@ def test_default_stores_float16_and_equals_the_float32_run_rounded_once(fp32):
 
 
 def test_stored_loss_is_that_of_the_rounded_weights(fp32):
-    name, rec32 = fp32
+    name, _ = fp32
     rec = run(name)
     # rounding moves every weight by at most half an fp16 step of its scales: a small change
     assert rec.loss != rec.calibration_loss
@@ -172,3 +172,25 @@ def binarized(name: str, args: dict):
     batches = [torch.randint(0, 96, (1, 16), generator=g) for _ in range(2)]
     config = QuantizeConfig(method=name, method_args=args, block_size=32)
     return model, binarize_model(model, config, batches)
+
+
+@pytest.mark.parametrize("name", ["pbllm-10", "arb-llm-x"])
+def test_default_calibrates_the_whole_model_as_float32(name):
+    """Layer 1 is calibrated on what the fp32-calibrated layer 0 outputs, as in the references;
+    only then does layer 0 get its fp16-stored weights."""
+    from conftest import tiny_llama
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (1, 32), generator=g) for _ in range(2)]
+    runs = []
+    for args in ({}, {"scale_dtype": "float32"}):
+        model = tiny_llama()
+        config = QuantizeConfig(method=name, method_args=args, block_size=32)
+        runs.append((model, binarize_model(model, config, batches)))
+    (model, default), (_, fp32) = runs
+    assert [r.calibration_loss for r in default.linears] == [r.loss for r in fp32.linears]
+    assert [r.loss for r in default.linears] != [r.loss for r in fp32.linears]
+    assert len(default.codes) == 14
+    for path, codes in default.codes.items():
+        assert same_codes(codes, round_scales(fp32.codes[path], "float16")), path
+        assert torch.equal(codes.dequantize(), model.get_submodule(path).weight)

@@ -12,9 +12,9 @@
         feedback "block":   Q_blk = dequantize(round(W_blk)); E = (W_blk − Q_blk)/diag U_blk
         feedback "none":    as "block", but nothing is propagated
         W[:, i2:] −= E · U[i1:i2, i2:]                   (lazy batch update, GPTQ §3)
-    calibrated = method.codes(grids, levels)       calibrated.dequantize() == Q of the loop
+    calibrated = method.codes(grids, levels)       calibrated.dequantize() == calibrated_Q
     codes = method.store(calibrated)               scales rounded once to their storage dtype
-    Q = codes.dequantize()                         what the model computes with and saves
+    Q = codes.dequantize()                         what the finished model computes with, saved
 
 "column" is GPTQ / PB-LLM (intra-block updates); "block" is BiLLM / ARB-LLM, whose block is
 binarized at once and only compensates later blocks (methods.md §3.3, §8.1).
@@ -23,7 +23,9 @@ Inside the loop scales and means are fp32, as the reference code keeps them; `me
 rounds them to their storage precision after the last block (nothing is fed back after that
 rounding). `loss` is the proxy loss of the stored weights against the very targets the loop
 rounded (the fed-back columns), `calibration_loss` that of the loop's own weights, which is
-what the references print; they differ only by that final rounding.
+what the references print; they differ only by that final rounding. `binarize_model` feeds
+the next decoder layer through `calibrated_Q`, as the references do, and only then gives the
+layer its stored weights `Q`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class Reconstruction:
     codes: object      # the method's layer codes at their storage precision
     loss: float        # Σ (w − q)² / U_jj² / 2 of the stored Q, GPTQ's proxy loss (plain
     #                    Σ (w − q)²/2 without H), w the fed-back column the loop rounded
-    calibration_loss: float  # the same of the loop's Q (fp32 scales unless scale_rounding=in_loop)
+    calibrated_Q: Tensor  # (rows, cols) the loop's weights (fp32 scales unless in_loop)
+    calibrated: object    # their codes, calibrated.dequantize() == calibrated_Q; `codes` if
+    #                       nothing was left to round (scale_rounding=in_loop, float32)
+    calibration_loss: float  # the loss of calibrated_Q, as the references print it
     percdamp: float | None  # damping finally used (None without a Hessian)
 
 
@@ -97,14 +102,13 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         levels.append(L1)
     calibrated = method.codes(grids, torch.cat(levels, dim=-1))
     codes = method.store(calibrated)
-    stored_loss = loss
+    Q_stored, stored_loss = Q, loss
     if codes is not calibrated:  # scales rounded after the loop: Q moves, the targets do not
         Q_stored = codes.dequantize()  # (rows, cols)
         d = torch.diag(U)[None, :] if U is not None else 1.0  # (1, cols)
         stored_loss = ((E + (Q - Q_stored) / d) ** 2).sum(dtype=torch.float64).item() / 2
-        Q = Q_stored
-    return Reconstruction(Q=Q, codes=codes, loss=stored_loss, calibration_loss=loss,
-                          percdamp=used_damp)
+    return Reconstruction(Q=Q_stored, codes=codes, loss=stored_loss, calibrated_Q=Q,
+                          calibrated=calibrated, calibration_loss=loss, percdamp=used_damp)
 
 
 def _column_feedback(method: Method, grid, W1: Tensor, U1: Tensor):
