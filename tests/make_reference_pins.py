@@ -4,7 +4,7 @@
 
 What it does (tests/reference_pins.py has the per-method computation the test repeats):
 1. 16 calibration windows of 128 tokens of wikitext2 validation (seed 0, stories260K's
-   tokenizer, binllm.data.calibration_batches) are stored as token ids.
+   tokenizer, binllm.evaluation.data.calibration_batches) are stored as token ids.
 2. For every method of reference_pins.METHODS with its default arguments, on one thread:
    binarize stories260K (block 128, percdamp 0.01, each method's own feedback) and pin the
    per-linear losses, the codes' checksums and the first sign plane.
@@ -13,8 +13,9 @@ What it does (tests/reference_pins.py has the per-method computation the test re
      integer codes), the configuration issue 13 measured to reproduce the three reference
      implementations on stories260K to every printed digit;
    - a second one-thread run gives identical pins (determinism);
-   - two threads stay within the test's tolerances (LOSS_RTOL, SIGN_AGREEMENT), and how far
-     `scale_rounding=in_loop` (binllm's former default) lands from the pins.
+   - how far a two-thread run (noise the test must tolerate) and `scale_rounding=in_loop`
+     (binllm's former default: the drift the test must catch) land from the pins, recorded
+     as "checks"; the test's tolerances are set between the two.
 Nothing here is compared with the reference code itself, which may not enter the repository.
 """
 
@@ -28,16 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_pins import (
-    DATA,
-    LOSS_RTOL,
-    METHODS,
-    SIGN_AGREEMENT,
-    decode_signs,
-    environment,
-    method_pins,
-    one_thread,
-)
+from reference_pins import DATA, METHODS, TOLERANCES, distance, environment, method_pins, one_thread
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
@@ -47,21 +39,11 @@ NSAMPLES, SEQLEN = 16, 128
 def windows() -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from binllm.data import calibration_batches, load_text
+    from binllm.evaluation.data import calibration_batches, load_text
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     text = load_text("wikitext2", "validation", root=REPO.parent / "shared" / "data")
     return [b[0].tolist() for b in calibration_batches(text, tok, NSAMPLES, SEQLEN, seed=0)]
-
-
-def distance(got: dict, want: dict) -> dict:
-    """Largest relative loss difference and the sign-plane agreement between two pin sets."""
-    rel = max(abs(g[k] - w[k]) / abs(w[k])
-              for g, w in zip(got["linears"], want["linears"])
-              for k in ("calibration_loss", "loss"))
-    a = decode_signs(got["signs"], got["n_signs"])
-    b = decode_signs(want["signs"], want["n_signs"])
-    return {"max_rel_loss_diff": rel, "sign_agreement": (a == b).float().mean().item()}
 
 
 def main() -> None:
@@ -88,9 +70,7 @@ def main() -> None:
                                  "scale_dtype=float32 (the reference configuration)")
         checks[m] = {"in_loop": distance(in_loop, pins)}
         if two is not None:
-            checks[m]["two_threads"] = d = distance(two, pins)
-            if d["max_rel_loss_diff"] > LOSS_RTOL or d["sign_agreement"] < SIGN_AGREEMENT:
-                raise SystemExit(f"{m}: two threads fall outside the test's tolerances: {d}")
+            checks[m]["two_threads"] = distance(two, pins)
         methods[m] = pins
         print(m, json.dumps(checks[m]), flush=True)
     out = {
@@ -105,7 +85,7 @@ def main() -> None:
                                                 "nsamples": NSAMPLES, "seqlen": SEQLEN,
                                                 "seed": 0},
         "threads": 1, "environment": environment(),
-        "tolerances": {"loss_rtol": LOSS_RTOL, "sign_agreement": SIGN_AGREEMENT},
+        "tolerances": TOLERANCES,
         "checks": checks, "windows": wins, "methods": methods,
     }
     DATA.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,14 @@ over the integer and boolean fields — sign planes, group ids, masks, integer l
 the structural metadata; `sha256` over every field, the fp16 scales and means included), and the
 first sign plane of every weight (`signs`, all linears in order, packed bits, zlib, base64).
 
-Why two tiers: the run is bit-for-bit deterministic for a given thread count on one machine,
-but 1 and 2 threads sum in different orders, and on a 1-bit model a last-bit difference can
-flip a sign that later columns then compensate (measured: losses move by up to 6.5e-5
-relative, ≤ 0.0003 % of the signs flip). So checksums and exact losses are asserted only in the
-environment the pins were made in (same torch, CPU, one thread); everywhere the losses must
-agree to LOSS_RTOL and the sign planes to SIGN_AGREEMENT.
+Why two tiers: the run is bit-for-bit deterministic for a given thread count on one machine
+(two one-thread runs are identical, the script checks it), but 1 and 2 threads sum in
+different orders, and on a 1-bit model a last-bit difference can flip a sign that the later
+columns then compensate, which cascades: measured with two threads, PB-LLM's codes differ in
+16 of 35 linears, one linear's loss by 1.7 %, 0.1 % of its signs. So checksums and exact losses
+are asserted only in the environment the pins were made in (same torch and CPU; the test
+itself always runs on one thread); everywhere, the median and largest relative loss
+differences and the sign-plane agreement must stay within the tolerances below.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ DATA = Path(__file__).resolve().parent / "data" / "reference_pins.json"
 # every paper method as registered, each with its default arguments (pbllm's defaults are the
 # pbllm-10 preset: 10 % salient at 8 bits, Hessian saliency)
 METHODS = ["pbllm-10", "billm", "arb", "arb-x", "arb-rc", "arb-llm-x", "arb-llm-rc"]
-LOSS_RTOL = 5e-4       # 1 vs 2 threads: ≤ 6.5e-5; scale_rounding=in_loop: up to 0.27
-SIGN_AGREEMENT = 0.999  # 1 vs 2 threads: ≥ 0.99994; scale_rounding=in_loop: 0.976–1.0
+# The tolerance tier, set from the distances make_reference_pins.py measured and recorded in
+# the JSON's "checks" (two threads instead of one: noise; scale_rounding=in_loop: the drift
+# the test must catch); test_the_tolerances_separate_noise_from_in_loop_rounding checks them.
+MEDIAN_LOSS_RTOL = 2e-5  # median over the linears of |Δloss|/loss: noise ≤ 6e-6, in_loop ≥ 3.9e-5
+MAX_LOSS_RTOL = 5e-2     # any single linear: noise ≤ 1.7e-2 (PB-LLM: one flipped sign cascades)
+SIGN_AGREEMENT = 0.998   # first sign plane: noise ≥ 0.99895 (PB-LLM), in_loop 0.976–0.9996
 
 
 def environment() -> dict[str, str]:
@@ -50,6 +56,29 @@ def environment() -> dict[str, str]:
         pass
     return {"torch": torch.__version__, "machine": platform.machine(), "cpu": model,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def distance(got: dict, want: dict) -> dict:
+    """How far two pin sets are: relative loss differences (largest, median over the linears'
+    two losses), linears with other integer codes, and the first sign plane's agreement."""
+    rel = sorted(abs(g[k] - w[k]) / abs(w[k])
+                 for g, w in zip(got["linears"], want["linears"])
+                 for k in ("calibration_loss", "loss"))
+    a = decode_signs(got["signs"], got["n_signs"])
+    b = decode_signs(want["signs"], want["n_signs"])
+    return {"max_rel_loss_diff": rel[-1], "median_rel_loss_diff": rel[len(rel) // 2],
+            "linears_with_other_codes": sum(g["int_sha256"] != w["int_sha256"] for g, w in
+                                            zip(got["linears"], want["linears"])),
+            "sign_agreement": (a == b).float().mean().item() if a.shape == b.shape else 0.0}
+
+
+def within_tolerance(d: dict) -> bool:
+    return (d["median_rel_loss_diff"] <= MEDIAN_LOSS_RTOL
+            and d["max_rel_loss_diff"] <= MAX_LOSS_RTOL and d["sign_agreement"] >= SIGN_AGREEMENT)
+
+
+TOLERANCES = {"median_loss_rtol": MEDIAN_LOSS_RTOL, "max_loss_rtol": MAX_LOSS_RTOL,
+              "sign_agreement": SIGN_AGREEMENT}
 
 
 @contextmanager
