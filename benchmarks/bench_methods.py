@@ -8,6 +8,7 @@ window of each test split (no cap) unless --max-windows is given; the table says
 
     python benchmarks/bench_methods.py [--nsamples 128] [--max-windows N] [--skip-linear]
                                        [--runs-dir DIR]
+                                       (--skip-linear keeps the per-linear rows of methods.json)
     python benchmarks/bench_methods.py --linear-only   # redo the per-linear rows, keep the rest
 
 Per linear, besides the seconds, the table gives the relative output error on the synthetic
@@ -195,6 +196,10 @@ def main() -> None:
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "stories260K": stories_rows(args.nsamples, args.max_windows,
                                                  runs_dir=args.runs_dir)}
+        if args.skip_linear and (OUT / "methods.json").exists():  # keep the per-linear rows
+            old = json.loads((OUT / "methods.json").read_text()).get("linears")
+            if old:
+                result["linears"] = old
     if not args.skip_linear:
         result["linears"] = linear_rows()
     OUT.mkdir(parents=True, exist_ok=True)
