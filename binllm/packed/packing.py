@@ -13,9 +13,9 @@ byte); the last byte is padded with zeros. An n-bit integer stream stores elemen
 least significant first, as the elements n·i … n·i + n − 1 of a bit stream. Scales and means
 are stored in the codes' `scale_dtype`, recorded as the layout param "scale_dtype": "float16"
 (the default; layouts without the param, written before it existed, read as fp16) or
-"float32". The codes already hold them rounded to that precision (`codes.to_storage`), and
-packing refuses values that are not, since the saved model would then differ from the
-calibrated one.
+"float32". The codes already hold them rounded to that precision (`Method.store` rounds a
+layer's codes once after its loop, `codes.round_scales` / `codes.to_storage`), and packing
+refuses values that are not, since the saved model would then differ from the one in memory.
 Tensors with no element are not stored. `codes.stored_bits()` counts exactly these bytes.
 The per-format tables are in `binllm.packed.formats`.
 """
@@ -173,9 +173,9 @@ def to_exact(x: Tensor, name: str, dtype: torch.dtype = FLOAT_DTYPE) -> Tensor:
     h = x.to(dtype, copy=True)  # a copy also for fp32: the packed tensors own their memory
     if not torch.equal(h.to(x.dtype), x):
         raise PackingError(
-            f"{name} holds values that are not exact in fp{dtype.itemsize * 8}: the method "
-            "must round its scales and means with codes.to_storage before using them, or the "
-            "saved model would not reproduce the calibrated one")
+            f"{name} holds values that are not exact in fp{dtype.itemsize * 8}: round the "
+            "codes' scales and means to their scale_dtype first (codes.round_scales or "
+            "to_storage), or the saved model would not reproduce the one in memory")
     return h
 
 
