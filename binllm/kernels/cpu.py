@@ -107,9 +107,11 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
         return _dense_chunks(form, x)
     ops = torch.ops.binllm_cpu
     y = torch.zeros(x.shape[0], form.rows)
+    no_scale = torch.empty(0)  # the op's "no column scales"
     for part in form.parts:
-        ops.bitpart(part_inputs(part, x).contiguous(), part.planes, part.plane, part.ver,
-                    part.coef, part.const, part.seg, y, IMPLS[impl])
+        scale = no_scale if part.scale is None else part.scale
+        ops.bitpart(x, part.perm, scale, part.planes, part.plane, part.ver, part.coef,
+                    part.const, part.seg, y, IMPLS[impl])
     if form.sparse is not None:
         sp = form.sparse
         ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y)

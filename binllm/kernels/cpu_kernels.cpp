@@ -1,9 +1,10 @@
 // CPU kernels of binllm's kernel form (binllm/kernels/form.py), registered as torch.ops.binllm_cpu.
 //
-// bitpart(xv, planes, plane, ver, coef, cnst, seg, y, impl):
+// bitpart(x, perm, scale, planes, plane, ver, coef, cnst, seg, y, impl):
+//   xv[n, v, j] = x[n, perm[j]] * scale[v, j]   (0 where perm[j] < 0; scale empty: V = 1, ones)
 //   y[n, r] += sum_t sum_s coef[t, r, s] * sum_{j in s} B_{plane[t]}[r, j] * xv[n, ver[t], j]
 //            + sum_v sum_s cnst[v, r, s] * sum_{j in s} xv[n, v, j]
-//   xv (N, V, P) fp32, planes (NP, rows, P/8) uint8 (bit k of byte b = column 8b + k),
+//   x (N, cols) fp32, perm (P,) int64, scale (V, P) fp32 or (0,), planes (NP, rows, P/8) uint8 (bit k of byte b = column 8b + k),
 //   plane/ver (T,) int64, coef (T, rows, nseg) fp32, cnst (V, rows, nseg) fp32,
 //   seg (nseg + 1,) int64 byte offsets (even: whole 16-column chunks), y (N, rows) fp32.
 //   impl 0: AVX-512 masked adds where compiled with AVX-512F, 1: portable C++ loop.
@@ -144,35 +145,57 @@ bool rows_avx512_dispatch(const Part& p, const std::vector<float>& sums, float* 
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "binllm_cpu: ", what); }
 
-Part make_part(const at::Tensor& xv, const at::Tensor& planes, const at::Tensor& plane,
-               const at::Tensor& ver, const at::Tensor& coef, const at::Tensor& cnst,
-               const at::Tensor& seg) {
-  check(xv.dim() == 3 && xv.scalar_type() == at::kFloat && xv.is_contiguous(), "xv (N, V, P) f32");
+Part make_part(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
+               const at::Tensor& planes, const at::Tensor& plane, const at::Tensor& ver,
+               const at::Tensor& coef, const at::Tensor& cnst, const at::Tensor& seg,
+               std::vector<float>& xv) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+  check(perm.scalar_type() == at::kLong && perm.is_contiguous(), "perm (P,) int64");
   check(planes.dim() == 3 && planes.scalar_type() == at::kByte && planes.is_contiguous(),
         "planes (NP, rows, P/8) uint8");
   check(plane.scalar_type() == at::kLong && ver.scalar_type() == at::kLong &&
             seg.scalar_type() == at::kLong, "plane, ver, seg int64");
   check(coef.scalar_type() == at::kFloat && coef.is_contiguous() &&
             cnst.scalar_type() == at::kFloat && cnst.is_contiguous(), "coef, cnst f32");
-  Part p{xv.data_ptr<float>(), planes.data_ptr<uint8_t>(), plane.data_ptr<int64_t>(),
+  const int64_t N = x.size(0), cols = x.size(1), P = perm.size(0);
+  const int64_t V = scale.numel() ? scale.size(0) : 1;
+  check(!scale.numel() || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                           scale.size(1) == P), "scale (V, P) f32");
+  xv.assign(N * V * P, 0.f);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t v = 0; v < V; ++v) {
+      float* o = xv.data() + (n * V + v) * P;
+      for (int64_t j = 0; j < P; ++j) {
+        const int64_t c = pp[j];
+        check(c < cols, "perm outside x");
+        if (c >= 0) o[j] = sp ? xp[n * cols + c] * sp[v * P + j] : xp[n * cols + c];
+      }
+    }
+  Part p{xv.data(), planes.data_ptr<uint8_t>(), plane.data_ptr<int64_t>(),
          ver.data_ptr<int64_t>(), coef.data_ptr<float>(), cnst.data_ptr<float>(),
-         seg.data_ptr<int64_t>(), xv.size(0), xv.size(1), xv.size(2), coef.size(1),
-         planes.size(2), plane.size(0), seg.size(0) - 1};
+         seg.data_ptr<int64_t>(), N, V, P, coef.size(1), planes.size(2), plane.size(0),
+         seg.size(0) - 1};
   check(p.PB * 8 == p.P && cnst.size(0) == p.V && cnst.size(1) == p.rows &&
             coef.size(2) == p.nseg && (p.T == 0 || planes.size(1) == p.rows) &&
             p.seg[p.nseg] == p.PB, "inconsistent part shapes");
   return p;
 }
 
-void bitpart(const at::Tensor& xv, const at::Tensor& planes, const at::Tensor& plane,
-             const at::Tensor& ver, const at::Tensor& coef, const at::Tensor& cnst,
-             const at::Tensor& seg, at::Tensor y, int64_t impl) {
-  const Part p = make_part(xv, planes, plane, ver, coef, cnst, seg);
+void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
+             const at::Tensor& planes, const at::Tensor& plane, const at::Tensor& ver,
+             const at::Tensor& coef, const at::Tensor& cnst, const at::Tensor& seg, at::Tensor y,
+             int64_t impl) {
+  std::vector<float> xv;
+  const Part p = make_part(x, perm, scale, planes, plane, ver, coef, cnst, seg, xv);
   check(y.scalar_type() == at::kFloat && y.is_contiguous() && y.size(0) == p.N &&
             y.size(1) == p.rows, "y (N, rows) f32");
   const std::vector<float> sums = seg_sums(p);
   float* out = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(1, p.PB * p.T));
+  // at least ~64k weight-terms per task: small layers stay on one thread
+  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, p.P * p.T * p.N));
   at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) {
 #ifdef __AVX512F__
     if (impl == 0 && rows_avx512_dispatch(p, sums, out, r0, r1)) return;
@@ -254,8 +277,8 @@ bool has_avx512() {
 }  // namespace
 
 TORCH_LIBRARY(binllm_cpu, m) {
-  m.def("bitpart(Tensor xv, Tensor planes, Tensor plane, Tensor ver, Tensor coef, Tensor cnst, "
-        "Tensor seg, Tensor(a!) y, int impl) -> ()");
+  m.def("bitpart(Tensor x, Tensor perm, Tensor scale, Tensor planes, Tensor plane, Tensor ver, "
+        "Tensor coef, Tensor cnst, Tensor seg, Tensor(a!) y, int impl) -> ()");
   m.def("bitpart_dense(Tensor planes, Tensor plane, Tensor ver, Tensor coef, Tensor cnst, "
         "Tensor seg, int v, int r0, Tensor(a!) out) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
