@@ -216,7 +216,8 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& plane, const at::
                 *sg = seg.data_ptr<int64_t>();
   const float *cf = coef.data_ptr<float>(), *cn = cnst.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 8, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, n, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, P * T)),
+                   [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t r = r0 + i;
       float* w = o + i * P;
@@ -252,7 +253,9 @@ void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col
   const int32_t* cp = col.data_ptr<int32_t>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  const int64_t nnz = rp[rows];  // at least ~64k entries per task: small layers stay serial
+  const int64_t grain = std::max<int64_t>(64, rows * 65536 / std::max<int64_t>(1, nnz * N));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t n = 0; n < N; ++n) {
         const float* xr = xp + n * cols;
