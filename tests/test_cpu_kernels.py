@@ -17,7 +17,8 @@ from binllm.methods import METHODS, get_method
 from binllm.packed.layers import BinaryLinear, set_kernels
 
 needs_extension = pytest.mark.skipif(not cpu.extension().ok, reason=cpu.extension().reason)
-BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3]  # decode, small batch, prefill
+# decode, small batches, chunked GEMV, prefill (dense rebuild + GEMM)
+BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3, cpu.GEMV_MAX + 5]
 
 
 def check(y, x, W):

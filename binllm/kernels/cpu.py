@@ -2,11 +2,11 @@
 
 `form_matmul(form, x)` computes y = x Ŵᵀ (N, rows) fp32 for x (N, cols):
 
-- N ≤ SMALL_BATCH (decode, small batches): `torch.ops.binllm_cpu.bitpart` per BitPart, a
-  GEMV over the bit planes (AVX-512: one masked add of 16 activations per 16 bits, R rows × N
-  inputs as independent chains; elsewhere a portable C++ loop), plus `sparse` for PB-LLM's
-  salient weights. Nothing is dequantized.
-- N > SMALL_BATCH (prefill): each part's weight is rebuilt ROW_CHUNK rows at a time into one
+- N ≤ GEMV_MAX (decode, small batches): `torch.ops.binllm_cpu.bitpart` per BitPart on up
+  to SMALL_BATCH inputs per call, a GEMV over the bit planes (AVX-512: one masked add of 16
+  activations per 16 bits, R rows × N inputs as independent chains; elsewhere a portable C++
+  loop), plus `sparse` for PB-LLM's salient weights. Nothing is dequantized.
+- N > GEMV_MAX (prefill): each part's weight is rebuilt ROW_CHUNK rows at a time into one
   reusable buffer (`bitpart_dense`) and multiplied by the dense GEMM; the sparse part is a CSR
   matmul.
 - Where the extension cannot run (no compiler, not a CPU tensor, gradients wanted, or
@@ -35,7 +35,8 @@ from .form import KernelForm, form_matmul_torch, part_inputs
 
 log = logging.getLogger(__name__)
 
-SMALL_BATCH = 8    # largest N for the bit-plane GEMV; larger batches use the dense GEMM path
+SMALL_BATCH = 8    # inputs per bit-plane GEMV call (the kernel's widest batch tile)
+GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); beyond: dense GEMM
 ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 IMPLS = {"avx512": 0, "portable": 1}
@@ -103,8 +104,11 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
         _warn_once(reason)
         return form_matmul_torch(form, x)
     x = x.float().contiguous()
-    if x.shape[0] > SMALL_BATCH:
+    if x.shape[0] > GEMV_MAX:
         return _dense_chunks(form, x)
+    if x.shape[0] > SMALL_BATCH:
+        return torch.cat([form_matmul(form, x[i:i + SMALL_BATCH], impl)
+                          for i in range(0, x.shape[0], SMALL_BATCH)])
     ops = torch.ops.binllm_cpu
     y = torch.zeros(x.shape[0], form.rows)
     no_scale = torch.empty(0)  # the op's "no column scales"

@@ -230,8 +230,11 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& plane, const at::
         const uint8_t* bits = pl + (pi[t] * rows + r) * PB;
         for (int64_t s = 0; s < nseg; ++s) {
           const float c = cf[(t * rows + r) * nseg + s];
-          for (int64_t j = sg[s] * 8; j < sg[s + 1] * 8; ++j)
-            w[j] += ((bits[j >> 3] >> (j & 7)) & 1u) ? c : 0.f;
+          for (int64_t b = sg[s]; b < sg[s + 1]; ++b) {
+            const unsigned byte = bits[b];
+            float* wb = w + 8 * b;
+            for (int k = 0; k < 8; ++k) wb[k] += c * static_cast<float>((byte >> k) & 1u);
+          }
         }
       }
     }

@@ -1,0 +1,307 @@
+"""Issue 10 benchmark: CPU kernels on the packed bits against dense bf16 / fp32, on this CPU.
+
+Part 1, one LLaMA-7B-shaped decoder layer's 7 linears (q/k/v/o 4096×4096, gate/up
+11008×4096, down 4096×11008), batch 1, `--threads` threads. Each method's codes are synthesised
+with the layout it produces (`bench_packed.layout_codes`, from the codes of a small random
+layer run through the real method: formats, orders, groups, β, group sizes, PB-LLM's salient
+fraction; BiLLM-family layers get 3 salient columns per 128). Packed layers are BinaryLinears
+on the default path (the kernel form, `binllm.kernels.cpu`); a packed layer is copied until the
+copies exceed 3× the L3 cache, so every pass reads from memory as the dense weights do. Per
+configuration: best and median ms per layer forward over `--repeats` rounds, the configurations
+interleaved within each round (the CPU is shared with other jobs), memory held (packed buffers
++ kernel form, against the dense weights), bytes read per token, and the physical limit
+bytes / memory bandwidth, the bandwidth measured by copying a 512 MiB tensor (read + write).
+
+Part 2, stories260K end to end, every registered method (real calibration on tinystories):
+greedy generation tokens/s of the loaded packed model (default: kernels) against the fp32
+original, interleaved best of N, and the tinystories perplexity on the kernel path against the
+dequantize path (`kernels=False`), which must agree to 4 significant digits; plus one run of
+the `binllm generate` command line.
+
+    python benchmarks/bench_kernels.py [--methods ...] [--skip-stories] [--threads 2]
+Writes benchmarks/results/kernels.json and kernels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_packed import (  # noqa: E402  (benchmarks/ is not a package)
+    PROMPT,
+    SHARED,
+    STORIES,
+    generation_speed,
+    layout_codes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+          "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
+          "down_proj": (4096, 11008)}
+STACK_METHODS = ["rtn-sign", "q1_0", "gptq", "billm", "arb-rc", "arb-llm-x", "arb-llm-rc",
+                 "pbllm-10"]
+L3_BYTES = 32 * 2**20
+
+
+def bandwidth_gbs() -> float:
+    """Best GB/s of copying a 512 MiB fp32 tensor (bytes read + bytes written)."""
+    a = torch.ones(128 * 2**20)
+    b = torch.empty_like(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def like_codes(method: str):
+    """Codes of a small random 16 × 512 layer through the real method (its layout)."""
+    from binllm.engine.reconstruct import reconstruct
+    from binllm.methods import get_method
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 512, generator=g)
+    W = torch.randn(16, 512, generator=g)
+    return reconstruct(W, 2 * X.T @ X / X.shape[0], get_method(method), block_size=128).codes
+
+
+def packed_layer(method: str) -> dict:
+    from binllm.packed.layers import BinaryLinear
+
+    like = like_codes(method)
+    g = torch.Generator().manual_seed(1)
+    mods = {}
+    for name, (rows, cols) in SHAPES.items():
+        layer = BinaryLinear.from_codes(layout_codes(like, rows, cols, like.shape[1], g))
+        layer(torch.zeros(1, cols))  # derives the kernel form once
+        mods[name] = layer
+    return mods
+
+
+def layer_bytes(mods: dict) -> tuple[int, int]:
+    """(packed buffer bytes, kernel form bytes) of one layer."""
+    buffers = sum(t.numel() * t.element_size() for m in mods.values() for t in m.packed().values())
+    return buffers, sum(m.kernel_form().nbytes() for m in mods.values())
+
+
+def stack_part(methods: list[str], args) -> dict:
+    torch.manual_seed(0)
+    xs = {c: torch.randn(1, c) for c in (4096, 11008)}
+    configs = {}  # label -> (list of layers, each a list of (fn) callables)
+    info = {}
+    for dtype, label in ((torch.bfloat16, "dense bf16"), (torch.float32, "dense fp32")):
+        Ws = {n: torch.randn(r, c).to(dtype) for n, (r, c) in SHAPES.items()}
+        xd = {c: x.to(dtype) for c, x in xs.items()}
+        configs[label] = [[(lambda W=W, x=xd[W.shape[1]]: F.linear(x, W)) for W in Ws.values()]]
+        nbytes = sum(W.numel() * W.element_size() for W in Ws.values())
+        info[label] = {"held_bytes": nbytes, "read_bytes": nbytes, "copies": 1}
+    for method in methods:
+        t = time.perf_counter()
+        mods = packed_layer(method)
+        buffers, form = layer_bytes(mods)
+        copies = max(1, -(-3 * L3_BYTES // form))
+        stack = [mods] + [copy.deepcopy(mods) for _ in range(copies - 1)]
+        configs[method] = [[(lambda m=m, x=xs[m.in_features]: m(x)) for m in layer.values()]
+                           for layer in stack]
+        info[method] = {"held_bytes": buffers + form, "buffer_bytes": buffers,
+                        "form_bytes": form, "read_bytes": form, "copies": copies,
+                        "disk_bits": 8 * buffers / sum(r * c for r, c in SHAPES.values()),
+                        "build_s": time.perf_counter() - t}
+        print(f"{method}: form {form / 2**20:.1f} MiB, buffers {buffers / 2**20:.1f} MiB, "
+              f"{copies} copies", flush=True)
+    samples = {k: [] for k in configs}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for label, layers in configs.items():
+                t = time.perf_counter()
+                for layer in layers:
+                    for fn in layer:
+                        fn()
+                samples[label].append((time.perf_counter() - t) / len(layers))
+    bw = bandwidth_gbs()
+    rows = []
+    for label, s in samples.items():
+        r = {"config": label, **info[label], "best_ms": 1e3 * min(s),
+             "median_ms": 1e3 * statistics.median(s),
+             "limit_ms": 1e3 * info[label]["read_bytes"] / (bw * 1e9)}
+        r["tokens_per_s"] = 1e3 / r["best_ms"]
+        rows.append(r)
+        print(f"{label}: best {r['best_ms']:.2f} ms, median {r['median_ms']:.2f} ms per layer, "
+              f"limit {r['limit_ms']:.2f} ms", flush=True)
+    return {"bandwidth_gbs": bw, "rows": rows, "repeats": args.repeats}
+
+
+# -- part 2: stories260K ---------------------------------------------------------------------
+def stories_part(methods: list[str], args, work: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
+    from binllm.evaluation.perplexity import perplexity
+    from binllm.packed.checkpoint import load_binarized, save_binarized
+    from binllm.packed.layers import set_kernels
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
+                                args.nsamples, args.seqlen, 0)
+    test = eval_tokens(load_text("tinystories", "test", SHARED / "data"), tok, args.seqlen)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    fp32 = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    fp32_speeds, rows = [], []
+    for method in methods:
+        model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+        report = binarize_model(model, QuantizeConfig(method=method), calib)
+        out = save_binarized(model, report, tok, work / f"stories-{method}")
+        loaded = load_binarized(out)  # the default: kernels
+        ppl_k = perplexity(loaded, test, args.seqlen, max_windows=args.windows).ppl
+        speeds = []
+        for _ in range(args.gen_repeats):  # interleaved with the fp32 original
+            fp32_speeds.append(generation_speed(fp32, ids, args.new_tokens, repeats=1))
+            speeds.append(generation_speed(loaded, ids, args.new_tokens, repeats=1))
+        set_kernels(loaded, False)
+        ppl_d = perplexity(loaded, test, args.seqlen, max_windows=args.windows).ppl
+        rows.append({"method": method, "ppl_kernels": ppl_k, "ppl_dequantize": ppl_d,
+                     "same_4_digits": f"{ppl_k:.4g}" == f"{ppl_d:.4g}",
+                     "tokens_per_s_kernels": max(speeds)})
+        print(f"stories260K {method}: ppl kernels {ppl_k:.6f} / dequantize {ppl_d:.6f}, "
+              f"{max(speeds):.1f} tok/s", flush=True)
+        if method == args.cli_method:
+            cli = subprocess.run([sys.executable, "-m", "binllm", "generate", str(out), PROMPT,
+                                  "--max-new-tokens", str(args.new_tokens)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            m = re.search(r"\[(\d+) new tokens in ([\d.]+) s, ([\d.]+) tokens/s\]", cli.stdout)
+            rows[-1]["cli_line"] = m.group(0) if m else cli.stdout[-200:]
+        shutil.rmtree(out)
+    return {"fp32_tokens_per_s": max(fp32_speeds), "rows": rows,
+            "calibration": f"tinystories train, {args.nsamples} × {args.seqlen} tokens",
+            "windows": args.windows, "seqlen": args.seqlen, "new_tokens": args.new_tokens,
+            "gen_repeats": args.gen_repeats}
+
+
+# -- report ----------------------------------------------------------------------------------
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    mib = 2**20
+    lines = ["# CPU kernels on the packed bits (issue 10)", "",
+             (f"`python benchmarks/bench_kernels.py` on {res['machine']}, torch {res['torch']}, "
+              f"{res['threads']} threads, extension: {res['extension']}. The CPU is shared with "
+              "other jobs: every number is the best (and median) of interleaved rounds.")]
+    st = res.get("stack")
+    if st:
+        dense = {r["config"]: r for r in st["rows"] if r["config"].startswith("dense")}
+        fastest = min(dense.values(), key=lambda r: r["best_ms"])
+        lines += [
+            "", "## One LLaMA-7B-shaped decoder layer, batch 1 (7 linears, 202.4 M weights)", "",
+            (f"Memory bandwidth (512 MiB copy, read + write): {st['bandwidth_gbs']:.1f} GB/s. "
+             f"{st['repeats']} interleaved rounds. 'limit' = bytes read per token / bandwidth. "
+             f"Speed-up against the faster dense path ({fastest['config']})."), "",
+            _row("config", "disk bits/w", "held MiB (buffers + form)", "read MiB/token",
+                 "copies", "best ms/layer", "median ms", "tokens/s (1 layer)", "limit ms",
+                 "× faster dense"),
+            _row(*["---"] * 10)]
+        for r in st["rows"]:
+            held = (f"{r['held_bytes'] / mib:.1f}" if "form_bytes" not in r else
+                    f"{r['held_bytes'] / mib:.1f} ({r['buffer_bytes'] / mib:.1f} + "
+                    f"{r['form_bytes'] / mib:.1f})")
+            lines.append(_row(
+                r["config"], f"{r['disk_bits']:.3f}" if "disk_bits" in r else "—", held,
+                f"{r['read_bytes'] / mib:.1f}", r["copies"], f"{r['best_ms']:.2f}",
+                f"{r['median_ms']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['limit_ms']:.2f}",
+                f"{fastest['best_ms'] / r['best_ms']:.2f}"))
+        lines += ["", ("Packed rows run `BinaryLinear.forward` on its default path (the kernel "
+                       "form and the AVX-512 bit-plane GEMV); a layer holds its packed buffers "
+                       "(the state_dict) plus the kernel form derived from them, no dequantized "
+                       "weight. 'copies': packed layers cycled so that a pass reads more than "
+                       "3× the 32 MiB L3 cache.")]
+    sp = res.get("stories")
+    if sp:
+        lines += ["", f"## stories260K end to end (calibration: {sp['calibration']})", "",
+                  (f"fp32 original: {sp['fp32_tokens_per_s']:.1f} tokens/s greedy "
+                   f"({sp['new_tokens']} new tokens, best of {sp['gen_repeats']} interleaved). "
+                   f"Perplexity: tinystories test, {sp['windows']} windows of {sp['seqlen']}."),
+                  "", _row("method", "tok/s packed (kernels)", "vs fp32", "ppl kernels",
+                           "ppl dequantize", "equal to 4 digits"), _row(*["---"] * 6)]
+        for r in sp["rows"]:
+            lines.append(_row(r["method"], f"{r['tokens_per_s_kernels']:.1f}",
+                              f"{r['tokens_per_s_kernels'] / sp['fp32_tokens_per_s']:.2f}",
+                              f"{r['ppl_kernels']:.4f}", f"{r['ppl_dequantize']:.4f}",
+                              "yes" if r["same_4_digits"] else "NO"))
+        cli = [r for r in sp["rows"] if "cli_line" in r]
+        if cli:
+            lines += ["", f"`binllm generate` ({cli[0]['method']}, default path): "
+                          f"`{cli[0]['cli_line']}`"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from binllm.kernels import cpu
+    from binllm.methods import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default=",".join(m for m in STACK_METHODS if m in METHODS))
+    p.add_argument("--stories-methods", default=",".join(METHODS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--cli-method", default="billm")
+    p.add_argument("--skip-stack", action="store_true")
+    p.add_argument("--skip-stories", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--render-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.render_only:
+        write_markdown(json.loads((args.out / "kernels.json").read_text()),
+                       args.out / "kernels.md")
+        return 0
+    torch.set_num_threads(args.threads)
+    status = cpu.extension()
+    res = {"machine": f"{platform.machine()} CPU", "torch": torch.__version__,
+           "threads": args.threads,
+           "extension": ("AVX-512" if status.avx512 else "portable C++") if status.ok
+           else f"none ({status.reason})"}
+    old = args.out / "kernels.json"
+    if (args.skip_stack or args.skip_stories) and old.is_file():  # keep the part not rerun
+        kept = json.loads(old.read_text())
+        res.update({k: kept[k] for k in ("stack", "stories") if k in kept})
+    if not args.skip_stack:
+        res["stack"] = stack_part([m for m in args.methods.split(",") if m], args)
+    if not args.skip_stories:
+        with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:
+            res["stories"] = stories_part([m for m in args.stories_methods.split(",") if m],
+                                          args, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, args.out / "kernels.md")
+    print(f"wrote {args.out / 'kernels.json'} and kernels.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
