@@ -71,7 +71,7 @@ def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys,
     assert ppl == report["perplexity"]["tinystories"]["ppl"]
 
 
-@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+@pytest.mark.parametrize("cache", [[], ["--no-cache"], ["--cache-dequantized"]])
 def test_generate_continues_the_prompt(capsys, saved, cache):
     out, _ = saved
     code, text, _ = run(capsys, "generate", out, "Once upon a time", "--max-new-tokens", "6",

@@ -4,7 +4,8 @@
 //   xv[n, v, j] = x[n, perm[j]] * scale[v, j]   (0 where perm[j] < 0; scale empty: V = 1, ones)
 //   y[n, r] += sum_t sum_s coef[t, r, s] * sum_{j in s} B_{plane[t]}[r, j] * xv[n, ver[t], j]
 //            + sum_v sum_s cnst[v, r, s] * sum_{j in s} xv[n, v, j]
-//   x (N, cols) fp32, perm (P,) int64, scale (V, P) fp32 or (0,), planes (NP, rows, P/8) uint8 (bit k of byte b = column 8b + k),
+//   x (N, cols) fp32, perm (P,) int64, scale (V, P) fp32 or (0,),
+//   planes (NP, rows, P/8) uint8 (bit k of byte b = column 8b + k),
 //   plane/ver (T,) int64, coef (T, rows, nseg) fp32, cnst (V, rows, nseg) fp32,
 //   seg (nseg + 1,) int64 byte offsets (even: whole 16-column chunks), y (N, rows) fp32.
 //   impl 0: AVX-512 masked adds where compiled with AVX-512F, 1: portable C++ loop.
@@ -105,7 +106,8 @@ void tile_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_
         for (int i = 0; i < R; ++i) {
           uint16_t m;
           std::memcpy(&m, bits[i] + b, 2);
-          for (int n = 0; n < N; ++n) acc[i][n] = _mm512_mask_add_ps(acc[i][n], m, acc[i][n], xs[n]);
+          for (int n = 0; n < N; ++n)
+            acc[i][n] = _mm512_mask_add_ps(acc[i][n], m, acc[i][n], xs[n]);
         }
       }
       for (int i = 0; i < R; ++i) {
