@@ -208,6 +208,43 @@ def stories_part(methods: list[str], args, work: Path) -> dict:
             "gen_repeats": args.gen_repeats}
 
 
+def step_part(methods: list[str], args, work: Path) -> dict:
+    """stories260K: best ms of one greedy decode step (1 token, KV cache of the prompt) over
+    `--step-repeats` steps, fp32 original against the packed model (kernels), interleaved;
+    robust to a shared CPU where whole generations are not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from binllm.engine.binarize import binarize_model
+    from binllm.engine.config import QuantizeConfig
+    from binllm.evaluation.data import calibration_batches, load_text
+    from binllm.packed.checkpoint import load_binarized, save_binarized
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
+                                args.nsamples, args.seqlen, 0)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    models = {"fp32": AutoModelForCausalLM.from_pretrained(STORIES).eval()}
+    for method in methods:
+        model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+        report = binarize_model(model, QuantizeConfig(method=method), calib)
+        models[method] = load_binarized(save_binarized(model, report, tok, work / method))
+    state = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            out = m(ids, use_cache=True)
+            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        best = {name: float("inf") for name in models}
+        for _ in range(args.step_repeats):
+            for name, m in models.items():
+                past, nxt = state[name]
+                t = time.perf_counter()
+                m(nxt, past_key_values=copy.deepcopy(past), use_cache=True)
+                best[name] = min(best[name], time.perf_counter() - t)
+    print("decode step ms:", {k: round(1e3 * v, 3) for k, v in best.items()}, flush=True)
+    return {"best_step_ms": {k: 1e3 * v for k, v in best.items()},
+            "repeats": args.step_repeats}
+
+
 # -- report ----------------------------------------------------------------------------------
 def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -264,6 +301,13 @@ def write_markdown(res: dict, path: Path) -> None:
         if cli:
             lines += ["", f"`binllm generate` ({cli[0]['method']}, default path): "
                           f"`{cli[0]['cli_line']}`"]
+    ss = res.get("stories_step")
+    if ss:
+        b = ss["best_step_ms"]
+        lines += ["", (f"One greedy decode step of stories260K (1 token after the prompt, KV "
+                       f"cache), best of {ss['repeats']} interleaved steps: "
+                       + ", ".join(f"{k} {v:.3f} ms ({1e3 / v:.0f} tokens/s)"
+                                   for k, v in b.items()) + ".")]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -284,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cli-method", default="billm")
     p.add_argument("--skip-stack", action="store_true")
     p.add_argument("--skip-stories", action="store_true")
+    p.add_argument("--step-methods", default="", help="run the decode-step part for these")
+    p.add_argument("--step-repeats", type=int, default=200)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
@@ -300,13 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     old = args.out / "kernels.json"
     if (args.skip_stack or args.skip_stories) and old.is_file():  # keep the part not rerun
         kept = json.loads(old.read_text())
-        res.update({k: kept[k] for k in ("stack", "stories") if k in kept})
+        res.update({k: kept[k] for k in ("stack", "stories", "stories_step") if k in kept})
     if not args.skip_stack:
         res["stack"] = stack_part([m for m in args.methods.split(",") if m], args)
     if not args.skip_stories:
         with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:
             res["stories"] = stories_part([m for m in args.stories_methods.split(",") if m],
                                           args, Path(tmp))
+    if args.step_methods:
+        with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:
+            res["stories_step"] = step_part([m for m in args.step_methods.split(",") if m],
+                                            args, Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, args.out / "kernels.md")
