@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import re
 import shutil
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:
             res["stories_step"] = step_part([m for m in args.step_methods.split(",") if m],
                                             args, Path(tmp))
+    res["load_average_at_end"] = list(os.getloadavg())  # other jobs on the shared CPU
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, args.out / "kernels.md")

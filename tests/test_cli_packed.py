@@ -68,7 +68,8 @@ def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys,
                      "--seqlen", "32", "--data-dir", data, "--report", tmp_path / "e.json")
     assert code == 0
     ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["tinystories"]["ppl"]
-    assert ppl == report["perplexity"]["tinystories"]["ppl"]
+    # binllm eval runs the fast kernels: the in-memory perplexity to fp32 round-off
+    assert ppl == pytest.approx(report["perplexity"]["tinystories"]["ppl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("cache", [[], ["--no-cache"], ["--cache-dequantized"]])

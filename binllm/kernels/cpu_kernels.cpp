@@ -100,7 +100,24 @@ void tile_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_
       __m512 acc[R][N];
       for (int i = 0; i < R; ++i)
         for (int n = 0; n < N; ++n) acc[i][n] = _mm512_setzero_ps();
-      for (int64_t b = b0; b < b1; b += 2) {
+      int64_t b = b0;
+      for (; b + 4 <= b1; b += 4) {  // 32 columns: one 32-bit mask per row
+        __m512 lo[N], hi[N];
+        for (int n = 0; n < N; ++n) {
+          lo[n] = _mm512_loadu_ps(x[n] + 8 * b);
+          hi[n] = _mm512_loadu_ps(x[n] + 8 * b + 16);
+        }
+        for (int i = 0; i < R; ++i) {
+          uint32_t m;
+          std::memcpy(&m, bits[i] + b, 4);
+          const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+          for (int n = 0; n < N; ++n) {
+            acc[i][n] = _mm512_mask_add_ps(acc[i][n], m0, acc[i][n], lo[n]);
+            acc[i][n] = _mm512_mask_add_ps(acc[i][n], m1, acc[i][n], hi[n]);
+          }
+        }
+      }
+      for (; b < b1; b += 2) {  // a 16-column tail
         __m512 xs[N];
         for (int n = 0; n < N; ++n) xs[n] = _mm512_loadu_ps(x[n] + 8 * b);
         for (int i = 0; i < R; ++i) {
@@ -121,6 +138,55 @@ void tile_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_
       y[n * p.rows + r + i] += _mm512_reduce_add_ps(tot[i][n]) + const_term(p, sums, n, r + i);
 }
 
+// N = 1 (decode): TG terms fused in one pass over each segment's chunks, R rows at once
+template <int R, int TG>
+void tile_fused(const Part& p, int64_t t0, int64_t r, __m512* tot) {
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    const int64_t b0 = p.seg[s], b1 = p.seg[s + 1];
+    const uint8_t* bits[TG][R];
+    const float* x[TG];
+    for (int t = 0; t < TG; ++t) {
+      x[t] = p.xv + p.ver[t0 + t] * p.P;
+      for (int i = 0; i < R; ++i) bits[t][i] = p.planes + (p.plane[t0 + t] * p.rows + r + i) * p.PB;
+    }
+    __m512 acc[TG][R];
+    for (int t = 0; t < TG; ++t)
+      for (int i = 0; i < R; ++i) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t b = b0; b < b1; b += 2)
+      for (int t = 0; t < TG; ++t) {
+        const __m512 xs = _mm512_loadu_ps(x[t] + 8 * b);
+        for (int i = 0; i < R; ++i) {
+          uint16_t m;
+          std::memcpy(&m, bits[t][i] + b, 2);
+          acc[t][i] = _mm512_mask_add_ps(acc[t][i], m, acc[t][i], xs);
+        }
+      }
+    for (int t = 0; t < TG; ++t)
+      for (int i = 0; i < R; ++i)
+        tot[i] = _mm512_fmadd_ps(_mm512_set1_ps(p.coef[((t0 + t) * p.rows + r + i) * p.nseg + s]),
+                                 acc[t][i], tot[i]);
+  }
+}
+
+template <int R>
+void tile_decode(const Part& p, const std::vector<float>& sums, float* y, int64_t r) {
+  __m512 tot[R];
+  for (int i = 0; i < R; ++i) tot[i] = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 3 <= p.T; t += 3) tile_fused<R, 3>(p, t, r, tot);
+  if (p.T - t == 2) tile_fused<R, 2>(p, t, r, tot);
+  if (p.T - t == 1) tile_fused<R, 1>(p, t, r, tot);
+  for (int i = 0; i < R; ++i)
+    y[r + i] += _mm512_reduce_add_ps(tot[i]) + const_term(p, sums, 0, r + i);
+}
+
+void rows_decode(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
+                 int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) tile_decode<4>(p, sums, y, r);
+  for (; r < r1; ++r) tile_decode<1>(p, sums, y, r);
+}
+
 template <int R, int N>
 void rows_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
                  int64_t r1) {
@@ -132,7 +198,7 @@ void rows_avx512(const Part& p, const std::vector<float>& sums, float* y, int64_
 bool rows_avx512_dispatch(const Part& p, const std::vector<float>& sums, float* y, int64_t r0,
                           int64_t r1) {
   switch (p.N) {
-    case 1: rows_avx512<4, 1>(p, sums, y, r0, r1); return true;
+    case 1: rows_decode(p, sums, y, r0, r1); return true;
     case 2: rows_avx512<2, 2>(p, sums, y, r0, r1); return true;
     case 3: rows_avx512<2, 3>(p, sums, y, r0, r1); return true;
     case 4: rows_avx512<1, 4>(p, sums, y, r0, r1); return true;
