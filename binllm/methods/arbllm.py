@@ -67,6 +67,8 @@ class ARBArgs:
     intra_block  as BiLLM: GPTQ-style updates inside the block (§8.1); off in the reference
     scale_dtype, scale_rounding  as BiLLM: storage precision of α, μ, β and when they are
                  rounded to it ("after" the layer, the reference's fp32 loop, or "in_loop")
+    scale_codes, superblock_rows, block  as BiLLM: 8-bit α/μ codes ("q8"), rows per fp16
+                 super-scale, columns per block (0: the run's block size)
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -80,6 +82,9 @@ class ARBArgs:
     intra_block: bool = False
     scale_dtype: ScaleDtype = "float16"
     scale_rounding: ScaleRounding = "after"
+    scale_codes: Literal["float", "q8"] = "float"
+    superblock_rows: int = 256
+    block: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,7 @@ class ARB(BlockCodesMethod):
         beta = [f.beta for f in fits] if fits[0].beta is not None else None
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
                             [f.signs for f in fits], cols, n_salient=len(sal_masks), beta=beta,
-                            scale_dtype=self.loop_dtype)
+                            scale_dtype=self.loop_dtype, q8_rows=self.q8_rows)
 
 
 class ARBX(ARB):

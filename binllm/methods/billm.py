@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .base import BlockContext, Method, MethodArgumentError, ScaleRounding
 from .bra import first_min, quantiles, residual_binarize, salient_columns, split_errors
-from .codes import BinaryCodes, ScaleDtype, to_storage
+from .codes import BinaryCodes, ScaleDtype, q8_round, to_storage
 
 _BRUTE_CHUNK = 1 << 22  # elements per candidate chunk of the brute-force split search
 
@@ -61,6 +61,13 @@ class BiLLMArgs:
     scale_rounding  "after": α, μ stay fp32 in the loop, as the reference, and are rounded to
                     scale_dtype once the layer is done; "in_loop": rounded before Ŵ and the
                     feedback (binllm's former default, README)
+    scale_codes     "float": α, μ stored at scale_dtype (16 bits each); "q8": 8-bit codes with
+                    one fp16 super-scale per `superblock_rows` rows of each block (k-quants'
+                    sub-block scales, `codes.q8_round`), rounded at block fit time, so Ŵ and the
+                    error feedback use the stored values
+    superblock_rows rows sharing one fp16 super-scale with scale_codes=q8 (256)
+    block           columns per block, i.e. per α/μ and per feedback step; 0 = the run's
+                    block size (--block-size, 128)
     """
 
     salient_metric: Literal["hessian", "magnitude"] = "hessian"
@@ -73,11 +80,19 @@ class BiLLMArgs:
     intra_block: bool = False
     scale_dtype: ScaleDtype = "float16"
     scale_rounding: ScaleRounding = "after"
+    scale_codes: Literal["float", "q8"] = "float"
+    superblock_rows: int = 256
+    block: int = 0
 
 
 def check_search_args(args) -> None:
     if args.up_lim < 1:
         raise MethodArgumentError(f"up_lim={args.up_lim}: use at least 1 salient-column candidate")
+    if args.superblock_rows < 1:
+        raise MethodArgumentError(f"superblock_rows={args.superblock_rows}: use at least 1 row")
+    if args.block < 0:
+        raise MethodArgumentError(f"block={args.block}: use a positive number of columns, or 0 "
+                                  "for the run's block size")
 
 
 # -- saliency and searches shared with ARB-LLM -------------------------------------------
@@ -152,11 +167,12 @@ def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
                  mu: list[Tensor | None],
                  signs: list[Tensor], salient_cols: Tensor, n_salient: int,
                  beta: list[Tensor] | None = None,
-                 scale_dtype: ScaleDtype = "float16") -> BinaryCodes:
+                 scale_dtype: ScaleDtype = "float16", q8_rows: int = 0) -> BinaryCodes:
     """One block's BinaryCodes from disjoint group masks (rows, B) covering the block.
 
     alpha[g]: (order_g, rows); mu[g]: (rows,) or None; signs[g]: (order_g, rows, B) bool;
-    beta[g]: (order_g, B) column scales (ARB-RC). Scales are rounded to `scale_dtype` here.
+    beta[g]: (order_g, B) column scales (ARB-RC). Scales are rounded to `scale_dtype` here, or
+    α and μ to 8-bit codes with an fp16 super-scale per q8_rows rows (q8_rows > 0).
     """
     rows, B = masks[0].shape
     K = max(orders)
@@ -175,11 +191,14 @@ def binary_codes(masks: list[Tensor], orders: list[int], alpha: list[Tensor],
             M[g, :, 0] = mu[g]
         if beta is not None:
             Bc[g, :orders[g]] = beta[g]
-    return BinaryCodes(group=group, signs=planes, alpha=to_storage(A, scale_dtype),
-                       mu=None if beta is not None else to_storage(M, scale_dtype),
+    def store(x: Tensor) -> Tensor:  # (..., rows, 1)
+        return q8_round(x, q8_rows) if q8_rows else to_storage(x, scale_dtype)
+
+    return BinaryCodes(group=group, signs=planes, alpha=store(A),
+                       mu=None if beta is not None else store(M),
                        beta=None if Bc is None else to_storage(Bc, scale_dtype),
                        salient_cols=salient_cols, orders=tuple(orders), n_salient=n_salient,
-                       block_size=B, scale_dtype=scale_dtype)
+                       block_size=B, scale_dtype=scale_dtype, q8_rows=q8_rows)
 
 
 def nearest_signs(W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
@@ -224,6 +243,14 @@ class BlockCodesMethod(Method):
         if args.intra_block:  # §8.1 as an option: GPTQ's column loop on the block's grid
             self.feedback = "column"
 
+    def block_size(self, default: int, cols: int) -> int:
+        return self.args.block or default
+
+    @property
+    def q8_rows(self) -> int:
+        """Rows per fp16 super-scale of the 8-bit α/μ codes; 0 = α, μ stored as floats."""
+        return self.args.superblock_rows if self.args.scale_codes == "q8" else 0
+
     def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:
         if self.args.intra_block:
             return nearest_signs(W, grid, cols)  # (K, rows, c)
@@ -267,4 +294,4 @@ class BiLLM(BlockCodesMethod):
         fits = [residual_binarize(W, m, o) for m, o in zip(masks, orders)]
         return binary_codes(masks, orders, [f.alpha for f in fits], [f.mu for f in fits],
                             [f.signs for f in fits], cols, n_salient=1,
-                            scale_dtype=self.loop_dtype)
+                            scale_dtype=self.loop_dtype, q8_rows=self.q8_rows)

@@ -30,16 +30,70 @@ def to_storage(x: Tensor, dtype: ScaleDtype = "float16") -> Tensor:
     return x.to(SCALE_DTYPES[dtype]).to(torch.float32)
 
 
+Q8_FIELDS = ("alpha", "mu")  # BinaryCodes fields held as 8-bit codes when q8_rows > 0
+Q8_LEVELS = 127  # 8-bit scale codes q ∈ [−127, 127] (`q8_round`)
+
+
+def q8_round(x: Tensor, rows: int) -> Tensor:
+    """x (..., R, nblk) rounded to 8-bit codes with one fp16 super-scale per `rows` rows.
+
+    Like llama.cpp's k-quants, whose 6-bit sub-block scales share an fp16 scale per 256-weight
+    super-block, but along the rows: each column block of each (group, order) has its R values
+    cut into super-blocks of `rows` consecutive rows (the last may be shorter), and
+
+        d = fp16(max |x| over the super-block),  q = round(127 · x / d) ∈ [−127, 127],
+        value = (d · q) / 127   (fp32: d · q is exact, the division rounds once)
+
+    The largest |x| gets q = ±127, so its value is d itself and `q8_split` recovers (q, d)
+    from the values alone. Returns the values, fp32, shaped as x (all-zero super-blocks: 0).
+    """
+    q, d = _q8_codes(x, rows, from_values=False)
+    return q8_values(q, d, rows)
+
+
+def q8_values(q: Tensor, d: Tensor, rows: int) -> Tensor:
+    """(d · q) / 127 of codes q (..., R, nblk) and super-scales d (..., ⌈R/rows⌉, nblk)."""
+    idx = torch.arange(q.shape[-2], device=q.device) // rows  # (R,) super-block of each row
+    return (d.to(torch.float32).index_select(-2, idx) * q.to(torch.float32)) / Q8_LEVELS
+
+
+def q8_split(values: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """(q int8 (..., R, nblk), d fp16 (..., ⌈R/rows⌉, nblk)) of values made by `q8_round`.
+
+    The caller checks `q8_values(q, d, rows) == values` (values not made by q8_round fail)."""
+    return _q8_codes(values, rows, from_values=True)
+
+
+def _q8_codes(x: Tensor, rows: int, from_values: bool) -> tuple[Tensor, Tensor]:
+    *lead, R, nb = x.shape
+    nsb = -(-R // rows)
+    pad = torch.zeros(*lead, nsb * rows, nb, dtype=torch.float32, device=x.device)
+    pad[..., :R, :] = x.to(torch.float32)
+    xs = pad.reshape(*lead, nsb, rows, nb)  # (..., nsb, rows, nb)
+    amax = xs.abs().amax(-2, keepdim=True)  # (..., nsb, 1, nb)
+    d = amax.to(torch.float16).to(torch.float32)  # the stored super-scale (exact for values)
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.where(d > 0, torch.round(xs * Q8_LEVELS / safe), torch.zeros_like(xs))
+    q = q.clamp(-Q8_LEVELS, Q8_LEVELS)
+    if not from_values:  # the largest |x| is d itself: code ±127 (recoverable from the values)
+        top = (xs.abs() == amax) & (amax > 0)
+        q = torch.where(top, torch.where(xs < 0, -Q8_LEVELS, Q8_LEVELS).to(q.dtype), q)
+    q = q.reshape(*lead, nsb * rows, nb)[..., :R, :].to(torch.int8)
+    return q, d.squeeze(-2).to(torch.float16)
+
+
 def round_scales(codes, dtype: ScaleDtype):
     """`codes` with their scales and means (the container's SCALE_FIELDS) rounded to `dtype`.
 
     The codes themselves when they already are at `dtype` (their values are then exact in it).
-    Integer fields (signs, levels, zero points) are kept as they are.
+    Integer fields (signs, levels, zero points) are kept as they are, and so are α and μ of
+    BinaryCodes with 8-bit scale codes (q8_rows > 0: rounded by `q8_round` inside the loop).
     """
     if codes.scale_dtype == dtype:
         return codes
+    q8 = Q8_FIELDS if getattr(codes, "q8_rows", 0) else ()  # 8-bit codes: already stored
     rounded = {f: to_storage(getattr(codes, f), dtype) for f in type(codes).SCALE_FIELDS
-               if getattr(codes, f) is not None}
+               if getattr(codes, f) is not None and f not in q8}
     return replace(codes, **rounded, scale_dtype=dtype)
 
 
@@ -77,6 +131,9 @@ class BinaryCodes:
     | orders       | binarization order of each group                     | G ints              |
     | n_salient    | groups [0, n_salient) live in salient columns        | int                 |
     | scale_dtype  | storage precision of alpha, mu and beta              | "float16"/"float32" |
+    | q8_rows      | 0: alpha, mu at scale_dtype; n > 0: 8-bit codes with | int                 |
+    |              | one fp16 super-scale per n rows of each block        |                     |
+    |              | (`q8_round`; beta stays at scale_dtype)              |                     |
     """
 
     SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "mu", "beta")
@@ -91,6 +148,7 @@ class BinaryCodes:
     n_salient: int
     block_size: int
     scale_dtype: ScaleDtype = "float16"
+    q8_rows: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -169,9 +227,13 @@ class BinaryCodes:
             bits += _stream(cols)  # salient-column bitmap
         pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]
         fb = scale_bits(self.scale_dtype)
-        bits += len(pairs) * rows * nblk * fb  # alpha
+        # one α (and μ) per row and block: fb bits, or an 8-bit code plus its share of the
+        # fp16 super-scales (one per q8_rows rows and block)
+        per_table = (rows * nblk * 8 + -(-rows // self.q8_rows) * nblk * 16 if self.q8_rows
+                     else rows * nblk * fb)
+        bits += len(pairs) * per_table  # alpha
         if self.mu is not None:
-            bits += G * rows * nblk * fb
+            bits += G * per_table
         if self.beta is not None:
             bits += sum(col_count[is_sal[g]] for g, _ in pairs) * fb
         return bits

@@ -21,6 +21,12 @@ live in the S salient columns, the others in the R = cols − S remaining ones; 
 | beta_salient  | β of the salient pairs over the salient columns (RC)   | float (P_S, S)      |
 | beta_rest     | β of the other pairs over the other columns (RC)       | float (P − P_S, R)  |
 
+With the layout param "q8_rows" = n (8-bit scale codes, `binllm.methods.codes.q8_round`;
+absent in older layouts: floats), alpha and mu are stored as codes plus fp16 super-scales,
+one per n rows of each block (nsb = ⌈rows / n⌉), value = (d · q) / 127 in fp32:
+alpha_q int8 (P, rows, nblk), alpha_d fp16 (P, nsb, nblk), mu_q int8 (G, rows, nblk),
+mu_d fp16 (G, nsb, nblk).
+
 uniform — UniformCodes (gptq), ngroups = ⌈cols / groupsize⌉:
 q uint_bits(rows·cols), scale float (rows, ngroups), zero uint_bits(rows·ngroups).
 
@@ -40,7 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..methods.codes import SCALE_DTYPES, BinaryCodes, PartialBinaryCodes, UniformCodes, ceil_log2
+from ..methods.codes import (SCALE_DTYPES, BinaryCodes, PartialBinaryCodes, UniformCodes,
+                             ceil_log2, q8_split, q8_values)
 from .packing import (
     CodesFormat,
     PackingError,
@@ -61,9 +68,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_keys(kind: str, p: Mapping[str, Any], need: set[str]) -> None:
+def _check_keys(kind: str, p: Mapping[str, Any], need: set[str],
+                optional: frozenset[str] = frozenset()) -> None:
     """Refuse params other than `need` plus the optional "scale_dtype" (absent: fp16)."""
-    if set(p) - {"scale_dtype"} != need:
+    if set(p) - {"scale_dtype"} - optional != need:
         raise PackingError(f"{kind} layout params {sorted(p)} differ from {sorted(need)} "
                            "(and an optional scale_dtype)")
     scale_dtype_name(p)
@@ -100,7 +108,9 @@ def _binary_plan(rows: int, cols: int, p: Mapping[str, Any]) -> _BinaryPlan:
 
 def _binary_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
     _check_keys("binary", p, {"orders", "n_salient", "planes", "block_size", "mean",
-                              "column_scales", "salient_columns"})
+                              "column_scales", "salient_columns"}, frozenset({"q8_rows"}))
+    if "q8_rows" in p and (not isinstance(p["q8_rows"], int) or p["q8_rows"] < 1):
+        raise PackingError(f"binary layout: q8_rows={p['q8_rows']!r} must be a positive int")
     orders, n_sal, S = list(p["orders"]), int(p["n_salient"]), int(p["salient_columns"])
     if not orders or not 0 <= n_sal <= len(orders) or len(orders) > 256 \
             or any(not 0 <= o <= int(p["planes"]) for o in orders) or int(p["block_size"]) < 1:
@@ -114,7 +124,7 @@ def _binary_params(c: BinaryCodes) -> dict[str, Any]:
     return {"orders": list(c.orders), "n_salient": c.n_salient, "planes": c.signs.shape[0],
             "block_size": c.block_size, "mean": c.mu is not None,
             "column_scales": c.beta is not None, "salient_columns": int(c.salient_cols.sum()),
-            "scale_dtype": c.scale_dtype}
+            "scale_dtype": c.scale_dtype, **({"q8_rows": c.q8_rows} if c.q8_rows else {})}
 
 
 def _binary_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
@@ -125,9 +135,14 @@ def _binary_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, Tenso
         specs["salient_cols"] = bit_spec(cols)
     specs["group_salient"] = bit_spec(rows * pl.S * pl.bits_salient)
     specs["group_rest"] = bit_spec(rows * pl.R * pl.bits_rest)
-    specs["alpha"] = float_spec(len(pl.pairs), rows, pl.nblk, dtype=fd)
-    if p["mean"]:
-        specs["mu"] = float_spec(pl.G, rows, pl.nblk, dtype=fd)
+    tables = {"alpha": len(pl.pairs), **({"mu": pl.G} if p["mean"] else {})}
+    for name, n in tables.items():
+        if "q8_rows" in p:
+            nsb = _ceil_div(rows, int(p["q8_rows"]))
+            specs[f"{name}_q"] = TensorSpec((n, rows, pl.nblk), torch.int8)
+            specs[f"{name}_d"] = float_spec(n, nsb, pl.nblk, dtype=torch.float16)
+        else:
+            specs[name] = float_spec(n, rows, pl.nblk, dtype=fd)
     if p["column_scales"]:
         specs["beta_salient"] = float_spec(pl.n_salient_pairs, pl.S, dtype=fd)
         specs["beta_rest"] = float_spec(len(pl.pairs) - pl.n_salient_pairs, pl.R, dtype=fd)
@@ -163,9 +178,16 @@ def _binary_pack(c: BinaryCodes) -> dict[str, Tensor]:
     out["group_salient"] = pack_uint(group[:, sal], pl.bits_salient)  # (rows, S) flat
     out["group_rest"] = pack_uint(group[:, ~sal] - c.n_salient, pl.bits_rest)  # (rows, R) flat
     gi, oi = _pair_index(pl, c.alpha.device)
-    out["alpha"] = to_exact(c.alpha[gi, oi], "alpha", fd)  # (P, rows, nblk)
-    if c.mu is not None:
-        out["mu"] = to_exact(c.mu, "mu", fd)  # (G, rows, nblk)
+    tables = {"alpha": c.alpha[gi, oi], **({"mu": c.mu} if c.mu is not None else {})}
+    for name, x in tables.items():  # (P, rows, nblk), (G, rows, nblk)
+        if c.q8_rows:
+            q, d = q8_split(x, c.q8_rows)
+            if not torch.equal(q8_values(q, d, c.q8_rows), x.to(torch.float32)):
+                raise PackingError(f"{name} holds values that are not 8-bit codes of its "
+                                   "super-scales: round them with codes.q8_round")
+            out[f"{name}_q"], out[f"{name}_d"] = q, d
+        else:
+            out[name] = to_exact(x, name, fd)
     if c.beta is not None:
         k = pl.n_salient_pairs
         beta = c.beta[gi, oi]  # (P, cols)
@@ -178,7 +200,12 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
                    p: Mapping[str, Any]) -> BinaryCodes:
     pl = _binary_plan(rows, cols, p)
     n_sal = int(p["n_salient"])
-    dev = t["alpha"].device
+    q8 = int(p.get("q8_rows", 0))
+
+    def table(name: str) -> Tensor:
+        return q8_values(t[f"{name}_q"], t[f"{name}_d"], q8) if q8 else t[name].float()
+
+    dev = next(iter(t.values())).device
     if pl.bitmap:
         sal = unpack_bits(t["salient_cols"], cols)  # (cols,)
         if int(sal.sum()) != pl.S:
@@ -204,8 +231,8 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
             signs[o][:, ~sal] = plane
     gi, oi = _pair_index(pl, dev)
     alpha = torch.zeros(pl.G, pl.K, rows, pl.nblk, dtype=torch.float32, device=dev)
-    alpha[gi, oi] = t["alpha"].float()  # (P, rows, nblk)
-    mu = t["mu"].float() if p["mean"] else None
+    alpha[gi, oi] = table("alpha")  # (P, rows, nblk)
+    mu = table("mu") if p["mean"] else None
     beta = None
     if p["column_scales"]:
         k = pl.n_salient_pairs
@@ -216,7 +243,8 @@ def _binary_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
             beta[gi[part, None], oi[part, None], cidx[None, :]] = t[key].float()
     return BinaryCodes(group=group, signs=signs, alpha=alpha, mu=mu, beta=beta, salient_cols=sal,
                        orders=tuple(int(o) for o in p["orders"]), n_salient=n_sal,
-                       block_size=int(p["block_size"]), scale_dtype=scale_dtype_name(p))
+                       block_size=int(p["block_size"]), scale_dtype=scale_dtype_name(p),
+                       q8_rows=q8)
 
 
 # -- uniform ---------------------------------------------------------------------------------
