@@ -124,3 +124,27 @@ def test_a_saved_q8_model_loads_with_the_calibrated_logits(tmp_path):
     with torch.no_grad():
         got = binllm.load(tmp_path / "m")(ids).logits
     assert torch.equal(got, want)
+
+
+def test_block_sign_q8_codes_and_the_consumers_that_need_fp16_scales():
+    """q1_0 with scale_codes=q8: the B-steps use the 8-bit α; the Triton kernel and the GGUF
+    Q1_0 export (both read fp16 α) decline the layout instead of misreading it."""
+    from binllm.export.gguf_export import q1_0_problem
+
+    W, H = _layer(cols=256)
+    rec = reconstruct(W, H, get_method("q1_0", {"scale_codes": "q8"}))
+    c = rec.codes
+    assert c.q8_rows == 256 and torch.equal(c.dequantize(), rec.Q)
+    q, d = q8_split(c.alpha, 256)
+    assert torch.equal(q8_values(q, d, 256), c.alpha)
+    layout, tensors = pack(c)
+    assert sum(t.numel() * t.element_size() * 8 for t in tensors.values()) == c.stored_bits()
+    assert c.stored_bits() == 70 * 256 + 70 * 2 * 8 + 2 * 16  # signs, α codes, super-scales
+    assert torch.equal(unpack(layout, tensors).dequantize(), rec.Q)
+    assert "8-bit scale codes" in q1_0_problem(layout)
+    plain, _ = pack(reconstruct(W, H, get_method("q1_0")).codes)
+    assert q1_0_problem(plain) is None
+    pytest.importorskip("triton")
+    from binllm.kernels.triton_sign import supports
+
+    assert not supports(layout) and supports(plain)

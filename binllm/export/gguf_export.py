@@ -96,6 +96,8 @@ def q1_0_problem(layout: PackedLayout, method: str = "these") -> str | None:
         have.append(f"one scale per {p['block_size']} weights")
     if p.get("scale_dtype", "float16") != "float16":
         have.append(f"{p['scale_dtype']} scales")
+    if "q8_rows" in p:
+        have.append("8-bit scale codes (scale_codes=q8)")
     return f"{method} codes have {' and '.join(have)}" if have else None
 
 

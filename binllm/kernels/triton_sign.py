@@ -99,7 +99,7 @@ def supports(layout) -> bool:
     """Whether `layout` (a PackedLayout) is one sign plane with per-row, per-block scales."""
     p = layout.params
     return (layout.format == "binary" and list(p["orders"]) == [1] and int(p["n_salient"]) == 0
-            and int(p["planes"]) == 1)
+            and int(p["planes"]) == 1 and "q8_rows" not in p)  # fp16/fp32 scales only
 
 
 def _tile_k(bs: int) -> tuple[int, bool]:

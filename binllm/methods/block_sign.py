@@ -49,13 +49,14 @@ the alternation is α ↔ (signs chosen by error feedback), measured in U⁻¹-s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from . import arb_refine
 from .base import BlockContext, Method, MethodArgumentError
-from .codes import BinaryCodes, ScaleDtype, to_storage
+from .codes import BinaryCodes, ScaleDtype, q8_round, to_storage
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class BlockSignArgs:
     column_scales  ARB-RC-style column scales β (one fp16 per column), fitted in weight space
     refine_iters   ARB alternations of (μ, α) and the signs (0: plain GPTQ on the initial grid)
     scale_dtype    storage precision of α, μ, β ("float16"; "float32": no rounding)
+    scale_codes    "float": α, μ at scale_dtype; "q8": 8-bit codes with one fp16 super-scale per
+                   `superblock_rows` rows of the block (`codes.q8_round`), used by every B-step
+    superblock_rows  rows sharing one fp16 super-scale with scale_codes=q8 (256)
     """
 
     block: int = 128
@@ -74,6 +78,8 @@ class BlockSignArgs:
     column_scales: bool = False
     refine_iters: int = 3
     scale_dtype: ScaleDtype = "float16"
+    scale_codes: Literal["float", "q8"] = "float"
+    superblock_rows: int = 256
 
 
 def _in_space(M: Tensor, A: Tensor | None) -> Tensor:
@@ -138,6 +144,8 @@ class BlockSign(Method):
             raise MethodArgumentError(f"block={args.block}: use at least one column per block")
         if args.refine_iters < 0:
             raise MethodArgumentError(f"refine_iters={args.refine_iters}: use 0 or more")
+        if args.superblock_rows < 1:
+            raise MethodArgumentError(f"superblock_rows={args.superblock_rows}: use at least 1")
         super().__init__(args)
 
     def block_size(self, default: int, cols: int) -> int:
@@ -156,8 +164,17 @@ class BlockSign(Method):
         beta = torch.ones(B, device=W.device)
         if a.column_scales:
             alpha, beta, _ = arb_refine.rc1(W - mu[:, None], every, a.refine_iters)
-        st = a.scale_dtype
-        return to_storage(mu, st), to_storage(alpha, st), to_storage(beta, st)
+        return self._store(mu), self._store(alpha), to_storage(beta, a.scale_dtype)
+
+    @property
+    def q8_rows(self) -> int:
+        return self.args.superblock_rows if self.args.scale_codes == "q8" else 0
+
+    def _store(self, x: Tensor) -> Tensor:
+        """A row vector (rows,) of α or μ at its storage precision (8-bit codes with q8)."""
+        if self.q8_rows:
+            return q8_round(x[:, None], self.q8_rows)[:, 0]
+        return to_storage(x, self.args.scale_dtype)
 
     def fit(self, W: Tensor, ctx: BlockContext) -> BinaryCodes:
         a, (rows, B) = self.args, W.shape
@@ -191,16 +208,18 @@ class BlockSign(Method):
             new_mu, new_alpha, ok = fit_scales(X, one, V, a.mean)  # α-step
             flip = new_alpha < 0  # α ≥ 0 by convention: −α·B = α·(−B)
             signs = signs ^ flip[:, None]
-            mu = to_storage(torch.where(ok, new_mu, mu), a.scale_dtype)
-            alpha = to_storage(torch.where(ok, new_alpha.abs(), alpha), a.scale_dtype)
+            mu = self._store(torch.where(ok, new_mu, mu))
+            alpha = self._store(torch.where(ok, new_alpha.abs(), alpha))
             consider(mu, alpha, signs)
         _, mu, alpha, signs = best
+        if self.q8_rows:  # rows kept from different steps: one super-scale per block again
+            mu, alpha = self._store(mu), self._store(alpha)
         return BinaryCodes(
             group=torch.zeros(rows, B, dtype=torch.uint8, device=W.device), signs=signs[None],
             alpha=alpha[None, None, :, None], mu=mu[None, :, None] if a.mean else None,
             beta=beta[None, None, :] if a.column_scales else None,
             salient_cols=torch.zeros(B, dtype=torch.bool, device=W.device), orders=(1,),
-            n_salient=0, block_size=a.block, scale_dtype=a.scale_dtype)
+            n_salient=0, block_size=a.block, scale_dtype=a.scale_dtype, q8_rows=self.q8_rows)
 
     # -- the loop replays the fitted signs ----------------------------------------------------
     def round(self, W: Tensor, grid: BinaryCodes, cols: slice) -> Tensor:

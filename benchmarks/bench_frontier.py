@@ -1,0 +1,142 @@
+"""Issue 14 benchmark: quality per stored bit, on stories260K and on 7B-shaped synthetic layers.
+
+stories260K: `binllm compare`'s machinery (`binllm.evaluation.compare`) runs every method spec
+below on one protocol (calibration 128 × 512 tokens of wikitext2 validation, seed 0; perplexity
+on tinystories, wikitext2, ptb, c4, first 100 windows each), each in its own process, resumable
+in --runs-dir; the table, JSON and plot are copied to benchmarks/results/frontier_stories260K.*.
+
+Layers: a random 4096 × 4096 weight (and 11008 × 4096 with --wide) against the synthetic
+correlated Hessian of bench_methods; relative output error tr(E H Eᵀ) / tr(W H Wᵀ) against
+stored bits per weight → benchmarks/results/frontier_layers.{json,md,png}.
+
+    python benchmarks/bench_frontier.py [--stories-only | --layers-only] [--runs-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children too: idle threads sleep
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_methods import DATASETS, MODEL, ROOT, relative_output_error, synthetic_hessian  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results"
+SPECS = [  # the issue's comparison, then the cheaper-metadata options, then the low-bit points
+    "rtn-sign", "gptq:bits=2", "gptq:bits=3", "pbllm-10", "billm", "arb-llm-x", "arb-llm-rc",
+    "billm:scale_codes=q8", "arb-llm-x:scale_codes=q8", "arb-llm-rc:scale_codes=q8",
+    "billm:block=256", "arb-llm-rc:block=256", "arb-llm-rc:scale_codes=q8:block=256",
+    "q1_0", "q1_0:column_scales=true",
+]
+
+
+def stories(runs_dir: Path, specs: list[str]) -> dict:
+    from binllm.evaluation.compare import Protocol, parse_method_specs, run_comparison
+
+    protocol = Protocol(str(MODEL), calib="wikitext2", calib_split="validation", nsamples=128,
+                        seqlen=512, eval=tuple(DATASETS), max_windows=100)
+
+    def show(ev):
+        if ev.stage in ("done", "failed", "skipped"):
+            r = ev.row or {}
+            ppl = {k: round(v["ppl"], 2) for k, v in (r.get("perplexity") or {}).items()}
+            bits = f", {r['stored_bits']:.3f} stored bits" if "stored_bits" in r else ""
+            print(f"[{ev.index}/{ev.total}] {ev.label} {ev.stage}: {ppl or r.get('error')}{bits}",
+                  flush=True)
+
+    res = run_comparison(parse_method_specs(",".join(specs)), protocol, runs_dir, progress=show)
+    for name, dst in (("results.json", "frontier_stories260K.json"),
+                      ("results.md", "frontier_stories260K.md"),
+                      ("frontier.png", "frontier_stories260K.png")):
+        if (runs_dir / name).exists():
+            shutil.copyfile(runs_dir / name, OUT / dst)
+    print(res.markdown_path.read_text())
+    if res.plot_skipped:
+        print("plot skipped:", res.plot_skipped)
+    return res.results
+
+
+def layers(specs: list[str], shapes: list[tuple[int, int]]) -> list[dict]:
+    from binllm.engine.reconstruct import reconstruct
+    from binllm.evaluation.compare import parse_method_spec
+    from binllm.methods import get_method
+
+    rows = []
+    for out_f, in_f in shapes:
+        H = synthetic_hessian(in_f)
+        W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.02
+        for spec in specs:
+            run = parse_method_spec(spec)
+            m = get_method(run.method, dict(run.args))
+            t0 = time.perf_counter()
+            rec = reconstruct(W, H, m)
+            dt = time.perf_counter() - t0
+            rows.append({"label": spec, "shape": [out_f, in_f], "seconds": dt,
+                         "rel_output_error": relative_output_error(W, rec.Q, H),
+                         "paper_bits": rec.codes.paper_bits(),
+                         "stored_bits": rec.codes.stored_bits() / W.numel()})
+            print(f"{spec} {out_f}x{in_f}: error {rows[-1]['rel_output_error']:.4f}, "
+                  f"{rows[-1]['stored_bits']:.3f} stored bits, {dt:.1f} s", flush=True)
+    return rows
+
+
+def layers_markdown(rows: list[dict]) -> str:
+    lines = ["# Quality per stored bit on 7B-shaped layers", "",
+             "Random W (σ = 0.02), synthetic correlated Hessian H = 2/n XᵀX (bench_methods), "
+             "relative output error tr(E H Eᵀ) / tr(W H Wᵀ), E = W − Ŵ (lower is better); "
+             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
+             "| method | shape | output error | paper bits | stored bits | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['shape'][0]}×{r['shape'][1]} | "
+                     f"{r['rel_output_error']:.4f} | {r['paper_bits']:.3f} | "
+                     f"{r['stored_bits']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_layers(rows: list[dict]) -> None:
+    from binllm.evaluation.plot import Panel, plot_panels
+
+    shapes = sorted({tuple(r["shape"]) for r in rows})
+    panels = [Panel(f"{o}×{i}", "relative output error (log)",
+                    [(r["label"], r["stored_bits"], r["rel_output_error"]) for r in rows
+                     if tuple(r["shape"]) == (o, i)]) for o, i in shapes]
+    try:
+        plot_panels(panels, OUT / "frontier_layers.png", "Output error per stored bit, "
+                    "7B-shaped synthetic layers")
+    except ImportError:
+        print('plot skipped: matplotlib is not installed (pip install "binllm[plot]")')
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stories-only", action="store_true")
+    ap.add_argument("--layers-only", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="also 11008×4096 layers")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "out" / "frontier_stories260K")
+    ap.add_argument("--specs", default=None, help="comma-separated subset of method specs")
+    args = ap.parse_args()
+    specs = args.specs.split(",") if args.specs else SPECS
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.layers_only:
+        stories(args.runs_dir, specs)
+    if not args.stories_only:
+        shapes = [(4096, 4096)] + ([(11008, 4096)] if args.wide else [])
+        rows = layers(specs, shapes)
+        (OUT / "frontier_layers.json").write_text(json.dumps(
+            {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+            indent=2))
+        (OUT / "frontier_layers.md").write_text(layers_markdown(rows))
+        plot_layers(rows)
+        print(layers_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
