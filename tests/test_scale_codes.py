@@ -122,8 +122,10 @@ def test_a_saved_q8_model_loads_with_the_calibrated_logits(tmp_path):
         want = model(ids).logits
     binllm.save_binarized(model, report, None, tmp_path / "m")
     with torch.no_grad():
-        got = binllm.load(tmp_path / "m")(ids).logits
-    assert torch.equal(got, want)
+        exact = binllm.load(tmp_path / "m", kernels=False)(ids).logits  # dequantize path
+        fast = binllm.load(tmp_path / "m")(ids).logits  # the kernel form of the same codes
+    assert torch.equal(exact, want)
+    torch.testing.assert_close(fast, want, rtol=1e-4, atol=1e-5)
 
 
 def test_block_sign_q8_codes_and_the_consumers_that_need_fp16_scales():
