@@ -30,6 +30,9 @@ FAKE = textwrap.dedent('''
         sys.exit(0)
     method = argv[argv.index("--method") + 1]
     margs = [argv[i + 1] for i, a in enumerate(argv) if a == "--method-arg"]
+    if any(a.endswith("=sleep") for a in margs):
+        import time
+        time.sleep(30)
     if any(a.endswith("=bad") for a in margs):
         print("binllm: error: x='bad': expected a value of type int", file=sys.stderr)
         sys.exit(2)
@@ -94,6 +97,15 @@ def test_a_failing_method_loses_nothing_and_a_rerun_skips_what_finished(tmp_path
     assert again.skipped == ["rtn-sign", "billm"] and again.ran == ["gptq:bits=bad"]
     assert len(_calls(calls)) == 5  # only the failed method ran again, FP not at all
     assert json.loads(again.results_path.read_text())["runs"][0] == rows["rtn-sign"]
+
+
+def test_a_method_past_its_timeout_is_killed_and_recorded(tmp_path, fake):
+    launcher, _ = fake
+    res = run_comparison(parse_method_specs("rtn-sign:x=sleep,billm"), PROTOCOL, tmp_path,
+                         launcher=launcher, plot=False, fp=False, timeout=1.0)
+    slow, ok = res.results["runs"]
+    assert slow["status"] == "failed" and "timed out after 1 s" in slow["error"]
+    assert ok["status"] == "ok" and res.results["fp"] is None
 
 
 def test_a_changed_protocol_is_refused_and_fresh_starts_over(tmp_path, fake):
