@@ -10,6 +10,7 @@ correlated Hessian of bench_methods; relative output error tr(E H Eᵀ) / tr(W H
 stored bits per weight → benchmarks/results/frontier_layers.{json,md,png}.
 
     python benchmarks/bench_frontier.py [--stories-only | --layers-only] [--runs-dir DIR]
+    python benchmarks/bench_frontier.py --seeds 0,1,2    # calibration-seed spread of SEED_SPECS
 """
 
 from __future__ import annotations
@@ -37,11 +38,19 @@ SPECS = [  # the issue's comparison, then the cheaper-metadata options, then the
 ]
 
 
-def stories(runs_dir: Path, specs: list[str]) -> dict:
-    from binllm.evaluation.compare import Protocol, parse_method_specs, run_comparison
+SEED_SPECS = ["billm", "arb-llm-rc", "billm:scale_codes=q8", "q1_0", "block-sign:scale_codes=q8"]
 
-    protocol = Protocol(str(MODEL), calib="wikitext2", calib_split="validation", nsamples=128,
-                        seqlen=512, eval=tuple(DATASETS), max_windows=100)
+
+def protocol(seed: int = 0):
+    from binllm.evaluation.compare import Protocol
+
+    return Protocol(str(MODEL), calib="wikitext2", calib_split="validation", nsamples=128,
+                    seqlen=512, seed=seed, eval=tuple(DATASETS), max_windows=100)
+
+
+def stories(runs_dir: Path, specs: list[str]) -> dict:
+    from binllm.evaluation.compare import parse_method_specs, run_comparison
+
 
     def show(ev):
         if ev.stage in ("done", "failed", "skipped"):
@@ -51,7 +60,7 @@ def stories(runs_dir: Path, specs: list[str]) -> dict:
             print(f"[{ev.index}/{ev.total}] {ev.label} {ev.stage}: {ppl or r.get('error')}{bits}",
                   flush=True)
 
-    res = run_comparison(parse_method_specs(",".join(specs)), protocol, runs_dir, progress=show)
+    res = run_comparison(parse_method_specs(",".join(specs)), protocol(), runs_dir, progress=show)
     for name, dst in (("results.json", "frontier_stories260K.json"),
                       ("results.md", "frontier_stories260K.md"),
                       ("frontier.png", "frontier_stories260K.png")):
@@ -61,6 +70,41 @@ def stories(runs_dir: Path, specs: list[str]) -> dict:
     if res.plot_skipped:
         print("plot skipped:", res.plot_skipped)
     return res.results
+
+
+def seed_spread(specs: list[str], seeds: list[int], runs_root: Path) -> str:
+    """The same methods on other calibration samples (seeds): how much of a difference between
+    two methods on stories260K is the luck of one calibration draw."""
+    from binllm.evaluation.compare import parse_method_specs, run_comparison
+
+    per = {}
+    for seed in seeds:
+        runs_dir = runs_root if seed == 0 else runs_root.with_name(f"{runs_root.name}_seed{seed}")
+        res = run_comparison(parse_method_specs(",".join(specs)), protocol(seed), runs_dir,
+                             fp=False, plot=False)
+        for r in res.results["runs"]:
+            per.setdefault(r["label"], {})[seed] = r
+    lines = ["# stories260K: the calibration seed", "",
+             "Same protocol as frontier_stories260K.md (128 × 512 tokens of wikitext2 validation, "
+             "first 100 windows of each test split) with calibration seeds "
+             + ", ".join(map(str, seeds)) + "; tinystories perplexity per seed, then the mean "
+             "over seeds of each dataset.", "",
+             "| method | stored bits | " + " | ".join(f"tinystories, seed {s}" for s in seeds)
+             + " | " + " | ".join(f"{d} mean" for d in DATASETS) + " |",
+             "|" + "---|" * (2 + len(seeds) + len(DATASETS))]
+    for label, rows in per.items():
+        ok = [rows[s] for s in seeds if rows.get(s, {}).get("status") == "ok"]
+        if len(ok) < len(seeds):
+            lines.append(f"| {label} | failed for some seed | |")
+            continue
+        mean = {d: sum(r["perplexity"][d]["ppl"] for r in ok) / len(ok) for d in DATASETS}
+        lines.append(f"| {label} | {ok[0]['stored_bits']:.3f} | "
+                     + " | ".join(f"{r['perplexity']['tinystories']['ppl']:.2f}" for r in ok)
+                     + " | " + " | ".join(f"{mean[d]:.2f}" for d in DATASETS) + " |")
+    text = "\n".join(lines) + "\n"
+    (OUT / "frontier_seeds.md").write_text(text)
+    (OUT / "frontier_seeds.json").write_text(json.dumps(per, indent=2))
+    return text
 
 
 def layers(specs: list[str], shapes: list[tuple[int, int]]) -> list[dict]:
@@ -122,9 +166,15 @@ def main() -> None:
     ap.add_argument("--wide", action="store_true", help="also 11008×4096 layers")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "out" / "frontier_stories260K")
     ap.add_argument("--specs", default=None, help="comma-separated subset of method specs")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2",
+                    help="only the calibration-seed table: SEED_SPECS at these seeds")
     args = ap.parse_args()
     specs = args.specs.split(",") if args.specs else SPECS
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.seeds:
+        print(seed_spread(args.specs.split(",") if args.specs else SEED_SPECS,
+                          [int(x) for x in args.seeds.split(",")], args.runs_dir))
+        return
     if not args.layers_only:
         stories(args.runs_dir, specs)
     if not args.stories_only:
