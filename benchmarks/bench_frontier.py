@@ -34,7 +34,7 @@ SPECS = [  # the issue's comparison, then the cheaper-metadata options, then the
     "rtn-sign", "gptq:bits=2", "gptq:bits=3", "pbllm-10", "billm", "arb-llm-x", "arb-llm-rc",
     "billm:scale_codes=q8", "arb-llm-x:scale_codes=q8", "arb-llm-rc:scale_codes=q8",
     "billm:block=256", "arb-llm-rc:block=256", "arb-llm-rc:scale_codes=q8:block=256",
-    "q1_0", "q1_0:column_scales=true",
+    "q1_0", "q1_0:column_scales=true", "block-sign", "block-sign:scale_codes=q8",
 ]
 
 
