@@ -27,22 +27,30 @@ class Panel:
 
 
 def plot_panels(panels: list[Panel], path: str | os.PathLike, title: str = "") -> Path:
-    """Draw the panels side by side (log y), one labelled marker per point; PNG, atomically.
+    """Draw the panels (log y), one marker per point; PNG, atomically.
 
-    Raises ImportError without matplotlib.
+    Each label keeps one colour and marker in every panel and is named once in a legend on the
+    right; the points are also numbered on the axes (n = position in the legend), so that
+    close points stay readable. Raises ImportError without matplotlib.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = list(dict.fromkeys(label for p in panels for label, _, _ in p.points))
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
     cols = min(len(panels), 2)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols + 2.8, 4.4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for label, x, y in panel.points:
-            ax.plot([x], [y], "o", color="tab:blue")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            i = labels.index(label)
+            ax.plot([x], [y], markers[i % len(markers)], color=colors[i % len(colors)],
+                    label=f"{i + 1}  {label}", markersize=7)
+            ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 3),
+                        fontsize=7)
         for label, y in panel.hlines:
             ax.axhline(y, color="gray", linestyle="--", linewidth=1)
             ax.annotate(label, (ax.get_xlim()[0], y), textcoords="offset points",
@@ -52,9 +60,16 @@ def plot_panels(panels: list[Panel], path: str | os.PathLike, title: str = "") -
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    order = sorted(handles, key=lambda lab: int(lab.split()[0]))
+    fig.legend([handles[k] for k in order], order, loc="center right", fontsize=7,
+               frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_size_inches()[0], 1))
     target = Path(path)
     atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
