@@ -83,6 +83,8 @@ def seed_spread(specs: list[str], seeds: list[int], runs_root: Path) -> str:
         res = run_comparison(parse_method_specs(",".join(specs)), protocol(seed), runs_dir,
                              fp=False, plot=False)
         for r in res.results["runs"]:
+            if r["label"] not in specs:  # the seed-0 folder also holds the other methods
+                continue
             per.setdefault(r["label"], {})[seed] = r
     lines = ["# stories260K: the calibration seed", "",
              "Same protocol as frontier_stories260K.md (128 × 512 tokens of wikitext2 validation, "
