@@ -112,6 +112,8 @@ def codes_checksums(codes) -> dict[str, str]:
 
     every, ints = hashlib.sha256(), hashlib.sha256()
     for name, value in codes_fields(codes).items():
+        if name == "q8_rows" and value == 0:  # float scales (the pinned codes predate the field)
+            continue
         if isinstance(value, torch.Tensor):
             blob = (f"{name}:{value.dtype}:{tuple(value.shape)}:".encode()
                     + value.detach().cpu().contiguous().numpy().tobytes())
