@@ -11,11 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic  # noqa: F401  (the CLI's reports are written with it)
-
-
-class CLIError(Exception):
-    """A user error the CLI reports in one line."""
-
+from .errors import CLIError
+from .guards import check_model_size
 
 
 def parse_method_args(pairs: list[str]) -> dict[str, str]:
@@ -62,36 +59,32 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     if local.is_dir() and not (local / "config.json").is_file():
         raise CLIError(f"{path} has no config.json: it is not a Hugging Face model directory")
 
+    from safetensors import SafetensorError
+
+    check_model_size(path, dtype, binllm_dir=is_binllm_dir(local))  # before any allocation
     if is_binllm_dir(local):  # a saved binarized model: packed BinaryLinears via binllm.load
         return load_saved(path, dtype)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CLIError(f"cannot load {path!r}: {str(e).splitlines()[0]}") from None
     return model, tokenizer
 
 
 def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from ..evaluation.data import eval_tokens, load_text
     from ..evaluation.perplexity import perplexity
+    from .progress import Progress
 
     results = {}
     for name in names:
         source = load_text(name, args.eval_split, args.data_dir)
         tokens = eval_tokens(source, tokenizer, seqlen)
-        bar = tqdm(desc=f"ppl {name}", unit="win", leave=False, disable=args.quiet)
-
-        def progress(done, total, bar=bar):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+        bar = Progress(f"ppl {name}", "window", quiet=args.quiet, every=None, leave=False)
         res = perplexity(model, tokens, seqlen, max_windows=args.max_windows,
-                         device=args.device, progress=progress)
+                         device=args.device, progress=bar.update)
         bar.close()
         results[name] = {"ppl": res.ppl, "windows": res.windows,
                          "total_windows": res.total_windows, "split": source.split,
@@ -120,11 +113,25 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "(default: $BINLLM_DATA, ./data, ../shared/data)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per window (default: min(2048, context))")
-    p.add_argument("--max-windows", type=int, default=None,
-                   help="evaluate only the first N windows of each dataset (quick runs; reported)")
-    p.add_argument("--eval-split", default="test", choices=["test", "validation"])
+    p.add_argument("--max-windows", type=window_count, default=None, metavar="N|all",
+                   help="evaluate only the first N windows of each dataset (quick runs; "
+                        "reported); default: all")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"],
+                   help="split the perplexities are measured on")
     p.add_argument("--report", default=None, help="write the JSON report here")
-    p.add_argument("--dtype", default="auto", help="load dtype: auto, float32, float16, bfloat16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="load dtype (auto: the checkpoint's)")
+
+
+def window_count(value: str) -> int | None:
+    """--max-windows: a number, or 'all' (None)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a number of windows or 'all'"
+                                         ) from None
 
 
 def is_binllm_dir(path: str | Path) -> bool:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .common import (add_common, csv_list, evaluate_datasets, load_model, print_ppl_table,
-                     resolve_seqlen, write_json_atomic)
+from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
+                     print_ppl_table, resolve_seqlen, write_json_atomic)
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model, original or saved")
-    p.add_argument("model")
+    p.add_argument("model", help="local model directory, hub id or saved binllm directory")
     p.add_argument("--datasets", default="wikitext2,ptb,c4",
                    help="perplexity datasets ('' for none)")
     add_common(p)
@@ -18,6 +18,9 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    if not csv_list(args.datasets) and not csv_list(args.tasks):
+        raise CLIError(f"nothing to do: --datasets {args.datasets!r} names no dataset and no "
+                       "--tasks are given; pass e.g. --datasets wikitext2 or --tasks arc_easy")
     task_manager = check_lm_eval(args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)

@@ -15,7 +15,8 @@ def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
                    help="folder of extra task YAML files (local datasets)")
     g.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction if below 1), for quick runs")
-    g.add_argument("--num-fewshot", type=int, default=None)
+    g.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples per task (default: each task's own)")
 
 
 def _tasks(args) -> list[str]:

@@ -60,18 +60,20 @@ def cmd_inspect(args) -> int:
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a saved binllm model")
     p.add_argument("model", help="directory written by `binllm quantize … --out DIR`")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--cache-dequantized", action="store_true",
                    help="dequantize every packed weight once and keep it (fp memory, dense "
                         "speed) instead of the default fast kernels on the packed bits")
     p.add_argument("--no-cache", action="store_true",
                    help="keep no dequantized weights (the default; kept for old scripts)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", help="dtype of the unchanged tensors")
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 …")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the unchanged tensors (auto: as saved)")
     p.set_defaults(func=cmd_generate)
 
 

@@ -7,8 +7,11 @@ from typing import Any
 
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      print_ppl_table, resolve_seqlen, write_json_atomic)
+from .guards import check_calibration_memory
+from .progress import Progress
 
 log = logging.getLogger("binllm")
+QAT_EVAL_WINDOWS = 64  # default --max-windows of `binllm qat`
 
 
 def add_qat(sub) -> None:
@@ -16,39 +19,47 @@ def add_qat(sub) -> None:
                                    "weights, α·sign(w) for the rest)")
     p.add_argument("model", help="local model directory or hub id")
     p.add_argument("--train", default="c4", help="training text: dataset name or .txt/.jsonl path")
-    p.add_argument("--train-split", default="train", choices=["train", "validation", "test"])
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-ratio", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--salient-fraction", type=float, default=0.1)
-    p.add_argument("--high-bit", type=int, default=8)
+    p.add_argument("--train-split", default="train", choices=["train", "validation", "test"],
+                   help="split of a named training dataset")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=4,
+                   help="micro-batches accumulated per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup-ratio", type=float, default=0.05,
+                   help="fraction of the steps spent in linear warm-up (cosine decay after)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--salient-fraction", type=float, default=0.1,
+                   help="fraction of each linear's weights kept at --high-bit")
+    p.add_argument("--high-bit", type=int, default=8, help="bits of the frozen salient weights")
     p.add_argument("--mask", choices=["magnitude", "hessian"], default="magnitude",
                    help="salient mask: signed-magnitude outliers, or the mask of a PB-LLM PTQ run")
     p.add_argument("--calib", default="c4", help="calibration text for --mask hessian")
-    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"])
-    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"],
+                   help="split of --calib")
+    p.add_argument("--nsamples", type=int, default=128,
+                   help="calibration windows for --mask hessian")
     p.add_argument("--include-lm-head", action="store_true",
                    help="also binarize the LM head (the reference binarizes every nn.Linear)")
-    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on CUDA devices that support it)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, slower)")
     p.add_argument("--eval", default="wikitext2", help="comma-separated datasets ('' for none)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="perplexity every N steps (0: at the end)")
     p.add_argument("--checkpoint", default=None, help="file for the resumable training state")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between checkpoint writes (with --checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     p.add_argument("--out", default=None, help="save the trained model in the packed format here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training windows")
     add_common(p)
-    p.set_defaults(func=cmd_qat)
+    # a quick QAT run should not spend minutes in its evaluation: capped unless asked for all
+    p.set_defaults(func=cmd_qat, max_windows=QAT_EVAL_WINDOWS)
 
 
 def cmd_qat(args) -> int:
-    from tqdm import tqdm
-
     from ..evaluation.data import calibration_batches, eval_tokens, load_text, tokenize
     from ..qat.model import QATConfig, QATError, finalize_qat, prepare_qat, ptq_masks
     from ..qat.train import train_qat
@@ -57,6 +68,11 @@ def cmd_qat(args) -> int:
         raise CLIError("--resume needs --checkpoint FILE")
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     seqlen = resolve_seqlen(model, args.seqlen)
+    if args.mask == "hessian":
+        check_calibration_memory(model, args.nsamples, seqlen, args.device, True)
+    if csv_list(args.eval) and args.max_windows == QAT_EVAL_WINDOWS:
+        print(f"qat: perplexity on the first {QAT_EVAL_WINDOWS} windows of each dataset "
+              "(--max-windows all for the whole split)")
     try:
         config = QATConfig(
             salient_fraction=args.salient_fraction, high_bit=args.high_bit,
@@ -80,11 +96,11 @@ def cmd_qat(args) -> int:
             batches = calibration_batches(source, tokenizer, args.nsamples, seqlen, args.seed)
             masks = ptq_masks(model, batches, config, device=args.device)
         names = prepare_qat(model, config, masks)
-        bar = tqdm(total=config.steps, desc="qat", unit="step", disable=args.quiet)
+        bar = Progress("qat", "step", quiet=args.quiet, total=config.steps,
+                       every=max(1, config.steps // 10))
 
         def on_step(info):
-            bar.n = info.step
-            bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
+            bar.update(info.step, loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
             if info.evals:
                 bar.write(f"step {info.step}: "
                           + ", ".join(f"{k} ppl {v:.3f}" for k, v in info.evals.items()))

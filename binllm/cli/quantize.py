@@ -8,21 +8,28 @@ from typing import Any
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      parse_method_args, print_ppl_table, resolve_seqlen, write_json_atomic)
 from .distributed import add_dist_args, finish, start
+from .guards import check_calibration_memory
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 from .output import check_model, check_out, lock_out, save_or_keep
+from .progress import Progress
 
 
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="binarize a model, then evaluate it")
     p.add_argument("model", help="local model directory or hub id")
     p.add_argument("--method", required=True, help="registered method (see `binllm methods`)")
-    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one method argument, repeatable (`binllm methods` lists them "
+                        "with their defaults)")
     p.add_argument("--calib", default="c4", help="calibration dataset name or .txt/.jsonl path")
-    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"])
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"],
+                   help="split of a named calibration dataset (falls back when missing locally)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="columns per reconstruction block")
+    p.add_argument("--percdamp", type=float, default=0.01,
+                   help="Hessian damping as a fraction of its mean diagonal")
     p.add_argument("--feedback", choices=["column", "block", "none"], default=None,
                    help="override the method's error-feedback mode ('none' = no GPTQ compensation)")
     p.add_argument("--skip", default="",
@@ -52,8 +59,6 @@ def cmd_quantize(args) -> int:
 
 
 def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
-    from tqdm import tqdm
-
     from ..engine.binarize import binarize_model
     from ..engine.config import QuantizeConfig
     from ..evaluation.data import calibration_batches, load_text
@@ -62,7 +67,7 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     config = QuantizeConfig(method=args.method, method_args=parse_method_args(args.method_arg),
                             block_size=args.block_size, percdamp=args.percdamp,
                             feedback=args.feedback, skip=tuple(csv_list(args.skip)))
-    get_method(config.method, config.method_args)  # fail fast on a bad method or argument
+    method = get_method(config.method, config.method_args)  # fail fast on a bad argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
     main = dist is None or dist.is_main
@@ -77,6 +82,8 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     if args.out:
         check_out(args, model)  # now with the free space the packed model needs
     seqlen = resolve_seqlen(model, args.seqlen)
+    check_calibration_memory(model, args.nsamples, seqlen, args.device,
+                             method.needs_hessian or (config.feedback or method.feedback) != "none")
     eval_names = csv_list(args.eval)
     report: dict[str, Any] = {"command": "quantize", "model": args.model}
     if args.compare_fp and eval_names and main:  # the other ranks wait at their first step
@@ -94,11 +101,10 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     if dist is not None:
         report["protocol"]["processes"] = dist.world
         report["protocol"]["dist_calib"] = dist.calib
-    bar = tqdm(desc=f"{args.method}", unit="layer", disable=args.quiet)
+    bar = Progress(args.method, "layer", quiet=args.quiet or not main)
 
     def on_layer(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
+        bar.update(done, total)
 
     from ..engine.journal import LayerJournal, run_identity
 

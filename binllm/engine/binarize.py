@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .config import QuantizeConfig
+from .config import ConfigError, QuantizeConfig
 from .distributed import Distributed, guard, report_dict
 from .journal import JournalMismatch, LayerJournal
 from ..methods import get_method
@@ -78,7 +78,8 @@ def binarized_names(model: nn.Module, skip: tuple[str, ...] | list[str] = ()) ->
 
 
 def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
-    """Raise UnknownSkip when a skip name matches no linear of the decoder layers."""
+    """Raise UnknownSkip when a skip name matches no linear of the decoder layers, and
+    ConfigError when the names skip every linear (nothing would be binarized)."""
     names = linear_names(model)
     unknown = [s for s in skip if not any(skip_matches(n, [s]) for n in names)]
     if unknown:
@@ -86,6 +87,9 @@ def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
         raise UnknownSkip(f"--skip {','.join(unknown)} matches no linear of "
                           f"{type(model).__name__}'s decoder layers; they are "
                           f"{', '.join(names)} (a name or its last part, e.g. {short})")
+    if skip and names and all(skip_matches(n, list(skip)) for n in names):
+        raise ConfigError(f"--skip {','.join(skip)} leaves no linear to binarize (the decoder "
+                          f"layers hold {len(names)}); drop names from --skip")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A QuantizeConfig field out of range (the CLI reports it in one line)."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,15 @@ class QuantizeConfig:
     version: ClassVar[int] = FORMAT_VERSION
 
     def __post_init__(self):
-        if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size}: must be a positive number of columns")
-        if not 0 < self.percdamp < 10:
-            raise ValueError(f"percdamp={self.percdamp}: "
-                             "use a small positive fraction such as 0.01")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size}: must be a positive number of "
+                              "columns (128 in the papers)")
+        if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp)
+                and 0 < self.percdamp < 10):
+            raise ConfigError(f"percdamp={self.percdamp}: "
+                              "use a small positive fraction such as 0.01")
         if self.feedback not in (None, "column", "block", "none"):
-            raise ValueError(f"feedback={self.feedback!r}: use column, block or none")
+            raise ConfigError(f"feedback={self.feedback!r}: use column, block or none")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -71,33 +71,73 @@ def _named_file(root: Path, name: str, split: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a binary or non-UTF-8 file is a DataError naming it and the place."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\x00" in raw[:1 << 20]:
+        raise DataError(f"{path} is a binary file (it holds NUL bytes); pass a UTF-8 text "
+                        ".txt or .jsonl file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                        f"offset {e.start}); convert the file to UTF-8, e.g. "
+                        "`iconv -f latin1 -t utf-8`") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    """The "text" field of every non-blank line; a bad line is a DataError with its number."""
+    texts = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg}); every line of "
+                            'a .jsonl file must be one object such as {"text": "..."}') from None
+        if not isinstance(row, dict) or "text" not in row:
+            raise DataError(f'{path}, line {number}: no "text" field; every line must be an '
+                            'object such as {"text": "..."}')
+        if not isinstance(row["text"], str):
+            raise DataError(f'{path}, line {number}: "text" is a {type(row["text"]).__name__}, '
+                            "not a string")
+        texts.append(row["text"])
+    return texts
 
 
 def _join(name: str, path: Path) -> tuple[tuple[str, ...], str]:
-    if name == "wikitext2":
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-        rows = [line + "\n" if line.strip() else "" for line in lines]  # HF rows
-        return (), "\n\n".join(rows)
-    if name == "ptb":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return (), " ".join(line.strip() for line in lines)
-    if name == "tinystories":  # stories separated by <|endoftext|> lines
-        stories = path.read_text(encoding="utf-8").split("<|endoftext|>")
-        return (), "\n".join(s.strip() for s in stories if s.strip())
     if name == "c4" or path.suffix == ".jsonl":
         docs = tuple(_read_jsonl(path))
         return docs, (" " if name == "c4" else "\n\n").join(docs)
-    return (), path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
+    if name == "wikitext2":
+        lines = text.split("\n")[:-1]
+        rows = [line + "\n" if line.strip() else "" for line in lines]  # HF rows
+        return (), "\n\n".join(rows)
+    if name == "ptb":
+        return (), " ".join(line.strip() for line in text.splitlines())
+    if name == "tinystories":  # stories separated by <|endoftext|> lines
+        stories = text.split("<|endoftext|>")
+        return (), "\n".join(s.strip() for s in stories if s.strip())
+    return (), text
 
 
 def load_text(name: str, split: str = "test", root: str | os.PathLike | None = None) -> TextSource:
     """The joined text of a named dataset's split, or of a user .txt/.jsonl file."""
     path = Path(name)
     if name not in NAMED:
+        if path.is_dir():
+            raise DataError(f"{name} is a folder; pass a .txt or .jsonl file or one of "
+                            f"{', '.join(NAMED)}")
         if not path.is_file():
+            if "/" in name or os.sep in name or path.suffix:
+                raise DataError(f"file {name} does not exist; pass an existing .txt or .jsonl "
+                                f"file or one of the named datasets {', '.join(NAMED)}")
             raise DataError(f"unknown dataset {name!r}: use one of {', '.join(NAMED)} "
                             "or the path of a .txt or .jsonl file")
         docs, text = _join(path.suffix, path)

@@ -61,6 +61,10 @@ class GPTQ(Method):
     def __init__(self, args: GPTQArgs):
         if not 1 <= args.bits <= 8:
             raise MethodArgumentError(f"bits={args.bits}: gptq supports 1 to 8 bits")
+        if args.groupsize == 0 or args.groupsize < -1:
+            raise MethodArgumentError(f"groupsize={args.groupsize}: use -1 (one scale per row) "
+                                      "or a positive number of columns that divides the block "
+                                      "size, e.g. 128")
         super().__init__(args)
 
     def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import BlockContext, Method, ScaleRounding
+from .base import BlockContext, Method, MethodArgumentError, ScaleRounding
 from .codes import BinaryCodes, ScaleDtype, to_storage
 
 
@@ -38,6 +38,12 @@ class RtnSign(Method):
     Args = SignArgs
     feedback = "none"
     needs_hessian = False
+
+    def __init__(self, args: SignArgs):
+        if args.groupsize == 0 or args.groupsize < -1:
+            raise MethodArgumentError(f"groupsize={args.groupsize}: use -1 (one α, μ per row) "
+                                      "or a positive number of columns")
+        super().__init__(args)
 
     def block_size(self, default: int, cols: int) -> int:
         return cols if self.args.groupsize == -1 else self.args.groupsize

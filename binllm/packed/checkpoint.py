@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import OutputLock, atomic_dir
+from ..preflight import check_config_fits
 from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
@@ -266,6 +267,9 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     (bit for bit the calibrated model); cache_dequantized keeps dequantized weights instead.
     """
     saved = read_saved(path, verify=verify)
+    # before the skeleton: a config.json whose shape the files cannot back is refused here
+    check_config_fits(saved.config, str(saved.path), bytes_per_parameter=1 / 8,
+                      stored_bytes=sum(f.stat().st_size for f in saved.files))
     model, quantization = _skeleton(saved)
     state = read_tensors(saved)
     model.load_state_dict(state, strict=False, assign=True)

@@ -1,0 +1,408 @@
+"""Issue 12, the command-line half: what a careless or hostile user runs into.
+
+One-line errors with exit status 2 (instead of tracebacks) for bad calibration files, bad
+numbers, devices, truncated files, over-long paths, nothing to do; resource guards before any
+allocation; Ctrl-C (130, journal kept); progress as plain lines in a log; -q silencing the
+third-party bars; --help with defaults and --version; a capped QAT evaluation; a closed pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # noqa: F401  (its log handler binds to stderr now, not to one test's capsys)
+
+from binllm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--nsamples", "2", "--seqlen", "64", "--eval", ""]
+
+
+@pytest.fixture(scope="module")
+def data(shared):
+    return str(shared / "data")
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    return str(stories_path)
+
+
+def run(capsys, *argv, quiet=True):
+    code = main((["-q"] if quiet else []) + [str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err, *needles):
+    """Exit 2, exactly one `binllm: error:` line, last on stderr, no traceback; the line."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if "binllm: error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("binllm: error: ") and err.rstrip().endswith(lines[0])
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def quantize(capsys, stories, data, *extra, method="gptq"):
+    return run(capsys, "quantize", stories, "--method", method, "--calib", "ptb", *QUICK,
+               "--data-dir", data, *extra)
+
+
+# -- calibration files -----------------------------------------------------------------------
+@pytest.mark.parametrize("name,content,needles", [
+    ("nul.txt", b"some text\x00\x01\x02 binary", ["nul.txt", "binary"]),
+    ("latin1.txt", "first line\ncaf\u00e9 au lait\n".encode("latin-1"),
+     ["latin1.txt, line 2", "not UTF-8"]),
+    ("badline.jsonl", b'{"text": "fine"}\n{"text": broken\n', ["badline.jsonl, line 2", "JSON"]),
+    ("notext.jsonl", b'{"text": "fine"}\n\n{"body": "x"}\n', ["notext.jsonl, line 3", '"text"']),
+    ("nonstr.jsonl", b'{"text": 5}\n', ["nonstr.jsonl, line 1", "not a string"]),
+])
+def test_bad_calibration_files_are_one_line_errors_naming_file_and_line(
+        capsys, tmp_path, stories, data, name, content, needles):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = run(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", path,
+                       *QUICK, "--data-dir", data)
+    one_line_error(code, err, *needles)
+
+
+def test_missing_calibration_path_says_the_file_does_not_exist(capsys, stories, data):
+    code, _, err = quantize(capsys, stories, data, "--calib", "cal/missing.txt")
+    one_line_error(code, err, "cal/missing.txt does not exist")
+
+
+# -- numbers, method arguments, devices --------------------------------------------------------
+@pytest.mark.parametrize("flag,value", [("--block-size", "0"), ("--block-size", "-4"),
+                                        ("--percdamp", "0"), ("--percdamp", "-0.1"),
+                                        ("--percdamp", "nan"), ("--max-windows", "0"),
+                                        ("--max-windows", "-3"), ("--nsamples", "0")])
+def test_out_of_range_numbers_are_refused_before_any_work(capsys, stories, data, flag, value):
+    code, _, err = quantize(capsys, stories, data, flag, value)
+    one_line_error(code, err, flag)
+    assert "layers" not in err  # nothing was calibrated
+
+
+def test_quantize_config_rejects_nan_damping_with_its_own_error():
+    from binllm.engine.config import ConfigError, QuantizeConfig
+
+    for bad in (dict(percdamp=math.nan), dict(percdamp=0.0), dict(block_size=0)):
+        with pytest.raises(ConfigError):
+            QuantizeConfig("gptq", **bad)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn-sign"])
+@pytest.mark.parametrize("groupsize", ["0", "-2"])
+def test_groupsize_zero_or_below_minus_one_is_a_method_argument_error(
+        capsys, stories, data, method, groupsize):
+    from binllm.methods import MethodArgumentError, get_method
+
+    with pytest.raises(MethodArgumentError, match=f"groupsize={groupsize}"):
+        get_method(method, {"groupsize": groupsize})
+    code, _, err = quantize(capsys, stories, data, "--method-arg", f"groupsize={groupsize}",
+                            method=method)
+    one_line_error(code, err, f"groupsize={groupsize}", "positive number of columns")
+
+
+def test_unknown_device_is_a_one_line_error(capsys, stories, data):
+    code, _, err = quantize(capsys, stories, data, "--device", "tpu")
+    one_line_error(code, err, "--device tpu", "cpu, cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(capsys, stories, data):
+    code, _, err = quantize(capsys, stories, data, "--device", "cuda")
+    one_line_error(code, err, "--device cuda", "--device cpu")
+
+
+def test_cuda_build_without_a_visible_device_says_so(monkeypatch):
+    from binllm.cli.errors import CLIError
+    from binllm.cli.guards import check_device
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CLIError, match="no CUDA device is visible"):
+        check_device("cuda:0")
+
+
+def test_generate_sampling_values_out_of_range(capsys):
+    saved = REPO / "tests" / "data" / "v1_gptq"
+    code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "-1", "--top-p", "2")
+    one_line_error(code, err, "--temperature -1")
+    code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "1", "--top-p", "2")
+    one_line_error(code, err, "--top-p 2")
+
+
+def test_eval_with_no_datasets_and_no_tasks_says_there_is_nothing_to_do(capsys, stories):
+    code, _, err = run(capsys, "eval", stories, "--datasets", "")
+    one_line_error(code, err, "nothing to do")
+
+
+# -- files and paths -------------------------------------------------------------------------
+@pytest.fixture
+def truncated(tmp_path, stories_path):
+    d = tmp_path / "truncated"
+    shutil.copytree(stories_path, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate((d / "model.safetensors").stat().st_size // 2)
+    return d
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_truncated_dense_safetensors_is_a_one_line_error(capsys, truncated, data, command):
+    args = (["quantize", truncated, "--method", "gptq", *QUICK] if command == "quantize"
+            else ["eval", truncated, "--datasets", "ptb"])
+    code, _, err = run(capsys, *args, "--data-dir", data)
+    one_line_error(code, err, "model.safetensors is truncated")
+
+
+def test_skipping_every_linear_is_refused_before_calibration(capsys, tmp_path, stories, data):
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, stories, data, "--out", out, "--skip",
+                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    one_line_error(code, err, "leaves no linear", "--skip")
+    assert not out.exists()
+
+
+def test_resume_dir_that_is_a_file(capsys, tmp_path, stories, data):
+    f = tmp_path / "journal"
+    f.write_text("not a folder")
+    code, _, err = quantize(capsys, stories, data, "--resume-dir", f)
+    one_line_error(code, err, "--resume-dir", "is a file")
+
+
+@pytest.mark.parametrize("flag", ["--report", "--out", "--calib", "MODEL"])
+def test_over_long_paths_are_one_line_errors(capsys, tmp_path, stories, data, flag):
+    long = str(tmp_path / ("x" * 300) / "file.json")
+    args = {"--report": ["quantize", stories, "--method", "gptq", "--report", long],
+            "--out": ["quantize", stories, "--method", "gptq", "--out", "y/" * 2100],
+            "--calib": ["quantize", stories, "--method", "gptq", "--calib", long],
+            "MODEL": ["quantize", long, "--method", "gptq"]}[flag]
+    code, _, err = run(capsys, *args, *QUICK, "--data-dir", data)
+    one_line_error(code, err, flag)
+
+
+# -- resource guards ---------------------------------------------------------------------------
+def test_huge_nsamples_is_refused_with_the_estimate(capsys, stories, data):
+    start = time.perf_counter()
+    code, _, err = quantize(capsys, stories, data, "--nsamples", "100000000")
+    line = one_line_error(code, err, "--nsamples 100000000", "calibration needs about",
+                          "TiB", "available")
+    assert "2 × 100000000 windows × 64 tokens × hidden 64 × 4 bytes" in line
+    assert time.perf_counter() - start < 30
+
+
+def test_calibration_estimate_equals_what_the_walker_holds(tiny_llama_model):
+    """Oracle: the bytes of the captured layer inputs (twice: inputs and outputs), of their
+    rotary kwargs and of one layer's accumulated Hessians."""
+    from binllm.engine.walker import capture_layer_inputs, collect_hessians, find_decoder_layers
+    from binllm.preflight import calibration_memory
+
+    model, n, seqlen = tiny_llama_model, 3, 16
+    batches = [torch.randint(0, 256, (1, seqlen)) for _ in range(n)]
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, layers, batches, "cpu")
+        accs = collect_hessians(layers[0], inputs, ["self_attn.q_proj", "self_attn.k_proj",
+                                                    "self_attn.v_proj", "self_attn.o_proj",
+                                                    "mlp.gate_proj", "mlp.up_proj",
+                                                    "mlp.down_proj"])
+
+    def nbytes(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, (tuple, list)):
+            return sum(nbytes(o) for o in obj)
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        return 0
+
+    held = 2 * nbytes(inputs.hidden) + nbytes(inputs.kwargs.copy())
+    est = calibration_memory(model, n, seqlen)
+    assert est.activations == held
+    assert est.hessians == sum(a.XtX.numel() * 4 for a in accs.values())
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 1048576}, {"num_hidden_layers": 100000}])
+def test_absurd_config_of_a_dense_model_is_refused_before_allocation(
+        capsys, tmp_path, stories_path, data, change):
+    model = _with_config(stories_path, tmp_path / "absurd", **change)
+    start = time.perf_counter()
+    code, _, err = run(capsys, "eval", model, "--datasets", "ptb", "--data-dir", data)
+    key, value = next(iter(change.items()))
+    one_line_error(code, err, f"{key}={value}", "does not belong to these weights")
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 1048576}, {"num_hidden_layers": 100000}])
+def test_absurd_config_of_a_saved_directory_is_refused_before_the_skeleton(
+        capsys, tmp_path, change):
+    import binllm
+    from binllm.preflight import PreflightError
+
+    saved = _with_config(REPO / "tests" / "data" / "v1_gptq", tmp_path / "absurd", **change)
+    start = time.perf_counter()
+    with pytest.raises(PreflightError, match="does not belong to these weights"):
+        binllm.load(saved)
+    code, _, err = run(capsys, "generate", saved, "Once")
+    one_line_error(code, err, "config.json declares at least")
+    assert time.perf_counter() - start < 20
+
+
+def test_config_larger_than_memory_is_refused_with_the_estimate(capsys, tmp_path, stories_path):
+    d = tmp_path / "config_only"
+    d.mkdir()
+    cfg = json.loads((stories_path / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 1048576}))
+    code, _, err = run(capsys, "eval", d, "--datasets", "ptb")
+    one_line_error(code, err, "loading needs at least", "TiB", "available")
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+def test_sigint_during_quantize_exits_130_with_one_line_and_keeps_the_journal(
+        tmp_path, stories_path, data):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "deep"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                 max_position_embeddings=128)).save_pretrained(model_dir)
+    for f in stories_path.glob("tokenizer*"):
+        shutil.copy(f, model_dir / f.name)
+    journal = tmp_path / "journal"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "binllm", "-q", "quantize", str(model_dir), "--method", "gptq",
+         "--calib", "ptb", "--nsamples", "4", "--seqlen", "32", "--eval", "", "--data-dir", data,
+         "--resume-dir", str(journal)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list(journal.glob("layer_*.safetensors")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert lines[-1] == (f"binllm: interrupted; finished layers are kept in {journal}, "
+                         "rerun the same command to resume")
+    done = sorted(journal.glob("layer_*.safetensors"))
+    assert (journal / "journal.json").is_file() and 1 <= len(done) < 24
+    assert not [p for p in journal.iterdir() if ".tmp-" in p.name]
+
+
+# -- friction ---------------------------------------------------------------------------------
+def test_progress_into_a_log_is_plain_lines(capsys, stories, data):
+    """capsys' stderr is not a terminal: one line per layer and per dataset, no redraws."""
+    code, _, err = run(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", "ptb",
+                       "--nsamples", "2", "--seqlen", "64", "--data-dir", data,
+                       "--eval", "tinystories", "--max-windows", "2", quiet=False)
+    assert code == 0, err
+    assert "\r" not in err
+    layer_lines = [line for line in err.splitlines() if line.startswith("rtn-sign: ")]
+    assert [line.split(",")[0] for line in layer_lines] == [
+        f"rtn-sign: {i}/5 layers" for i in range(1, 6)]
+    assert [line.split(",")[0] for line in err.splitlines() if line.startswith("ppl ")] == [
+        "ppl tinystories: 2/2 windows"]
+    assert "Loading weights" not in err
+
+
+def test_quiet_silences_transformers_bars_and_prints_no_progress(capsys, stories, data):
+    code, _, err = run(capsys, "eval", stories, "--datasets", "tinystories", "--max-windows",
+                       "1", "--data-dir", data)
+    assert code == 0, err
+    assert "Loading weights" not in err and "ppl tinystories" not in err and "\r" not in err
+
+
+def test_third_party_bars_are_disabled_in_the_block_and_restored_after(capsys):
+    import tqdm
+    import tqdm.auto
+
+    from binllm.cli.progress import third_party_bars_off
+
+    with third_party_bars_off(True):
+        for cls in (tqdm.tqdm, tqdm.auto.tqdm):
+            bar = cls(range(3), disable=False, file=sys.stderr)
+            assert bar.disable
+            bar.close()
+    bar = tqdm.tqdm(range(3), disable=False, file=sys.stderr)
+    assert not bar.disable
+    bar.close()
+
+
+def test_every_option_has_help_with_its_default_and_version_works(capsys):
+    import argparse
+
+    from binllm import __version__
+    from binllm.cli.app import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items()
+               for a in p._actions if not a.help]
+    assert not missing
+    text = sub.choices["quantize"].format_help()
+    for default in ("calibration windows (default: 128)", "(default: 0)", "(default: 0.01)",
+                    "(default: c4)"):
+        assert default in " ".join(text.split()), default
+    qat = " ".join(sub.choices["qat"].format_help().split())
+    assert "optimizer steps (default: 1000)" in qat and "(default: 0.0001)" in qat
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"binllm {__version__} (torch ")
+
+
+def test_qat_evaluates_a_capped_number_of_windows_by_default_and_says_so(
+        capsys, tmp_path, stories, data):
+    report = tmp_path / "qat.json"
+    code, out, err = run(capsys, "qat", stories, "--train", "tinystories", "--steps", "1",
+                         "--batch-size", "1", "--grad-accum", "1", "--seqlen", "32",
+                         "--eval", "ptb", "--data-dir", data, "--report", report)
+    assert code == 0, err
+    assert "first 64 windows" in out and "--max-windows all" in out
+    ppl = json.loads(report.read_text())["perplexity"]["ptb"]
+    assert ppl["windows"] == 64 < ppl["total_windows"]
+
+
+def test_closed_stdout_pipe_exits_quietly(monkeypatch, capsys):
+    """`binllm methods | head -1`: stdout is a pipe whose reader is gone."""
+    read, write = os.pipe()
+    os.close(read)
+    pipe = open(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        code = main(["methods"])
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            pipe.close()
+    assert code == 141
+    assert capsys.readouterr().err == ""
