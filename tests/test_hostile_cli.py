@@ -138,8 +138,17 @@ def test_cuda_build_without_a_visible_device_says_so(monkeypatch):
         check_device("cuda:0")
 
 
-def test_generate_sampling_values_out_of_range(capsys):
-    saved = REPO / "tests" / "data" / "v1_gptq"
+@pytest.fixture(scope="module")
+def saved_stories(stories, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile") / "rtn"
+    assert main(["-q", "quantize", stories, "--method", "rtn-sign", "--calib", "ptb",
+                 "--nsamples", "2", "--seqlen", "32", "--eval", "", "--data-dir", data,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_generate_sampling_values_out_of_range(capsys, saved_stories):
+    saved = saved_stories
     code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "-1", "--top-p", "2")
     one_line_error(code, err, "--temperature -1")
     code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "1", "--top-p", "2")
