@@ -19,17 +19,24 @@ def add_compare(sub) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="discard DIR's earlier results (needed when the protocol changed)")
     p.add_argument("--calib", default="c4", help="calibration dataset name or .txt/.jsonl path")
-    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"])
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seqlen", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--calib-split", default="train", choices=["train", "validation", "test"],
+                   help="split of a named calibration dataset")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default: min(2048, context))")
+    p.add_argument("--block-size", type=int, default=128, help="columns per reconstruction block")
+    p.add_argument("--percdamp", type=float, default=0.01,
+                   help="Hessian damping as a fraction of its mean diagonal")
     p.add_argument("--eval", default="wikitext2,ptb,c4", help="comma-separated datasets")
-    p.add_argument("--eval-split", default="test", choices=["test", "validation"])
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"],
+                   help="split the perplexities are measured on")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows of each dataset (default: all)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder laid out like ../shared/data "
+                        "(default: $BINLLM_DATA, ./data, ../shared/data)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 …")
     p.add_argument("--no-fp", action="store_true", help="do not evaluate the unquantized model")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="kill a method's process after this long (recorded as failed)")
