@@ -10,6 +10,7 @@ from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_mod
 from .distributed import add_dist_args, finish, start
 from .guards import check_calibration_memory
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
+from .stream import add_stream_args, open_streamed
 from .output import check_model, check_out, lock_out, save_or_keep
 from .progress import Progress
 
@@ -42,6 +43,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--resume-dir", default=None, metavar="DIR",
                    help="keep every finished layer here; rerunning the same command resumes")
+    add_stream_args(p)
     add_common(p)
     add_lm_eval_args(p)
     add_dist_args(p)
@@ -77,7 +79,10 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
         check_out(args)  # every rank refuses a bad --out alike; rank 0 alone locks it
         if main:
             lock_out(args, stack)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    # a local safetensors checkpoint in one process: its layers are streamed (binllm.engine.stream)
+    streamed = open_streamed(args) if dist is None else None
+    model, tokenizer = streamed[:2] if streamed else load_model(args.model, args.device,
+                                                                args.dtype)
     check_model(args, model)
     if args.out:
         check_out(args, model)  # now with the free space the packed model needs
@@ -85,7 +90,8 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     check_calibration_memory(model, args.nsamples, seqlen, args.device,
                              method.needs_hessian or (config.feedback or method.feedback) != "none")
     eval_names = csv_list(args.eval)
-    report: dict[str, Any] = {"command": "quantize", "model": args.model}
+    report: dict[str, Any] = {"command": "quantize", "model": args.model,
+                              "streamed": streamed is not None}
     if args.compare_fp and eval_names and main:  # the other ranks wait at their first step
         model.to(args.device)
         report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
@@ -115,8 +121,16 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
         journal.verify()  # a damaged layer file stops the run now, with its name
         if journal.layers_done():
             say(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
-    qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
-                             journal=journal, dist=dist)
+    if streamed:  # --out is written as the layers finish
+        from ..engine.stream import binarize_streaming
+
+        qreport = binarize_streaming(model, streamed[2], config, batches, out=args.out,
+                                     tokenizer=tokenizer, overwrite=args.overwrite, lock=False,
+                                     keep_packed=bool(eval_names) or task_manager is not None,
+                                     device=args.device, on_layer=on_layer, journal=journal)
+    else:
+        qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
+                                 journal=journal, dist=dist)
     bar.close()
     if not main:
         return 0  # rank 0 evaluates and writes; evaluation runs there alone
@@ -129,7 +143,8 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
         print(f"note: {source.note}")
     if args.out:
         try:
-            save_or_keep(args, model, qreport, tokenizer, journal, identity)
+            if not streamed:
+                save_or_keep(args, model, qreport, tokenizer, journal, identity)
         except CLIError:
             if args.report:  # keep what was measured
                 write_json_atomic(args.report, report)

@@ -155,17 +155,23 @@ def run_layer(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tenso
 
 
 def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | str = "cpu",
-                offload: bool = True) -> Iterator[tuple[int, str, nn.Module, LayerInputs]]:
+                offload: bool = True, source: Any = None
+                ) -> Iterator[tuple[int, str, nn.Module, LayerInputs]]:
     """Yield (index, path, layer, inputs) one layer at a time, in order.
 
     The consumer may change the layer in place (quantize its linears); after it resumes,
     the walker runs the (changed) layer on every batch to build the next layer's inputs,
     then moves the layer back to the CPU when `offload` is set.
+    source: layers whose weights are not in memory (`binllm.engine.stream.LayerStream`):
+    `source.load(i, path, layer)` fills layer i before it is used and
+    `source.release(i, path, layer)` drops it once the next layer's inputs exist.
     """
     path, layers = find_decoder_layers(model)
     with calibration_context(model):
         inputs = capture_layer_inputs(model, layers, batches, device)
         for i, layer in enumerate(layers):
+            if source is not None:
+                source.load(i, f"{path}.{i}", layer)
             original_device = next(layer.parameters()).device
             layer.to(device)
             yield i, f"{path}.{i}", layer, inputs
@@ -174,6 +180,8 @@ def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | 
             inputs = LayerInputs(nxt, inputs.kwargs)
             if offload:
                 layer.to(original_device)
+            if source is not None:
+                source.release(i, f"{path}.{i}", layer)
 
 
 def collect_hessians(layer: nn.Module, inputs: LayerInputs, names: list[str],

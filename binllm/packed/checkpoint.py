@@ -35,6 +35,7 @@ from ..preflight import check_config_fits
 from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
+from .writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401
 from .saved_dir import (  # noqa: F401
     _DTYPES,
     QUANT_METHOD,
@@ -51,10 +52,7 @@ from .saved_dir import (  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "binllm_report.json"
-DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
 # -- save ------------------------------------------------------------------------------------
@@ -74,11 +72,8 @@ def save_binarized(model: nn.Module, report: Any, tokenizer: Any, out_dir: str |
         raise ValueError("the report holds no codes: run binarize_model(..., keep_codes=True)")
     check_output_dir(out, overwrite=overwrite, sources=[_source_of(model)])
     tensors, layers, untie = _collect_tensors(model, report.codes)
-    qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-          "method": report.method, "method_args": report.method_args,
-          **{k: report.config.get(k) for k in ("block_size", "percdamp", "feedback", "skip")}}
-    _write_dir(model, out, tensors, layers, untie, qc, tokenizer, report.to_dict(),
-               max_shard_bytes, lock)
+    _write_dir(model, out, tensors, layers, untie, report_qc(report), tokenizer,
+               report.to_dict(), max_shard_bytes, lock)
     log.info("saved %d binarized linears to %s", len(layers), out)
     return out
 
@@ -116,27 +111,41 @@ def _source_of(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def report_qc(report: Any) -> dict[str, Any]:
+    """The quantization_config entries a binarization report decides."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            "method": report.method, "method_args": report.method_args,
+            **{k: report.config.get(k) for k in ("block_size", "percdamp", "feedback", "skip")}}
+
+
 def _write_dir(model, out: Path, tensors, layers, untie, qc, tokenizer, report, max_shard_bytes,
                lock: bool) -> None:
+    with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
+        files = _write_shards(tmp, tensors, max_shard_bytes)
+        finish_dir(tmp, model, qc, layers, files, tokenizer, report, untie)
+
+
+def finish_dir(tmp: Path, model: nn.Module, qc: dict[str, Any], layers: dict[str, PackedLayout],
+               files: dict[str, dict], tokenizer: Any, report: Any, untie: bool) -> None:
+    """Everything of a saved directory but its shards (already in tmp, described by `files`):
+    tokenizer, generation config, report, config.json with quantization_config (last)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
     qc = {**qc, "modules_to_not_convert": [n for n in linears if n not in layers],
-          "layers": {n: lay.to_dict() for n, lay in layers.items()}}
-    with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
-        qc["files"] = _write_shards(tmp, tensors, max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        _write_json(tmp / REPORT_FILE, report)
-        config = model.config.to_diff_dict()
-        config["architectures"] = [type(model).__name__]
-        config["quantization_config"] = qc
-        if untie:  # a binarized linear was tied to a kept tensor: both are stored on their own
-            config["tie_word_embeddings"] = False
-        _write_json(tmp / "config.json", config)  # last: only a finished dir has a binllm config
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+          "layers": {n: lay.to_dict() for n, lay in layers.items()}, "files": files}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    _write_json(tmp / REPORT_FILE, report)
+    config = model.config.to_diff_dict()
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = qc
+    if untie:  # a binarized linear was tied to a kept tensor: both are stored on their own
+        config["tie_word_embeddings"] = False
+    _write_json(tmp / "config.json", config)  # last: only a finished dir has a binllm config
+    for f in tmp.iterdir():
+        f.chmod(0o644)
 
 
 def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
@@ -199,30 +208,13 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
 
 
 def _write_shards(tmp: Path, tensors: dict[str, Tensor], max_bytes: int) -> dict[str, dict]:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    n = len(shards)
-    names = ([SINGLE_FILE] if n == 1
-             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-    meta = {"format": "pt", "binllm_format_version": str(FORMAT_VERSION)}
-    files = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(tmp / name), metadata=meta)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    if n > 1:
-        _write_json(tmp / INDEX_FILE, {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
-    return files
+    writer = ShardWriter(tmp, max_bytes)
+    try:
+        for key, t in tensors.items():
+            writer.add(key, t)
+        return writer.close()
+    finally:
+        writer.abort()
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -127,42 +127,52 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
 
 
 def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """{key: (dtype, shape, nbytes)} from a safetensors header, checked against the file size."""
+    """{key: (dtype, shape, nbytes)} of a binllm shard, checked against the file size."""
+    meta, out = read_safetensors_header(f)
+    if meta.get("binllm_format_version") != str(FORMAT_VERSION):
+        raise FormatVersionError(f"{f} carries binllm_format_version "
+                                 f"{meta.get('binllm_format_version')!r}, this binllm reads "
+                                 f"{FORMAT_VERSION}")
+    return out
+
+
+def read_safetensors_header(f: Path, error: type[Exception] = CorruptCheckpoint
+                            ) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int]]]:
+    """(metadata, {key: (dtype, shape, nbytes)}) of any safetensors file, touching no tensor
+    data; a header that does not add up to the file's size raises `error` naming the file."""
     size = f.stat().st_size
     with open(f, "rb") as fh:
         raw = fh.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < n <= size - 8:
-            raise CorruptCheckpoint(f"{f} is not a safetensors file (bad header length); it "
-                                    "is truncated or corrupt")
+            raise error(f"{f} is not a safetensors file (bad header length); it "
+                        "is truncated or corrupt")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CorruptCheckpoint(f"{f}: the safetensors header is damaged") from None
+            raise error(f"{f}: the safetensors header is damaged") from None
+    if not isinstance(header, dict):
+        raise error(f"{f}: the safetensors header is damaged")
     meta = header.pop("__metadata__", None) or {}
-    if meta.get("binllm_format_version") != str(FORMAT_VERSION):
-        raise FormatVersionError(f"{f} carries binllm_format_version "
-                                 f"{meta.get('binllm_format_version')!r}, this binllm reads "
-                                 f"{FORMAT_VERSION}")
     out, end = {}, 0
     for key, e in header.items():
         try:
             start, stop = (int(x) for x in e["data_offsets"])
             entry = (str(e["dtype"]), tuple(int(s) for s in e["shape"]), stop - start)
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{f}: header entry of {key} is damaged") from None
+            raise error(f"{f}: header entry of {key} is damaged") from None
         dtype = _DTYPES.get(entry[0])
         numel = 1
         for s in entry[1]:
             numel *= s
         if dtype is None or entry[2] != numel * dtype.itemsize or start < 0:
-            raise CorruptCheckpoint(f"{f}: header entry of {key} is inconsistent ({entry})")
+            raise error(f"{f}: header entry of {key} is inconsistent ({entry})")
         out[key] = entry
         end = max(end, stop)
     if 8 + n + end != size:
-        raise CorruptCheckpoint(f"{f} holds {size} bytes but its header needs {8 + n + end}: "
-                                "the file is truncated or corrupt")
-    return out
+        raise error(f"{f} holds {size} bytes but its header needs {8 + n + end}: "
+                    "the file is truncated or corrupt")
+    return meta, out
 
 
 def sha256_file(path: Path) -> str:

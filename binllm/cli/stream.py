@@ -1,0 +1,56 @@
+"""`binllm quantize` on a local safetensors checkpoint: stream it layer by layer (the default).
+
+`open_streamed(args)` gives (model skeleton, tokenizer, checkpoint) when MODEL is a local
+directory of safetensors shards and neither `--no-stream` nor `--compare-fp` (which evaluates
+the dense model) asks for the whole model; otherwise None, and the command loads the model
+whole as before. The streaming itself is `binllm.engine.stream`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .common import CLIError, is_binllm_dir
+
+log = logging.getLogger(__name__)
+
+
+def add_stream_args(p) -> None:
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model into memory instead of streaming its layers from "
+                        "the safetensors shards (the default for a local safetensors directory)")
+
+
+def open_streamed(args):
+    """(skeleton, tokenizer, checkpoint) for streaming, or None to load the model whole."""
+    from ..engine.stream import NotStreamable, map_large_allocations, open_streaming
+    from ..packed.writer import INDEX_FILE, SINGLE_FILE
+
+    local = Path(args.model)
+    if args.no_stream or not local.is_dir() or is_binllm_dir(local) or \
+            not ((local / SINGLE_FILE).is_file() or (local / INDEX_FILE).is_file()):
+        return None
+    if args.compare_fp:
+        log.info("--compare-fp evaluates the dense model: %s is loaded whole", local)
+        return None
+    if not (local / "config.json").is_file():
+        raise CLIError(f"{local} has no config.json: it is not a Hugging Face model directory")
+    map_large_allocations()  # freed layers go back to the OS (see its docstring)
+    try:
+        model, ckpt = open_streaming(local, args.dtype)
+    except NotStreamable as e:
+        log.info("not streaming: %s", e)
+        return None
+    except (OSError, ValueError) as e:
+        if type(e).__module__.startswith("binllm"):
+            raise
+        raise CLIError(f"cannot load {args.model!r}: {str(e).splitlines()[0]}") from None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load the tokenizer of {args.model!r}: "
+                       f"{str(e).splitlines()[0]}") from None
+    return model, tokenizer, ckpt

@@ -1,0 +1,315 @@
+"""Binarize a model larger than memory: decoder layers streamed from its safetensors shards.
+
+    model, ckpt = open_streaming(DIR)           # skeleton on meta; embeddings, norm, head loaded
+    report = binarize_streaming(model, ckpt, QuantizeConfig("billm"), calib, out="out/billm")
+
+`open_streaming` builds the model from `config.json` with every parameter on the meta device
+(`parameters_on_meta`; buffers such as rotary frequencies are computed as usual), then reads
+the tensors outside the decoder layers (embeddings, final norm, lm_head unless it is tied to
+the embeddings) from the shards named by `model.safetensors.index.json` (or the single
+`model.safetensors`). Every shard's header is checked against its size and every parameter
+key is looked up before any work starts, so a missing shard, a truncated shard or a key in no
+shard is refused at once (`BadCheckpoint`, which the CLI reports in one line).
+
+`binarize_streaming` runs `binarize_model` with a `LayerStream` as its layer source: before
+its turn, decoder layer i is read from the shards (only that layer's keys, plain reads at
+the header's offsets); once quantized and run on the calibration windows, its linears become
+`BinaryLinear`s holding the packed codes, its tensors go to the output writer
+(`binllm.packed.writer.ShardWriter`, inside a hidden directory renamed at the end), and its
+dense weights are dropped. With `keep_packed` the packed layer stays in the model, so the
+result is the model `binllm.load(out)` would give (perplexity from packed layers); without
+it the layer goes back to the meta device. At most one decoder layer is dense at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import OutputLock, atomic_dir
+from ..packed.checkpoint import finish_dir, parameters_on_meta, report_qc
+from ..packed.output import check_output_dir
+from ..packed.layers import BinaryLinear
+from ..packed.saved_dir import _DTYPES, CheckpointError, read_safetensors_header
+from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
+from .binarize import QuantizeReport, binarize_model
+from .config import QuantizeConfig
+from .walker import find_decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+class BadCheckpoint(CheckpointError):
+    """The checkpoint to binarize is damaged or incomplete (missing shard, truncated, key absent)."""
+
+
+class NotStreamable(Exception):
+    """The checkpoint cannot be streamed (no safetensors, other key names): load it whole."""
+
+
+class SafetensorsCheckpoint:
+    """A local safetensors checkpoint: which file holds which key, headers checked, no data read."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise BadCheckpoint(f"{index} is unreadable ({type(e).__name__}: {e}); "
+                                    "re-download or re-save the checkpoint") from None
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise BadCheckpoint(f"{index} names {missing[0]}, which is not in {self.path}"
+                                    f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''};"
+                                    " copy the whole checkpoint")
+        elif single.is_file():
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise NotStreamable(f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}")
+        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # key: (file, dtype, shape)
+        for name in files:
+            _, header = read_safetensors_header(self.path / name, error=BadCheckpoint)
+            for key, (dtype, shape, _) in header.items():
+                self.entries.setdefault(key, (name, dtype, shape))
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.entries.get(key, (None,))[0] != name:
+                    raise BadCheckpoint(f"{index} puts {key} in {name}, whose header does not "
+                                        "hold it; the checkpoint is inconsistent (re-download it)")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def first_float_dtype(self) -> torch.dtype | None:
+        for _, dtype, _ in self.entries.values():
+            if _DTYPES.get(dtype, torch.uint8).is_floating_point:
+                return _DTYPES[dtype]
+        return None
+
+    def read(self, keys: list[str]) -> dict[str, Tensor]:
+        """The tensors `keys`, read from their files into fresh CPU tensors (only those bytes).
+
+        Plain reads, not safe_open's get_tensor: its tensors are views of a private mapping of
+        the whole shard, which stays mapped (and its touched pages resident) while any tensor
+        of that shard lives — with the embeddings alive, a whole shard of decoder layers.
+        """
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key not in self.entries:
+                raise BadCheckpoint(f"{key} is in no shard of {self.path}; the checkpoint is "
+                                    "incomplete (re-download it)")
+            by_file.setdefault(self.entries[key][0], []).append(key)
+        out = {}
+        for name, wanted in by_file.items():
+            f = self.path / name
+            try:
+                offsets = _data_offsets(f)
+                with open(f, "rb") as fh:
+                    for key in wanted:
+                        _, dtype, shape = self.entries[key]
+                        t = torch.empty(shape, dtype=_DTYPES[dtype])
+                        start = offsets[key]
+                        fh.seek(start)
+                        view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+                        if view is not None and fh.readinto(memoryview(view)) != view.nbytes:
+                            raise OSError(f"{key} ends past the end of the file")
+                        out[key] = t
+            except (OSError, ValueError, KeyError) as e:
+                raise BadCheckpoint(f"{f} cannot be read ({e}); the file is corrupt "
+                                    "(re-download it)") from None
+        return out
+
+
+def _data_offsets(f: Path) -> dict[str, int]:
+    """{key: absolute byte offset of its data} from a safetensors header (already checked)."""
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return {k: 8 + n + int(e["data_offsets"][0]) for k, e in header.items()}
+
+
+def resolve_dtype(config: Any, ckpt: SafetensorsCheckpoint, dtype: str | torch.dtype | None):
+    """The dtype from_pretrained(dtype=...) would give: "auto" = config.dtype, else the stored one."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        found = getattr(config, "dtype", None)
+        if isinstance(found, str):
+            found = getattr(torch, found, None)
+        return found if isinstance(found, torch.dtype) else (ckpt.first_float_dtype()
+                                                             or torch.float32)
+    return getattr(torch, dtype)
+
+
+def _load_into(module: nn.Module, ckpt: SafetensorsCheckpoint, prefix: str, keys: list[str]):
+    """Read `keys` (relative to module, `prefix` + key in the checkpoint) into module, in the
+    dtype of the tensors they replace (assign: the meta tensors are swapped for real ones)."""
+    current = module.state_dict()
+    stored = ckpt.read([prefix + k for k in keys])
+    state = {}
+    for k in keys:
+        t, want = stored[prefix + k], current[k]
+        state[k] = t.to(want.dtype) if t.is_floating_point() and want.is_floating_point() else t
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"):
+    """(model skeleton, checkpoint): decoder layers on meta, every other tensor loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    ckpt = SafetensorsCheckpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise NotStreamable(f"{path} is a quantized checkpoint")
+    torch_dtype = resolve_dtype(config, ckpt, dtype)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    layers_path, _ = find_decoder_layers(model)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    params = [k for k, _ in model.named_parameters(remove_duplicate=False) if k not in tied]
+    missing = [k for k in params if k not in ckpt]
+    if missing and len(missing) == len(params):
+        raise NotStreamable(f"{path}: none of {type(model).__name__}'s parameter names is in "
+                            "the checkpoint (another naming); it is loaded whole")
+    if missing:
+        raise BadCheckpoint(f"{missing[0]} is in no shard of {path}"
+                            f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
+                            "; the checkpoint is incomplete (re-download it)")
+    inside = layers_path + "."
+    outside = [k for k in model.state_dict() if not k.startswith(inside)
+               and k not in tied and k in ckpt]
+    _load_into(model, ckpt, "", outside)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(inside)]
+    if left:
+        raise BadCheckpoint(f"{path}: {left[0]} is neither stored nor tied to a stored tensor")
+    return model, ckpt
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of at least `threshold` bytes with its own mapping, so
+    a freed layer's buffers go back to the OS at once. By default glibc raises that threshold
+    after each large free (up to 32 MiB), and the layer-sized tensors freed after every layer
+    then stay in its heap; on the 2 GB benchmark model this kept peak RSS growing layer after
+    layer. Process-wide and permanent (the CLI calls it; a library caller may too, or set
+    MALLOC_MMAP_THRESHOLD_). Returns whether it was applied."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+class LayerStream:
+    """The walker's layer source: load layer i from the checkpoint, pack it, write it, drop it."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, writer: ShardWriter | None = None,
+                 keep_packed: bool = True):
+        self.ckpt, self.writer, self.keep_packed = ckpt, writer, keep_packed
+        self.layouts: dict[str, Any] = {}      # full linear name -> PackedLayout, in order
+        self._codes: dict[int, dict[str, Any]] = {}
+
+    def load(self, i: int, path: str, layer: nn.Module) -> None:
+        keys = list(layer.state_dict())
+        params = {k for k, _ in layer.named_parameters()}
+        absent = [k for k in params if f"{path}.{k}" not in self.ckpt]
+        if absent:
+            raise BadCheckpoint(f"{path}.{absent[0]} is in no shard of {self.ckpt.path}; the "
+                                "checkpoint is incomplete (re-download it)")
+        _load_into(layer, self.ckpt, path + ".", [k for k in keys if f"{path}.{k}" in self.ckpt])
+
+    def set_codes(self, i: int, codes: dict[str, Any]) -> None:
+        self._codes[i] = codes
+
+    def release(self, i: int, path: str, layer: nn.Module) -> None:
+        for name, codes in self._codes.pop(i, {}).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            old = getattr(parent, child)
+            # the reference dequantize path: the model computes exactly the calibrated weights,
+            # so a perplexity from it equals the in-memory path's (load(out) may use kernels)
+            new = BinaryLinear.from_codes(codes, old.bias, kernels=False).to(old.weight.device)
+            setattr(parent, child, new)
+            self.layouts[f"{path}.{name}"] = new.layout
+        if self.writer is not None:
+            for key, t in layer.state_dict(prefix=path + ".").items():
+                self.writer.add(key, t)
+        if not self.keep_packed:
+            layer.to("meta")
+
+
+def _outside_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """Tensors outside the decoder layers in state_dict order, tied ones once: (before, after)."""
+    layers_path, _ = find_decoder_layers(model)
+    before, after, seen = [], [], set()
+    reached = False
+    for key, t in model.state_dict().items():
+        if key.startswith(layers_path + "."):
+            reached = True
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if ident in seen:  # lm_head tied to embed_tokens: stored once, as save_binarized does
+            continue
+        seen.add(ident)
+        (after if reached else before).append((key, t))
+    return before, after
+
+
+def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: QuantizeConfig,
+                       calibration: list[Tensor], *, out: str | os.PathLike | None = None,
+                       tokenizer: Any = None, overwrite: bool = False, keep_packed: bool = True,
+                       lock: bool = True,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       **binarize_kwargs: Any) -> QuantizeReport:
+    """binarize_model with the decoder layers streamed from `ckpt`; `out` is written as the
+    layers finish (the same directory save_binarized writes, published atomically at the end).
+
+    binarize_kwargs: device, on_layer, journal (as binarize_model). The report keeps no codes
+    (they are in `out`, and with keep_packed in the model's BinaryLinears). `out` follows
+    save_binarized's rules (`check_output_dir`); lock: hold its lock (False: the caller does).
+    """
+    if out is None:
+        stream = LayerStream(ckpt, None, keep_packed)
+        report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
+                                **binarize_kwargs)
+    else:
+        out = Path(out)
+        check_output_dir(out, overwrite=overwrite, sources=[ckpt.path])
+        with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
+            writer = ShardWriter(tmp, max_shard_bytes)
+            stream = LayerStream(ckpt, writer, keep_packed)
+            try:
+                before, after = _outside_tensors(model)
+                for key, t in before:
+                    writer.add(key, t)
+                report = binarize_model(model, config, calibration, keep_codes=False,
+                                        source=stream, **binarize_kwargs)
+                for key, t in after:
+                    writer.add(key, t)
+                files = writer.close()
+            finally:
+                writer.abort()
+            finish_dir(tmp, model, report_qc(report), stream.layouts, files, tokenizer,
+                       report.to_dict(), untie=False)
+        log.info("streamed %d binarized linears to %s", len(stream.layouts), out)
+    return report
