@@ -96,11 +96,14 @@ def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
 class LinearReport:
     name: str
     shape: tuple[int, int]      # (out_features, in_features)
-    loss: float                 # GPTQ proxy loss Σ (w − q)²/U_jj²/2
+    loss: float                 # GPTQ proxy loss Σ (w − q)²/U_jj²/2 of the stored weights
     percdamp: float | None
     paper_bits: float           # bits per weight as the papers count them
     stored_bits: float          # bits per weight of everything the codes need
     seconds: float
+    # the same loss of the loop's weights before their scales were rounded for storage (the
+    # references' printed loss; equals `loss` with scale_rounding=in_loop or scale_dtype=float32)
+    calibration_loss: float | None = None
 
 
 @dataclass
@@ -154,8 +157,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     passes the same model, config and calibration, and ends with the same weights and
     report; only rank 0's journal is read and written. None: one process.
     source: decoder layers streamed from a checkpoint (`binllm.engine.stream.LayerStream`):
-    each layer is loaded before its turn, receives its codes (`source.set_codes(i, codes)`)
-    and is released after it (one process only).
+    each layer is loaded before its turn, receives its stored codes (`source.set_codes(i,
+    codes)`) and is released once the walker has run it (one process only).
     """
     method = get_method(config.method, config.method_args)
     report = QuantizeReport(method=config.method,
@@ -175,12 +178,51 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                        device, source=source)
     if dist is not None:
         walk = dist.guarded(walk, "calibration forward")
+    # A finished layer first feeds the next one through its calibrated weights (fp32 scales,
+    # as the references); once the walker has run it, it gets its stored weights (`pending`).
+    pending: list[tuple[nn.Module, Tensor]] = []
+    try:
+        _walk(report, method, config, journal, dist, walk, keep_codes, on_layer, n_layers,
+              needs_h, device, pending, source)
+    finally:
+        _set_stored(pending)
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_mb = peak_memory_mb(device)
+    if dist is not None:
+        report.peak_memory_mb = dist.max_over_ranks(report.peak_memory_mb)
+    return report
+
+
+def _set_stored(pending: list[tuple[nn.Module, Tensor]]) -> None:
+    """Give the linears in `pending` their stored weights (on the device they are on now)."""
+    for linear, Q in pending:
+        linear.weight.data = Q.to(device=linear.weight.device)
+    pending.clear()
+
+
+def _store(linear: nn.Module, calibrated, method, pending: list, Q: Tensor | None = None):
+    """The stored codes of `calibrated` (scales rounded once); their weights join `pending`
+    (Q: those weights when the caller already has them)."""
+    stored = method.store(calibrated)
+    if stored is not calibrated:
+        W = linear.weight.data
+        Q = stored.dequantize() if Q is None else Q
+        pending.append((linear, Q.to(device=W.device, dtype=W.dtype)))
+    return stored
+
+
+def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist, walk,
+          keep_codes: bool, on_layer, n_layers: int, needs_h: bool, device, pending: list,
+          source=None):
+    """binarize_model's layer loop: calibrated weights feed the walker, stored ones pend."""
     for i, path, layer, inputs in walk:
+        _set_stored(pending)  # the walker has run the previous layer on its calibrated weights
         linears = {n: m for n, m in find_linears(layer).items()
                    if not skip_matches(n, config.skip)}
         restore = journal is not None and journal.done(i)
         if restore if dist is None else dist.decide(restore):
-            restored = _restore_layer(report, journal, i, path, linears, keep_codes, dist)
+            restored = _restore_layer(report, journal, i, path, linears, keep_codes, dist,
+                                      method, pending)
             if source is not None:
                 source.set_codes(i, restored)
             if on_layer:
@@ -196,11 +238,14 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                         if needs_h else {})
         if dist is not None and hessians:
             hessians = dist.reduce_hessians(hessians, owners)
-        done: dict[str, tuple[Any, LinearReport]] = {}
+        done: dict[str, tuple[Any, LinearReport]] = {}  # name -> (calibrated codes, report)
+        stored_Q: dict[str, Tensor] = {}
         with guard(dist, f"layer {i}"):
             for name in mine:
-                done[name] = _quantize_linear(linears[name], f"{path}.{name}",
-                                              hessians.pop(name, None), method, config)
+                rec, rep = _quantize_linear(linears[name], f"{path}.{name}",
+                                            hessians.pop(name, None), method, config)
+                done[name] = (rec.calibrated, rep)
+                stored_Q[name] = rec.Q
         del hessians
         with guard(dist, f"layer {i} codes"):
             if dist is not None:
@@ -212,24 +257,22 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                         done[name] = (codes, _linear_report(rep))
                 done = {n: done[n] for n in linears}  # registration order
             report.linears.extend(r for _, r in done.values())
-            layer_codes = {n: c for n, (c, _) in done.items()}
-            if journal is not None:
-                journal.save(i, layer_codes, [r for _, r in done.values()])
+            calibrated = {n: c for n, (c, _) in done.items()}
+            if journal is not None:  # calibrated codes: a resumed run feeds the next layer alike
+                journal.save(i, calibrated, [r for _, r in done.values()])
+            stored = {n: _store(linears[n], c, method, pending, stored_Q.get(n))
+                      for n, c in calibrated.items()}
             if keep_codes:
-                report.codes.update({f"{path}.{n}": c for n, c in layer_codes.items()})
-            if source is not None:
-                source.set_codes(i, layer_codes)
+                report.codes.update({f"{path}.{n}": c for n, c in stored.items()})
+            if source is not None:  # the stored codes: what the saved directory holds
+                source.set_codes(i, stored)
             if on_layer:
                 on_layer(i + 1, n_layers)
-    report.seconds = time.perf_counter() - start
-    report.peak_memory_mb = peak_memory_mb(device)
-    if dist is not None:
-        report.peak_memory_mb = dist.max_over_ranks(report.peak_memory_mb)
-    return report
 
 
 def _quantize_linear(linear: nn.Module, full: str, acc, method, config: QuantizeConfig):
-    """(codes, LinearReport) of one linear; its weight becomes the quantized one."""
+    """(Reconstruction, LinearReport) of one linear; its weight becomes the calibrated one
+    (the stored one, `Reconstruction.Q`, once the walker has fed the next layer)."""
     W = linear.weight.data
     if not torch.isfinite(W).all():
         raise NonFiniteWeights(f"{full}.weight holds NaN or Inf; the checkpoint is "
@@ -238,14 +281,14 @@ def _quantize_linear(linear: nn.Module, full: str, acc, method, config: Quantize
     H = acc.H if acc is not None else None
     rec = reconstruct(W, H, method, block_size=config.block_size,
                       percdamp=config.percdamp, feedback=config.feedback, name=full)
-    linear.weight.data = rec.Q.to(W.dtype)
+    linear.weight.data = rec.calibrated_Q.to(W.dtype)
     numel = W.numel()
     rep = LinearReport(
         name=full, shape=tuple(W.shape), loss=rec.loss, percdamp=rec.percdamp,
         paper_bits=rec.codes.paper_bits(), stored_bits=rec.codes.stored_bits() / numel,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, calibration_loss=rec.calibration_loss)
     log.info("%s: loss %.4g, %.3f paper bits", full, rec.loss, rep.paper_bits)
-    return rec.codes, rep
+    return rec, rep
 
 
 def _linear_report(d: dict[str, Any]) -> LinearReport:
@@ -259,9 +302,11 @@ def _set_weight(linear: nn.Module, Q: Tensor) -> None:
 
 def _restore_layer(report: QuantizeReport, journal: LayerJournal | None, i: int, path: str,
                    linears: dict[str, nn.Module], keep_codes: bool,
-                   dist: "Distributed | None" = None) -> dict[str, Any]:
-    """Set layer i's linears to the journal's codes and copy its reports (rank 0 reads the
-    journal and shares the codes with the other ranks); return the codes."""
+                   dist: "Distributed | None", method, pending: list) -> dict[str, Any]:
+    """Set layer i's linears to the journal's calibrated codes (their stored form pending)
+    and copy its reports (rank 0 reads the journal and shares the codes with the others);
+    return the stored codes."""
+    stored_codes: dict[str, Any] = {}
     with guard(dist, f"restoring layer {i}"):
         codes, reports = journal.load(i) if journal is not None else ({}, [])
         if journal is not None and set(codes) != set(linears):
@@ -282,12 +327,13 @@ def _restore_layer(report: QuantizeReport, journal: LayerJournal | None, i: int,
                                       f"the weight is {tuple(W.shape)}; choose a new "
                                       "--resume-dir")
             _set_weight(linear, Q)
+            stored = stored_codes[name] = _store(linear, codes[name], method, pending)
             if keep_codes:
-                report.codes[f"{path}.{name}"] = codes[name]
+                report.codes[f"{path}.{name}"] = stored
         for r in reports:
             report.linears.append(_linear_report(r))
     log.info("layer %d restored from %s", i, journal.path if journal else "rank 0")
-    return codes
+    return stored_codes
 
 
 quantize = binarize_model  # `binllm.quantize(model, config, calibration)`
