@@ -304,7 +304,9 @@ def test_a_failed_save_keeps_the_work_as_a_journal_that_resumes(capsys, stories_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "_write_shards", full_disk)
-    argv = ["quantize", stories_path, *QUICK, "--data-dir", data, "--out", tmp_path / "out"]
+    # the in-memory path saves at the end (a streamed run writes as it goes: --resume-dir)
+    argv = ["quantize", stories_path, *QUICK, "--data-dir", data, "--out", tmp_path / "out",
+            "--no-stream"]
     code, _, err = run(capsys, *argv)
     line = first_line(err)
     assert code == 2 and "No space left on device" in line and "kept in" in line
