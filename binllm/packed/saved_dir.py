@@ -170,8 +170,8 @@ def read_safetensors_header(f: Path, error: type[Exception] = CorruptCheckpoint
         out[key] = entry
         end = max(end, stop)
     if 8 + n + end != size:
-        raise error(f"{f} holds {size} bytes but its header needs {8 + n + end}: "
-                    "the file is truncated or corrupt")
+        raise error(f"{f} is truncated or corrupt: it holds {size} bytes, its header needs "
+                    f"{8 + n + end}")
     return meta, out
 
 
