@@ -211,3 +211,20 @@ def test_special_token_strings_stay_text(stories_tokenizer):
     ids = tokenize(stories_tokenizer, "a <unk> b")[0].tolist()
     assert stories_tokenizer.unk_token_id not in ids
     assert ids[0] == stories_tokenizer.bos_token_id
+
+
+def test_named_dataset_offline_without_local_files_is_one_data_error(tmp_path, monkeypatch):
+    """No local copy and an unreachable hub: a DataError naming --data-dir, not a traceback."""
+    import sys
+    import types
+
+    from binllm.evaluation.data import DataError, load_text
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    monkeypatch.delenv("BINLLM_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./data and no ../shared/data here
+    with pytest.raises(DataError, match="--data-dir"):
+        load_text("wikitext2", "test")

@@ -177,7 +177,12 @@ def _from_hub(name: str, split: str) -> TextSource:
             "ptb": ("ptb_text_only", "penn_treebank", "sentence", " "),
             "c4": ("allenai/c4", "en", "text", " "),
             "tinystories": ("roneneldan/TinyStories", None, "text", "\n")}[name]
-    ds = datasets.load_dataset(spec[0], spec[1], split=split)
+    try:
+        ds = datasets.load_dataset(spec[0], spec[1], split=split)
+    except (ConnectionError, OSError) as e:  # offline: the hub cannot be reached
+        raise DataError(f"{name}: no local file for split {split!r} (looked in --data-dir, "
+                        "$BINLLM_DATA, ./data and ../shared/data) and the hub cannot be reached "
+                        f"({type(e).__name__}); pass --data-dir pointing at a local copy") from None
     rows = [r.strip() if name == "ptb" else r for r in ds[spec[2]]]
     return TextSource(name, split, f"hub:{spec[0]}", tuple(rows) if name == "c4" else (),
                       spec[3].join(rows))
