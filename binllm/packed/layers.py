@@ -163,24 +163,23 @@ def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
     return swapped
 
 
-def set_cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
-    """Turn weight caching on or off in every BinaryLinear; returns how many there are."""
+def _set_all(model: nn.Module, attr: str, enabled: bool) -> int:
+    """Set `attr` in every BinaryLinear and drop its cached weight; returns how many there are."""
     n = 0
     for m in model.modules():
         if isinstance(m, BinaryLinear):
-            m.cache_dequantized = enabled
+            setattr(m, attr, enabled)
             m.clear_cache()
             n += 1
     return n
+
+
+def set_cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
+    """Turn weight caching on or off in every BinaryLinear; returns how many there are."""
+    return _set_all(model, "cache_dequantized", enabled)
 
 
 def set_kernels(model: nn.Module, enabled: bool = True) -> int:
     """Use the fast kernels (True) or the reference dequantize path (False) in every
     BinaryLinear; returns how many there are."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, BinaryLinear):
-            m.kernels = enabled
-            m.clear_cache()
-            n += 1
-    return n
+    return _set_all(model, "kernels", enabled)
