@@ -208,6 +208,17 @@ def test_cli_refuses_a_nan_norm_before_calibrating(capsys, nan_stories, data, tm
     assert "full precision" not in out and not (tmp_path / "out").exists()
 
 
+def test_cli_in_memory_quantize_checks_the_weights_once(capsys, stories_path, data, monkeypatch):
+    import binllm.engine.binarize as binarize
+
+    calls = []
+    real = binarize.check_finite
+    monkeypatch.setattr(binarize, "check_finite", lambda model: calls.append(1) or real(model))
+    code, _, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data, "--no-stream")
+    assert code == 0, err
+    assert len(calls) == 1  # check_model before calibrating; binarize_model does not repeat it
+
+
 # -- 5. --skip names that match nothing -------------------------------------------------------
 def test_skip_matching_nothing_lists_the_linears():
     with pytest.raises(UnknownSkip, match="foo_proj matches no linear.*self_attn.q_proj, "

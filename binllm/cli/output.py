@@ -51,7 +51,8 @@ def lock_out(args, stack: contextlib.ExitStack) -> None:
 
 
 def check_model(args, model) -> None:
-    """--skip names and finite weights, before any layer is touched."""
+    """--skip names and finite weights, before any layer is touched (and before calibration data
+    is read); the in-memory path then calls binarize_model(..., checked=True)."""
     from ..engine.binarize import UnknownSkip, check_finite, check_skip
 
     try:

@@ -130,7 +130,7 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
                                      device=args.device, on_layer=on_layer, journal=journal)
     else:
         qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
-                                 journal=journal, dist=dist)
+                                 journal=journal, dist=dist, checked=True)  # check_model did
     bar.close()
     if not main:
         return 0  # rank 0 evaluates and writes; evaluation runs there alone

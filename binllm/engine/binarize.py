@@ -145,7 +145,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
                    device: torch.device | str = "cpu", keep_codes: bool = True,
                    on_layer: Callable[[int, int], None] | None = None,
                    journal: LayerJournal | None = None,
-                   dist: "Distributed | None" = None, source: Any = None) -> QuantizeReport:
+                   dist: "Distributed | None" = None, source: Any = None,
+                   checked: bool = False) -> QuantizeReport:
     """Quantize every nn.Linear inside the decoder layers of `model`, in place.
 
     calibration: batches of token ids (batch, seqlen). Embeddings, norms, biases and the
@@ -159,6 +160,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     source: decoder layers streamed from a checkpoint (`binllm.engine.stream.LayerStream`):
     each layer is loaded before its turn, receives its stored codes (`source.set_codes(i,
     codes)`) and is released once the walker has run it (one process only).
+    checked: the caller has run check_skip(model, config.skip) and check_finite(model) on
+    this model already (the CLI does, before it loads calibration data); not run again.
     """
     method = get_method(config.method, config.method_args)
     report = QuantizeReport(method=config.method,
@@ -169,9 +172,10 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         raise UnsupportedArchitecture(
             f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
             "style Conv1D projections are not supported), so there is nothing to binarize")
-    with guard(dist, "weight checks"):
-        check_skip(model, config.skip)
-        check_finite(model)
+    if not checked:
+        with guard(dist, "weight checks"):
+            check_skip(model, config.skip)
+            check_finite(model)
     n_layers = len(layers)
     needs_h = method.needs_hessian or (config.feedback or method.feedback) != "none"
     walk = walk_layers(model, calibration if dist is None else dist.local_windows(calibration),
