@@ -18,9 +18,9 @@ mixing M = I + G/√d, so the inputs are correlated like real activations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,12 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "stories260K"
-DATA = SHARED / "data"
-OUT = ROOT / "benchmarks" / "results"
-DATASETS = ("tinystories", "wikitext2", "ptb", "c4")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, DATASETS, STORIES, write_results  # noqa: E402
+from _common import synthetic_hessian, synthetic_weight  # noqa: E402
+
 UNCAPPED = ("tinystories",)  # small enough to evaluate on every window
 SEQLEN = 512
 RUNS = [  # (label, method, method args); None = full precision
@@ -52,7 +50,7 @@ LINEAR_SHAPES = [(4096, 4096), (11008, 4096)]  # (out_features, in_features)
 def load_model():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
 
 
 def eval_streams(tokenizer) -> dict[str, tuple[torch.Tensor, str]]:
@@ -73,7 +71,7 @@ def stories_rows(nsamples: int, max_windows: int | None) -> tuple[list[dict], di
     from binllm.evaluation.data import calibration_batches, load_text
     from binllm.evaluation.perplexity import perplexity
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
     streams = eval_streams(tokenizer)
     calib = load_text("wikitext2", "validation", DATA)
     batches = calibration_batches(calib, tokenizer, nsamples, SEQLEN, seed=0)
@@ -103,14 +101,6 @@ def stories_rows(nsamples: int, max_windows: int | None) -> tuple[list[dict], di
     return rows, protocol
 
 
-def synthetic_hessian(d: int, seed: int = 0) -> torch.Tensor:
-    """H = 2/n XᵀX (d, d) with X = Z·M (n = 2d rows), M = I + G/√d a random mixing."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.eye(d) + torch.randn(d, d, generator=g) / d ** 0.5  # (d, d)
-    X = torch.randn(2 * d, d, generator=g) @ M  # (n, d)
-    return (2.0 / X.shape[0]) * (X.T @ X)
-
-
 def linear_rows(repeat: int) -> list[dict]:
     from binllm.methods import get_method
     from binllm.engine.reconstruct import reconstruct
@@ -123,7 +113,7 @@ def linear_rows(repeat: int) -> list[dict]:
             hessians[in_f] = synthetic_hessian(in_f)
             print(f"H {in_f}×{in_f}: {time.perf_counter() - t0:.1f} s", flush=True)
         H = hessians[in_f]
-        W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.02
+        W = synthetic_weight(out_f, in_f)
         for label, method, margs in LINEAR_RUNS:
             m = get_method(method, margs)
             times = []
@@ -204,9 +194,7 @@ def main() -> None:
         result["linears"] = linear_rows(args.repeat)
     result["load_after"] = os.getloadavg()
     result["wall_seconds"] = time.perf_counter() - t0
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "foundation.json").write_text(json.dumps(result, indent=2))
-    (OUT / "foundation.md").write_text(markdown(result))
+    write_results("foundation", result, markdown(result))
     print(markdown(result))
 
 

@@ -16,20 +16,18 @@ stored bits per weight → benchmarks/results/frontier_layers.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children too: idle threads sleep
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import DATASETS, MODEL, ROOT, relative_output_error, synthetic_hessian  # noqa: E402
+from _common import DATASETS, OUT, ROOT, STORIES, write_results  # noqa: E402
+from _common import layer_row, synthetic_hessian, synthetic_weight  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results"
 SPECS = [  # the issue's comparison, then the cheaper-metadata options, then the low-bit points
     "rtn-sign", "gptq:bits=2", "gptq:bits=3", "pbllm-10", "billm", "arb-llm-x", "arb-llm-rc",
     "billm:scale_codes=q8", "arb-llm-x:scale_codes=q8", "arb-llm-rc:scale_codes=q8",
@@ -44,7 +42,7 @@ SEED_SPECS = ["billm", "arb-llm-rc", "billm:scale_codes=q8", "q1_0", "block-sign
 def protocol(seed: int = 0):
     from binllm.evaluation.compare import Protocol
 
-    return Protocol(str(MODEL), calib="wikitext2", calib_split="validation", nsamples=128,
+    return Protocol(str(STORIES), calib="wikitext2", calib_split="validation", nsamples=128,
                     seqlen=512, seed=seed, eval=tuple(DATASETS), max_windows=100)
 
 
@@ -104,32 +102,24 @@ def seed_spread(specs: list[str], seeds: list[int], runs_root: Path) -> str:
                      + " | ".join(f"{r['perplexity']['tinystories']['ppl']:.2f}" for r in ok)
                      + " | " + " | ".join(f"{mean[d]:.2f}" for d in DATASETS) + " |")
     text = "\n".join(lines) + "\n"
-    (OUT / "frontier_seeds.md").write_text(text)
-    (OUT / "frontier_seeds.json").write_text(json.dumps(per, indent=2))
+    write_results("frontier_seeds", per, text)
     return text
 
 
 def layers(specs: list[str], shapes: list[tuple[int, int]]) -> list[dict]:
-    from binllm.engine.reconstruct import reconstruct
     from binllm.evaluation.compare import parse_method_spec
     from binllm.methods import get_method
 
     rows = []
     for out_f, in_f in shapes:
         H = synthetic_hessian(in_f)
-        W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.02
+        W = synthetic_weight(out_f, in_f)
         for spec in specs:
             run = parse_method_spec(spec)
-            m = get_method(run.method, dict(run.args))
-            t0 = time.perf_counter()
-            rec = reconstruct(W, H, m)
-            dt = time.perf_counter() - t0
-            rows.append({"label": spec, "shape": [out_f, in_f], "seconds": dt,
-                         "rel_output_error": relative_output_error(W, rec.Q, H),
-                         "paper_bits": rec.codes.paper_bits(),
-                         "stored_bits": rec.codes.stored_bits() / W.numel()})
+            rows.append(layer_row(spec, W, H, get_method(run.method, dict(run.args))))
             print(f"{spec} {out_f}x{in_f}: error {rows[-1]['rel_output_error']:.4f}, "
-                  f"{rows[-1]['stored_bits']:.3f} stored bits, {dt:.1f} s", flush=True)
+                  f"{rows[-1]['stored_bits']:.3f} stored bits, {rows[-1]['seconds']:.1f} s",
+                  flush=True)
     return rows
 
 
@@ -182,10 +172,9 @@ def main() -> None:
     if not args.stories_only:
         shapes = [(4096, 4096)] + ([(11008, 4096)] if args.wide else [])
         rows = layers(specs, shapes)
-        (OUT / "frontier_layers.json").write_text(json.dumps(
-            {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
-            indent=2))
-        (OUT / "frontier_layers.md").write_text(layers_markdown(rows))
+        write_results("frontier_layers", {"torch": torch.__version__,
+                                          "threads": torch.get_num_threads(), "rows": rows},
+                      layers_markdown(rows))
         plot_layers(rows)
         print(layers_markdown(rows))
 

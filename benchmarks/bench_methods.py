@@ -21,17 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children too: idle threads sleep
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT.parent / "shared" / "models" / "stories260K"
-OUT = ROOT / "benchmarks" / "results"
-DATASETS = ["tinystories", "wikitext2", "ptb", "c4"]
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATASETS, OUT, STORIES, write_results  # noqa: E402
+from _common import layer_row, synthetic_hessian, synthetic_weight  # noqa: E402
+
 RUNS = [  # (label, method, method args)
     ("rtn-sign", "rtn-sign", []),
     ("GPTQ 2-bit", "gptq", ["bits=2"]),
@@ -66,7 +66,7 @@ def stories_rows(nsamples: int, max_windows: int | None, only: set[str] | None =
               if only is None or label in only or method in only]
     runs = [MethodRun(label, method, tuple(tuple(a.split("=", 1)) for a in margs))
             for label, method, margs in chosen if method in METHODS]
-    protocol = Protocol(str(MODEL), calib="wikitext2", calib_split="validation",
+    protocol = Protocol(str(STORIES), calib="wikitext2", calib_split="validation",
                         nsamples=nsamples, seqlen=512, eval=tuple(DATASETS),
                         max_windows=max_windows)
 
@@ -95,43 +95,21 @@ def stories_rows(nsamples: int, max_windows: int | None, only: set[str] | None =
     return rows
 
 
-def synthetic_hessian(d: int, seed: int = 0) -> torch.Tensor:
-    """H = 2/n XᵀX of correlated activations X = Z·M (n = 2d), as a 7B layer would see."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
-    Z = torch.randn(2 * d, d, generator=g)
-    X = Z @ M
-    return 2 / X.shape[0] * X.T @ X
-
-
-def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(E H Eᵀ) / tr(W H Wᵀ), E = W − Q: relative squared error of the layer's outputs."""
-    E = W - Q
-    return ((E @ H) * E).sum().item() / ((W @ H) * W).sum().item()
-
-
 def linear_rows() -> list[dict]:
     from binllm.methods import METHODS, get_method
-    from binllm.engine.reconstruct import reconstruct
 
     rows = []
     for out_f, in_f in LINEAR_SHAPES:
         H = synthetic_hessian(in_f)
-        W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.02
+        W = synthetic_weight(out_f, in_f)
         runs = RUNS + (LINEAR_VARIANTS if (out_f, in_f) == LINEAR_SHAPES[0] else [])
         for label, method, margs in runs:
             if method not in METHODS:
                 continue
-            m = get_method(method, dict(a.split("=", 1) for a in margs))
-            t0 = time.perf_counter()
-            rec = reconstruct(W, H, m)
-            dt = time.perf_counter() - t0
-            rows.append({"label": label, "shape": [out_f, in_f], "seconds": dt,
-                         "rel_output_error": relative_output_error(W, rec.Q, H),
-                         "paper_bits": rec.codes.paper_bits(),
-                         "stored_bits": rec.codes.stored_bits() / W.numel()})
-            print(f"{label} {out_f}x{in_f}: {dt:.1f} s, error {rows[-1]['rel_output_error']:.4f}",
-                  flush=True)
+            rows.append(layer_row(label, W, H, get_method(method, dict(a.split("=", 1)
+                                                                      for a in margs))))
+            print(f"{label} {out_f}x{in_f}: {rows[-1]['seconds']:.1f} s, "
+                  f"error {rows[-1]['rel_output_error']:.4f}", flush=True)
     return rows
 
 
@@ -202,9 +180,7 @@ def main() -> None:
                 result["linears"] = old
     if not args.skip_linear:
         result["linears"] = linear_rows()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "methods.json").write_text(json.dumps(result, indent=2))
-    (OUT / "methods.md").write_text(markdown(result))
+    write_results("methods", result, markdown(result))
     print(markdown(result))
 
 

@@ -37,11 +37,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
-OUT = ROOT / "benchmarks" / "results"
-PROMPT = "Once upon a time, there was a little"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (benchmarks/ is not a package)
+    OUT,
+    ROOT,
+    STORIES,
+    generation_speed,
+    md_row,
+    stories_inputs,
+    write_results,
+)
+from _common import PROMPT, SHARED  # noqa: E402,F401  (bench_kernels imports them from here)
 
 LOAD_SNIPPET = r"""
 import json, resource, sys, time
@@ -86,40 +92,22 @@ def measure_load(how: str, path: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
-    """Best tokens/s of greedy generation of exactly `new_tokens` tokens."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0)
-        best = min(best, time.perf_counter() - t)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-    return new_tokens / best
-
-
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
 # -- part 1: stories260K -------------------------------------------------------------------
 def stories_part(methods: list[str], args, work: Path) -> tuple[list[dict], dict, dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from binllm.engine.binarize import binarize_model
     from binllm.packed.checkpoint import load_binarized, save_binarized
     from binllm.engine.config import QuantizeConfig
-    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
     from binllm.evaluation.perplexity import perplexity
     from binllm.packed.layers import set_cache_dequantized
     from binllm.packed.saved_dir import inspect_saved
 
-    tok = AutoTokenizer.from_pretrained(STORIES)
-    calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
-                                args.nsamples, args.seqlen, 0)
-    test = eval_tokens(load_text("tinystories", "test", SHARED / "data"), tok, args.seqlen)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    tok, calib, test, ids = stories_inputs(args.nsamples, args.seqlen)
     fp32 = AutoModelForCausalLM.from_pretrained(STORIES).eval()
     base = {"fp32_tokens_per_s": generation_speed(fp32, ids, args.new_tokens),
             "fp32_load": measure_load("float32", STORIES),
@@ -264,11 +252,7 @@ def stack_part(methods: list[str], reports: dict, args, work: Path) -> tuple[lis
 
 
 # -- report ----------------------------------------------------------------------------------
-def _row(*cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def write_markdown(res: dict, path: Path) -> None:
+def markdown(res: dict) -> str:
     mib = 2**20
     sb = res["stories_base"]
     lines = [
@@ -285,13 +269,13 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{sb['fp32_tokens_per_s']:.1f} tokens/s greedy ({res['new_tokens']} new tokens), "
          f"perplexity {sb['ppl_fp32']:.3f} (tinystories test, {res['windows']} windows of "
          f"{res['seqlen']})."), "",
-        _row("method", "paper bits", "disk bits/w", "linears KiB (fp16)", "files KiB (fp16)",
+        md_row("method", "paper bits", "disk bits/w", "linears KiB (fp16)", "files KiB (fp16)",
              "size vs fp16", "load +MiB", "tok/s packed", "tok/s cached",
              "ppl loaded = in memory"),
-        _row(*["---"] * 10)]
+        md_row(*["---"] * 10)]
     for r in res["stories"]:
         same = "yes" if r["ppl_loaded"] == r["ppl_in_memory"] else "NO"
-        lines.append(_row(
+        lines.append(md_row(
             r["method"], f"{r['paper_bits']:.3f}", f"{r['disk_bits']:.3f}",
             f"{r['linear_bytes'] / 1024:.1f} ({r['linear_fp16_bytes'] / 1024:.1f})",
             f"{r['file_bytes'] / 1024:.1f} ({r['fp16_bytes'] / 1024:.1f})",
@@ -311,12 +295,12 @@ def write_markdown(res: dict, path: Path) -> None:
              f"11008×4096, down 4096×11008): fp16 checkpoint {b['fp16_file_bytes'] / mib:.1f} MiB, "
              f"load +{b['fp16_load']['delta_mib']:.0f} MiB (from_pretrained, float16); fp32 "
              f"decode {b['fp32_tokens_per_s']:.2f} tokens/s."), "",
-            _row("method", "paper bits", "disk bits/w", "linears MiB", "vs fp16 linears",
+            md_row("method", "paper bits", "disk bits/w", "linears MiB", "vs fp16 linears",
                  "files MiB", "load +MiB", "unpack 11008×4096 s", "dequantize s",
                  "tok/s packed", "tok/s cached"),
-            _row(*["---"] * 11)]
+            md_row(*["---"] * 11)]
         for r in res["stack"]:
-            lines.append(_row(
+            lines.append(md_row(
                 r["method"], f"{r['paper_bits']:.3f}", f"{r['disk_bits']:.3f}",
                 f"{r['linear_bytes'] / mib:.1f}",
                 f"{r['linear_bytes'] / (2 * b['linear_numel']):.3f}",
@@ -328,7 +312,7 @@ def write_markdown(res: dict, path: Path) -> None:
                        "dequantized fp32 weight after the first forward (`cache_dequantized`: "
                        "memory of fp32 weights, speed of nn.Linear). Paper bits of BiLLM-family "
                        "rows follow from the assumed 3 salient columns per 128.")]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-only", action="store_true", help="rewrite packed.md from packed.json")
     args = p.parse_args(argv)
     if args.render_only:
-        write_markdown(json.loads((args.out / "packed.json").read_text()), args.out / "packed.md")
+        res = json.loads((args.out / "packed.json").read_text())
+        (args.out / "packed.md").write_text(markdown(res))
         return 0
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
@@ -360,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         res["stories"], res["stories_base"], reports = stories_part(methods, args, work)
         if not args.skip_stack:
             res["stack"], res["stack_base"] = stack_part(methods, reports, args, work)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "packed.json").write_text(json.dumps(res, indent=2))
-    write_markdown(res, args.out / "packed.md")
+    write_results("packed", res, markdown(res), args.out)
     print(f"wrote {args.out / 'packed.json'} and packed.md")
     return 0
 

@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import DATASETS, MODEL, OUT, ROOT, RUNS
+from _common import DATASETS, ROOT, STORIES, write_results  # noqa: E402
+from bench_methods import RUNS  # noqa: E402
 
 
 def quantize_args(method: str, margs: list[str], nsamples: int, max_windows: int | None,
                   ) -> list[str]:
     """`binllm quantize` arguments of bench_methods' stories260K protocol (seqlen 512,
     wikitext2 validation calibration, perplexity on DATASETS)."""
-    args = ["quantize", str(MODEL), "--method", method, "--calib", "wikitext2",
+    args = ["quantize", str(STORIES), "--method", method, "--calib", "wikitext2",
             "--calib-split", "validation", "--nsamples", str(nsamples), "--seqlen", "512",
             "--eval", ",".join(DATASETS)]
     if max_windows:
@@ -116,9 +117,7 @@ def main() -> None:
     result = {"nsamples": args.nsamples, "max_windows": args.max_windows,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "rows": rows(args.nsamples, args.max_windows)}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "scale_rounding.json").write_text(json.dumps(result, indent=2))
-    (OUT / "scale_rounding.md").write_text(markdown(result))
+    write_results("scale_rounding", result, markdown(result))
     print(markdown(result))
 
 
