@@ -40,6 +40,41 @@ def stories_tokenizer(stories_path):
     return AutoTokenizer.from_pretrained(stories_path)
 
 
+@pytest.fixture(scope="session")
+def stories(stories_path) -> str:
+    """stories260K's directory as a command-line argument."""
+    return str(stories_path)
+
+
+@pytest.fixture(scope="session")
+def data(shared) -> str:
+    """../shared/data as a command-line argument (`--data-dir`)."""
+    return str(shared / "data")
+
+
+# -- the command line in-process -------------------------------------------------------------
+def run_cli(capsys, *argv, quiet: bool = True) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `binllm [-q] argv…` run in this process."""
+    from binllm.cli import main
+
+    code = main((["-q"] if quiet else []) + [str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> str:
+    """Exit code 2; stderr ends with exactly one `binllm: error: …` line (progress bars and
+    warnings may precede it) holding every needle, and no traceback. Returns the line."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if "binllm: error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("binllm: error: ") and err.rstrip().endswith(lines[0])
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def stories_model(stories_path):
     from transformers import AutoModelForCausalLM

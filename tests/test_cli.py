@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import transformers  # noqa: F401  (its log handler binds to stderr now, not to one test's capsys)
-from conftest import tiny_causal_lm
+from conftest import one_line_error, run_cli, tiny_causal_lm
 from torch import nn
 
 from binllm.cli import main
@@ -17,38 +17,9 @@ from binllm.cli import main
 QUICK = ["--nsamples", "2", "--seqlen", "64"]
 
 
-@pytest.fixture(scope="module")
-def data(shared):
-    return str(shared / "data")
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    return str(stories_path)
-
-
-def run(capsys, *argv):
-    """(exit code, stdout, stderr) of `binllm -q argv…`."""
-    code = main(["-q", *map(str, argv)])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(code, err, *needles):
-    """Exit code 2; stderr ends with exactly one `binllm: error: …` line (progress bars and
-    warnings may precede it), and no traceback."""
-    assert code == 2
-    lines = [line for line in err.splitlines() if "binllm: error" in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("binllm: error: ") and err.rstrip().endswith(lines[0])
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 # -- happy paths -----------------------------------------------------------------------------
 def test_methods_lists_every_method_with_its_arguments(capsys):
-    code, out, _ = run(capsys, "methods")
+    code, out, _ = run_cli(capsys, "methods")
     assert code == 0
     for word in ("rtn-sign", "gptq", "bits", "groupsize"):
         assert word in out
@@ -58,10 +29,10 @@ def test_methods_lists_every_method_with_its_arguments(capsys):
                                                ("rtn-sign", [], 1.0)])
 def test_quantize_writes_a_complete_report(capsys, tmp_path, stories, data, method, margs, bits):
     report = tmp_path / "out" / "report.json"
-    code, out, err = run(capsys, "quantize", stories, "--method", method, *margs,
-                         "--calib", "ptb", "--nsamples", "4", "--seqlen", "128",
-                         "--eval", "tinystories,ptb", "--max-windows", "3",
-                         "--data-dir", data, "--report", report)
+    code, out, err = run_cli(capsys, "quantize", stories, "--method", method, *margs,
+                             "--calib", "ptb", "--nsamples", "4", "--seqlen", "128",
+                             "--eval", "tinystories,ptb", "--max-windows", "3",
+                             "--data-dir", data, "--report", report)
     assert code == 0, err
     r = json.loads(report.read_text())
     q = r["quantization"]
@@ -90,8 +61,8 @@ def test_quantize_writes_a_complete_report(capsys, tmp_path, stories, data, meth
 
 def test_eval_reports_the_known_tinystories_perplexity(capsys, tmp_path, stories, data):
     report = tmp_path / "eval.json"
-    code, out, err = run(capsys, "eval", stories, "--datasets", "tinystories", "--seqlen", "512",
-                         "--data-dir", data, "--report", report)
+    code, out, err = run_cli(capsys, "eval", stories, "--datasets", "tinystories",
+                             "--seqlen", "512", "--data-dir", data, "--report", report)
     assert code == 0, err
     r = json.loads(report.read_text())
     res = r["perplexity"]["tinystories"]
@@ -159,23 +130,23 @@ def _blob_model():
 
 
 def test_missing_model_path(capsys, tmp_path, data):
-    code, _, err = run(capsys, "quantize", tmp_path / "no" / "such" / "model", "--method", "gptq",
-                       *QUICK, "--data-dir", data)
-    assert_one_line_error(code, err, "not found")
+    code, _, err = run_cli(capsys, "quantize", tmp_path / "no" / "such" / "model",
+                           "--method", "gptq", *QUICK, "--data-dir", data)
+    one_line_error(code, err, "not found")
 
 
 def test_directory_that_is_not_a_model(capsys, model_dirs, data):
-    code, _, err = run(capsys, "eval", model_dirs["empty"], "--datasets", "tinystories",
-                       "--data-dir", data)
-    assert_one_line_error(code, err, "config.json")
+    code, _, err = run_cli(capsys, "eval", model_dirs["empty"], "--datasets", "tinystories",
+                           "--data-dir", data)
+    one_line_error(code, err, "config.json")
 
 
 @pytest.mark.parametrize("name,needle", [("blob", "cannot find the decoder layers"),
                                          ("gpt2", "no nn.Linear")])
 def test_architecture_the_walker_cannot_binarize(capsys, model_dirs, data, name, needle):
-    code, _, err = run(capsys, "quantize", model_dirs[name], "--method", "rtn-sign",
-                       "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
-    assert_one_line_error(code, err, needle)
+    code, _, err = run_cli(capsys, "quantize", model_dirs[name], "--method", "rtn-sign",
+                           "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
+    one_line_error(code, err, needle)
 
 
 @pytest.mark.parametrize("margs,needles", [
@@ -187,46 +158,48 @@ def test_architecture_the_walker_cannot_binarize(capsys, model_dirs, data, name,
     (["--method", "gptq", "--method-arg", "bits"], ["KEY=VALUE"]),
 ])
 def test_bad_method_or_argument(capsys, model_dirs, data, margs, needles):
-    code, _, err = run(capsys, "quantize", model_dirs["llama"], *margs, *QUICK, "--data-dir", data)
-    assert_one_line_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "quantize", model_dirs["llama"], *margs, *QUICK,
+                           "--data-dir", data)
+    one_line_error(code, err, *needles)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--nsamples", "0"], "--nsamples must be at least 1"),
                                          (["--seqlen", "1"], "--seqlen 1: use at least 2")])
 def test_nonsense_sizes(capsys, stories, data, argv, needle):
-    code, _, err = run(capsys, "quantize", stories, "--method", "gptq", *argv, "--data-dir", data)
-    assert_one_line_error(code, err, needle)
+    code, _, err = run_cli(capsys, "quantize", stories, "--method", "gptq", *argv,
+                           "--data-dir", data)
+    one_line_error(code, err, needle)
 
 
 def test_seqlen_beyond_the_models_context(capsys, stories, data):
-    code, _, err = run(capsys, "quantize", stories, "--method", "gptq", "--seqlen", "1024",
-                       "--data-dir", data)
-    assert_one_line_error(code, err, "--seqlen 1024", "context of 512", "--seqlen 512")
+    code, _, err = run_cli(capsys, "quantize", stories, "--method", "gptq", "--seqlen", "1024",
+                           "--data-dir", data)
+    one_line_error(code, err, "--seqlen 1024", "context of 512", "--seqlen 512")
 
 
 def test_too_few_calibration_tokens(capsys, tmp_path, model_dirs, data):
     txt = tmp_path / "calib.txt"
     txt.write_text("Once upon a time.")
-    code, _, err = run(capsys, "quantize", model_dirs["llama"], "--method", "gptq",
-                       "--calib", txt, *QUICK, "--eval", "", "--data-dir", data)
-    assert_one_line_error(code, err, "calib.txt", "fewer than one calibration window of 64")
+    code, _, err = run_cli(capsys, "quantize", model_dirs["llama"], "--method", "gptq",
+                           "--calib", txt, *QUICK, "--eval", "", "--data-dir", data)
+    one_line_error(code, err, "calib.txt", "fewer than one calibration window of 64")
 
 
 def test_nan_in_a_weight(capsys, model_dirs, data):
-    code, _, err = run(capsys, "quantize", model_dirs["nan"], "--method", "gptq",
-                       "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
-    assert_one_line_error(code, err, "model.layers.1.mlp.down_proj.weight", "NaN")
+    code, _, err = run_cli(capsys, "quantize", model_dirs["nan"], "--method", "gptq",
+                           "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
+    one_line_error(code, err, "model.layers.1.mlp.down_proj.weight", "NaN")
 
 
 def test_unknown_eval_dataset(capsys, stories, data):
-    code, _, err = run(capsys, "eval", stories, "--datasets", "wikitext103", "--data-dir", data)
-    assert_one_line_error(code, err, "unknown dataset 'wikitext103'")
+    code, _, err = run_cli(capsys, "eval", stories, "--datasets", "wikitext103", "--data-dir", data)
+    one_line_error(code, err, "unknown dataset 'wikitext103'")
 
 
 def test_healthy_tiny_model_quantizes(capsys, model_dirs, data):
     """The control for the error cases: the same tiny LLaMA without the NaN goes through."""
-    code, out, err = run(capsys, "quantize", model_dirs["llama"], "--method", "gptq",
-                         "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
+    code, out, err = run_cli(capsys, "quantize", model_dirs["llama"], "--method", "gptq",
+                             "--calib", "tinystories", *QUICK, "--eval", "", "--data-dir", data)
     assert code == 0, err
     assert "14 linears" in out
 

@@ -7,21 +7,11 @@ import re
 
 import pytest
 import transformers  # noqa: F401  (its log handler binds to stderr now, not to one test's capsys)
+from conftest import run_cli
 
 from binllm.cli import main
 
 QUICK = ["--nsamples", "2", "--seqlen", "32"]
-
-
-def run(capsys, *argv):
-    code = main(["-q", *map(str, argv)])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def data(shared):
-    return str(shared / "data")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def test_quantize_out_writes_a_loadable_directory(saved):
 
 def test_inspect_prints_the_disk_bits_and_they_match_the_codes_accounting(capsys, saved, tmp_path):
     out, report = saved
-    code, text, _ = run(capsys, "inspect", out, "--report", tmp_path / "i.json")
+    code, text, _ = run_cli(capsys, "inspect", out, "--report", tmp_path / "i.json")
     assert code == 0
     quant = report["quantization"]
     total = re.search(r"35 binarized linears, ([\d.]+) stored bits/weight measured on disk "
@@ -64,8 +54,8 @@ def test_inspect_prints_the_disk_bits_and_they_match_the_codes_accounting(capsys
 def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys, saved, data,
                                                                          tmp_path):
     out, report = saved
-    code, _, _ = run(capsys, "eval", out, "--datasets", "tinystories", "--max-windows", "2",
-                     "--seqlen", "32", "--data-dir", data, "--report", tmp_path / "e.json")
+    code, _, _ = run_cli(capsys, "eval", out, "--datasets", "tinystories", "--max-windows", "2",
+                         "--seqlen", "32", "--data-dir", data, "--report", tmp_path / "e.json")
     assert code == 0
     ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["tinystories"]["ppl"]
     # binllm eval runs the fast kernels: the in-memory perplexity to fp32 round-off
@@ -75,22 +65,22 @@ def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys,
 @pytest.mark.parametrize("cache", [[], ["--no-cache"], ["--cache-dequantized"]])
 def test_generate_continues_the_prompt(capsys, saved, cache):
     out, _ = saved
-    code, text, _ = run(capsys, "generate", out, "Once upon a time", "--max-new-tokens", "6",
-                        *cache)
+    code, text, _ = run_cli(capsys, "generate", out, "Once upon a time", "--max-new-tokens", "6",
+                            *cache)
     assert code == 0
     assert text.startswith("Once upon a time") and re.search(r"6 new tokens in .* tokens/s", text)
 
 
 def test_inspect_and_generate_refuse_an_ordinary_model(capsys, stories_path):
-    code, _, err = run(capsys, "inspect", stories_path)
+    code, _, err = run_cli(capsys, "inspect", stories_path)
     assert code == 2 and "not a binllm model" in err and "Traceback" not in err
-    code, _, err = run(capsys, "generate", stories_path, "hi")
+    code, _, err = run_cli(capsys, "generate", stories_path, "hi")
     assert code == 2 and "not a binllm directory" in err
 
 
 def test_quantize_refuses_a_non_empty_out_before_working(capsys, stories_path, data, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    code, _, err = run(capsys, "quantize", stories_path, "--method", "rtn-sign", *QUICK,
-                       "--data-dir", data, "--eval", "", "--out", tmp_path)
+    code, _, err = run_cli(capsys, "quantize", stories_path, "--method", "rtn-sign", *QUICK,
+                           "--data-dir", data, "--eval", "", "--out", tmp_path)
     assert code == 2 and "--overwrite" in err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers  # noqa: F401  (its log handler binds to stderr now, not to one test's capsys)
+from conftest import one_line_error, run_cli
 
 from binllm.cli import main
 
@@ -29,37 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--nsamples", "2", "--seqlen", "64", "--eval", ""]
 
 
-@pytest.fixture(scope="module")
-def data(shared):
-    return str(shared / "data")
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    return str(stories_path)
-
-
-def run(capsys, *argv, quiet=True):
-    code = main((["-q"] if quiet else []) + [str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err, *needles):
-    """Exit 2, exactly one `binllm: error:` line, last on stderr, no traceback; the line."""
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if "binllm: error" in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("binllm: error: ") and err.rstrip().endswith(lines[0])
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def quantize(capsys, stories, data, *extra, method="gptq"):
-    return run(capsys, "quantize", stories, "--method", method, "--calib", "ptb", *QUICK,
-               "--data-dir", data, *extra)
+    return run_cli(capsys, "quantize", stories, "--method", method, "--calib", "ptb", *QUICK,
+                   "--data-dir", data, *extra)
 
 
 # -- calibration files -----------------------------------------------------------------------
@@ -75,8 +48,8 @@ def test_bad_calibration_files_are_one_line_errors_naming_file_and_line(
         capsys, tmp_path, stories, data, name, content, needles):
     path = tmp_path / name
     path.write_bytes(content)
-    code, _, err = run(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", path,
-                       *QUICK, "--data-dir", data)
+    code, _, err = run_cli(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", path,
+                           *QUICK, "--data-dir", data)
     one_line_error(code, err, *needles)
 
 
@@ -149,14 +122,14 @@ def saved_stories(stories, data, tmp_path_factory):
 
 def test_generate_sampling_values_out_of_range(capsys, saved_stories):
     saved = saved_stories
-    code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "-1", "--top-p", "2")
+    code, _, err = run_cli(capsys, "generate", saved, "Once", "--temperature", "-1", "--top-p", "2")
     one_line_error(code, err, "--temperature -1")
-    code, _, err = run(capsys, "generate", saved, "Once", "--temperature", "1", "--top-p", "2")
+    code, _, err = run_cli(capsys, "generate", saved, "Once", "--temperature", "1", "--top-p", "2")
     one_line_error(code, err, "--top-p 2")
 
 
 def test_eval_with_no_datasets_and_no_tasks_says_there_is_nothing_to_do(capsys, stories):
-    code, _, err = run(capsys, "eval", stories, "--datasets", "")
+    code, _, err = run_cli(capsys, "eval", stories, "--datasets", "")
     one_line_error(code, err, "nothing to do")
 
 
@@ -176,7 +149,7 @@ def truncated(tmp_path, stories_path):
 def test_truncated_dense_safetensors_is_a_one_line_error(capsys, truncated, data, command):
     args = (["quantize", truncated, "--method", "gptq", *QUICK] if command == "quantize"
             else ["eval", truncated, "--datasets", "ptb"])
-    code, _, err = run(capsys, *args, "--data-dir", data)
+    code, _, err = run_cli(capsys, *args, "--data-dir", data)
     one_line_error(code, err, "model.safetensors is truncated")
 
 
@@ -202,7 +175,7 @@ def test_over_long_paths_are_one_line_errors(capsys, tmp_path, stories, data, fl
             "--out": ["quantize", stories, "--method", "gptq", "--out", "y/" * 2100],
             "--calib": ["quantize", stories, "--method", "gptq", "--calib", long],
             "MODEL": ["quantize", long, "--method", "gptq"]}[flag]
-    code, _, err = run(capsys, *args, *QUICK, "--data-dir", data)
+    code, _, err = run_cli(capsys, *args, *QUICK, "--data-dir", data)
     one_line_error(code, err, flag)
 
 
@@ -262,7 +235,7 @@ def test_absurd_config_of_a_dense_model_is_refused_before_allocation(
         capsys, tmp_path, stories_path, data, change):
     model = _with_config(stories_path, tmp_path / "absurd", **change)
     start = time.perf_counter()
-    code, _, err = run(capsys, "eval", model, "--datasets", "ptb", "--data-dir", data)
+    code, _, err = run_cli(capsys, "eval", model, "--datasets", "ptb", "--data-dir", data)
     key, value = next(iter(change.items()))
     one_line_error(code, err, f"{key}={value}", "does not belong to these weights")
     assert time.perf_counter() - start < 20
@@ -278,7 +251,7 @@ def test_absurd_config_of_a_saved_directory_is_refused_before_the_skeleton(
     start = time.perf_counter()
     with pytest.raises(PreflightError, match="does not belong to these weights"):
         binllm.load(saved)
-    code, _, err = run(capsys, "generate", saved, "Once")
+    code, _, err = run_cli(capsys, "generate", saved, "Once")
     one_line_error(code, err, "config.json declares at least")
     assert time.perf_counter() - start < 20
 
@@ -288,7 +261,7 @@ def test_config_larger_than_memory_is_refused_with_the_estimate(capsys, tmp_path
     d.mkdir()
     cfg = json.loads((stories_path / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 1048576}))
-    code, _, err = run(capsys, "eval", d, "--datasets", "ptb")
+    code, _, err = run_cli(capsys, "eval", d, "--datasets", "ptb")
     one_line_error(code, err, "loading needs at least", "TiB", "available")
 
 
@@ -330,9 +303,9 @@ def test_sigint_during_quantize_exits_130_with_one_line_and_keeps_the_journal(
 # -- friction ---------------------------------------------------------------------------------
 def test_progress_into_a_log_is_plain_lines(capsys, stories, data):
     """capsys' stderr is not a terminal: one line per layer and per dataset, no redraws."""
-    code, _, err = run(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", "ptb",
-                       "--nsamples", "2", "--seqlen", "64", "--data-dir", data,
-                       "--eval", "tinystories", "--max-windows", "2", quiet=False)
+    code, _, err = run_cli(capsys, "quantize", stories, "--method", "rtn-sign", "--calib", "ptb",
+                           "--nsamples", "2", "--seqlen", "64", "--data-dir", data,
+                           "--eval", "tinystories", "--max-windows", "2", quiet=False)
     assert code == 0, err
     assert "\r" not in err
     layer_lines = [line for line in err.splitlines() if line.startswith("rtn-sign: ")]
@@ -344,8 +317,8 @@ def test_progress_into_a_log_is_plain_lines(capsys, stories, data):
 
 
 def test_quiet_silences_transformers_bars_and_prints_no_progress(capsys, stories, data):
-    code, _, err = run(capsys, "eval", stories, "--datasets", "tinystories", "--max-windows",
-                       "1", "--data-dir", data)
+    code, _, err = run_cli(capsys, "eval", stories, "--datasets", "tinystories", "--max-windows",
+                           "1", "--data-dir", data)
     assert code == 0, err
     assert "Loading weights" not in err and "ppl tinystories" not in err and "\r" not in err
 
@@ -392,9 +365,9 @@ def test_every_option_has_help_with_its_default_and_version_works(capsys):
 def test_qat_evaluates_a_capped_number_of_windows_by_default_and_says_so(
         capsys, tmp_path, stories, data):
     report = tmp_path / "qat.json"
-    code, out, err = run(capsys, "qat", stories, "--train", "tinystories", "--steps", "1",
-                         "--batch-size", "1", "--grad-accum", "1", "--seqlen", "32",
-                         "--eval", "ptb", "--data-dir", data, "--report", report)
+    code, out, err = run_cli(capsys, "qat", stories, "--train", "tinystories", "--steps", "1",
+                             "--batch-size", "1", "--grad-accum", "1", "--seqlen", "32",
+                             "--eval", "ptb", "--data-dir", data, "--report", report)
     assert code == 0, err
     assert "first 64 windows" in out and "--max-windows all" in out
     ppl = json.loads(report.read_text())["perplexity"]["ptb"]

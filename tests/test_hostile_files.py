@@ -21,25 +21,18 @@ from safetensors.torch import load_file
 
 import binllm
 from binllm.atomic import OutputLock
-from binllm.cli import main
 from binllm.engine.binarize import NonFiniteWeights, UnknownSkip, binarize_model
 from binllm.engine.config import QuantizeConfig
 from binllm.engine.journal import JournalMismatch, LayerJournal, run_identity
 from binllm.packed.checkpoint import CorruptCheckpoint, load_binarized, save_binarized
 from binllm.packed.layers import BinaryLinear
 from binllm.packed.output import OutputError, OutputExists, check_output_dir
-from conftest import tiny_llama
+from conftest import run_cli, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "v1_billm"
 QUICK = ["--method", "rtn-sign", "--calib", "tinystories", "--calib-split", "validation",
          "--nsamples", "2", "--seqlen", "64", "--eval", ""]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["-q", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def first_line(err: str) -> str:
@@ -57,11 +50,6 @@ def logits(model) -> torch.Tensor:
 @pytest.fixture
 def v1_copy(tmp_path) -> Path:
     return Path(shutil.copytree(V1, tmp_path / "billm"))
-
-
-@pytest.fixture(scope="module")
-def data(shared):
-    return shared / "data"
 
 
 def _calib(n=2, seqlen=16):
@@ -145,7 +133,7 @@ def test_a_linear_removed_from_quantization_config_is_refused_by_both_loaders(v1
 
 
 def test_inspect_verify_says_what_it_verified(capsys, v1_copy):
-    code, out, _ = run(capsys, "inspect", v1_copy, "--verify")
+    code, out, _ = run_cli(capsys, "inspect", v1_copy, "--verify")
     assert code == 0
     assert ("verified: 1 shard, 7 binarized linears, 47 tensors: sizes and sha256 checksums "
             "match the save") in out
@@ -202,8 +190,8 @@ def nan_stories(stories_path, tmp_path_factory):
 
 
 def test_cli_refuses_a_nan_norm_before_calibrating(capsys, nan_stories, data, tmp_path):
-    code, out, err = run(capsys, "quantize", nan_stories, *QUICK, "--data-dir", data,
-                         "--compare-fp", "--out", tmp_path / "out")
+    code, out, err = run_cli(capsys, "quantize", nan_stories, *QUICK, "--data-dir", data,
+                             "--compare-fp", "--out", tmp_path / "out")
     assert code == 2 and first_line(err).startswith("binllm: error: model.norm.weight holds 1 NaN")
     assert "full precision" not in out and not (tmp_path / "out").exists()
 
@@ -214,7 +202,8 @@ def test_cli_in_memory_quantize_checks_the_weights_once(capsys, stories_path, da
     calls = []
     real = binarize.check_finite
     monkeypatch.setattr(binarize, "check_finite", lambda model: calls.append(1) or real(model))
-    code, _, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data, "--no-stream")
+    code, _, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                           "--no-stream")
     assert code == 0, err
     assert len(calls) == 1  # check_model before calibrating; binarize_model does not repeat it
 
@@ -228,8 +217,8 @@ def test_skip_matching_nothing_lists_the_linears():
 
 
 def test_cli_skip_matching_nothing_is_a_one_line_error(capsys, stories_path, data):
-    code, _, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
-                       "--skip", "foo_proj")
+    code, _, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                           "--skip", "foo_proj")
     assert code == 2 and "--skip foo_proj matches no linear of LlamaForCausalLM" in err
     assert "self_attn.q_proj" in err and "Traceback" not in err
 
@@ -254,8 +243,8 @@ def test_overwrite_never_replaces_the_input_model_or_a_folder_holding_it(capsys,
                                                                          data, target, what):
     out = own_model if target == "model" else own_model.parent
     before = _tree(own_model.parent)
-    code, _, err = run(capsys, "quantize", own_model, *QUICK, "--data-dir", data,
-                       "--out", out, "--overwrite")
+    code, _, err = run_cli(capsys, "quantize", own_model, *QUICK, "--data-dir", data,
+                           "--out", out, "--overwrite")
     assert code == 2 and what in first_line(err)
     assert _tree(own_model.parent) == before
 
@@ -264,8 +253,8 @@ def test_overwrite_refuses_a_folder_that_is_not_a_binllm_output(capsys, stories_
                                                                 tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    code, _, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
-                       "--out", tmp_path / "mine", "--overwrite")
+    code, _, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                           "--out", tmp_path / "mine", "--overwrite")
     assert code == 2 and "is not a binllm output directory" in first_line(err)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
     model = tiny_llama()
@@ -279,15 +268,15 @@ def test_overwrite_refuses_a_folder_that_is_not_a_binllm_output(capsys, stories_
 # -- 7. what can be checked before calibration, and the work kept when the save fails --------
 def test_a_name_too_long_for_the_temporary_suffix_is_refused_before_work(capsys, stories_path,
                                                                         data, tmp_path):
-    code, out, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
-                         "--out", tmp_path / ("x" * 245))
+    code, out, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                             "--out", tmp_path / ("x" * 245))
     assert code == 2 and "use a name of at most 229" in first_line(err)
     assert "linears in" not in out  # nothing was calibrated
 
 
 def test_an_unwritable_parent_is_refused_before_work(capsys, stories_path, data):
-    code, out, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
-                         "--out", "/proc/binllm-test/out")
+    code, out, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                             "--out", "/proc/binllm-test/out")
     assert code == 2 and first_line(err).startswith("binllm: error: cannot write in /proc")
     assert "linears in" not in out
 
@@ -300,8 +289,8 @@ def test_too_little_free_space_is_refused(tmp_path):
 
 def test_a_second_run_writing_the_same_out_stops_at_once(capsys, stories_path, data, tmp_path):
     with OutputLock(tmp_path / "out"):
-        code, out, err = run(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
-                             "--out", tmp_path / "out")
+        code, out, err = run_cli(capsys, "quantize", stories_path, *QUICK, "--data-dir", data,
+                                 "--out", tmp_path / "out")
     assert code == 2
     assert f"another binllm process (pid {os.getpid()}) is writing" in first_line(err)
     assert "linears in" not in out and sorted(os.listdir(tmp_path)) == []
@@ -318,14 +307,14 @@ def test_a_failed_save_keeps_the_work_as_a_journal_that_resumes(capsys, stories_
     # the in-memory path saves at the end (a streamed run writes as it goes: --resume-dir)
     argv = ["quantize", stories_path, *QUICK, "--data-dir", data, "--out", tmp_path / "out",
             "--no-stream"]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     line = first_line(err)
     assert code == 2 and "No space left on device" in line and "kept in" in line
     kept = Path(line.split("--resume-dir ")[1].split(" to save")[0])
     assert len(list(kept.glob("layer_*.safetensors"))) == 5
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
-    code, out, _ = run(capsys, *argv, "--resume-dir", kept)
+    code, out, _ = run_cli(capsys, *argv, "--resume-dir", kept)
     assert code == 0 and "resuming: 5 layers restored" in out
     assert sum(isinstance(m, BinaryLinear) for m in load_binarized(tmp_path / "out").modules()) == 35
     shutil.rmtree(kept)
