@@ -16,6 +16,7 @@ from .config import ConfigError, QuantizeConfig
 from .distributed import Distributed, guard, report_dict
 from .journal import JournalMismatch, LayerJournal
 from ..methods import get_method
+from ..methods.codes import per_weight
 from .reconstruct import reconstruct
 from .walker import (
     UnsupportedArchitecture,
@@ -116,17 +117,13 @@ class QuantizeReport:
     peak_memory_mb: float = 0.0
     codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
 
-    def _weighted(self, key: str) -> float:
-        n = sum(r.shape[0] * r.shape[1] for r in self.linears)
-        return sum(getattr(r, key) * r.shape[0] * r.shape[1] for r in self.linears) / max(n, 1)
-
     @property
     def paper_bits(self) -> float:
-        return self._weighted("paper_bits")
+        return per_weight(self.linears, "paper_bits")
 
     @property
     def stored_bits(self) -> float:
-        return self._weighted("stored_bits")
+        return per_weight(self.linears, "stored_bits")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "method_args": self.method_args, "config": self.config,

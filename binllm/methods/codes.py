@@ -107,6 +107,13 @@ def ceil_log2(n: int) -> int:
     return 0 if n <= 1 else (n - 1).bit_length()
 
 
+def per_weight(items, key: str) -> float:
+    """Σ item.key · rows · cols / Σ rows · cols over `items` (each with a (rows, cols) `shape`):
+    a model's bits per weight from its linears' (0 when there are none)."""
+    n = sum(it.shape[0] * it.shape[1] for it in items)
+    return sum(getattr(it, key) * it.shape[0] * it.shape[1] for it in items) / max(n, 1)
+
+
 def _stream(n_bits: int) -> int:
     """Bits a packed stream of n_bits occupies on disk: whole bytes (binllm.packed.packing)."""
     return 8 * math.ceil(n_bits / 8)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..methods.codes import per_weight
 from .layout import FORMAT_VERSION, PackedLayout, unpack
 from .packing import PackingError
 
@@ -225,22 +226,17 @@ class Inspection:
     other_bytes: int         # unchanged tensors (embeddings, norms, lm_head, biases)
     fp16_bytes: int          # the same model with every tensor in fp16
 
-    def _weighted(self, key: str) -> float:
-        n = sum(lay.shape[0] * lay.shape[1] for lay in self.layers)
-        total = sum(getattr(lay, key) * lay.shape[0] * lay.shape[1] for lay in self.layers)
-        return total / max(n, 1)
-
     @property
     def stored_bits(self) -> float:
-        return self._weighted("stored_bits")
+        return per_weight(self.layers, "stored_bits")
 
     @property
     def paper_bits(self) -> float:
-        return self._weighted("paper_bits")
+        return per_weight(self.layers, "paper_bits")
 
     @property
     def codes_bits(self) -> float:
-        return self._weighted("codes_bits")
+        return per_weight(self.layers, "codes_bits")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
