@@ -79,8 +79,9 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
         check_out(args)  # every rank refuses a bad --out alike; rank 0 alone locks it
         if main:
             lock_out(args, stack)
-    # a local safetensors checkpoint in one process: its layers are streamed (binllm.engine.stream)
-    streamed = open_streamed(args) if dist is None else None
+    # a local safetensors checkpoint: its layers are streamed (binllm.engine.stream), on every
+    # rank under torchrun (each reads its own copy of a layer from the shards)
+    streamed = open_streamed(args)
     model, tokenizer = streamed[:2] if streamed else load_model(args.model, args.device,
                                                                 args.dtype)
     check_model(args, model)
@@ -124,9 +125,11 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     if streamed:  # --out is written as the layers finish
         from ..engine.stream import binarize_streaming
 
-        qreport = binarize_streaming(model, streamed[2], config, batches, out=args.out,
-                                     tokenizer=tokenizer, overwrite=args.overwrite, lock=False,
-                                     keep_packed=bool(eval_names) or task_manager is not None,
+        qreport = binarize_streaming(model, streamed[2], config, batches,
+                                     out=args.out if main else None, tokenizer=tokenizer,
+                                     overwrite=args.overwrite, lock=False, dist=dist,
+                                     keep_packed=main and (bool(eval_names)
+                                                           or task_manager is not None),
                                      device=args.device, on_layer=on_layer, journal=journal)
     else:
         qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,

@@ -156,7 +156,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     report; only rank 0's journal is read and written. None: one process.
     source: decoder layers streamed from a checkpoint (`binllm.engine.stream.LayerStream`):
     each layer is loaded before its turn, receives its stored codes (`source.set_codes(i,
-    codes)`) and is released once the walker has run it (one process only).
+    codes)`) and is released once the walker has run it; with `dist` every rank streams
+    its own copy of each layer from the same checkpoint.
     checked: the caller has run check_skip(model, config.skip) and check_finite(model) on
     this model already (the CLI does, before it loads calibration data); not run again.
     """

@@ -42,6 +42,7 @@ from ..packed.saved_dir import _DTYPES, CheckpointError, read_safetensors_header
 from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
 from .binarize import QuantizeReport, binarize_model
 from .config import QuantizeConfig
+from .distributed import Distributed, guard
 from .walker import find_decoder_layers
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ def _outside_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[t
 def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: QuantizeConfig,
                        calibration: list[Tensor], *, out: str | os.PathLike | None = None,
                        tokenizer: Any = None, overwrite: bool = False, keep_packed: bool = True,
-                       lock: bool = True,
+                       lock: bool = True, dist: Distributed | None = None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        **binarize_kwargs: Any) -> QuantizeReport:
     """binarize_model with the decoder layers streamed from `ckpt`; `out` is written as the
@@ -287,29 +288,32 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
     binarize_kwargs: device, on_layer, journal (as binarize_model). The report keeps no codes
     (they are in `out`, and with keep_packed in the model's BinaryLinears). `out` follows
     save_binarized's rules (`check_output_dir`); lock: hold its lock (False: the caller does).
+    dist: this rank of a torchrun group (binarize_model's `dist`); every rank streams the
+    layers from the same checkpoint, rank 0 alone passes `out` (and the journal). Opening
+    the output is agreed like every other step, so a refusal on rank 0 stops every rank.
     """
-    if out is None:
-        stream = LayerStream(ckpt, None, keep_packed)
-        report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
-                                **binarize_kwargs)
-    else:
-        out = Path(out)
-        check_output_dir(out, overwrite=overwrite, sources=[ckpt.path])
-        with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
-            writer = ShardWriter(tmp, max_shard_bytes)
-            stream = LayerStream(ckpt, writer, keep_packed)
-            try:
+    with contextlib.ExitStack() as stack:
+        writer = None
+        with guard(dist, "output directory"):
+            if out is not None:
+                out = Path(out)
+                check_output_dir(out, overwrite=overwrite, sources=[ckpt.path])
+                if lock:
+                    stack.enter_context(OutputLock(out))
+                tmp = stack.enter_context(atomic_dir(out))  # removed unless all succeeds
+                writer = ShardWriter(tmp, max_shard_bytes)
+                stack.callback(writer.abort)
                 before, after = _outside_tensors(model)
                 for key, t in before:
                     writer.add(key, t)
-                report = binarize_model(model, config, calibration, keep_codes=False,
-                                        source=stream, **binarize_kwargs)
-                for key, t in after:
-                    writer.add(key, t)
-                files = writer.close()
-            finally:
-                writer.abort()
+        stream = LayerStream(ckpt, writer, keep_packed)
+        report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
+                                dist=dist, **binarize_kwargs)
+        if writer is not None:
+            for key, t in after:
+                writer.add(key, t)
+            files = writer.close()
             finish_dir(tmp, model, report_qc(report), stream.layouts, files, tokenizer,
                        report.to_dict(), untie=False)
-        log.info("streamed %d binarized linears to %s", len(stream.layouts), out)
+            log.info("streamed %d binarized linears to %s", len(stream.layouts), out)
     return report
