@@ -199,26 +199,33 @@ def _ppl(weights, tokens):
     return perplexity(model, tokens, SEQLEN, max_windows=EVAL_WINDOWS).ppl
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    if not os.path.isdir(STORIES):
-        pytest.skip("../shared is not present")
+def spawn_ranks(target, args, outdir, world: int = 2, timeout: float = 240):
+    """Start `world` spawned processes `target(*args(rank))`, wait for them (killing any that
+    hangs, which fails the test), and return (processes, each one's rank{r}.pt or None)."""
     import multiprocessing as mp
 
-    outdir = str(tmp_path_factory.mktemp("dist"))
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, outdir)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=args(r)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=timeout)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
     assert not alive, "a rank hung"
-    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-             if os.path.exists(os.path.join(outdir, f"rank{r}.pt")) else None for r in range(2)]
+    files = [os.path.join(outdir, f"rank{r}.pt") for r in range(world)]
+    return procs, [torch.load(f, weights_only=False) if os.path.exists(f) else None
+                   for f in files]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared is not present")
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    port = _free_port()
+    procs, ranks = spawn_ranks(_worker, lambda r: (r, 2, port, outdir), outdir)
     assert ranks[0] is not None and "crash" not in ranks[0], ranks[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: same kernels, same threads

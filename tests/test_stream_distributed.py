@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_distributed import DATA, NSAMPLES, SEQLEN, STORIES, _free_port
+from test_distributed import DATA, NSAMPLES, SEQLEN, STORIES, _free_port, spawn_ranks
 
 # streaming changes where a layer's weights come from, nothing of a method: one method here
 # (tests/test_distributed.py runs billm and arb-llm-x across ranks in memory)
@@ -140,24 +140,11 @@ def _worker(rank: int, ports: list[int], tmp: str, damaged: dict[str, Path]):
 def ranks(tmp_path_factory):
     if not os.path.isdir(STORIES):
         pytest.skip("../shared is not present")
-    import multiprocessing as mp
-
     tmp = tmp_path_factory.mktemp("stream_dist")
     damaged = _damage(tmp_path_factory.mktemp("damaged"))
     _calib_file(tmp)
     ports = [_free_port() for _ in range(len(damaged) + 2 * len(METHODS) + 2)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, ports, str(tmp), damaged)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    res = [torch.load(tmp / f"rank{r}.pt", weights_only=False) if (tmp / f"rank{r}.pt").exists()
-           else None for r in range(2)]
+    procs, res = spawn_ranks(_worker, lambda r: (r, ports, str(tmp), damaged), str(tmp))
     assert res[0] is not None and "crash" not in res[0], res[0]
     assert res[1] is not None and "crash" not in res[1], res[1]
     return res, tmp, damaged, procs
