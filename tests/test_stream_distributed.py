@@ -4,7 +4,8 @@ stories260K, which every rank streams layer by layer from its safetensors file.
 
 One pair of ranks runs every scenario in turn (each command joins a fresh group on its own
 port): three damaged checkpoints, billm streamed and `--no-stream`, billm with replicated
-windows, and last a run in which rank 1 dies after two layers. The parent runs the
+windows, a run interrupted on rank 0 and resumed by both ranks, and last a run in which rank 1
+dies after two layers. The parent runs the
 single-process references and compares the saved files byte for byte.
 """
 
@@ -70,8 +71,9 @@ def _damage(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def _cli(rank: int, port: int, argv: list[str]) -> tuple[int, str, str | None]:
-    """(exit code, stderr, the exception `quantize` raised on this rank) of one command."""
+def _cli(rank: int, port: int, argv: list[str]) -> tuple[int, str, str | None, str]:
+    """(exit code, stderr, the exception `quantize` raised on this rank, stdout) of one
+    command."""
     import binllm.cli.quantize as q
     from binllm.cli import main
 
@@ -88,13 +90,13 @@ def _cli(rank: int, port: int, argv: list[str]) -> tuple[int, str, str | None]:
             raise
 
     q._quantize = spy
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = main(argv)
     finally:
         q._quantize = real
-    return code, err.getvalue(), raised[0] if raised else None
+    return code, err.getvalue(), raised[0] if raised else None, out.getvalue()
 
 
 def _worker(rank: int, ports: list[int], tmp: str, damaged: dict[str, Path]):
@@ -116,11 +118,24 @@ def _worker(rank: int, ports: list[int], tmp: str, damaged: dict[str, Path]):
             for label, extra in (("streamed", []), ("memory", ["--no-stream"])):
                 del reads[:]
                 res[method, label] = _cli(rank, next(ports), _argv(
-                    STORIES, tmp_path / f"{method}_{label}", "--method", method, *extra, calib=calib))
+                    STORIES, tmp_path / f"{method}_{label}", "--method", method, *extra,
+                    calib=calib))
                 res[method, label, "reads"] = list(reads)
             SafetensorsCheckpoint.read = real_read
         res["replicated"] = _cli(rank, next(ports), _argv(
             STORIES, tmp_path / "replicated", "--dist-calib", "replicated", calib=calib))
+
+        def interrupt_after_2(self, done, total):  # Ctrl-C on rank 0 once two layers are done
+            if rank == 0 and done == 2:
+                raise KeyboardInterrupt
+
+        update = Progress.update
+        Progress.update = interrupt_after_2
+        for label in ("interrupted", "resumed"):
+            res[label] = _cli(rank, next(ports), _argv(
+                STORIES, tmp_path / "resumed", "--dist-calib", "replicated", "--dist-timeout",
+                60, "--resume-dir", tmp_path / "journal_resumed", calib=calib))
+            Progress.update = update
 
         def die_after_2(self, done, total):  # rank 1 is killed once two layers are done
             if rank == 1 and done == 2:
@@ -143,7 +158,7 @@ def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stream_dist")
     damaged = _damage(tmp_path_factory.mktemp("damaged"))
     _calib_file(tmp)
-    ports = [_free_port() for _ in range(len(damaged) + 2 * len(METHODS) + 2)]
+    ports = [_free_port() for _ in range(len(damaged) + 2 * len(METHODS) + 4)]
     procs, res = spawn_ranks(_worker, lambda r: (r, ports, str(tmp), damaged), str(tmp))
     assert res[0] is not None and "crash" not in res[0], res[0]
     assert res[1] is not None and "crash" not in res[1], res[1]
@@ -221,10 +236,24 @@ def test_a_damaged_checkpoint_stops_every_rank_with_the_single_process_error(
     assert not list(tmp.glob(f"*out_{kind}*"))  # nothing written, no temporary left
 
 
+def test_an_interrupted_streamed_run_resumes_on_two_ranks(ranks):
+    """Ctrl-C on rank 0 after two layers: rank 1 loses contact; the same command then
+    restores the two journaled layers (rank 0 shares them), streams the rest, and saves the
+    files of the uninterrupted run."""
+    res, tmp, _, _ = ranks
+    code, err, _, _ = res[0]["interrupted"]
+    assert code == 130 and "finished layers are kept" in err, err
+    code, err, _, _ = res[1]["interrupted"]
+    assert code == 2 and "lost contact" in err and len(err.strip().splitlines()) == 1, err
+    assert res[0]["resumed"][0] == 0 and res[1]["resumed"][0] == 0
+    assert "resuming: 2 layers restored" in res[0]["resumed"][3]
+    assert _files(tmp / "resumed") == _files(tmp / "replicated")
+
+
 def test_a_killed_rank_ends_the_run_publishing_nothing_and_the_journal_resumes(ranks):
     res, tmp, _, procs = ranks
     assert procs[1].exitcode == 3 and "killed" not in res[1]
-    code, err, _ = res[0]["killed"]
+    code, err, _, _ = res[0]["killed"]
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "rank 0 lost contact" in err and "--resume-dir" in err
     assert sorted(p.name for p in tmp.iterdir() if "killed" in p.name) == []  # no out, no tmp
