@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packed_codes import HAND_BUILT
+from packed_codes import HAND_BUILT, uniform_codes
 
 from binllm.kernels.form import form_dense, form_matmul_torch, kernel_form
+from binllm.kernels.form_ref import plane_rows
+from binllm.packed.packing import unpack_bits
 from binllm.methods import METHODS, get_method
 from binllm.engine.reconstruct import reconstruct
 
@@ -54,18 +56,36 @@ def test_form_of_hand_built_codes(kind):
 
 
 def test_form_layout_billm_planes_and_permutation():
-    """BiLLM: salient columns gathered per block (2 sign planes), the rest 3 planes
-    (sign, group bit, their AND); segments are whole 16-column chunks, padding is −1."""
+    """BiLLM: salient columns gathered per block (2 sign planes), the rest 2 stored planes
+    (sign, group bit) and a term on their AND; segments are whole bytes, padding is −1; the
+    planes are 16-row tiles whose rows read back as the packed signs."""
     codes = HAND_BUILT["billm-like"]()  # 5 x 77, blocks of 32, orders (2, 1, 1)
     form = kernel_form(codes)
     sal, rest = form.parts
-    assert sal.planes.shape[0] == 2 and rest.planes.shape[0] == 3
+    assert sal.planes.shape[1] == 2 and rest.planes.shape[1] == 2
+    assert sal.planes.shape[0] == 1 and sal.planes.shape[3] == 16  # 5 rows: one padded tile
+    assert ((rest.terms[:, 0] >= 0) & (rest.terms[:, 1] >= 0)).sum() == 1  # I ∧ s, not stored
     assert rest.scale is None and sal.scale is None
     for part, cls in ((sal, codes.salient_cols), (rest, ~codes.salient_cols)):
         real = part.perm[part.perm >= 0]
         assert torch.equal(real, torch.nonzero(cls).flatten())  # block order, then column order
-        assert part.width % 16 == 0 and int(part.seg[-1]) * 8 == part.width
-        assert (part.seg.diff() % 2 == 0).all()
+        assert part.width % 8 == 0 and int(part.seg[-1]) * 8 == part.width
+        assert not part.planes[:, :, :, 5:].any()  # padding rows
+    s0 = sal.terms[(sal.terms[:, 0] >= 0) & (sal.terms[:, 1] < 0)][0, 0]
+    got = unpack_bits(plane_rows(sal.planes, int(s0), slice(None), 5), sal.width)
+    idx = sal.perm.clamp(min=0)
+    assert torch.equal(got[:, sal.perm >= 0], codes.signs[0][:, idx][:, sal.perm >= 0])
+
+
+def test_form_shares_coefficients_that_are_exact_multiples():
+    """ARB-RC: −α, 2α, α, −2α of one (group, order) are one stored array with factors; GPTQ's
+    2^k·s likewise; zero coefficients (no mean) leave no term."""
+    rc = kernel_form(HAND_BUILT["rc-like"]())
+    for part in rc.parts:
+        assert part.coef.shape[0] < part.terms.shape[0]
+        assert set(part.fac.abs().tolist()) <= {1.0, 2.0}
+    (g,) = kernel_form(uniform_codes(bits=3)).parts
+    assert g.coef.shape[0] == 2 and sorted(g.fac.abs().tolist()) == [1.0, 1.0, 2.0, 4.0]
 
 
 def test_form_rc_folds_column_scales_into_x_versions():
@@ -78,7 +98,7 @@ def test_form_partial_binary_is_one_plane_plus_a_sparse_part():
     codes = HAND_BUILT["pb-8bit"]()
     form = kernel_form(codes)
     (part,) = form.parts
-    assert part.planes.shape[0] == 1
+    assert part.planes.shape[1] == 1
     assert form.sparse.q.dtype == torch.uint8
     assert form.sparse.col.numel() == int(codes.salient.sum())
 

@@ -3,9 +3,12 @@
 `form_matmul(form, x)` computes y = x Ŵᵀ (N, rows) fp32 for x (N, cols):
 
 - N ≤ GEMV_MAX (decode, small batches): `torch.ops.binllm_cpu.bitpart` per BitPart on up
-  to SMALL_BATCH inputs per call, a GEMV over the bit planes (AVX-512: one masked add of 16
-  activations per 16 bits, R rows × N inputs as independent chains; elsewhere a portable C++
-  loop), plus `sparse` for PB-LLM's salient weights. Nothing is dequantized.
+  to SMALL_BATCH inputs per call, a lookup-table GEMV over the bit planes (per x version and
+  4 columns, a table of the 16 subset sums in fp32, so the result stays exact to fp32
+  round-off; AVX-512: a 16-row tile's bytes of one plane column index two tables by their
+  nibbles with `vpermps`, 16 rows × 8 columns per two permutes; elsewhere a portable C++
+  loop of the same lookups), plus `sparse` for PB-LLM's salient weights. Nothing is
+  dequantized.
 - N > GEMV_MAX (prefill): each part's weight is rebuilt ROW_CHUNK rows at a time into one
   reusable buffer (`bitpart_dense`) and multiplied by the dense GEMM; the sparse part is a CSR
   matmul.
@@ -114,8 +117,8 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
     no_scale = torch.empty(0)  # the op's "no column scales"
     for part in form.parts:
         scale = no_scale if part.scale is None else part.scale
-        ops.bitpart(x, part.perm, scale, part.planes, part.plane, part.ver, part.coef,
-                    part.const, part.seg, y, IMPLS[impl])
+        ops.bitpart(x, part.perm, scale, part.planes, part.terms, part.fac, part.coef,
+                    part.seg, y, IMPLS[impl])
     if form.sparse is not None:
         sp = form.sparse
         ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y)
@@ -132,8 +135,8 @@ def _dense_chunks(form: KernelForm, x: Tensor) -> Tensor:
         for r0 in range(0, form.rows, ROW_CHUNK):
             n = min(ROW_CHUNK, form.rows - r0)
             for v in range(xv.shape[1]):
-                ops.bitpart_dense(part.planes, part.plane, part.ver, part.coef, part.const,
-                                  part.seg, v, r0, buf[:n])
+                ops.bitpart_dense(part.planes, part.terms, part.fac, part.coef, part.seg, v,
+                                  r0, buf[:n])
                 y[:, r0:r0 + n].addmm_(xv[:, v], buf[:n].T)
     if form.sparse is not None:
         sp = form.sparse

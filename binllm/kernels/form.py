@@ -5,22 +5,25 @@ Every codes type is rewritten once (at load, from the codes alone: no format cha
     Ŵ x = Σ_parts BitPart(x)  +  SparsePart(x)            (`KernelForm`, y = form · x)
 
 **BitPart.** Its own P columns j (a gather of x's columns, zero-padded), cut into segments of
-whole 16-column chunks (segment s = bytes [seg[s], seg[s+1]) of every plane row):
+whole bytes of 8 columns (segment s = bytes [seg[s], seg[s+1]) of every plane row):
 
     xv_v[j] = x[perm[j]] · scale[v, j]                  x[−1] = 0 (padding); scale None: V = 1, 1
-    y[r]   += Σ_t Σ_s coef[t, r, s] · Σ_{j∈s} B_{plane[t]}[r, j] · xv_{ver[t]}[j]
-            + Σ_v Σ_s const[v, r, s] · Σ_{j∈s} xv_v[j]
+    y[r]   += Σ_t Σ_s fac[t] · coef[c_t, s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[j]
+    B_t     = planes[p_t] ∧ planes[p2_t]       (p2_t = −1: planes[p_t] alone; p_t = −1: B_t = 1)
 
-| field  | meaning                                                    | shape, dtype         |
-|--------|------------------------------------------------------------|----------------------|
-| perm   | x column of part column j, −1 = padding                    | (P,) int64           |
-| scale  | column scales of the x versions (ARB-RC's β), or None      | (V, P) fp32          |
-| seg    | byte offset of each segment in a plane row (16 cols = 2 B) | (nseg + 1,) int64    |
-| planes | bit planes: bit k of byte b is column 8b + k (packing's order) | (NP, rows, P/8) uint8|
-| plane  | plane of term t                                            | (T,) int64           |
-| ver    | x version of term t                                        | (T,) int64           |
-| coef   | coefficient of term t on row r, segment s                  | (T, rows, nseg) fp32 |
-| const  | coefficient of Σ_{j∈s} xv_v[j]                             | (V, rows, nseg) fp32 |
+| field  | meaning                                                        | shape, dtype          |
+|--------|----------------------------------------------------------------|-----------------------|
+| perm   | x column of part column j, −1 = padding                        | (P,) int64            |
+| scale  | column scales of the x versions (ARB-RC's β), or None          | (V, P) fp32           |
+| seg    | byte offset of each segment in a plane row (8 columns a byte)  | (nseg + 1,) int64     |
+| planes | bit planes in 16-row tiles: [i, k, b, q] is byte b of row 16i + q of plane k; bit l | |
+|        | of byte b is column 8b + l (packing's order); padding rows are 0 | (⌈rows/16⌉, NP, P/8, 16) uint8 |
+| terms  | per term t: p_t, p2_t, version v_t, coefficient c_t             | (T, 4) int64          |
+| fac    | factor of term t (a coefficient ±2^k × another is stored once) | (T,) fp32 |
+| coef   | the distinct coefficient arrays, 16 rows of one segment contiguous | (C, nseg, rows) fp32 |
+
+Planes that are the AND of two stored planes (a group bit and a sign) are never stored: the
+kernels AND the bytes. Terms whose coefficient is zero everywhere are dropped.
 
 **SparsePart** (PB-LLM's salient weights, CSR by row, k over the row's entries):
 
@@ -34,16 +37,17 @@ Which codes give which form (`kernel_form(codes)`):
       Ŵ = μ* − Σ_o α*_o β*_o + Σ_o 2 α*_o β*_o s_o
           + Σ_{g≠g*} [ I_g (μ_g − μ* − Σ_o α_go β_go + Σ_o α*_o β*_o)
                        + Σ_o (I_g ∧ s_o) (2 α_go β_go − 2 α*_o β*_o) ]
-  so planes are the signs, the group bits and their AND (BiLLM: 2 planes on salient
-  columns, 3 on the rest); ARB-RC's β_go become x versions (β folded into x).
+  so the stored planes are the signs and the group bits (BiLLM: 2 planes on salient columns,
+  2 + the AND on the rest); ARB-RC's β_go become x versions (β folded into x).
 - UniformCodes (GPTQ): its own form, bit-serial: Ŵ = Σ_k 2^k s · q_k − s·z, one BitPart with
   `bits` planes, segments = quantization groups.
 - PartialBinaryCodes (PB-LLM): a BitPart Ŵ_low = (μ − α) + 2α·(s ∧ ¬salient) over all
   columns (segments = groups), plus a SparsePart holding the 8-bit salient levels, whose
   value replaces the binary one: value − (μ − α) of the weight's group.
 
-`form_dense(form)` rebuilds Ŵ (a test oracle); `form_matmul_torch(form, x)` is the pure-PyTorch
-product (the fallback of `binllm.kernels.cpu`). All fields are plain tensors: `form.to(device)`.
+`binllm.kernels.form_ref` evaluates the form with plain PyTorch (`form_dense` rebuilds Ŵ, a
+test oracle; `form_matmul_torch` is the kernels' fallback). All fields are plain tensors:
+`form.to(device)`.
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ import torch
 from torch import Tensor
 
 from ..methods.codes import BinaryCodes, PartialBinaryCodes, UniformCodes
-from ..packed.packing import pack_bits, unpack_bits
+from ..packed.packing import pack_bits
+from .form_ref import form_dense, form_matmul_torch, part_inputs, tile_planes
 
-CHUNK = 16  # columns per segment chunk: segments are whole chunks (2 bytes of each plane row)
+CHUNK = 8  # columns per segment chunk: segments are whole bytes of each plane row
+FACTORS = frozenset(s * 2.0 ** k for s in (1, -1) for k in range(-2, 8))  # sharing multiples
 
 
 def _move(obj, device):
@@ -65,27 +71,30 @@ def _move(obj, device):
                            if isinstance(getattr(obj, f.name), Tensor)})
 
 
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 @dataclass(frozen=True)
 class BitPart:
-    """Σ of {0,1} bit planes times per-(row, segment) coefficients (module docstring)."""
+    """Σ of {0,1} bit planes (or ANDs of two) times per-(row, segment) coefficients."""
 
+    rows: int
     perm: Tensor
     scale: Tensor | None
     seg: Tensor
     planes: Tensor
-    plane: Tensor
-    ver: Tensor
+    terms: Tensor
+    fac: Tensor
     coef: Tensor
-    const: Tensor
 
     @property
     def width(self) -> int:
         return self.perm.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.perm, self.scale, self.seg, self.planes, self.plane, self.ver,
-                    self.coef, self.const) if t is not None)
+        return _nbytes(self.perm, self.scale, self.seg, self.planes, self.terms, self.fac,
+                       self.coef)
 
     def to(self, device) -> BitPart:
         return _move(self, device)
@@ -112,8 +121,7 @@ class SparsePart:
         return self.scale[r] * (self.q.float() - self.zero[r]) - self.sub[r, c // self.groupsize]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.rowptr, self.col, self.q, self.scale, self.zero, self.sub))
+        return _nbytes(self.rowptr, self.col, self.q, self.scale, self.zero, self.sub)
 
     def to(self, device) -> SparsePart:
         return _move(self, device)
@@ -147,16 +155,31 @@ def _segments(columns: list[Tensor], device) -> tuple[Tensor, Tensor]:
     return torch.cat(perm), torch.tensor(seg, dtype=torch.long, device=device)
 
 
+def _share(arrays: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, float]]]:
+    """Distinct arrays and, per input array, (index, factor) with array = factor · distinct."""
+    distinct, refs = [], []
+    for a in arrays:
+        for i, d in enumerate(distinct):
+            j = d.abs().argmax()
+            k = float(a.flatten()[j] / d.flatten()[j])
+            if k in FACTORS and torch.equal(a, k * d):
+                refs.append((i, k))
+                break
+        else:
+            refs.append((len(distinct), 1.0))
+            distinct.append(a)
+    return distinct, refs
+
+
 class _PartBuilder:
-    """Collects terms (plane key, version key) → coef (rows, nseg) and constants per version."""
+    """Collects terms (plane keys, version key) → coef (rows, nseg); () = the constant term."""
 
     def __init__(self, columns: list[Tensor], rows: int, device):
         self.perm, self.seg = _segments(columns, device)
         self.rows, self.device = rows, device
         self.planes: dict = {}     # key -> bool (rows, P) plane
         self.versions: dict = {}   # key -> (P,) fp32 scale, or None for plain x
-        self.terms: dict = {}      # (plane key, version key) -> (rows, nseg)
-        self.consts: dict = {}     # version key -> (rows, nseg)
+        self.terms: dict = {}      # ((plane keys), version key) -> (rows, nseg)
 
     def gather(self, full: Tensor) -> Tensor:
         """A (rows, cols) or (cols,) tensor at the part's columns, padding = 0."""
@@ -169,21 +192,22 @@ class _PartBuilder:
                 self.gather(scale_cols.to(torch.float32))
         return key
 
-    def term(self, pkey, plane_fn, vkey, c: Tensor) -> None:
-        if pkey not in self.planes:
-            self.planes[pkey] = self.gather(plane_fn())
-        k = (pkey, vkey)
+    def term(self, planes: dict, vkey, c: Tensor) -> None:
+        """Add c · (AND of `planes`, key -> bool (rows, cols) plane thunk; {} = 1) · xv_vkey."""
+        for pkey, fn in planes.items():
+            if pkey not in self.planes:
+                self.planes[pkey] = self.gather(fn())
+        k = (tuple(planes), vkey)
         self.terms[k] = self.terms[k] + c if k in self.terms else c
 
     def const(self, vkey, c: Tensor) -> None:
-        self.consts[vkey] = self.consts[vkey] + c if vkey in self.consts else c
+        self.term({}, vkey, c)
 
     def build(self) -> BitPart:
-        vkeys = list(dict.fromkeys([*self.consts, *(v for _, v in self.terms)]))
-        pkeys = list(self.planes)
-        nseg = self.seg.shape[0] - 1
-        zeros = torch.zeros(self.rows, nseg, device=self.device)
-        if all(self.versions[v] is None for v in vkeys) and len(vkeys) == 1:
+        keys = [k for k, c in self.terms.items() if bool((c != 0).any())]
+        vkeys = list(dict.fromkeys(v for _, v in keys)) or [None]
+        pkeys = list(dict.fromkeys(p for ps, _ in keys for p in ps))
+        if all(self.versions.get(v) is None for v in vkeys) and len(vkeys) == 1:
             scale = None
         else:
             ones = torch.ones(self.perm.shape[0], device=self.device) * (self.perm >= 0)
@@ -192,16 +216,17 @@ class _PartBuilder:
         planes = torch.stack([pack_bits(self.planes[k]) for k in pkeys]) if pkeys else \
             torch.zeros(0, self.rows, self.perm.shape[0] // 8, dtype=torch.uint8,
                         device=self.device)
-        keys = list(self.terms)
+        coef, refs = _share([self.terms[k].float().T.contiguous() for k in keys])  # (nseg, rows)
+        nseg = self.seg.shape[0] - 1
+        terms = [[*(pkeys.index(p) for p in ps), *[-1] * (2 - len(ps)), vkeys.index(v), i]
+                 for (ps, v), (i, _) in zip(keys, refs)]
         return BitPart(
-            perm=self.perm, scale=scale, seg=self.seg, planes=planes,
-            plane=torch.tensor([pkeys.index(p) for p, _ in keys], dtype=torch.long,
-                               device=self.device),
-            ver=torch.tensor([vkeys.index(v) for _, v in keys], dtype=torch.long,
-                             device=self.device),
-            coef=torch.stack([self.terms[k].float() for k in keys]) if keys else
-            torch.zeros(0, self.rows, nseg, device=self.device),
-            const=torch.stack([self.consts.get(v, zeros).float() for v in vkeys]))
+            rows=self.rows, perm=self.perm, scale=scale, seg=self.seg,
+            planes=tile_planes(planes),
+            terms=torch.tensor(terms, dtype=torch.long, device=self.device).reshape(-1, 4),
+            fac=torch.tensor([k for _, k in refs], dtype=torch.float32, device=self.device),
+            coef=torch.stack(coef) if coef else
+            torch.zeros(0, nseg, self.rows, device=self.device))
 
 
 # -- codes → form --------------------------------------------------------------------------
@@ -244,30 +269,28 @@ def _(codes: BinaryCodes) -> KernelForm:
                 return pb.version(None, None)
             return pb.version((g, o), codes.beta[g, o])
 
+        def S(o):
+            return {("s", o): lambda: codes.signs[o]}
+
         order = {g: codes.orders[g] for g in groups}
         ref = max(groups, key=lambda g: (order[g], g))
         if M(ref) is not None:
             pb.const(pb.version(None, None), M(ref))
         for o in range(order[ref]):
             pb.const(v(ref, o), -A(ref, o))
-            pb.term(("s", o), lambda o=o: codes.signs[o], v(ref, o), 2 * A(ref, o))
+            pb.term(S(o), v(ref, o), 2 * A(ref, o))
         for g in groups:
             if g == ref:
                 continue
-
-            def ind(g=g):
-                return codes.group == g
-
+            ind = {("I", g): lambda g=g: codes.group == g}
             if M(g) is not None:
-                pb.term(("I", g), ind, pb.version(None, None), M(g) - M(ref))
+                pb.term(ind, pb.version(None, None), M(g) - M(ref))
             for o in range(order[g]):
-                pb.term(("I", g), ind, v(g, o), -A(g, o))
-                pb.term(("Is", g, o), lambda g=g, o=o: (codes.group == g) & codes.signs[o],
-                        v(g, o), 2 * A(g, o))
+                pb.term(ind, v(g, o), -A(g, o))
+                pb.term({**ind, **S(o)}, v(g, o), 2 * A(g, o))
             for o in range(order[ref]):
-                pb.term(("I", g), ind, v(ref, o), A(ref, o))
-                pb.term(("Is", g, o), lambda g=g, o=o: (codes.group == g) & codes.signs[o],
-                        v(ref, o), -2 * A(ref, o))
+                pb.term(ind, v(ref, o), A(ref, o))
+                pb.term({**ind, **S(o)}, v(ref, o), -2 * A(ref, o))
         parts.append(pb.build())
     return KernelForm(rows, cols, tuple(parts))
 
@@ -286,7 +309,7 @@ def _(codes: UniformCodes) -> KernelForm:
     s = codes.scale.float()  # (rows, ngroups) = (rows, nseg)
     pb.const(plain, -s * codes.zero.float())
     for k in range(codes.bits):
-        pb.term(("q", k), lambda k=k: ((codes.q >> k) & 1).bool(), plain, s * 2.0 ** k)
+        pb.term({("q", k): lambda k=k: ((codes.q >> k) & 1).bool()}, plain, s * 2.0 ** k)
     return KernelForm(rows, cols, (pb.build(),))
 
 
@@ -299,7 +322,7 @@ def _(codes: PartialBinaryCodes) -> KernelForm:
     plain = pb.version(None, None)
     low0 = codes.mu.float() - codes.alpha.float()  # (rows, ngroups): Ŵ where the sign is −1
     pb.const(plain, low0)
-    pb.term(("s",), lambda: codes.signs.bool() & ~sal, plain, 2 * codes.alpha.float())
+    pb.term({("s",): lambda: codes.signs.bool() & ~sal}, plain, 2 * codes.alpha.float())
     r, c = sal.nonzero(as_tuple=True)  # row-major order
     counts = torch.bincount(r, minlength=rows)
     sparse = SparsePart(
@@ -310,64 +333,5 @@ def _(codes: PartialBinaryCodes) -> KernelForm:
     return KernelForm(rows, cols, (pb.build(),), sparse)
 
 
-# -- reference evaluation -------------------------------------------------------------------
-def _part_dense(part: BitPart, rows: slice, v: int) -> Tensor:
-    """Rows `rows` of part's weight over its P columns for x version v (n, P) fp32."""
-    P = part.width
-    nseg = part.seg.shape[0] - 1
-    seg_of = torch.repeat_interleave(torch.arange(nseg, device=part.perm.device),
-                                     part.seg.diff() * 8)  # (P,)
-    W = part.const[v, rows][:, seg_of].clone()  # (n, P)
-    for t in range(part.plane.shape[0]):
-        if int(part.ver[t]) != v:
-            continue
-        bits = unpack_bits(part.planes[int(part.plane[t]), rows], P).float()  # (n, P)
-        W += part.coef[t, rows][:, seg_of] * bits
-    return W
-
-
-def form_dense(form: KernelForm) -> Tensor:
-    """Ŵ (rows, cols) fp32 rebuilt from the form (a test oracle; the kernels never do this)."""
-    W = torch.zeros(form.rows, form.cols + 1, device=_device(form))
-    for part in form.parts:
-        V = 1 if part.scale is None else part.scale.shape[0]
-        idx = torch.where(part.perm >= 0, part.perm, form.cols)
-        for v in range(V):
-            Wv = _part_dense(part, slice(None), v)
-            if part.scale is not None:
-                Wv = Wv * part.scale[v]
-            W.index_add_(1, idx, Wv)
-    if form.sparse is not None:
-        sp = form.sparse
-        r = torch.repeat_interleave(torch.arange(form.rows, device=W.device), sp.rowptr.diff())
-        W.index_put_((r, sp.col.long()), sp.values(), accumulate=True)
-    return W[:, :form.cols]
-
-
-def _device(form: KernelForm) -> torch.device:
-    return form.parts[0].perm.device if form.parts else form.sparse.col.device
-
-
-def part_inputs(part: BitPart, x: Tensor) -> Tensor:
-    """x versions xv (N, V, P) fp32 of x (N, cols)."""
-    xp = torch.cat([x.float(), x.new_zeros(x.shape[0], 1, dtype=torch.float32)], dim=1)
-    xp = xp.index_select(1, torch.where(part.perm >= 0, part.perm, x.shape[1]))  # (N, P)
-    return xp[:, None, :] if part.scale is None else xp[:, None, :] * part.scale[None]
-
-
-def form_matmul_torch(form: KernelForm, x: Tensor, row_chunk: int = 1024) -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 from the form with plain PyTorch ops (x: (N, cols))."""
-    N = x.shape[0]
-    y = torch.zeros(N, form.rows, device=x.device)
-    for part in form.parts:
-        xv = part_inputs(part, x)  # (N, V, P)
-        for r0 in range(0, form.rows, row_chunk):
-            rows = slice(r0, min(r0 + row_chunk, form.rows))
-            for v in range(xv.shape[1]):
-                y[:, rows] += xv[:, v] @ _part_dense(part, rows, v).T
-    if form.sparse is not None:
-        sp = form.sparse
-        r = torch.repeat_interleave(torch.arange(form.rows, device=x.device), sp.rowptr.diff())
-        contrib = x.float()[:, sp.col.long()] * sp.values()[None]  # (N, n)
-        y.index_add_(1, r, contrib)
-    return y
+__all__ = ["BitPart", "SparsePart", "KernelForm", "kernel_form", "form_dense",
+           "form_matmul_torch", "part_inputs"]

@@ -1,17 +1,18 @@
 """Triton kernel of the general kernel form (`binllm.kernels.form`): every codes type on a GPU.
 
 For each BitPart of a layer's KernelForm (x versions xv_v = x[perm] · scale_v, P columns cut
-into segments s of whole 16-column chunks),
+into segments s of whole bytes), with B_t = planes[p_t] ∧ planes[p2_t] (p2_t = −1: one plane)
 
-    y[m, r] += Σ_t Σ_s coef[t, r, s] · Σ_{j∈s} B_{plane[t]}[r, j] · xv_{ver[t]}[m, j]   (kernel)
-             + Σ_v Σ_s const[v, r, s] · Σ_{j∈s} xv_v[m, j]                            (host)
+    y[m, r] += Σ_{t: p_t ≥ 0} Σ_s fac_t coef[c_t, s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[m, j]  (kernel)
+             + Σ_{t: p_t < 0} Σ_s fac_t coef[c_t, s, r] · Σ_{j∈s} xv_{v_t}[m, j]           (host)
 
 One program owns BLOCK_R rows and BLOCK_M inputs; for every term it walks the segments and,
-inside a segment, column tiles of BLOCK_K: it loads the plane's bytes of the tile, expands
+inside a segment, column tiles of BLOCK_K: it loads the planes' bytes of the tile (16-row
+tiles: a tile's bytes of one plane column are contiguous), ANDs the second plane's in, expands
 bit k of byte b to column 8b + k (binllm's bit order) and forms the tile's B·xv (a `tl.dot`
 for BLOCK_M ≥ 16, a multiply-sum for the decode GEMV), then scales the segment's sum by its
-coefficient. Only bit planes and per-(row, segment) coefficients are read. The constant part
-is a (m, V·nseg) × (V·nseg, rows) matmul of the segment sums; PB-LLM's sparse 8-bit part a
+coefficient. Only bit planes and per-(row, segment) coefficients are read. The constant terms
+are (m, nseg) × (nseg, rows) matmuls of the segment sums; PB-LLM's sparse 8-bit part a
 scatter-add over its CSR entries. Tests run it on the CPU with TRITON_INTERPRET=1 against
 `codes.dequantize()`.
 """
@@ -29,8 +30,8 @@ GEMV_MAX_BATCH = 4
 
 
 @triton.jit
-def bitpart_kernel(xv_ptr, planes_ptr, plane_ptr, ver_ptr, coef_ptr, seg_ptr, y_ptr,
-                   M, R, P, PB, NSEG, T,
+def bitpart_kernel(xv_ptr, planes_ptr, terms_ptr, fac_ptr, coef_ptr, seg_ptr, y_ptr,
+                   M, R, P, PB, NP, NSEG, T,
                    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -39,10 +40,15 @@ def bitpart_kernel(xv_ptr, planes_ptr, plane_ptr, ver_ptr, coef_ptr, seg_ptr, y_
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     rmask = rows < R
     mmask = ms < M
+    tile_base = (rows // 16) * NP  # (BR,) first plane of the row's tile
+    lane = rows % 16
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for t in range(T):
-        p = tl.load(plane_ptr + t)
-        v = tl.load(ver_ptr + t)
+        p = tl.load(terms_ptr + 4 * t)
+        p2 = tl.load(terms_ptr + 4 * t + 1)
+        v = tl.load(terms_ptr + 4 * t + 2)
+        ci = tl.load(terms_ptr + 4 * t + 3)
+        f = tl.load(fac_ptr + t)
         for s in range(NSEG):
             c0 = tl.load(seg_ptr + s) * 8
             c1 = tl.load(seg_ptr + s + 1) * 8
@@ -53,14 +59,18 @@ def bitpart_kernel(xv_ptr, planes_ptr, plane_ptr, ver_ptr, coef_ptr, seg_ptr, y_
                 x = tl.load(xv_ptr + (v * M + ms[:, None]) * P + cols[None, :],
                             mask=mmask[:, None] & cmask[None, :], other=0.0)  # (BM, BK) fp32
                 wmask = rmask[:, None] & cmask[None, :]
-                byte = tl.load(planes_ptr + (p * R + rows[:, None]) * PB + (cols[None, :] >> 3),
+                at = (cols[None, :] >> 3) * 16 + lane[:, None]  # (BR, BK) within a tile's plane
+                byte = tl.load(planes_ptr + ((tile_base[:, None] + p) * PB) * 16 + at,
                                mask=wmask, other=0).to(tl.int32)
-                bit = ((byte >> (cols[None, :] & 7)) & 1).to(tl.float32)  # (BR, BK) {0, 1}
+                byte2 = tl.load(planes_ptr + ((tile_base[:, None] + tl.maximum(p2, 0)) * PB) * 16
+                                + at, mask=wmask, other=0).to(tl.int32)
+                byte2 = tl.where(p2 >= 0, byte2, 255)
+                bit = (((byte & byte2) >> (cols[None, :] & 7)) & 1).to(tl.float32)  # (BR, BK)
                 if USE_DOT:
                     part += tl.dot(x, tl.trans(bit), input_precision="ieee")
                 else:
                     part += tl.sum(x[:, None, :] * bit[None, :, :], axis=2)
-            c = tl.load(coef_ptr + (t * R + rows) * NSEG + s, mask=rmask, other=0.0)
+            c = tl.load(coef_ptr + (ci * NSEG + s) * R + rows, mask=rmask, other=0.0) * f
             acc += part * c[None, :]
     ymask = mmask[:, None] & rmask[None, :]
     ptrs = y_ptr + ms[:, None] * R + rows[None, :]
@@ -79,8 +89,13 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
     """y (M, rows) fp32 += the part's product with x (M, cols)."""
     M, R = y.shape
     xv = part_inputs(part, x)  # (M, V, P) fp32
-    y += torch.einsum("mvs,vrs->mr", _segment_sums(part, xv), part.const)
-    T = part.plane.shape[0]
+    const = part.terms[:, 0] < 0
+    if const.any():
+        sums = _segment_sums(part, xv)  # (M, V, nseg)
+        for (_, _, v, c), f in zip(part.terms[const].tolist(), part.fac[const].tolist()):
+            y += f * (sums[:, v] @ part.coef[c])
+    terms = part.terms[~const].contiguous()
+    T = terms.shape[0]
     if T == 0:
         return
     xvt = xv.transpose(0, 1).contiguous()  # (V, M, P)
@@ -90,9 +105,10 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
     br = block_r or (16 if gemv else 32)
     grid = (triton.cdiv(R, br), triton.cdiv(M, block_m))
     bitpart_kernel[grid](
-        xvt, part.planes.contiguous(), part.plane.contiguous(), part.ver.contiguous(),
+        xvt, part.planes.contiguous(), terms, part.fac[~const].contiguous(),
         part.coef.contiguous(), part.seg.contiguous(), y, M, R, P, P // 8,
-        part.seg.shape[0] - 1, T, USE_DOT=not gemv, BLOCK_M=block_m, BLOCK_R=br, BLOCK_K=64)
+        part.planes.shape[1], part.seg.shape[0] - 1, T, USE_DOT=not gemv, BLOCK_M=block_m,
+        BLOCK_R=br, BLOCK_K=64)
 
 
 def form_matmul(form: KernelForm, x: Tensor, *, block_r: int | None = None) -> Tensor:
