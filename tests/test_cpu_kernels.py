@@ -18,7 +18,9 @@ from binllm.packed.layers import BinaryLinear, set_kernels
 
 needs_extension = pytest.mark.skipif(not cpu.extension().ok, reason=cpu.extension().reason)
 # decode, small batches, chunked GEMV, prefill (dense rebuild + GEMM)
-BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3, cpu.GEMV_MAX + 5]
+BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3, cpu.GEMV_MAX + 8]
+# (rows, cols, block): one row; a row tile and a partial one, columns not a multiple of 128
+SHAPES = [(1, 37, 16), (11, 200, 128), (37, 300, 128)]
 
 
 def check(y, x, W):
@@ -38,7 +40,7 @@ def inputs(N, cols, seed=2):
 @pytest.mark.parametrize("impl", list(cpu.IMPLS))
 @pytest.mark.parametrize("name", list(METHODS))
 def test_cpu_kernels_equal_the_dequantized_product_for_every_method(name, impl):
-    for rows, cols, block in [(1, 37, 16), (11, 200, 128)]:
+    for rows, cols, block in SHAPES:
         W, H = layer(rows, cols)
         codes = reconstruct(W, H, get_method(name), block_size=block).codes
         form, Q = kernel_form(codes), codes.dequantize()

@@ -121,7 +121,8 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
                     part.seg, y, IMPLS[impl])
     if form.sparse is not None:
         sp = form.sparse
-        ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y)
+        ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y,
+                   IMPLS[impl])
     return y
 
 

@@ -11,8 +11,10 @@
 //   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
 //   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
 //   in the 16 lanes: one byte load per row, two permutes of a 16-entry table), 1: portable.
-// sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y):
+// sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y, impl):
 //   y[n, r] += sum_k (scale[r] * (q_k - zero[r]) - sub[r, col_k / groupsize]) * x[n, col_k]
+//   (AVX-512: 16 entries at once, x and sub gathered; col / groupsize by a shift, or in fp32
+//   as floor((col + 0.5) / groupsize), exact for cols < 2^22)
 // bitpart_dense(planes, terms, fac, coef, seg, v, r0, out):
 //   out (n, P) = rows [r0, r0 + n) of the part's weight for x version v (the prefill path).
 // Every loop reads only the packed planes; row tiles are split over torch's intra-op threads.
@@ -61,34 +63,35 @@ void build_tables(const float* xv, int64_t NV, int64_t P, float* tab) {
   });
 }
 
-// portable: the same lookups, one row at a time
+// portable: the same lookups, the 16 rows of a tile in an inner loop (vectorisable)
 void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t q = 0; q < TILE && i * TILE + q < p.rows; ++q) {
-      const int64_t r = i * TILE + q;
-      for (int64_t n = 0; n < p.N; ++n) {
-        float tot = 0.f;
-        for (int64_t s = 0; s < p.nseg; ++s)
-          for (int64_t t = 0; t < p.T; ++t) {
-            const int64_t* tm = p.terms + 4 * t;
-            const float c = p.fac[t] * p.coefs(tm[3], s)[r];
-            if (tm[0] < 0) {
-              tot += c * p.sums[(n * p.V + tm[2]) * p.nseg + s];
-              continue;
-            }
-            const uint8_t* b1 = p.tile(i, tm[0]) + q;
-            const uint8_t* b2 = tm[1] >= 0 ? p.tile(i, tm[1]) + q : nullptr;
-            const float* tb = p.table(n, tm[2]);
-            float acc = 0.f;
-            for (int64_t b = p.seg[s]; b < p.seg[s + 1]; ++b) {
-              const unsigned byte = b2 ? b1[b * TILE] & b2[b * TILE] : b1[b * TILE];
-              acc += tb[(2 * b) * 16 + (byte & 15u)] + tb[(2 * b + 1) * 16 + (byte >> 4)];
-            }
-            tot += c * acc;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = i * TILE, nr = std::min<int64_t>(TILE, p.rows - r);
+    for (int64_t n = 0; n < p.N; ++n) {
+      float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
+      for (int64_t s = 0; s < p.nseg; ++s)
+        for (int64_t t = 0; t < p.T; ++t) {
+          const int64_t* tm = p.terms + 4 * t;
+          for (int64_t q = 0; q < nr; ++q) c[q] = p.fac[t] * p.coefs(tm[3], s)[r + q];
+          if (tm[0] < 0) {
+            const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
+            for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
+            continue;
           }
-        y[n * p.rows + r] += tot;
-      }
+          const uint8_t* b1 = p.tile(i, tm[0]);
+          const uint8_t* b2 = tm[1] >= 0 ? p.tile(i, tm[1]) : b1;
+          const float* tb = p.table(n, tm[2]);
+          for (int q = 0; q < TILE; ++q) acc[q] = 0.f;
+          for (int64_t b = p.seg[s]; b < p.seg[s + 1]; ++b)
+            for (int q = 0; q < TILE; ++q) {
+              const unsigned byte = b1[b * TILE + q] & b2[b * TILE + q];
+              acc[q] += tb[32 * b + (byte & 15u)] + tb[32 * b + 16 + (byte >> 4)];
+            }
+          for (int q = 0; q < TILE; ++q) tot[q] += c[q] * acc[q];
+        }
+      for (int64_t q = 0; q < nr; ++q) y[n * p.rows + r + q] += tot[q];
     }
+  }
 }
 
 #ifdef __AVX512F__
@@ -286,9 +289,39 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
   });
 }
 
+#ifdef __AVX512F__
+// 16 entries of a row at once: x and sub gathered, the value sc (q - ze) - sub in registers
+void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const int32_t* cp,
+                        const uint8_t* qp, const float* sc, const float* ze, const float* sb,
+                        int64_t ng, int64_t groupsize, int shift, int64_t N, int64_t rows,
+                        float* out, int64_t r0, int64_t r1) {
+  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(groupsize));
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m512 s = _mm512_set1_ps(sc[r]), z = _mm512_set1_ps(ze[r]);
+    __m512 acc[8];
+    for (int64_t n = 0; n < N; ++n) acc[n] = _mm512_setzero_ps();
+    for (int64_t k = rp[r]; k < rp[r + 1]; k += 16) {
+      const __mmask16 m = static_cast<__mmask16>(
+          (1u << std::min<int64_t>(16, rp[r + 1] - k)) - 1u);
+      const __m512i c = _mm512_maskz_loadu_epi32(m, cp + k);
+      const __m512i g = shift >= 0 ? _mm512_srli_epi32(c, static_cast<unsigned>(shift)) :
+          _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(c), half), inv));
+      const __m512 sub = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, g, sb + r * ng, 4);
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qp + k)));
+      const __m512 val = _mm512_fmsub_ps(s, _mm512_sub_ps(q, z), sub);
+      for (int64_t n = 0; n < N; ++n)
+        acc[n] = _mm512_fmadd_ps(
+            val, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, xp + n * cols, 4), acc[n]);
+    }
+    for (int64_t n = 0; n < N; ++n) out[n * rows + r] += _mm512_reduce_add_ps(acc[n]);
+  }
+}
+#endif
+
 void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
             const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-            const at::Tensor& sub, int64_t groupsize, at::Tensor y) {
+            const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
   check(rowptr.scalar_type() == at::kLong && col.scalar_type() == at::kInt &&
             q.scalar_type() == at::kByte && sub.is_contiguous() && groupsize > 0,
@@ -303,7 +336,17 @@ void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col
   float* out = y.data_ptr<float>();
   const int64_t nnz = rp[rows];  // at least ~64k entries per task: small layers stay serial
   const int64_t grain = std::max<int64_t>(64, rows * 65536 / std::max<int64_t>(1, nnz * N));
+  int shift = -1;  // groupsize = 2^shift: the group by a shift, else by a float division
+  for (int b = 0; b < 31; ++b)
+    if (groupsize == (int64_t{1} << b)) shift = b;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+#ifdef __AVX512F__
+    if (impl == 0 && cols < (int64_t{1} << 22) && N <= 8) {
+      sparse_rows_avx512(xp, cols, rp, cp, qp, sc, ze, sb, ng, groupsize, shift, N, rows, out,
+                         r0, r1);
+      return;
+    }
+#endif
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t n = 0; n < N; ++n) {
         const float* xr = xp + n * cols;
@@ -333,7 +376,7 @@ TORCH_LIBRARY(binllm_cpu, m) {
   m.def("bitpart_dense(Tensor planes, Tensor terms, Tensor fac, Tensor coef, Tensor seg, "
         "int v, int r0, Tensor(a!) out) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
-        "Tensor sub, int groupsize, Tensor(a!) y) -> ()");
+        "Tensor sub, int groupsize, Tensor(a!) y, int impl) -> ()");
   m.def("has_avx512() -> bool", has_avx512);
 }
 
