@@ -117,8 +117,8 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
     no_scale = torch.empty(0)  # the op's "no column scales"
     for part in form.parts:
         scale = no_scale if part.scale is None else part.scale
-        ops.bitpart(x, part.perm, scale, part.planes, part.terms, part.fac, part.coef,
-                    part.seg, y, IMPLS[impl])
+        ops.bitpart(x, part.perm, scale, part.planes, part.terms, part.cptr, part.cidx,
+                    part.fac, part.coef, part.seg, y, IMPLS[impl])
     if form.sparse is not None:
         sp = form.sparse
         ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y,
@@ -136,8 +136,8 @@ def _dense_chunks(form: KernelForm, x: Tensor) -> Tensor:
         for r0 in range(0, form.rows, ROW_CHUNK):
             n = min(ROW_CHUNK, form.rows - r0)
             for v in range(xv.shape[1]):
-                ops.bitpart_dense(part.planes, part.terms, part.fac, part.coef, part.seg, v,
-                                  r0, buf[:n])
+                ops.bitpart_dense(part.planes, part.terms, part.cptr, part.cidx, part.fac,
+                                  part.coef, part.seg, v, r0, buf[:n])
                 y[:, r0:r0 + n].addmm_(xv[:, v], buf[:n].T)
     if form.sparse is not None:
         sp = form.sparse

@@ -1,13 +1,15 @@
 // CPU kernels of binllm's kernel form (binllm/kernels/form.py), registered as torch.ops.binllm_cpu.
 //
-// bitpart(x, perm, scale, planes, terms, fac, coef, seg, y, impl):
+// bitpart(x, perm, scale, planes, terms, cptr, cidx, fac, coef, seg, y, impl):
 //   xv[n, v, j] = x[n, perm[j]] * scale[v, j]   (0 where perm[j] < 0; scale empty: V = 1, ones)
-//   y[n, r] += sum_t sum_s fac[t] coef[c_t, s, r] * sum_{j in s} B_t[r, j] * xv[n, v_t, j]
+//   y[n, r] += sum_t sum_s C_t[s, r] * sum_{j in s} B_t[r, j] * xv[n, v_t, j]
 //   B_t = plane p_t AND plane p2_t (p2_t < 0: plane p_t; p_t < 0: all ones, the segment sum)
+//   C_t = sum_{k in [cptr[t], cptr[t+1])} fac[k] * coef[cidx[k]]
 //   x (N, cols) fp32, perm (P,) int64, scale (V, P) fp32 or (0,),
 //   planes (ceil(rows/16), NP, P/8, 16) uint8: [i, k, b, q] = byte b of row 16 i + q of plane k
-//   (bit l of byte b = column 8 b + l), terms (T, 4) int64 (p, p2, v, c), fac (T,) fp32,
-//   coef (C, nseg, rows) fp32, seg (nseg + 1,) int64 byte offsets, y (N, rows) fp32.
+//   (bit l of byte b = column 8 b + l), terms (T, 3) int64 (p, p2, v), cptr (T + 1,) int64,
+//   cidx (nnz,) int64, fac (nnz,) fp32, coef (C, nseg, rows) fp16 or fp32,
+//   seg (nseg + 1,) int64 byte offsets, y (N, rows) fp32.
 //   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
 //   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
 //   in the 16 lanes: one byte load per row, two permutes of a 16-entry table), 1: portable.
@@ -15,12 +17,13 @@
 //   y[n, r] += sum_k (scale[r] * (q_k - zero[r]) - sub[r, col_k / groupsize]) * x[n, col_k]
 //   (AVX-512: 16 entries at once, x and sub gathered; col / groupsize by a shift, or in fp32
 //   as floor((col + 0.5) / groupsize), exact for cols < 2^22)
-// bitpart_dense(planes, terms, fac, coef, seg, v, r0, out):
+// bitpart_dense(planes, terms, cptr, cidx, fac, coef, seg, v, r0, out):
 //   out (n, P) = rows [r0, r0 + n) of the part's weight for x version v (the prefill path).
 // Every loop reads only the packed planes; row tiles are split over torch's intra-op threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,12 +41,22 @@ constexpr int64_t TILE = 16;
 struct Part {
   const float* tab;   // (N, V, P/4, 16) subset sums
   const float* sums;  // (N, V, nseg) segment sums
-  const uint8_t* planes; const int64_t* terms; const float* fac; const float* coef;
+  const uint8_t* planes; const int64_t* terms; const int64_t* cptr; const int64_t* cidx;
+  const float* fac; const void* coef; bool half;
   const int64_t* seg;
   int64_t N, V, P, rows, PB, NP, T, nseg;
   const uint8_t* tile(int64_t i, int64_t k) const { return planes + ((i * NP + k) * PB) * TILE; }
   const float* table(int64_t n, int64_t v) const { return tab + (n * V + v) * (P / 4) * 16; }
-  const float* coefs(int64_t c, int64_t s) const { return coef + (c * nseg + s) * rows; }
+  // C_t[s, r .. r + nr)
+  void coefs(int64_t t, int64_t s, int64_t r, int64_t nr, float* c) const {
+    for (int64_t q = 0; q < nr; ++q) c[q] = 0.f;
+    for (int64_t k = cptr[t]; k < cptr[t + 1]; ++k) {
+      const int64_t at = (cidx[k] * nseg + s) * rows + r;
+      for (int64_t q = 0; q < nr; ++q)
+        c[q] += fac[k] * (half ? static_cast<float>(static_cast<const c10::Half*>(coef)[at + q])
+                               : static_cast<const float*>(coef)[at + q]);
+    }
+  }
 };
 
 // tab[n, v, g, i] = sum of xv[n, v, 4 g + l] over the bits l of i
@@ -71,8 +84,8 @@ void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
       float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
       for (int64_t s = 0; s < p.nseg; ++s)
         for (int64_t t = 0; t < p.T; ++t) {
-          const int64_t* tm = p.terms + 4 * t;
-          for (int64_t q = 0; q < nr; ++q) c[q] = p.fac[t] * p.coefs(tm[3], s)[r + q];
+          const int64_t* tm = p.terms + 3 * t;
+          p.coefs(t, s, r, nr, c);
           if (tm[0] < 0) {
             const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
             for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
@@ -120,6 +133,19 @@ inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t
   for (int n = 0; n < N; ++n) acc[n] = _mm512_add_ps(acc[n], acc2[n]);
 }
 
+// C_t[s, r .. r + 16) (lanes outside m: 0)
+inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m) {
+  __m512 c = _mm512_setzero_ps();
+  for (int64_t k = p.cptr[t]; k < p.cptr[t + 1]; ++k) {
+    const int64_t at = (p.cidx[k] * p.nseg + s) * p.rows + r;
+    const __m512 a = p.half ?
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p.coef) + at)) :
+        _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.coef) + at);
+    c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
+  }
+  return c;
+}
+
 template <int N>
 void tile_lut(const Part& p, float* y, int64_t i) {
   const int64_t r = i * TILE;
@@ -129,9 +155,8 @@ void tile_lut(const Part& p, float* y, int64_t i) {
   for (int64_t s = 0; s < p.nseg; ++s) {
     const int64_t b0 = p.seg[s], b1 = p.seg[s + 1];
     for (int64_t t = 0; t < p.T; ++t) {
-      const int64_t* tm = p.terms + 4 * t;
-      const __m512 c = _mm512_mul_ps(_mm512_set1_ps(p.fac[t]),
-                                     _mm512_maskz_loadu_ps(m, p.coefs(tm[3], s) + r));
+      const int64_t* tm = p.terms + 3 * t;
+      const __m512 c = coef16(p, t, s, r, m);
       if (tm[0] < 0) {  // constant term: the segment sum
         for (int n = 0; n < N; ++n)
           tot[n] = _mm512_fmadd_ps(
@@ -173,23 +198,29 @@ bool tiles_avx512_dispatch(const Part& p, float* y, int64_t i0, int64_t i1) {
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "binllm_cpu: ", what); }
 
-void check_part(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& fac,
-                const at::Tensor& coef, const at::Tensor& seg) {
+void check_part(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                const at::Tensor& seg) {
   check(planes.dim() == 4 && planes.size(3) == TILE && planes.scalar_type() == at::kByte &&
             planes.is_contiguous(), "planes (ceil(rows/16), NP, P/8, 16) uint8");
-  check(terms.dim() == 2 && terms.size(1) == 4 && terms.scalar_type() == at::kLong &&
-            terms.is_contiguous(), "terms (T, 4) int64");
-  check(fac.scalar_type() == at::kFloat && fac.is_contiguous() && fac.numel() == terms.size(0),
-        "fac (T,) f32");
-  check(coef.dim() == 3 && coef.scalar_type() == at::kFloat && coef.is_contiguous(),
-        "coef (C, nseg, rows) f32");
+  check(terms.dim() == 2 && terms.size(1) == 3 && terms.scalar_type() == at::kLong &&
+            terms.is_contiguous(), "terms (T, 3) int64");
+  check(cptr.scalar_type() == at::kLong && cptr.is_contiguous() &&
+            cptr.numel() == terms.size(0) + 1 && cidx.scalar_type() == at::kLong &&
+            cidx.is_contiguous() && fac.scalar_type() == at::kFloat && fac.is_contiguous() &&
+            fac.numel() == cidx.numel(), "cptr (T + 1,) int64, cidx (nnz,) int64, fac f32");
+  check(coef.dim() == 3 && (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kHalf) &&
+            coef.is_contiguous(), "coef (C, nseg, rows) f32 or f16");
   check(seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.size(0) == coef.size(1) + 1,
         "seg (nseg + 1,) int64");
-  const int64_t* tm = terms.data_ptr<int64_t>();
+  const int64_t *tm = terms.data_ptr<int64_t>(), *cp = cptr.data_ptr<int64_t>(),
+                *ci = cidx.data_ptr<int64_t>();
   for (int64_t t = 0; t < terms.size(0); ++t)
-    check(tm[4 * t] < planes.size(1) && tm[4 * t + 1] < planes.size(1) &&
-              tm[4 * t + 3] >= 0 && tm[4 * t + 3] < coef.size(0) &&
-              (tm[4 * t] >= 0 || tm[4 * t + 1] < 0), "terms outside the planes or coef");
+    check(tm[3 * t] < planes.size(1) && tm[3 * t + 1] < planes.size(1) &&
+              (tm[3 * t] >= 0 || tm[3 * t + 1] < 0) && cp[t] >= 0 && cp[t] <= cp[t + 1] &&
+              cp[t + 1] <= cidx.numel(), "terms outside the planes or entries");
+  for (int64_t k = 0; k < cidx.numel(); ++k)
+    check(ci[k] >= 0 && ci[k] < coef.size(0), "cidx outside coef");
 }
 
 // xv (N, V, P), gathered and scaled
@@ -213,11 +244,12 @@ std::vector<float> inputs(const at::Tensor& x, const at::Tensor& perm, const at:
 }
 
 void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
-             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& fac,
-             const at::Tensor& coef, const at::Tensor& seg, at::Tensor y, int64_t impl) {
+             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+             const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+             const at::Tensor& seg, at::Tensor y, int64_t impl) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
   check(perm.scalar_type() == at::kLong && perm.is_contiguous(), "perm (P,) int64");
-  check_part(planes, terms, fac, coef, seg);
+  check_part(planes, terms, cptr, cidx, fac, coef, seg);
   const int64_t N = x.size(0), P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
   const int64_t V = scale.numel() ? scale.size(0) : 1;
   check(!scale.numel() || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
@@ -237,7 +269,8 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
       sums[nv * nseg + s] = static_cast<float>(a);
     }
   const Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
-               fac.data_ptr<float>(), coef.data_ptr<float>(), sg, N, V, P, rows,
+               cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
+               coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
                planes.size(2), planes.size(1), terms.size(0), nseg};
   float* out = y.data_ptr<float>();
   const int64_t tiles = (rows + TILE - 1) / TILE;
@@ -251,17 +284,18 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
   });
 }
 
-void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& fac,
-                   const at::Tensor& coef, const at::Tensor& seg, int64_t v, int64_t r0,
-                   at::Tensor out) {
-  check_part(planes, terms, fac, coef, seg);
+void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                   const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                   const at::Tensor& seg, int64_t v, int64_t r0, at::Tensor out) {
+  check_part(planes, terms, cptr, cidx, fac, coef, seg);
   const int64_t P = planes.size(2) * 8, rows = coef.size(2), nseg = coef.size(1);
   const int64_t n = out.size(0), T = terms.size(0), PB = planes.size(2), NP = planes.size(1);
   check(out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == P &&
             r0 >= 0 && r0 + n <= rows, "out (n, P) f32 inside the rows");
-  const uint8_t* pl = planes.data_ptr<uint8_t>();
-  const int64_t *tm = terms.data_ptr<int64_t>(), *sg = seg.data_ptr<int64_t>();
-  const float *fc = fac.data_ptr<float>(), *cf = coef.data_ptr<float>();
+  const Part p{nullptr, nullptr, planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
+               cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
+               coef.data_ptr(), coef.scalar_type() == at::kHalf, seg.data_ptr<int64_t>(), 0, 0,
+               P, rows, PB, NP, T, nseg};
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, P * T)),
                    [&](int64_t a, int64_t b) {
@@ -270,14 +304,15 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
       float* w = o + i * P;
       std::fill(w, w + P, 0.f);
       auto byte_of = [&](int64_t k, int64_t col) {
-        return pl[(((r / TILE) * NP + k) * PB + col) * TILE + r % TILE];
+        return p.planes[(((r / TILE) * NP + k) * PB + col) * TILE + r % TILE];
       };
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t* tt = tm + 4 * t;
+        const int64_t* tt = p.terms + 3 * t;
         if (tt[2] != v) continue;
         for (int64_t s = 0; s < nseg; ++s) {
-          const float c = fc[t] * cf[(tt[3] * nseg + s) * rows + r];
-          for (int64_t bb = sg[s]; bb < sg[s + 1]; ++bb) {
+          float c;
+          p.coefs(t, s, r, 1, &c);
+          for (int64_t bb = p.seg[s]; bb < p.seg[s + 1]; ++bb) {
             const unsigned byte = tt[0] < 0 ? 0xffu :
                 tt[1] < 0 ? byte_of(tt[0], bb) : byte_of(tt[0], bb) & byte_of(tt[1], bb);
             float* wb = w + 8 * bb;
@@ -371,10 +406,10 @@ bool has_avx512() {
 }  // namespace
 
 TORCH_LIBRARY(binllm_cpu, m) {
-  m.def("bitpart(Tensor x, Tensor perm, Tensor scale, Tensor planes, Tensor terms, Tensor fac, "
-        "Tensor coef, Tensor seg, Tensor(a!) y, int impl) -> ()");
-  m.def("bitpart_dense(Tensor planes, Tensor terms, Tensor fac, Tensor coef, Tensor seg, "
-        "int v, int r0, Tensor(a!) out) -> ()");
+  m.def("bitpart(Tensor x, Tensor perm, Tensor scale, Tensor planes, Tensor terms, Tensor cptr, "
+        "Tensor cidx, Tensor fac, Tensor coef, Tensor seg, Tensor(a!) y, int impl) -> ()");
+  m.def("bitpart_dense(Tensor planes, Tensor terms, Tensor cptr, Tensor cidx, Tensor fac, "
+        "Tensor coef, Tensor seg, int v, int r0, Tensor(a!) out) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
         "Tensor sub, int groupsize, Tensor(a!) y, int impl) -> ()");
   m.def("has_avx512() -> bool", has_avx512);

@@ -8,8 +8,9 @@ Every codes type is rewritten once (at load, from the codes alone: no format cha
 whole bytes of 8 columns (segment s = bytes [seg[s], seg[s+1]) of every plane row):
 
     xv_v[j] = x[perm[j]] · scale[v, j]                  x[−1] = 0 (padding); scale None: V = 1, 1
-    y[r]   += Σ_t Σ_s fac[t] · coef[c_t, s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[j]
+    y[r]   += Σ_t Σ_s C_t[s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[j]
     B_t     = planes[p_t] ∧ planes[p2_t]       (p2_t = −1: planes[p_t] alone; p_t = −1: B_t = 1)
+    C_t     = Σ_{k ∈ [cptr[t], cptr[t+1])} fac[k] · coef[cidx[k]]
 
 | field  | meaning                                                        | shape, dtype          |
 |--------|----------------------------------------------------------------|-----------------------|
@@ -18,12 +19,16 @@ whole bytes of 8 columns (segment s = bytes [seg[s], seg[s+1]) of every plane ro
 | seg    | byte offset of each segment in a plane row (8 columns a byte)  | (nseg + 1,) int64     |
 | planes | bit planes in 16-row tiles: [i, k, b, q] is byte b of row 16i + q of plane k; bit l | |
 |        | of byte b is column 8b + l (packing's order); padding rows are 0 | (⌈rows/16⌉, NP, P/8, 16) uint8 |
-| terms  | per term t: p_t, p2_t, version v_t, coefficient c_t             | (T, 4) int64          |
-| fac    | factor of term t (a coefficient ±2^k × another is stored once) | (T,) fp32 |
-| coef   | the distinct coefficient arrays, 16 rows of one segment contiguous | (C, nseg, rows) fp32 |
+| terms  | per term t: p_t, p2_t, version v_t                             | (T, 3) int64          |
+| cptr   | term t's coefficient is the sum of entries cptr[t] … cptr[t+1] − 1 | (T + 1,) int64    |
+| cidx, fac | per entry: a stored coefficient array and its factor        | (nnz,) int64, fp32    |
+| coef   | the distinct coefficient arrays (the codes' α, μ: one ±2^k multiple of another is |  |
+|        | stored once), 16 rows of one segment contiguous; fp16 when every value is | (C, nseg, rows) |
+|        | exactly an fp16 (the codes' fp16 scales), else fp32            | fp16 or fp32          |
 
 Planes that are the AND of two stored planes (a group bit and a sign) are never stored: the
-kernels AND the bytes. Terms whose coefficient is zero everywhere are dropped.
+kernels AND the bytes, and sum a term's coefficient from the stored arrays (so that a
+coefficient such as μ_g − μ* − α_g + α* costs no memory of its own). Zero arrays are dropped.
 
 **SparsePart** (PB-LLM's salient weights, CSR by row, k over the row's entries):
 
@@ -85,6 +90,8 @@ class BitPart:
     seg: Tensor
     planes: Tensor
     terms: Tensor
+    cptr: Tensor
+    cidx: Tensor
     fac: Tensor
     coef: Tensor
 
@@ -93,8 +100,8 @@ class BitPart:
         return self.perm.shape[0]
 
     def nbytes(self) -> int:
-        return _nbytes(self.perm, self.scale, self.seg, self.planes, self.terms, self.fac,
-                       self.coef)
+        return _nbytes(self.perm, self.scale, self.seg, self.planes, self.terms, self.cptr,
+                       self.cidx, self.fac, self.coef)
 
     def to(self, device) -> BitPart:
         return _move(self, device)
@@ -172,14 +179,15 @@ def _share(arrays: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, float]]]
 
 
 class _PartBuilder:
-    """Collects terms (plane keys, version key) → coef (rows, nseg); () = the constant term."""
+    """Collects terms (plane keys, version key) → coefficient arrays (rows, nseg) to sum;
+    plane keys () = the constant term."""
 
     def __init__(self, columns: list[Tensor], rows: int, device):
         self.perm, self.seg = _segments(columns, device)
         self.rows, self.device = rows, device
         self.planes: dict = {}     # key -> bool (rows, P) plane
         self.versions: dict = {}   # key -> (P,) fp32 scale, or None for plain x
-        self.terms: dict = {}      # ((plane keys), version key) -> (rows, nseg)
+        self.terms: dict = {}      # ((plane keys), version key) -> [(rows, nseg), ...]
 
     def gather(self, full: Tensor) -> Tensor:
         """A (rows, cols) or (cols,) tensor at the part's columns, padding = 0."""
@@ -198,13 +206,24 @@ class _PartBuilder:
             if pkey not in self.planes:
                 self.planes[pkey] = self.gather(fn())
         k = (tuple(planes), vkey)
-        self.terms[k] = self.terms[k] + c if k in self.terms else c
+        self.terms.setdefault(k, []).append(c.float())
 
     def const(self, vkey, c: Tensor) -> None:
         self.term({}, vkey, c)
 
     def build(self) -> BitPart:
-        keys = [k for k, c in self.terms.items() if bool((c != 0).any())]
+        parts = {k: [c.T.contiguous() for c in cs if bool((c != 0).any())]  # (nseg, rows)
+                 for k, cs in self.terms.items()}
+        coef, refs = _share([c for cs in parts.values() for c in cs])
+        sums, at = {}, 0
+        for k, cs in parts.items():  # per term: stored array -> summed factor
+            fac: dict = {}
+            for i, f in refs[at:at + len(cs)]:
+                fac[i] = fac.get(i, 0.0) + f
+            at += len(cs)
+            if any(f != 0 for f in fac.values()):
+                sums[k] = {i: f for i, f in fac.items() if f != 0}
+        keys = list(sums)
         vkeys = list(dict.fromkeys(v for _, v in keys)) or [None]
         pkeys = list(dict.fromkeys(p for ps, _ in keys for p in ps))
         if all(self.versions.get(v) is None for v in vkeys) and len(vkeys) == 1:
@@ -216,17 +235,23 @@ class _PartBuilder:
         planes = torch.stack([pack_bits(self.planes[k]) for k in pkeys]) if pkeys else \
             torch.zeros(0, self.rows, self.perm.shape[0] // 8, dtype=torch.uint8,
                         device=self.device)
-        coef, refs = _share([self.terms[k].float().T.contiguous() for k in keys])  # (nseg, rows)
         nseg = self.seg.shape[0] - 1
-        terms = [[*(pkeys.index(p) for p in ps), *[-1] * (2 - len(ps)), vkeys.index(v), i]
-                 for (ps, v), (i, _) in zip(keys, refs)]
+        coef = torch.stack(coef) if coef else torch.zeros(0, nseg, self.rows, device=self.device)
+        if torch.equal(coef.half().float(), coef):
+            coef = coef.half()  # the codes' fp16 scales: exact in half the bytes
+        terms = [[*(pkeys.index(p) for p in ps), *[-1] * (2 - len(ps)), vkeys.index(v)]
+                 for ps, v in keys]
+        lens = torch.tensor([0] + [len(sums[k]) for k in keys], dtype=torch.long)
         return BitPart(
             rows=self.rows, perm=self.perm, scale=scale, seg=self.seg,
             planes=tile_planes(planes),
-            terms=torch.tensor(terms, dtype=torch.long, device=self.device).reshape(-1, 4),
-            fac=torch.tensor([k for _, k in refs], dtype=torch.float32, device=self.device),
-            coef=torch.stack(coef) if coef else
-            torch.zeros(0, nseg, self.rows, device=self.device))
+            terms=torch.tensor(terms, dtype=torch.long, device=self.device).reshape(-1, 3),
+            cptr=lens.cumsum(0).to(self.device),
+            cidx=torch.tensor([i for k in keys for i in sums[k]], dtype=torch.long,
+                              device=self.device),
+            fac=torch.tensor([f for k in keys for f in sums[k].values()], dtype=torch.float32,
+                             device=self.device),
+            coef=coef)
 
 
 # -- codes → form --------------------------------------------------------------------------
@@ -284,7 +309,8 @@ def _(codes: BinaryCodes) -> KernelForm:
                 continue
             ind = {("I", g): lambda g=g: codes.group == g}
             if M(g) is not None:
-                pb.term(ind, pb.version(None, None), M(g) - M(ref))
+                pb.term(ind, pb.version(None, None), M(g))
+                pb.term(ind, pb.version(None, None), -M(ref))
             for o in range(order[g]):
                 pb.term(ind, v(g, o), -A(g, o))
                 pb.term({**ind, **S(o)}, v(g, o), 2 * A(g, o))
@@ -321,7 +347,8 @@ def _(codes: PartialBinaryCodes) -> KernelForm:
     pb = _PartBuilder(_group_columns(cols, codes.groupsize, dev), rows, dev)
     plain = pb.version(None, None)
     low0 = codes.mu.float() - codes.alpha.float()  # (rows, ngroups): Ŵ where the sign is −1
-    pb.const(plain, low0)
+    pb.const(plain, codes.mu.float())
+    pb.const(plain, -codes.alpha.float())
     pb.term({("s",): lambda: codes.signs.bool() & ~sal}, plain, 2 * codes.alpha.float())
     r, c = sal.nonzero(as_tuple=True)  # row-major order
     counts = torch.bincount(r, minlength=rows)

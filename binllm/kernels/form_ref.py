@@ -43,6 +43,12 @@ def _term_bits(part, t: int, rows: slice, n: int) -> Tensor | None:
     return unpack_bits(byts, part.width).float()
 
 
+def term_coef(part, t: int) -> Tensor:
+    """C_t (nseg, rows) fp32: Σ fac · coef over the term's entries."""
+    k = slice(int(part.cptr[t]), int(part.cptr[t + 1]))
+    return (part.fac[k, None, None] * part.coef[part.cidx[k]].float()).sum(0)
+
+
 def _part_dense(part, rows: slice, v: int) -> Tensor:
     """Rows `rows` of part's weight over its P columns for x version v (n, P) fp32."""
     nseg = part.seg.shape[0] - 1
@@ -53,7 +59,7 @@ def _part_dense(part, rows: slice, v: int) -> Tensor:
     for t in range(part.terms.shape[0]):
         if int(part.terms[t, 2]) != v:
             continue
-        c = part.fac[t] * part.coef[int(part.terms[t, 3])][:, rows].T  # (n, nseg)
+        c = term_coef(part, t)[:, rows].T  # (n, nseg)
         bits = _term_bits(part, t, rows, n)
         W += c[:, seg_of] if bits is None else c[:, seg_of] * bits
     return W

@@ -3,8 +3,10 @@
 For each BitPart of a layer's KernelForm (x versions xv_v = x[perm] · scale_v, P columns cut
 into segments s of whole bytes), with B_t = planes[p_t] ∧ planes[p2_t] (p2_t = −1: one plane)
 
-    y[m, r] += Σ_{t: p_t ≥ 0} Σ_s fac_t coef[c_t, s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[m, j]  (kernel)
-             + Σ_{t: p_t < 0} Σ_s fac_t coef[c_t, s, r] · Σ_{j∈s} xv_{v_t}[m, j]           (host)
+    y[m, r] += Σ_{t: p_t ≥ 0} Σ_s C_t[s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[m, j]   (kernel)
+             + Σ_{t: p_t < 0} Σ_s C_t[s, r] · Σ_{j∈s} xv_{v_t}[m, j]              (host)
+
+(C_t = Σ fac · coef over the term's entries, summed in the kernel).
 
 One program owns BLOCK_R rows and BLOCK_M inputs; for every term it walks the segments and,
 inside a segment, column tiles of BLOCK_K: it loads the planes' bytes of the tile (16-row
@@ -25,12 +27,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .form import BitPart, KernelForm, part_inputs
+from .form_ref import term_coef
 
 GEMV_MAX_BATCH = 4
 
 
 @triton.jit
-def bitpart_kernel(xv_ptr, planes_ptr, terms_ptr, fac_ptr, coef_ptr, seg_ptr, y_ptr,
+def bitpart_kernel(xv_ptr, planes_ptr, terms_ptr, cptr_ptr, cidx_ptr, fac_ptr, coef_ptr, seg_ptr,
+                   y_ptr,
                    M, R, P, PB, NP, NSEG, T,
                    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -44,11 +48,11 @@ def bitpart_kernel(xv_ptr, planes_ptr, terms_ptr, fac_ptr, coef_ptr, seg_ptr, y_
     lane = rows % 16
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for t in range(T):
-        p = tl.load(terms_ptr + 4 * t)
-        p2 = tl.load(terms_ptr + 4 * t + 1)
-        v = tl.load(terms_ptr + 4 * t + 2)
-        ci = tl.load(terms_ptr + 4 * t + 3)
-        f = tl.load(fac_ptr + t)
+        p = tl.load(terms_ptr + 3 * t)
+        p2 = tl.load(terms_ptr + 3 * t + 1)
+        v = tl.load(terms_ptr + 3 * t + 2)
+        e0 = tl.load(cptr_ptr + t)
+        e1 = tl.load(cptr_ptr + t + 1)
         for s in range(NSEG):
             c0 = tl.load(seg_ptr + s) * 8
             c1 = tl.load(seg_ptr + s + 1) * 8
@@ -70,7 +74,11 @@ def bitpart_kernel(xv_ptr, planes_ptr, terms_ptr, fac_ptr, coef_ptr, seg_ptr, y_
                     part += tl.dot(x, tl.trans(bit), input_precision="ieee")
                 else:
                     part += tl.sum(x[:, None, :] * bit[None, :, :], axis=2)
-            c = tl.load(coef_ptr + (ci * NSEG + s) * R + rows, mask=rmask, other=0.0) * f
+            c = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k in range(e0, e1):  # the term's coefficient: Σ fac · stored array
+                ci = tl.load(cidx_ptr + k)
+                c += tl.load(fac_ptr + k) * tl.load(coef_ptr + (ci * NSEG + s) * R + rows,
+                                                    mask=rmask, other=0.0).to(tl.float32)
             acc += part * c[None, :]
     ymask = mmask[:, None] & rmask[None, :]
     ptrs = y_ptr + ms[:, None] * R + rows[None, :]
@@ -92,9 +100,14 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
     const = part.terms[:, 0] < 0
     if const.any():
         sums = _segment_sums(part, xv)  # (M, V, nseg)
-        for (_, _, v, c), f in zip(part.terms[const].tolist(), part.fac[const].tolist()):
-            y += f * (sums[:, v] @ part.coef[c])
-    terms = part.terms[~const].contiguous()
+        for t in torch.nonzero(const).flatten().tolist():
+            y += sums[:, int(part.terms[t, 2])] @ term_coef(part, t)
+    bit = torch.nonzero(~const).flatten()
+    terms = part.terms[bit].contiguous()
+    lo, hi = part.cptr[bit], part.cptr[bit + 1]  # the bit terms' entries, renumbered
+    entries = torch.cat([torch.arange(a, b, device=y.device) for a, b in
+                         zip(lo.tolist(), hi.tolist())]) if len(bit) else lo
+    cptr = torch.cat([lo.new_zeros(1), (hi - lo).cumsum(0)])
     T = terms.shape[0]
     if T == 0:
         return
@@ -105,8 +118,8 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
     br = block_r or (16 if gemv else 32)
     grid = (triton.cdiv(R, br), triton.cdiv(M, block_m))
     bitpart_kernel[grid](
-        xvt, part.planes.contiguous(), terms, part.fac[~const].contiguous(),
-        part.coef.contiguous(), part.seg.contiguous(), y, M, R, P, P // 8,
+        xvt, part.planes.contiguous(), terms, cptr, part.cidx[entries].contiguous(),
+        part.fac[entries].contiguous(), part.coef.contiguous(), part.seg.contiguous(), y, M, R, P, P // 8,
         part.planes.shape[1], part.seg.shape[0] - 1, T, USE_DOT=not gemv, BLOCK_M=block_m,
         BLOCK_R=br, BLOCK_K=64)
 
