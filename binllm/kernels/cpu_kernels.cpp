@@ -13,7 +13,7 @@
 //   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
 //   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
 //   in the 16 lanes: one byte load per row, two permutes of a 16-entry table), 1: portable.
-// sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y, impl):
+// sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y, impl): col uint16 or int32
 //   y[n, r] += sum_k (scale[r] * (q_k - zero[r]) - sub[r, col_k / groupsize]) * x[n, col_k]
 //   (AVX-512: 16 entries at once, x and sub gathered; col / groupsize by a shift, or in fp32
 //   as floor((col + 0.5) / groupsize), exact for cols < 2^22)
@@ -326,7 +326,13 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
 
 #ifdef __AVX512F__
 // 16 entries of a row at once: x and sub gathered, the value sc (q - ze) - sub in registers
-void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const int32_t* cp,
+inline __m512i cols16(const int32_t* c, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, c); }
+inline __m512i cols16(const uint16_t* c, __mmask16 m) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, c));
+}
+
+template <typename I>
+void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const I* cp,
                         const uint8_t* qp, const float* sc, const float* ze, const float* sb,
                         int64_t ng, int64_t groupsize, int shift, int64_t N, int64_t rows,
                         float* out, int64_t r0, int64_t r1) {
@@ -339,7 +345,7 @@ void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const 
     for (int64_t k = rp[r]; k < rp[r + 1]; k += 16) {
       const __mmask16 m = static_cast<__mmask16>(
           (1u << std::min<int64_t>(16, rp[r + 1] - k)) - 1u);
-      const __m512i c = _mm512_maskz_loadu_epi32(m, cp + k);
+      const __m512i c = cols16(cp + k, m);
       const __m512i g = shift >= 0 ? _mm512_srli_epi32(c, static_cast<unsigned>(shift)) :
           _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(c), half), inv));
       const __m512 sub = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, g, sb + r * ng, 4);
@@ -354,19 +360,18 @@ void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const 
 }
 #endif
 
-void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
-            const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-            const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
+template <typename I>
+void sparse_typed(const at::Tensor& x, const at::Tensor& rowptr, const I* cp,
+                  const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                  const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
-  check(rowptr.scalar_type() == at::kLong && col.scalar_type() == at::kInt &&
-            q.scalar_type() == at::kByte && sub.is_contiguous() && groupsize > 0,
-        "sparse part dtypes");
+  check(rowptr.scalar_type() == at::kLong && q.scalar_type() == at::kByte &&
+            sub.is_contiguous() && groupsize > 0, "sparse part dtypes");
   const int64_t N = x.size(0), cols = x.size(1), rows = rowptr.size(0) - 1, ng = sub.size(1);
   check(y.size(0) == N && y.size(1) == rows && y.is_contiguous(), "y (N, rows) f32");
   const float *xp = x.data_ptr<float>(), *sc = scale.data_ptr<float>(),
               *ze = zero.data_ptr<float>(), *sb = sub.data_ptr<float>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const int32_t* cp = col.data_ptr<int32_t>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
   const int64_t nnz = rp[rows];  // at least ~64k entries per task: small layers stay serial
@@ -387,12 +392,24 @@ void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col
         const float* xr = xp + n * cols;
         float acc = 0.f;
         for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-          const int32_t c = cp[k];
+          const int64_t c = cp[k];
           acc += (sc[r] * (static_cast<float>(qp[k]) - ze[r]) - sb[r * ng + c / groupsize]) * xr[c];
         }
         out[n * rows + r] += acc;
       }
   });
+}
+
+void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+            const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+            const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
+  check(col.is_contiguous() && (col.scalar_type() == at::kInt || col.scalar_type() == at::kUInt16),
+        "col (n,) int32 or uint16");
+  if (col.scalar_type() == at::kInt)
+    sparse_typed(x, rowptr, col.data_ptr<int32_t>(), q, scale, zero, sub, groupsize, y, impl);
+  else
+    sparse_typed(x, rowptr, static_cast<const uint16_t*>(col.data_ptr()), q, scale, zero, sub,
+                 groupsize, y, impl);
 }
 
 bool has_avx512() {

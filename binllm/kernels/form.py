@@ -112,7 +112,7 @@ class SparsePart:
     """CSR of salient weights: value = scale[r]·(q − zero[r]) − sub[r, col // groupsize]."""
 
     rowptr: Tensor   # (rows + 1,) int64
-    col: Tensor      # (n,) int32
+    col: Tensor      # (n,) uint16 (cols ≤ 65536) or int32
     q: Tensor        # (n,) uint8
     scale: Tensor    # (rows,) fp32
     zero: Tensor     # (rows,) fp32
@@ -354,7 +354,8 @@ def _(codes: PartialBinaryCodes) -> KernelForm:
     counts = torch.bincount(r, minlength=rows)
     sparse = SparsePart(
         rowptr=torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-        col=c.to(torch.int32), q=codes.q_high[r, c].to(torch.uint8),
+        col=c.to(torch.uint16 if cols <= 2**16 else torch.int32),
+        q=codes.q_high[r, c].to(torch.uint8),
         scale=codes.high_scale.float(), zero=codes.high_zero.float(), sub=low0,
         groupsize=codes.groupsize)
     return KernelForm(rows, cols, (pb.build(),), sparse)
