@@ -281,7 +281,7 @@ def write_markdown(res: dict, path: Path) -> None:
                 f"{r['median_ms']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['limit_ms']:.2f}",
                 f"{fastest['best_ms'] / r['best_ms']:.2f}"))
         lines += ["", ("Packed rows run `BinaryLinear.forward` on its default path (the kernel "
-                       "form and the AVX-512 bit-plane GEMV); a layer holds its packed buffers "
+                       "form and the AVX-512 lookup-table GEMV); a layer holds its packed buffers "
                        "(the state_dict) plus the kernel form derived from them, no dequantized "
                        "weight. 'copies': packed layers cycled so that a pass reads more than "
                        "3× the 32 MiB L3 cache.")]
