@@ -1,4 +1,4 @@
-"""Which CPU kernel (issue 10, §2): numba LUT GEMV against the C++ AVX-512 GEMV (binllm.kernels.cpu).
+"""Which CPU kernel (issue 10, §2): numba LUT GEMV against binllm's C++ AVX-512 LUT GEMV.
 
 One 4096×4096 sign plane (rtn-sign codes: Ŵ = μ + α·S per row), batch 1, `--threads` threads,
 hot cache (the same matrix every call), best of `--repeats` interleaved calls; dense bf16 and
