@@ -12,19 +12,23 @@ whole bytes of 8 columns (segment s = bytes [seg[s], seg[s+1]) of every plane ro
     B_t     = planes[p_t] ∧ planes[p2_t]       (p2_t = −1: planes[p_t] alone; p_t = −1: B_t = 1)
     C_t     = Σ_{k ∈ [cptr[t], cptr[t+1])} fac[k] · coef[cidx[k]]
 
-| field  | meaning                                                        | shape, dtype          |
-|--------|----------------------------------------------------------------|-----------------------|
-| perm   | x column of part column j, −1 = padding                        | (P,) int64            |
-| scale  | column scales of the x versions (ARB-RC's β), or None          | (V, P) fp32           |
-| seg    | byte offset of each segment in a plane row (8 columns a byte)  | (nseg + 1,) int64     |
-| planes | bit planes in 16-row tiles: [i, k, b, q] is byte b of row 16i + q of plane k; bit l | |
-|        | of byte b is column 8b + l (packing's order); padding rows are 0 | (⌈rows/16⌉, NP, P/8, 16) uint8 |
-| terms  | per term t: p_t, p2_t, version v_t                             | (T, 3) int64          |
-| cptr   | term t's coefficient is the sum of entries cptr[t] … cptr[t+1] − 1 | (T + 1,) int64    |
-| cidx, fac | per entry: a stored coefficient array and its factor        | (nnz,) int64, fp32    |
-| coef   | the distinct coefficient arrays (the codes' α, μ: one ±2^k multiple of another is |  |
-|        | stored once), 16 rows of one segment contiguous; fp16 when every value is | (C, nseg, rows) |
-|        | exactly an fp16 (the codes' fp16 scales), else fp32            | fp16 or fp32          |
+| field  | meaning                                                     | shape, dtype           |
+|--------|-------------------------------------------------------------|------------------------|
+| perm   | x column of part column j, −1 = padding                     | (P,) int64             |
+| scale  | column scales of the x versions (ARB-RC's β), or None       | (V, P) fp32            |
+| seg    | byte offset of each segment in a plane row (8 columns/byte) | (nseg + 1,) int64      |
+| planes | bit planes in 16-row tiles (below)                          | (⌈rows/16⌉, NP, P/8, 16) uint8 |
+| terms  | per term t: p_t, p2_t, version v_t                          | (T, 3) int64           |
+| cptr   | term t's entries are cptr[t] … cptr[t+1] − 1                | (T + 1,) int64         |
+| cidx   | per entry: the stored coefficient array it reads            | (nnz,) int64           |
+| fac    | per entry: its factor                                       | (nnz,) fp32            |
+| coef   | the distinct coefficient arrays (below)                     | (C, nseg, rows) fp16/32 |
+
+planes[i, k, b, q] is byte b of row 16i + q of plane k (bit l of byte b is column 8b + l, the
+packing's order; padding rows are 0), so a 16-row tile's bytes of one byte column are
+contiguous. coef holds the codes' own α, μ (an array that is ±2^k times another is stored
+once), 16 rows of one segment contiguous; fp16 when every value is exactly an fp16 (the codes'
+fp16 scales), else fp32.
 
 Planes that are the AND of two stored planes (a group bit and a sign) are never stored: the
 kernels AND the bytes, and sum a term's coefficient from the stored arrays (so that a

@@ -3,8 +3,8 @@
 For each BitPart of a layer's KernelForm (x versions xv_v = x[perm] · scale_v, P columns cut
 into segments s of whole bytes), with B_t = planes[p_t] ∧ planes[p2_t] (p2_t = −1: one plane)
 
-    y[m, r] += Σ_{t: p_t ≥ 0} Σ_s C_t[s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[m, j]   (kernel)
-             + Σ_{t: p_t < 0} Σ_s C_t[s, r] · Σ_{j∈s} xv_{v_t}[m, j]              (host)
+    y[m, r] += Σ_{t: p_t ≥ 0} Σ_s C_t[s, r] · Σ_{j∈s} B_t[r, j] · xv_{v_t}[m, j]  (kernel)
+             + Σ_{t: p_t < 0} Σ_s C_t[s, r] · Σ_{j∈s} xv_{v_t}[m, j]            (host)
 
 (C_t = Σ fac · coef over the term's entries, summed in the kernel).
 
@@ -119,9 +119,9 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
     grid = (triton.cdiv(R, br), triton.cdiv(M, block_m))
     bitpart_kernel[grid](
         xvt, part.planes.contiguous(), terms, cptr, part.cidx[entries].contiguous(),
-        part.fac[entries].contiguous(), part.coef.contiguous(), part.seg.contiguous(), y, M, R, P, P // 8,
-        part.planes.shape[1], part.seg.shape[0] - 1, T, USE_DOT=not gemv, BLOCK_M=block_m,
-        BLOCK_R=br, BLOCK_K=64)
+        part.fac[entries].contiguous(), part.coef.contiguous(), part.seg.contiguous(), y,
+        M, R, P, P // 8, part.planes.shape[1], part.seg.shape[0] - 1, T, USE_DOT=not gemv,
+        BLOCK_M=block_m, BLOCK_R=br, BLOCK_K=64)
 
 
 def form_matmul(form: KernelForm, x: Tensor, *, block_r: int | None = None) -> Tensor:
