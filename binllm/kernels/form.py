@@ -17,7 +17,7 @@ whole bytes of 8 columns (segment s = bytes [seg[s], seg[s+1]) of every plane ro
 | perm   | x column of part column j, −1 = padding                     | (P,) int64             |
 | scale  | column scales of the x versions (ARB-RC's β), or None       | (V, P) fp32            |
 | seg    | byte offset of each segment in a plane row (8 columns/byte) | (nseg + 1,) int64      |
-| planes | bit planes in 16-row tiles (below)                          | (⌈rows/16⌉, NP, P/8, 16) uint8 |
+| planes | bit planes in 16-row tiles (below)               | (⌈rows/16⌉, NP, P/8, 16) uint8 |
 | terms  | per term t: p_t, p2_t, version v_t                          | (T, 3) int64           |
 | cptr   | term t's entries are cptr[t] … cptr[t+1] − 1                | (T + 1,) int64         |
 | cidx   | per entry: the stored coefficient array it reads            | (nnz,) int64           |
