@@ -117,3 +117,20 @@ def test_binary_linear_uses_the_kernels_by_default_and_keeps_no_weight(monkeypat
     layer_.load_state_dict(BinaryLinear.from_codes(HAND_BUILT["rc-cgb-like"](),
                                                    torch.zeros(rows)).state_dict())
     assert layer_._form is None  # new buffers: the form is derived again
+
+
+@needs_extension
+def test_cpu_kernels_split_wide_layers_into_column_passes():
+    """Tables of 8 inputs over 3300 columns (× 2 x versions for ARB-RC) exceed one pass's
+    budget: segments (128-column blocks, a GPTQ group spanning the whole row) are split across
+    passes and each constant term is counted once."""
+    from packed_codes import binary_codes, uniform_codes
+
+    for codes in (binary_codes(rows=21, cols=3300, block=128, orders=(2, 1, 1), n_salient=1,
+                               mean=True, beta=True, seed=5),
+                  uniform_codes(rows=21, cols=3300, bits=2, groupsize=3300, seed=5)):
+        form, Q = kernel_form(codes), codes.dequantize()
+        for N in (5, 8):
+            x = inputs(N, 3300)
+            for impl in cpu.IMPLS:
+                check(cpu.form_matmul(form, x, impl), x, Q)

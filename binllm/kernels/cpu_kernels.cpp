@@ -45,6 +45,7 @@ struct Part {
   const float* fac; const void* coef; bool half;
   const int64_t* seg;
   int64_t N, V, P, rows, PB, NP, T, nseg;
+  int64_t bl = 0, bh = 0;  // this pass's byte columns [bl, bh): the tables of a pass stay in L2
   const uint8_t* tile(int64_t i, int64_t k) const { return planes + ((i * NP + k) * PB) * TILE; }
   const float* table(int64_t n, int64_t v) const { return tab + (n * V + v) * (P / 4) * 16; }
   // C_t[s, r .. r + nr)
@@ -82,26 +83,30 @@ void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
     const int64_t r = i * TILE, nr = std::min<int64_t>(TILE, p.rows - r);
     for (int64_t n = 0; n < p.N; ++n) {
       float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
-      for (int64_t s = 0; s < p.nseg; ++s)
+      for (int64_t s = 0; s < p.nseg; ++s) {
+        if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+        const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
         for (int64_t t = 0; t < p.T; ++t) {
           const int64_t* tm = p.terms + 3 * t;
+          if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
           p.coefs(t, s, r, nr, c);
           if (tm[0] < 0) {
             const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
             for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
             continue;
           }
-          const uint8_t* b1 = p.tile(i, tm[0]);
-          const uint8_t* b2 = tm[1] >= 0 ? p.tile(i, tm[1]) : b1;
+          const uint8_t* pa = p.tile(i, tm[0]);
+          const uint8_t* pb = tm[1] >= 0 ? p.tile(i, tm[1]) : pa;
           const float* tb = p.table(n, tm[2]);
           for (int q = 0; q < TILE; ++q) acc[q] = 0.f;
-          for (int64_t b = p.seg[s]; b < p.seg[s + 1]; ++b)
+          for (int64_t b = b0; b < b1; ++b)
             for (int q = 0; q < TILE; ++q) {
-              const unsigned byte = b1[b * TILE + q] & b2[b * TILE + q];
+              const unsigned byte = pa[b * TILE + q] & pb[b * TILE + q];
               acc[q] += tb[32 * b + (byte & 15u)] + tb[32 * b + 16 + (byte >> 4)];
             }
           for (int q = 0; q < TILE; ++q) tot[q] += c[q] * acc[q];
         }
+      }
       for (int64_t q = 0; q < nr; ++q) y[n * p.rows + r + q] += tot[q];
     }
   }
@@ -153,9 +158,11 @@ void tile_lut(const Part& p, float* y, int64_t i) {
   __m512 tot[N], acc[N];
   for (int n = 0; n < N; ++n) tot[n] = _mm512_setzero_ps();
   for (int64_t s = 0; s < p.nseg; ++s) {
-    const int64_t b0 = p.seg[s], b1 = p.seg[s + 1];
+    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
     for (int64_t t = 0; t < p.T; ++t) {
       const int64_t* tm = p.terms + 3 * t;
+      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
       const __m512 c = coef16(p, t, s, r, m);
       if (tm[0] < 0) {  // constant term: the segment sum
         for (int n = 0; n < N; ++n)
@@ -268,7 +275,7 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
       for (int64_t j = sg[s] * 8; j < sg[s + 1] * 8; ++j) a += xv[nv * P + j];
       sums[nv * nseg + s] = static_cast<float>(a);
     }
-  const Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
+  Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
                cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
                coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
                planes.size(2), planes.size(1), terms.size(0), nseg};
@@ -276,12 +283,17 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
   const int64_t tiles = (rows + TILE - 1) / TILE;
   // at least ~256k weight-terms per task: small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * p.T * N));
-  at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+  // passes over byte columns whose tables (128 B per byte, input and version) fit in ~384 KiB
+  const int64_t chunk = std::max<int64_t>(16, 3072 / (N * V));
+  for (p.bl = 0; p.bl < p.PB; p.bl += chunk) {
+    p.bh = std::min(p.PB, p.bl + chunk);
+    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
 #ifdef __AVX512F__
-    if (impl == 0 && tiles_avx512_dispatch(p, out, i0, i1)) return;
+      if (impl == 0 && tiles_avx512_dispatch(p, out, i0, i1)) return;
 #endif
-    tiles_generic(p, out, i0, i1);
-  });
+      tiles_generic(p, out, i0, i1);
+    });
+  }
 }
 
 void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
