@@ -315,7 +315,7 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
       const int64_t r = r0 + i;
       float* w = o + i * P;
       std::fill(w, w + P, 0.f);
-      auto byte_of = [&](int64_t k, int64_t col) {
+      auto byte_of = [&](int64_t k, int64_t col) -> unsigned {
         return p.planes[(((r / TILE) * NP + k) * PB + col) * TILE + r % TILE];
       };
       for (int64_t t = 0; t < T; ++t) {
@@ -324,7 +324,23 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
         for (int64_t s = 0; s < nseg; ++s) {
           float c;
           p.coefs(t, s, r, 1, &c);
-          for (int64_t bb = p.seg[s]; bb < p.seg[s + 1]; ++bb) {
+          int64_t bb = p.seg[s];
+#ifdef __AVX512F__
+          const __m512 cv = _mm512_set1_ps(c);
+          for (; bb < p.seg[s + 1]; bb += 2) {  // 16 columns: one masked add
+            const bool two = bb + 1 < p.seg[s + 1];
+            const __mmask16 lim = two ? 0xFFFFu : 0x00FFu;
+            unsigned bits = 0xFFFFu;
+            if (tt[0] >= 0) {
+              bits = byte_of(tt[0], bb) | (two ? byte_of(tt[0], bb + 1) << 8 : 0u);
+              if (tt[1] >= 0) bits &= byte_of(tt[1], bb) | (two ? byte_of(tt[1], bb + 1) << 8 : 0u);
+            }
+            const __m512 wv = _mm512_maskz_loadu_ps(lim, w + 8 * bb);
+            _mm512_mask_storeu_ps(w + 8 * bb, lim, _mm512_mask_add_ps(
+                wv, static_cast<__mmask16>(bits) & lim, wv, cv));
+          }
+#endif
+          for (; bb < p.seg[s + 1]; ++bb) {
             const unsigned byte = tt[0] < 0 ? 0xffu :
                 tt[1] < 0 ? byte_of(tt[0], bb) : byte_of(tt[0], bb) & byte_of(tt[1], bb);
             float* wb = w + 8 * bb;
