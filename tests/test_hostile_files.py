@@ -173,6 +173,17 @@ def test_non_finite_tensors_are_refused_before_any_layer_is_touched(key):
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
 
 
+def test_a_non_finite_linear_met_during_the_walk_is_refused_with_the_same_message():
+    """A streamed layer's weights are read only when its turn comes (binarize_model's up-front
+    check sees them on the meta device): the per-linear check words the error alike."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.view(-1)[3] = float("inf")
+    with pytest.raises(NonFiniteWeights, match=r"^model\.layers\.1\.mlp\.down_proj\.weight "
+                                               r"holds 0 NaN and 1 Inf values \(of 8192\); "):
+        binarize_model(model, QuantizeConfig("rtn-sign"), _calib(), checked=True)
+
+
 @pytest.fixture(scope="module")
 def nan_stories(stories_path, tmp_path_factory):
     """stories260K with one NaN in the final norm, as an ordinary HF directory."""

@@ -47,15 +47,19 @@ def check_finite(model: nn.Module) -> None:
     any layer is touched.
     """
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not t.is_floating_point() or t.is_meta:
-            continue
-        flat = t.detach().reshape(-1)
-        for start in range(0, flat.numel(), FINITE_CHUNK):
-            if not torch.isfinite(flat[start:start + FINITE_CHUNK]).all():
-                nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
-                raise NonFiniteWeights(
-                    f"{name} holds {nan} NaN and {inf} Inf values (of {flat.numel()}); the "
-                    "checkpoint is corrupt or was saved after a diverged run: use another one")
+        if t.is_floating_point() and not t.is_meta:  # meta: a streamed layer, checked when read
+            refuse_non_finite(name, t)
+
+
+def refuse_non_finite(name: str, t: Tensor) -> None:
+    """Raise NonFiniteWeights naming `name` if `t` holds NaN or Inf (checked in chunks)."""
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        if not torch.isfinite(flat[start:start + FINITE_CHUNK]).all():
+            nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+            raise NonFiniteWeights(
+                f"{name} holds {nan} NaN and {inf} Inf values (of {flat.numel()}); the "
+                "checkpoint is corrupt or was saved after a diverged run: use another one")
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -276,9 +280,7 @@ def _quantize_linear(linear: nn.Module, full: str, acc, method, config: Quantize
     """(Reconstruction, LinearReport) of one linear; its weight becomes the calibrated one
     (the stored one, `Reconstruction.Q`, once the walker has fed the next layer)."""
     W = linear.weight.data
-    if not torch.isfinite(W).all():
-        raise NonFiniteWeights(f"{full}.weight holds NaN or Inf; the checkpoint is "
-                               "corrupt or was saved after a diverged run")
+    refuse_non_finite(f"{full}.weight", W)  # a streamed layer's weights arrive only now
     t0 = time.perf_counter()
     H = acc.H if acc is not None else None
     rec = reconstruct(W, H, method, block_size=config.block_size,
