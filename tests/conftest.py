@@ -93,6 +93,14 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def correlated(rows: int = 16, cols: int = 96, seed: int = 0):
+    """(W (rows, cols), H = 2/n XᵀX (cols, cols)) of 512 correlated inputs X (rank 8 + noise)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, 8, generator=g) @ torch.randn(8, cols, generator=g) \
+        + 0.2 * torch.randn(512, cols, generator=g)  # (tokens, cols)
+    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0]
+
+
 @pytest.fixture
 def tiny_llama_model():
     return tiny_llama()

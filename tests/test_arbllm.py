@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import correlated
 
 from binllm.methods import METHODS, MethodArgumentError, get_method
 from binllm.methods.arbllm import ARBRC, ARBX, x_split_errors
@@ -49,13 +50,6 @@ def bra_matrix(X, mask, order):
         for j, a in zip(idx, bra_row([float(X[r, j]) for j in idx], order)):
             out[r, j] = a
     return out
-
-
-def correlated(rows=16, cols=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(512, 8, generator=g) @ torch.randn(8, cols, generator=g) \
-        + 0.2 * torch.randn(512, cols, generator=g)  # (tokens, cols)
-    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0]
 
 
 # -- golden ----------------------------------------------------------------------------------

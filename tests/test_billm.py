@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import correlated
 
 from binllm.methods import MethodArgumentError, get_method
 from binllm.methods.base import BlockContext
@@ -78,13 +79,6 @@ def naive_split(x: torch.Tensor, s: torch.Tensor, region: torch.Tensor, order: i
         if e < best:
             best, best_p = e, float(p)
     return best_p, best
-
-
-def correlated(rows=16, cols=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(512, 8, generator=g) @ torch.randn(8, cols, generator=g) \
-        + 0.2 * torch.randn(512, cols, generator=g)  # (tokens, cols)
-    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0]
 
 
 # -- golden ----------------------------------------------------------------------------------
