@@ -35,6 +35,7 @@ from ..preflight import check_config_fits
 from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
+from .source import SavedSources
 from .writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401
 from .saved_dir import (  # noqa: F401
     _DTYPES,
@@ -249,7 +250,8 @@ def parameters_on_meta():
 
 def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu",
                    dtype: torch.dtype | None = None, verify: bool = True,
-                   cache_dequantized: bool = False, kernels: bool = True) -> nn.Module:
+                   cache_dequantized: bool = False, kernels: bool = True,
+                   keep_packed: bool = False) -> nn.Module:
     """The binarized model saved in `path`, with BinaryLinears computing from packed codes.
 
     dtype casts the unchanged floating tensors (embeddings, norms, biases); packed scales keep
@@ -257,14 +259,22 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     recorded at save time. kernels: compute from the packed bits with the fast kernels (the
     default; equal to the reference to fp32 round-off) or, False, dequantize at every forward
     (bit for bit the calibrated model); cache_dequantized keeps dequantized weights instead.
+    Each layer's kernel form is derived here, one layer at a time, and its packed tensors are
+    then released, read back from the still-open shard (digest-checked) where needed
+    (`binllm.packed.source`); keep_packed=True keeps them in memory beside the form instead.
     """
     saved = read_saved(path, verify=verify)
     # before the skeleton: a config.json whose shape the files cannot back is refused here
     check_config_fits(saved.config, str(saved.path), bytes_per_parameter=1 / 8,
                       stored_bytes=sum(f.stat().st_size for f in saved.files))
     model, quantization = _skeleton(saved)
-    state = read_tensors(saved)
+    set_cache_dequantized(model, cache_dequantized)
+    set_kernels(model, kernels)
+    packed = {f"{n}.{s}" for n, lay in saved.layouts.items() for s in lay.specs()}
+    state = read_tensors(saved, set(saved.tensors) - packed)
     model.load_state_dict(state, strict=False, assign=True)
+    del state
+    load_packed(model, saved, keep_packed=keep_packed)
     model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -274,11 +284,41 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     model.eval().to(device)
     if dtype is not None:
         model.to(dtype)
-    if cache_dequantized:
-        set_cache_dequantized(model, True)
-    if not kernels:
-        set_kernels(model, False)
     return bind_save_pretrained(model)
+
+
+def load_packed(model: nn.Module, saved: SavedModel, *, keep_packed: bool = False) -> int:
+    """Fill every BinaryLinear of `model` listed in `saved` from its files, one layer at a
+    time: read its packed tensors (fixing their sha256), derive what its forward computes from
+    and, unless keep_packed, release the tensors (`BinaryLinear.prepare`). Returns how many."""
+    sources = SavedSources(saved)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryLinear) and name in saved.layouts:
+            source, tensors = sources.first_read(name, m.layout)
+            m.set_packed(tensors, None if keep_packed else source)
+            if not keep_packed:
+                m.prepare()
+            n += 1
+    return n
+
+
+def attach_sources(model: nn.Module, saved: SavedModel) -> int:
+    """For a model whose BinaryLinears were filled by another loader (transformers'): attach
+    each layer's file where its buffers hold exactly the file's bytes, and release them
+    (`BinaryLinear.prepare`); returns how many were released."""
+    sources = SavedSources(saved)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryLinear) and name in saved.layouts and not m.is_released():
+            source, _ = sources.first_read(name, m.layout)
+            if m.attach_source(source):
+                m.prepare()
+                n += 1
+            else:
+                log.warning("%s: the loaded packed tensors differ from %s; they stay in memory",
+                            name, saved.path)
+    return n
 
 
 def _skeleton(saved: SavedModel) -> tuple[nn.Module, Any]:

@@ -8,7 +8,9 @@ stored tensor's header) and swaps the linears listed in quantization_config.laye
 BinaryLinears (on the meta device), whose buffers then receive the packed tensors by their
 on-disk names; then the skeleton is checked against the files (every tensor present with its
 declared shape and dtype, every linear with stored codes listed), so nothing is ever left
-randomly initialised. Everything else is transformers' own loading. After loading,
+randomly initialised. Everything else is transformers' own loading. After loading, each
+BinaryLinear whose buffers hold exactly its file's bytes derives its kernel form and releases
+them (`checkpoint.attach_sources`, as `binllm.load` does). After loading,
 `model.save_pretrained(DIR)` writes the packed format again (`checkpoint.save_loaded`).
 `binllm.load(DIR)` does the same without transformers' loader and stays the primary path.
 
@@ -34,7 +36,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import bind_save_pretrained, check_model_matches
+from .checkpoint import attach_sources, bind_save_pretrained, check_model_matches
 from .layers import replace_linears
 from .layout import FORMAT_VERSION
 from .saved_dir import QUANT_METHOD, FormatVersionError, read_saved
@@ -70,9 +72,13 @@ class BinllmHfQuantizer(HfQuantizer):
         saved = read_saved(directory, verify=True)  # what binllm.load checks, same errors
         replace_linears(model, saved.layouts, device="meta")
         check_model_matches(saved, model)
+        self.binllm_saved = saved
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        saved = getattr(self, "binllm_saved", None)
+        if saved is not None:  # one representation: the form, the codes read back on demand
+            attach_sources(model, saved)
         return bind_save_pretrained(model)
 
     def is_serializable(self) -> bool:

@@ -12,6 +12,18 @@ the on-disk keys and `.to(device)` moves them. Three forwards, chosen per layer:
   bit the calibrated fake-quantized model.
 - `cache_dequantized`: the reference weight is kept after the first forward (memory of an fp
   weight, speed of nn.Linear) until the buffers change.
+
+One representation at a time: a layer loaded from a saved directory (`binllm.load`,
+`from_pretrained`) gets a `PackedSource` (`binllm.packed.source`: its shard, byte ranges and
+sha256) and releases its packed buffers once the representation its forward computes from is
+built (the kernel form, or the cached weight), so it holds the form alone, not the form plus
+the codes. The buffers are read back exactly (digest-checked) where something needs them:
+`state_dict()` and `save_pretrained` (the tensors returned are the file's bytes), `.codes()`,
+`.dequantize()`, the reference forward (which restores them, resident, for as long as it is
+chosen), `load_state_dict` (restored, then overwritten), the GPU sign kernel that reads the
+packed bits (restored, the form dropped). Device moves move the form (and where released,
+only the device the codes are read back onto). Layers built in memory (`from_codes`) have no
+source and keep their buffers.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from ..kernels import form_linear
 from ..kernels.form import KernelForm, kernel_form
 from .layout import PackedLayout, pack, unpack
 from .packing import PackingError
+from .source import PackedSource
 
 
 class BinaryLinear(nn.Module):
@@ -49,6 +62,10 @@ class BinaryLinear(nn.Module):
         self.kernels = kernels
         self._cached: Tensor | None = None
         self._form: KernelForm | None = None
+        self._source: PackedSource | None = None  # where the packed tensors can be read back
+        self._source_verified = False  # the resident buffers are known to be the source's bytes
+        self._released = False         # packed buffers dropped (read back from _source)
+        self._home: torch.device | None = None  # their device while released
 
     @classmethod
     def from_codes(cls, codes: Any, bias: Tensor | None = None, **kwargs) -> BinaryLinear:
@@ -64,7 +81,77 @@ class BinaryLinear(nn.Module):
         return module
 
     def packed(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self.layout.specs()}
+        """The packed tensors by suffix: the buffers, or, released, read back from the source."""
+        if self._released:
+            return {k: v.to(self._home) for k, v in self._source.read().items()}
+        return {name: self._buffers[name] for name in self.layout.specs()}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            d = self.__dict__
+            if d.get("_released") and name in d["layout"].specs():
+                return self.packed()[name]
+            raise
+
+    # -- one representation: releasing the packed buffers ----------------------------------
+    def set_packed(self, tensors: dict[str, Tensor], source: PackedSource | None = None) -> None:
+        """Take `tensors` (by suffix) as the packed buffers; `source` (their file, whose bytes
+        they are) lets the layer release them once its forward no longer reads them."""
+        for name in self.layout.specs():
+            self._buffers[name] = tensors[name]
+        self.clear_cache()
+        self._source, self._source_verified, self._released = source, source is not None, False
+
+    def attach_source(self, source: PackedSource) -> bool:
+        """Attach the file the resident buffers came from, if they hold exactly its bytes."""
+        if self._released or not source.matches(self.packed()):
+            return False
+        self._source, self._source_verified = source, True
+        return True
+
+    def is_released(self) -> bool:
+        return self._released
+
+    def prepare(self) -> None:
+        """Build what the forward computes from (the kernel form on the kernel path) and
+        release the packed buffers where a source can give them back."""
+        if self.kernels and not self.cache_dequantized:
+            self.kernel_form()
+        self._release_if_possible()
+
+    def _reads_buffers(self) -> bool:
+        return not self.kernels and not self.cache_dequantized  # the reference forward
+
+    def _release_if_possible(self) -> None:
+        if self._source is None or self._released or self._reads_buffers():
+            return
+        if not self._source_verified and not self._source.matches(self.packed()):
+            self._source = None  # the buffers were changed: they are the only copy now
+            return
+        self._home = self.layout_device()
+        for name in self.layout.specs():
+            del self._buffers[name]
+        self._released, self._source_verified = True, False
+
+    def _restore(self) -> None:
+        """Read the released buffers back (resident until released again)."""
+        tensors = self._source.read()
+        for name in self.layout.specs():
+            self._buffers[name] = tensors[name].to(self._home)
+        self._released, self._source_verified = False, False
+
+    def held_bytes(self) -> int:
+        """Bytes this layer holds in memory: resident packed buffers, kernel form, cached
+        weight (bias excluded)."""
+        held = 0 if self._released else \
+            sum(t.numel() * t.element_size() for t in self.packed().values())
+        if self._form is not None:
+            held += self._form.nbytes()
+        if self._cached is not None:
+            held += self._cached.numel() * self._cached.element_size()
+        return held
 
     def codes(self) -> Any:
         """The layer's codes, unpacked from the buffers (vectorised)."""
@@ -76,7 +163,7 @@ class BinaryLinear(nn.Module):
 
     def stored_bits(self) -> int:
         """Bits of the packed buffers (bias excluded), as stored on disk."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.packed().values())
+        return self.layout.stored_bits()
 
     def weight_for(self, dtype: torch.dtype) -> Tensor:
         if not self.cache_dequantized:
@@ -84,9 +171,12 @@ class BinaryLinear(nn.Module):
         if self._cached is None or self._cached.dtype != dtype \
                 or self._cached.device != self.layout_device():
             self._cached = self.dequantize().to(dtype)
+            self._release_if_possible()
         return self._cached
 
     def layout_device(self) -> torch.device:
+        if self._released:
+            return self._home
         return next(iter(self.packed().values())).device
 
     def clear_cache(self) -> None:
@@ -97,35 +187,68 @@ class BinaryLinear(nn.Module):
         """The codes' kernel form, derived from the buffers once (dropped when they change)."""
         if self._form is None:
             self._form = kernel_form(self.codes())
+            self._release_if_possible()
         return self._form
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda:  # packed-bits GPU kernel where one applies (binllm.kernels.gpu)
             from ..kernels.gpu import gpu_forward
 
+            if self._released and self._gpu_reads_buffers():
+                self._restore()  # that kernel reads the packed bits: they replace the form
+                self._form = None
             y = gpu_forward(self, x)
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernels and not self.cache_dequantized:
             return form_linear(self.kernel_form(), x, bias)
+        if self._released and self._reads_buffers():
+            self._restore()  # the reference forward dequantizes at every call
         return F.linear(x, self.weight_for(x.dtype), bias)
+
+    def _gpu_reads_buffers(self) -> bool:
+        """Whether the CUDA forward is the Triton sign kernel on the packed buffers (the
+        conditions of `binllm.kernels.gpu.gpu_forward`)."""
+        from ..kernels.gpu import triton_available
+
+        if not self.kernels or self.cache_dequantized or not triton_available():
+            return False
+        from ..kernels import triton_sign
+
+        return triton_sign.supports(self.layout)
 
     def _apply(self, fn, recurse: bool = True):
         """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
-        under model.half() / .to(torch.bfloat16), so the codes never change)."""
-        self.clear_cache()
-        packed = {name: self._buffers.pop(name) for name in self.layout.specs()}
+        under model.half() / .to(torch.bfloat16), so the codes never change); the kernel form
+        moves with them (its fp32 coefficients stay fp32)."""
+        self._cached = None
+        packed = {name: self._buffers.pop(name) for name in self.layout.specs()
+                  if name in self._buffers}
+        ref = self._home if self._released else next(iter(packed.values())).device
+        device = fn(torch.empty(0, device=ref)).device
         try:
             super()._apply(fn, recurse)
         finally:
             for name, buf in packed.items():
-                device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
                 self._buffers[name] = buf.to(device)
+        if self._form is not None:
+            self._form = self._form.to(device)
+        if self._released:
+            self._home = device
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:  # the file's bytes, read back (bias first, as for resident buffers)
+            for name, t in self.packed().items():
+                destination[prefix + name] = t
+
     def _load_from_state_dict(self, *args, **kwargs):
+        if self._released:  # the buffers receive the new values (or keep the old ones)
+            self._restore()
         self.clear_cache()
+        self._source_verified = False
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -133,7 +256,8 @@ class BinaryLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.layout.format}, "
                 f"bits/weight={self.layout.stored_bits() / n:.3f}, "
-                f"kernels={self.kernels}, cache_dequantized={self.cache_dequantized}")
+                f"kernels={self.kernels}, cache_dequantized={self.cache_dequantized}"
+                + (", packed=released" if self._released else ""))
 
 
 def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
@@ -164,12 +288,14 @@ def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
 
 
 def _set_all(model: nn.Module, attr: str, enabled: bool) -> int:
-    """Set `attr` in every BinaryLinear and drop its cached weight; returns how many there are."""
+    """Set `attr` in every BinaryLinear, dropping its cached weight and form where it changes
+    (an unchanged layer keeps what it derived); returns how many there are."""
     n = 0
     for m in model.modules():
         if isinstance(m, BinaryLinear):
-            setattr(m, attr, enabled)
-            m.clear_cache()
+            if getattr(m, attr) != enabled:
+                setattr(m, attr, enabled)
+                m.clear_cache()
             n += 1
     return n
 
