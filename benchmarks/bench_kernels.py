@@ -87,26 +87,112 @@ def like_codes(method: str):
     return reconstruct(W, 2 * X.T @ X / X.shape[0], get_method(method), block_size=128).codes
 
 
-def packed_layer(method: str) -> dict:
+def layer_dir(method: str, work: Path) -> Path:
+    """The saved 7B-shaped layer of `method` in `work` (written once, shared by the parts)."""
+    d = work / f"layer-{method}"
+    return d if (d / "config.json").is_file() else save_layer_dir(method, d)
+
+
+def save_layer_dir(method: str, out: Path) -> Path:
+    """A saved binllm directory of a one-decoder-layer LLaMA of 7B shape (hidden 4096,
+    intermediate 11008, 32 heads, vocabulary 32) whose 7 linears hold codes with `method`'s
+    layout (`layout_codes`), written by `save_loaded` as any loaded model is re-saved."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from binllm.packed.checkpoint import parameters_on_meta, save_loaded
     from binllm.packed.layers import BinaryLinear
 
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32,
+                      max_position_embeddings=256)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg)
     like = like_codes(method)
     g = torch.Generator().manual_seed(1)
-    mods = {}
+    layer = model.model.layers[0]
     for name, (rows, cols) in SHAPES.items():
-        layer = BinaryLinear.from_codes(layout_codes(like, rows, cols, like.shape[1], g))
-        layer(torch.zeros(1, cols))  # derives the kernel form once
-        mods[name] = layer
-    return mods
+        parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
+            else layer.mlp
+        setattr(parent, name,
+                BinaryLinear.from_codes(layout_codes(like, rows, cols, like.shape[1], g)))
+    for mod in model.modules():  # the unchanged tensors: small, real
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                mod._parameters[pname] = torch.nn.Parameter(
+                    torch.randn(p.shape, generator=g) * 0.02, requires_grad=False)
+    model.config.quantization_config = {"quant_method": "binllm", "method": method,
+                                        "method_args": {}}
+    return save_loaded(model, out)
 
 
-def layer_bytes(mods: dict) -> tuple[int, int]:
-    """(packed buffer bytes, kernel form bytes) of one layer."""
-    buffers = sum(t.numel() * t.element_size() for m in mods.values() for t in m.packed().values())
-    return buffers, sum(m.kernel_form().nbytes() for m in mods.values())
+def packed_layer(method: str, work: Path) -> dict:
+    """The 7 linears of the saved 7B-shaped layer, loaded by `binllm.load` (the default
+    path: kernel form derived at load, packed tensors released)."""
+    import binllm
+    from binllm.packed.layers import BinaryLinear
+
+    model = binllm.load(layer_dir(method, work))
+    mods = {n.rpartition(".")[2]: m for n, m in model.named_modules()
+            if isinstance(m, BinaryLinear)}
+    for m in mods.values():
+        m(torch.zeros(1, m.in_features))
+    return {n: mods[n] for n in SHAPES}
 
 
-def stack_part(methods: list[str], args) -> dict:
+def layer_bytes(mods: dict) -> tuple[int, int, int]:
+    """(packed buffer bytes resident, kernel form bytes, packed bytes on disk) of one layer."""
+    held = sum(m.held_bytes() for m in mods.values())
+    form = sum(m.kernel_form().nbytes() for m in mods.values())
+    return held - form, form, sum(m.stored_bits() // 8 for m in mods.values())
+
+
+RSS_PROBE = """
+import gc, json, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+import binllm
+from binllm.packed.layers import BinaryLinear
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+import binllm.kernels.cpu
+from binllm.packed.checkpoint import verify_saved
+binllm.kernels.cpu.extension()
+verify_saved(sys.argv[1])  # imports, and builds (then drops) the skeleton: before the baseline
+gc.collect(); before = rss()
+model = binllm.load(sys.argv[1], keep_packed=sys.argv[2] == "keep")
+gc.collect(); loaded = rss()
+with torch.no_grad():
+    model(torch.tensor([[1, 2]]))
+gc.collect(); after = rss()
+held = sum(m.held_bytes() for m in model.modules() if isinstance(m, BinaryLinear))
+print(json.dumps({"before": before, "loaded": loaded, "after_forward": after, "held": held}))
+"""
+
+
+def rss_part(methods: list[str], args, work: Path) -> dict:
+    """VmRSS of a fresh process loading the saved 7B-shaped layer directory (released, the
+    default, and keep_packed=True), against the directory's size."""
+    rows = []
+    for method in methods:
+        d = layer_dir(method, work)
+        disk = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+        row = {"method": method, "dir_bytes": disk}
+        for mode in ("release", "keep"):
+            out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(d), mode,
+                                  str(args.threads)], capture_output=True, text=True,
+                                 check=True, cwd=ROOT)
+            row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        mib = 2**20
+        print(f"rss {method}: dir {disk / mib:.1f} MiB; " + "; ".join(
+            f"{m}: +{(row[m]['loaded'] - row[m]['before']) / mib:.1f} MiB loaded, "
+            f"+{(row[m]['after_forward'] - row[m]['before']) / mib:.1f} after a forward, "
+            f"held {row[m]['held'] / mib:.1f}" for m in ("release", "keep")), flush=True)
+    return {"rows": rows}
+
+
+def stack_part(methods: list[str], args, work: Path) -> dict:
     torch.manual_seed(0)
     xs = {c: torch.randn(1, c) for c in (4096, 11008)}
     configs = {}  # label -> (list of layers, each a list of (fn) callables)
@@ -119,15 +205,16 @@ def stack_part(methods: list[str], args) -> dict:
         info[label] = {"held_bytes": nbytes, "read_bytes": nbytes, "copies": 1}
     for method in methods:
         t = time.perf_counter()
-        mods = packed_layer(method)
-        buffers, form = layer_bytes(mods)
+        mods = packed_layer(method, work)
+        buffers, form, disk = layer_bytes(mods)
         copies = max(1, -(-3 * L3_BYTES // form))
         stack = [mods] + [copy.deepcopy(mods) for _ in range(copies - 1)]
         configs[method] = [[(lambda m=m, x=xs[m.in_features]: m(x)) for m in layer.values()]
                            for layer in stack]
         info[method] = {"held_bytes": buffers + form, "buffer_bytes": buffers,
                         "form_bytes": form, "read_bytes": form, "copies": copies,
-                        "disk_bits": 8 * buffers / sum(r * c for r, c in SHAPES.values()),
+                        "disk_bytes": disk,
+                        "disk_bits": 8 * disk / sum(r * c for r, c in SHAPES.values()),
                         "build_s": time.perf_counter() - t}
         print(f"{method}: form {form / 2**20:.1f} MiB, buffers {buffers / 2**20:.1f} MiB, "
               f"{copies} copies", flush=True)
@@ -280,11 +367,33 @@ def write_markdown(res: dict, path: Path) -> None:
                 f"{r['read_bytes'] / mib:.1f}", r["copies"], f"{r['best_ms']:.2f}",
                 f"{r['median_ms']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['limit_ms']:.2f}",
                 f"{fastest['best_ms'] / r['best_ms']:.2f}"))
-        lines += ["", ("Packed rows run `BinaryLinear.forward` on its default path (the kernel "
-                       "form and the AVX-512 lookup-table GEMV); a layer holds its packed buffers "
-                       "(the state_dict) plus the kernel form derived from them, no dequantized "
-                       "weight. 'copies': packed layers cycled so that a pass reads more than "
-                       "3× the 32 MiB L3 cache.")]
+        lines += ["", ("Packed rows: the layer saved as a binllm directory (a one-layer "
+                       "7B-shaped LLaMA) and loaded by `binllm.load`, running "
+                       "`BinaryLinear.forward` on its default path (the kernel form and the "
+                       "AVX-512 lookup-table GEMV). 'held': bytes the loaded layers hold "
+                       "(`BinaryLinear.held_bytes`: resident packed buffers + kernel form); "
+                       "the loader releases the packed buffers once the form is derived "
+                       "(read back from the shard on demand, `binllm.packed.source`), so "
+                       "the buffers part is 0 unless a layer still needs them. 'copies': "
+                       "packed layers cycled so that a pass reads more than 3× the 32 MiB L3 "
+                       "cache.")]
+    rs = res.get("rss")
+    if rs:
+        lines += ["", "## Resident memory of a process loading the 7B-shaped layer", "",
+                  ("VmRSS of a fresh process before `binllm.load(DIR)` (imports, the CPU "
+                   "extension and one skeleton of the architecture built and dropped first: "
+                   "one-time costs of ~230 MiB), after it and after one forward; 'release' is "
+                   "the default, 'keep' is `keep_packed=True` (buffers kept beside the form)."),
+                  "", _row("method", "dir MiB (safetensors)", "mode", "RSS +MiB loaded",
+                           "RSS +MiB after forward", "held MiB (held_bytes)"),
+                  _row(*["---"] * 6)]
+        for r in rs["rows"]:
+            for mode in ("release", "keep"):
+                m = r[mode]
+                lines.append(_row(r["method"], f"{r['dir_bytes'] / mib:.1f}", mode,
+                                  f"{(m['loaded'] - m['before']) / mib:.1f}",
+                                  f"{(m['after_forward'] - m['before']) / mib:.1f}",
+                                  f"{m['held'] / mib:.1f}"))
     sp = res.get("stories")
     if sp:
         lines += ["", f"## stories260K end to end (calibration: {sp['calibration']})", "",
@@ -330,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-stack", action="store_true")
     p.add_argument("--skip-stories", action="store_true")
     p.add_argument("--step-methods", default="", help="run the decode-step part for these")
+    p.add_argument("--rss-methods", default="rtn-sign,billm,arb-llm-rc",
+                   help="VmRSS of a process loading the saved 7B-shaped layer ('' = skip)")
     p.add_argument("--step-repeats", type=int, default=200)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--render-only", action="store_true")
@@ -347,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     old = args.out / "kernels.json"
     if (args.skip_stack or args.skip_stories) and old.is_file():  # keep the part not rerun
         kept = json.loads(old.read_text())
-        res.update({k: kept[k] for k in ("stack", "stories", "stories_step") if k in kept})
-    if not args.skip_stack:
-        res["stack"] = stack_part([m for m in args.methods.split(",") if m], args)
+        res.update({k: kept[k] for k in ("stack", "stories", "stories_step", "rss")
+                    if k in kept})
+    with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:  # saved layer dirs
+        if not args.skip_stack:
+            res["stack"] = stack_part([m for m in args.methods.split(",") if m], args,
+                                      Path(tmp))
+        if args.rss_methods:
+            res["rss"] = rss_part([m for m in args.rss_methods.split(",") if m], args,
+                                  Path(tmp))
     if not args.skip_stories:
         with tempfile.TemporaryDirectory(prefix="bench_kernels-") as tmp:
             res["stories"] = stories_part([m for m in args.stories_methods.split(",") if m],

@@ -6,9 +6,6 @@ function and print.
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from .common import CLIError, is_binllm_dir, load_saved, write_json_atomic
 
 
@@ -74,34 +71,56 @@ def add_generate(sub) -> None:
     p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the unchanged tensors (auto: as saved)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (0: torch's default, one per core); a model as "
+                        "small as stories260K runs fastest on 1, more only add waits")
+    p.add_argument("--exact-length", action="store_true",
+                   help="generate exactly --max-new-tokens (no stop at end of text; timing)")
+    p.add_argument("--original", action="store_true",
+                   help="MODEL is an ordinary (dense) Hugging Face model, e.g. the original a "
+                        "binllm directory was made from: generate with it the same way")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from ..packed.layers import set_cache_dequantized
-
     if args.max_new_tokens < 1:
         raise CLIError("--max-new-tokens must be at least 1")
-    if not is_binllm_dir(args.model):
+    if args.threads < 0:
+        raise CLIError(f"--threads {args.threads}: use 1 or more (0 = torch's default)")
+    if args.original:
+        if is_binllm_dir(args.model):
+            raise CLIError(f"{args.model} is a binllm directory; drop --original")
+    elif not is_binllm_dir(args.model):
         raise CLIError(f"{args.model} is not a binllm directory; write one with "
-                       "`binllm quantize MODEL --method … --out DIR`")
-    model, tokenizer = load_saved(args.model, args.dtype)
-    set_cache_dequantized(model, args.cache_dequantized and not args.no_cache)
+                       "`binllm quantize MODEL --method … --out DIR` (or pass --original to "
+                       "generate with an ordinary model)")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _generate(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting
+
+
+def _generate(args) -> int:
+    from ..evaluation.generate import generate
+    from ..packed.layers import set_cache_dequantized
+    from .common import load_model
+
+    if args.original:
+        model, tokenizer = load_model(args.model, "cpu", args.dtype)
+        model.eval()
+    else:  # kernel forms are derived here, at load, not inside the timed generation
+        model, tokenizer = load_saved(args.model, args.dtype)
+        set_cache_dequantized(model, args.cache_dequantized and not args.no_cache)
     model.to(args.device)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
-    torch.manual_seed(args.seed)
-    sample: dict[str, Any] = {"do_sample": False}
-    if args.temperature > 0:
-        sample = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    start = time.perf_counter()
-    with torch.no_grad():
-        pad = tokenizer.pad_token_id
-        pad = tokenizer.eos_token_id if pad is None else pad
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sample)
-    seconds = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
-    print(f"\n[{new} new tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]")
+    res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   device=args.device, exact_length=args.exact_length)
+    print(res.text)
+    print(f"\n[{res.new_tokens} new tokens in {res.seconds:.2f} s, "
+          f"{res.tokens_per_s:.1f} tokens/s]")
     return 0

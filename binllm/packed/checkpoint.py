@@ -284,7 +284,36 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     model.eval().to(device)
     if dtype is not None:
         model.to(dtype)
+    warm_kernels(model)
+    return_freed_memory()
     return bind_save_pretrained(model)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed while loading (each layer's unpacked codes and kernel-form
+    temporaries) back to the OS, so the process's resident size is what the model holds:
+    glibc's malloc_trim(0); nothing where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def warm_kernels(model: nn.Module) -> None:
+    """Load the compiled CPU kernels now (built on first use, then loaded from torch's cache:
+    0.4–2 s) when a layer will use them, so the first forward, e.g. inside a timed generation,
+    does not pay for it."""
+    for m in model.modules():
+        if isinstance(m, BinaryLinear) and m.kernels and not m.cache_dequantized \
+                and m.layout_device().type == "cpu":
+            from ..kernels.cpu import extension
+
+            extension()
+            return
 
 
 def load_packed(model: nn.Module, saved: SavedModel, *, keep_packed: bool = False) -> int:

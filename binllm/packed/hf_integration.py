@@ -36,7 +36,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import attach_sources, bind_save_pretrained, check_model_matches
+from .checkpoint import (
+    attach_sources,
+    bind_save_pretrained,
+    check_model_matches,
+    return_freed_memory,
+    warm_kernels,
+)
 from .layers import replace_linears
 from .layout import FORMAT_VERSION
 from .saved_dir import QUANT_METHOD, FormatVersionError, read_saved
@@ -79,6 +85,8 @@ class BinllmHfQuantizer(HfQuantizer):
         saved = getattr(self, "binllm_saved", None)
         if saved is not None:  # one representation: the form, the codes read back on demand
             attach_sources(model, saved)
+        warm_kernels(model)
+        return_freed_memory()
         return bind_save_pretrained(model)
 
     def is_serializable(self) -> bool:

@@ -1,0 +1,85 @@
+"""Timed generation: `binllm.evaluation.generate` and `binllm generate` time the same work for a
+packed model and its dense original (no kernel-form derivation or extension loading inside)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers  # noqa: F401  (its log handler binds to stderr now, not to one test's capsys)
+from test_checkpoint import quantize, tiny_biased_llama
+
+import binllm
+import binllm.kernels.cpu as cpu
+import binllm.packed.layers as layers
+from binllm.cli import main
+from binllm.evaluation.generate import generate
+from binllm.packed.checkpoint import save_binarized
+
+
+class Chars:
+    """A character tokenizer over the tiny model's 96 ids (what generate() needs of one)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text, return_tensors="pt"):
+        ids = torch.tensor([[2 + ord(c) % 94 for c in text]])
+        return type("Enc", (), {"input_ids": ids})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + int(i) % 94) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    model = tiny_biased_llama()
+    return save_binarized(model, quantize(model, "billm", 96), None,
+                          tmp_path_factory.mktemp("gen") / "model")
+
+
+def test_load_derives_every_form_and_loads_the_kernels_before_the_timed_run(saved_dir,
+                                                                           monkeypatch):
+    derived, loaded = [], []
+    real_form, real_ext = layers.kernel_form, cpu.extension
+    monkeypatch.setattr(cpu, "extension", lambda: loaded.append(1) or real_ext())
+    monkeypatch.setattr(layers, "kernel_form", lambda c: derived.append(1) or real_form(c))
+    model = binllm.load(saved_dir)
+    at_load = (len(derived), len(loaded))
+    assert at_load[0] == 7 and at_load[1] >= 1  # every linear's form, the kernels loaded
+    res = generate(model, Chars(), "Once", max_new_tokens=5, exact_length=True)
+    assert len(derived) == at_load[0]  # nothing derived while timed
+    assert res.new_tokens == 5 and res.prompt_tokens == 4 and res.seconds > 0
+    assert res.tokens_per_s == pytest.approx(5 / res.seconds)
+
+
+def test_generate_is_greedy_and_equals_the_models_own_generate(saved_dir):
+    model = binllm.load(saved_dir)
+    res = generate(model, Chars(), "Once", max_new_tokens=6, exact_length=True)
+    ids = Chars()("Once").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    assert res.text == Chars().decode(out[0])
+
+
+def run(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_generates_with_the_dense_original_the_same_way(capsys, stories_path):
+    threads = torch.get_num_threads()
+    code, text, _ = run(capsys, "generate", stories_path, "Once upon a time", "--original",
+                        "--max-new-tokens", "5", "--exact-length", "--threads", "1")
+    assert code == 0 and text.startswith("Once upon a time")
+    assert re.search(r"\[5 new tokens in [\d.]+ s, [\d.]+ tokens/s\]", text)
+    assert torch.get_num_threads() == threads  # restored for in-process callers
+
+
+def test_cli_generate_refuses_bad_threads_and_original_on_a_binllm_dir(capsys, saved_dir):
+    code, _, err = run(capsys, "generate", saved_dir, "hi", "--threads", "-1")
+    assert code == 2 and "--threads -1" in err
+    code, _, err = run(capsys, "generate", saved_dir, "hi", "--original")
+    assert code == 2 and "drop --original" in err
