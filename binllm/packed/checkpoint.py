@@ -35,7 +35,7 @@ from ..preflight import check_config_fits
 from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
-from .source import SavedSources
+from .release import load_packed, return_freed_memory, warm_kernels
 from .writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401
 from .saved_dir import (  # noqa: F401
     _DTYPES,
@@ -287,67 +287,6 @@ def load_binarized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     warm_kernels(model)
     return_freed_memory()
     return bind_save_pretrained(model)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap memory freed while loading (each layer's unpacked codes and kernel-form
-    temporaries) back to the OS, so the process's resident size is what the model holds:
-    glibc's malloc_trim(0); nothing where the C library has none."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
-def warm_kernels(model: nn.Module) -> None:
-    """Load the compiled CPU kernels now (built on first use, then loaded from torch's cache:
-    0.4–2 s) when a layer will use them, so the first forward, e.g. inside a timed generation,
-    does not pay for it."""
-    for m in model.modules():
-        if isinstance(m, BinaryLinear) and m.kernels and not m.cache_dequantized \
-                and m.layout_device().type == "cpu":
-            from ..kernels.cpu import extension
-
-            extension()
-            return
-
-
-def load_packed(model: nn.Module, saved: SavedModel, *, keep_packed: bool = False) -> int:
-    """Fill every BinaryLinear of `model` listed in `saved` from its files, one layer at a
-    time: read its packed tensors (fixing their sha256), derive what its forward computes from
-    and, unless keep_packed, release the tensors (`BinaryLinear.prepare`). Returns how many."""
-    sources = SavedSources(saved)
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryLinear) and name in saved.layouts:
-            source, tensors = sources.first_read(name, m.layout)
-            m.set_packed(tensors, None if keep_packed else source)
-            if not keep_packed:
-                m.prepare()
-            n += 1
-    return n
-
-
-def attach_sources(model: nn.Module, saved: SavedModel) -> int:
-    """For a model whose BinaryLinears were filled by another loader (transformers'): attach
-    each layer's file where its buffers hold exactly the file's bytes, and release them
-    (`BinaryLinear.prepare`); returns how many were released."""
-    sources = SavedSources(saved)
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryLinear) and name in saved.layouts and not m.is_released():
-            source, _ = sources.first_read(name, m.layout)
-            if m.attach_source(source):
-                m.prepare()
-                n += 1
-            else:
-                log.warning("%s: the loaded packed tensors differ from %s; they stay in memory",
-                            name, saved.path)
-    return n
 
 
 def _skeleton(saved: SavedModel) -> tuple[nn.Module, Any]:

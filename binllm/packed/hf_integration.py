@@ -10,7 +10,7 @@ on-disk names; then the skeleton is checked against the files (every tensor pres
 declared shape and dtype, every linear with stored codes listed), so nothing is ever left
 randomly initialised. Everything else is transformers' own loading. After loading, each
 BinaryLinear whose buffers hold exactly its file's bytes derives its kernel form and releases
-them (`checkpoint.attach_sources`, as `binllm.load` does). After loading,
+them (`release.attach_sources`, as `binllm.load` does). After loading,
 `model.save_pretrained(DIR)` writes the packed format again (`checkpoint.save_loaded`).
 `binllm.load(DIR)` does the same without transformers' loader and stays the primary path.
 
@@ -36,13 +36,8 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (
-    attach_sources,
-    bind_save_pretrained,
-    check_model_matches,
-    return_freed_memory,
-    warm_kernels,
-)
+from .checkpoint import bind_save_pretrained, check_model_matches
+from .release import attach_sources, return_freed_memory, warm_kernels
 from .layers import replace_linears
 from .layout import FORMAT_VERSION
 from .saved_dir import QUANT_METHOD, FormatVersionError, read_saved
