@@ -221,6 +221,8 @@ def streaming(args) -> None:
                   "--eval", "", "--overwrite", "--data-dir", str(SHARED / "data")]
         rows, port = [], 29741
         for method, stop in (("rtn-sign", 0), ("billm", args.billm_layers)):
+            if method not in args.stream_methods.split(","):
+                continue
             for ranks in (1, 2):
                 label = f"{method}_{ranks}_rank{'s' if ranks > 1 else ''}"
                 port += 1
@@ -228,14 +230,20 @@ def streaming(args) -> None:
                                                       str(tmp / label)], stop, tmp, port))
                 rows[-1].update(method=method, stopped_after=stop or None,
                                 published=(tmp / label).exists())
-        rows[1]["files_vs_1_rank"] = compare(tmp / rows[0]["label"], tmp / rows[1]["label"])
+        if rows[0]["method"] == "rtn-sign":
+            rows[1]["files_vs_1_rank"] = compare(tmp / rows[0]["label"], tmp / rows[1]["label"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     path = OUT / "distributed.json"
     result = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {r["label"] for r in rows}  # runs of methods not measured now are kept
+    kept = [r for r in result.get("streaming", {}).get("runs", []) if r["label"] not in fresh]
+    order = ["rtn-sign", "billm"]
     result["streaming"] = {"model": {**SYNTH, "checkpoint_mb": round(ckpt / 2**20)},
                            "nsamples": args.nsamples, "seqlen": args.seqlen,
-                           "cpus": os.cpu_count(), "runs": rows}
+                           "cpus": os.cpu_count(),
+                           "runs": sorted(kept + rows, key=lambda r: (order.index(r["method"]),
+                                                                      r["ranks"]))}
     path.write_text(json.dumps(result, indent=2) + "\n")
     (OUT / "distributed.md").write_text(markdown(result))
     print(f"wrote {OUT / 'distributed.md'}")
@@ -254,6 +262,8 @@ def main() -> None:
     ap.add_argument("--streaming", action="store_true",
                     help="torchrun streaming runs of bench_stream.py's model (module docstring)")
     ap.add_argument("--smoke", action="store_true", help="--streaming on a tiny model, into /tmp")
+    ap.add_argument("--stream-methods", default="rtn-sign,billm",
+                    help="--streaming: which of rtn-sign,billm to run (the others' rows are kept)")
     ap.add_argument("--billm-layers", type=int, default=1,
                     help="--streaming: billm runs stop after this many layers")
     ap.add_argument("--markdown-only", action="store_true",
@@ -389,17 +399,34 @@ def markdown_streaming(st: dict) -> list[str]:
         f"{m['checkpoint_mb']} MiB), calibration {st['nsamples']} × {st['seqlen']} tokens; every "
         "rank streams the layers from the shards, rank 0 alone writes `--out`. 1 rank = one "
         "process with 2 threads, 2 ranks = torchrun with 1 thread each (both use the 2 shared "
-        "cores). Peak RSS: VmHWM of each rank's process.", "",
-        "| run | ranks | wall s | seconds per rank | peak RSS per rank (MiB) | layers done (s at each) | load before → after |",
+        "cores). Peak RSS: VmHWM of each rank's process; seconds per rank: from the start of "
+        "its process to its end (or its stop after the first billm layer, ≈ 4 min per layer "
+        "here), imports and calibration data included.", "",
+        "| run | ranks | wall s | seconds per rank | peak RSS per rank (MiB) | rank 0: layers done at (s) | load before → after |",
         "|---|---|---|---|---|---|---|"]
     for row in st["runs"]:
         ranks = row["per_rank"]
-        trace = ", ".join(f"{t['layer']}: {t['seconds']}" for t in ranks[0]["layers"])
+        shown = ranks[0]["layers"]
+        shown = shown if len(shown) <= 3 else [shown[0], shown[1], None, shown[-1]]
+        trace = ", ".join("…" if t is None else f"{t['layer']}: {t['seconds']}" for t in shown)
         stop = f" (stopped after {row['stopped_after']})" if row.get("stopped_after") else ""
         lines.append(f"| {row['label']}{stop} | {row['ranks']} | {row['wall_s']} | "
                      f"{' / '.join(str(r['seconds']) for r in ranks)} | "
                      f"{' / '.join(str(r['hwm_mb']) for r in ranks)} | {trace} | "
                      f"{row['load_before']} → {row['load_after']} |")
+    if st.get("note"):
+        lines += ["", f"Note: {st['note']}"]
+    by = {(r["method"], r["ranks"]): r for r in st["runs"]}
+    for method in ("rtn-sign", "billm"):
+        one, two = by.get((method, 1)), by.get((method, 2))
+        if one and two:
+            peaks = [r["hwm_mb"] for r in two["per_rank"]]
+            lines += ["", f"{method}: wall seconds 1 rank / 2 ranks = {one['wall_s']} / "
+                      f"{two['wall_s']} = {one['wall_s'] / two['wall_s']:.2f}×; peak RSS "
+                      f"{one['per_rank'][0]['hwm_mb']} MiB in one process, {max(peaks)} MiB on "
+                      f"the larger rank and {sum(peaks)} MiB over both (each rank holds its "
+                      "own process baseline, embeddings, lm_head and current layer; only the "
+                      "calibration activations and the solve are divided)."]
     cmp = next((r["files_vs_1_rank"] for r in st["runs"] if "files_vs_1_rank" in r), None)
     if cmp is not None:
         lines += ["", f"rtn-sign saved files, 2 ranks against 1: {_same(cmp)} (rtn-sign uses no "
@@ -421,20 +448,22 @@ def markdown_streaming(st: dict) -> list[str]:
         z = sizes(hidden, inter, layers, heads, kv, vocab, tied, 16, 2048)
         fp64 = inter * inter * 8 / 2**20
         total = z["layer_mb"] + z["activations_mb"] + z["hessians_mb"] + fp64
+        layer_70b = z["layer_mb"]  # the last shape, LLaMA-3-70B
         lines.append(f"| {name} | {z['layer_mb'] / 1024:.2f} | {z['activations_mb'] / 1024:.2f} | "
                      f"{z['hessians_mb'] / 1024:.2f} | {fp64 / 1024:.2f} | {total / 1024:.1f} | "
                      f"{z['embed_head_mb'] / 1024:.2f} |")
     lines += [
-        "", "What NCCL changes (from the code, not run): the tensors of every collective live on "
-        "cuda:LOCAL_RANK (`from_env` passes `device_id`), the Hessian reduce and the code "
-        "broadcasts go over NVLink instead of loopback TCP, and the object collectives "
+        "", "What NCCL changes (from the code and torch.distributed's documentation, not run): "
+        "the tensors of every collective live on cuda:LOCAL_RANK (`from_env` passes "
+        "`device_id`), the Hessian reduce and the code broadcasts go over NVLink instead of loopback TCP, and the object collectives "
         "(error agreement, layouts) are pickled into CUDA tensors. A rank that dies is noticed "
         "differently: gloo's peers get a closed connection at once (the `lost contact` error "
         "measured in the tests); NCCL's peers block until torchrun's agent sees the dead worker "
         "and SIGTERMs them (`stopped by torchrun ...`) or, failing that, until the process-group "
         "timeout (`--dist-timeout`, default 1800 s). Every rank reads every layer from disk: "
-        "8 × 1.6 GiB per 70B layer, mostly from the page cache on one node after the first "
-        "reader; on 8 nodes without a shared cache that is 8 reads of the checkpoint."]
+        f"8 × {layer_70b / 1024:.2f} GiB per 70B layer, mostly from the page cache on one node "
+        "after the first reader; on 8 nodes without a shared cache that is 8 reads of the "
+        "checkpoint."]
     return lines
 
 
