@@ -455,7 +455,8 @@ def markdown_streaming(st: dict) -> list[str]:
     lines += [
         "", "What NCCL changes (from the code and torch.distributed's documentation, not run): "
         "the tensors of every collective live on cuda:LOCAL_RANK (`from_env` passes "
-        "`device_id`), the Hessian reduce and the code broadcasts go over NVLink instead of loopback TCP, and the object collectives "
+        "`device_id`), the Hessian reduce and the code broadcasts go over NVLink instead of "
+        "loopback TCP, and the object collectives "
         "(error agreement, layouts) are pickled into CUDA tensors. A rank that dies is noticed "
         "differently: gloo's peers get a closed connection at once (the `lost contact` error "
         "measured in the tests); NCCL's peers block until torchrun's agent sees the dead worker "
