@@ -44,16 +44,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_packed import (  # noqa: E402  (benchmarks/ is not a package)
-    PROMPT,
-    SHARED,
-    STORIES,
-    generation_speed,
-    layout_codes,
-)
+from _common import OUT, PROMPT, ROOT, STORIES, generation_speed, md_row  # noqa: E402
+from _common import stories_inputs  # noqa: E402
+from bench_packed import layout_codes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
           "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
           "down_proj": (4096, 11008)}
@@ -250,20 +244,15 @@ def stack_part(methods: list[str], args, work: Path) -> dict:
 
 # -- part 2: stories260K ---------------------------------------------------------------------
 def stories_part(methods: list[str], args, work: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from binllm.engine.binarize import binarize_model
     from binllm.engine.config import QuantizeConfig
-    from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
     from binllm.evaluation.perplexity import perplexity
     from binllm.packed.checkpoint import load_binarized, save_binarized
     from binllm.packed.layers import set_kernels
 
-    tok = AutoTokenizer.from_pretrained(STORIES)
-    calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
-                                args.nsamples, args.seqlen, 0)
-    test = eval_tokens(load_text("tinystories", "test", SHARED / "data"), tok, args.seqlen)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    tok, calib, test, ids = stories_inputs(args.nsamples, args.seqlen)
     fp32 = AutoModelForCausalLM.from_pretrained(STORIES).eval()
     fp32_speeds, rows = [], []
     for method in methods:
@@ -300,17 +289,13 @@ def step_part(methods: list[str], args, work: Path) -> dict:
     """stories260K: best ms of one greedy decode step (1 token, KV cache of the prompt) over
     `--step-repeats` steps, fp32 original against the packed model (kernels), interleaved;
     robust to a shared CPU where whole generations are not."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from binllm.engine.binarize import binarize_model
     from binllm.engine.config import QuantizeConfig
-    from binllm.evaluation.data import calibration_batches, load_text
     from binllm.packed.checkpoint import load_binarized, save_binarized
 
-    tok = AutoTokenizer.from_pretrained(STORIES)
-    calib = calibration_batches(load_text("tinystories", "train", SHARED / "data"), tok,
-                                args.nsamples, args.seqlen, 0)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    tok, calib, _, ids = stories_inputs(args.nsamples, args.seqlen)
     models = {"fp32": AutoModelForCausalLM.from_pretrained(STORIES).eval()}
     for method in methods:
         model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
@@ -334,10 +319,6 @@ def step_part(methods: list[str], args, work: Path) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------
-def _row(*cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def write_markdown(res: dict, path: Path) -> None:
     mib = 2**20
     lines = ["# CPU kernels on the packed bits (issue 10)", "",
@@ -354,15 +335,15 @@ def write_markdown(res: dict, path: Path) -> None:
              f"{st['repeats']} interleaved rounds; 'best' sums each linear's best call, "
              "'median' is the median whole pass. 'limit' = bytes read per token / bandwidth. "
              f"Speed-up against the faster dense path ({fastest['config']})."), "",
-            _row("config", "disk bits/w", "held MiB (buffers + form)", "read MiB/token",
-                 "copies", "best ms/layer", "median ms", "tokens/s (1 layer)", "limit ms",
-                 "× faster dense"),
-            _row(*["---"] * 10)]
+            md_row("config", "disk bits/w", "held MiB (buffers + form)", "read MiB/token",
+                   "copies", "best ms/layer", "median ms", "tokens/s (1 layer)", "limit ms",
+                   "× faster dense"),
+            md_row(*["---"] * 10)]
         for r in st["rows"]:
             held = (f"{r['held_bytes'] / mib:.1f}" if "form_bytes" not in r else
                     f"{r['held_bytes'] / mib:.1f} ({r['buffer_bytes'] / mib:.1f} + "
                     f"{r['form_bytes'] / mib:.1f})")
-            lines.append(_row(
+            lines.append(md_row(
                 r["config"], f"{r['disk_bits']:.3f}" if "disk_bits" in r else "—", held,
                 f"{r['read_bytes'] / mib:.1f}", r["copies"], f"{r['best_ms']:.2f}",
                 f"{r['median_ms']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['limit_ms']:.2f}",
@@ -384,29 +365,29 @@ def write_markdown(res: dict, path: Path) -> None:
                    "extension and one skeleton of the architecture built and dropped first: "
                    "one-time costs of ~230 MiB), after it and after one forward; 'release' is "
                    "the default, 'keep' is `keep_packed=True` (buffers kept beside the form)."),
-                  "", _row("method", "dir MiB (safetensors)", "mode", "RSS +MiB loaded",
-                           "RSS +MiB after forward", "held MiB (held_bytes)"),
-                  _row(*["---"] * 6)]
+                  "", md_row("method", "dir MiB (safetensors)", "mode", "RSS +MiB loaded",
+                             "RSS +MiB after forward", "held MiB (held_bytes)"),
+                  md_row(*["---"] * 6)]
         for r in rs["rows"]:
             for mode in ("release", "keep"):
                 m = r[mode]
-                lines.append(_row(r["method"], f"{r['dir_bytes'] / mib:.1f}", mode,
-                                  f"{(m['loaded'] - m['before']) / mib:.1f}",
-                                  f"{(m['after_forward'] - m['before']) / mib:.1f}",
-                                  f"{m['held'] / mib:.1f}"))
+                lines.append(md_row(r["method"], f"{r['dir_bytes'] / mib:.1f}", mode,
+                                    f"{(m['loaded'] - m['before']) / mib:.1f}",
+                                    f"{(m['after_forward'] - m['before']) / mib:.1f}",
+                                    f"{m['held'] / mib:.1f}"))
     sp = res.get("stories")
     if sp:
         lines += ["", f"## stories260K end to end (calibration: {sp['calibration']})", "",
                   (f"fp32 original: {sp['fp32_tokens_per_s']:.1f} tokens/s greedy "
                    f"({sp['new_tokens']} new tokens, best of {sp['gen_repeats']} interleaved). "
                    f"Perplexity: tinystories test, {sp['windows']} windows of {sp['seqlen']}."),
-                  "", _row("method", "tok/s packed (kernels)", "vs fp32", "ppl kernels",
-                           "ppl dequantize", "equal to 4 digits"), _row(*["---"] * 6)]
+                  "", md_row("method", "tok/s packed (kernels)", "vs fp32", "ppl kernels",
+                             "ppl dequantize", "equal to 4 digits"), md_row(*["---"] * 6)]
         for r in sp["rows"]:
-            lines.append(_row(r["method"], f"{r['tokens_per_s_kernels']:.1f}",
-                              f"{r['tokens_per_s_kernels'] / sp['fp32_tokens_per_s']:.2f}",
-                              f"{r['ppl_kernels']:.4f}", f"{r['ppl_dequantize']:.4f}",
-                              "yes" if r["same_4_digits"] else "NO"))
+            lines.append(md_row(r["method"], f"{r['tokens_per_s_kernels']:.1f}",
+                                f"{r['tokens_per_s_kernels'] / sp['fp32_tokens_per_s']:.2f}",
+                                f"{r['ppl_kernels']:.4f}", f"{r['ppl_dequantize']:.4f}",
+                                "yes" if r["same_4_digits"] else "NO"))
         cli = [r for r in sp["rows"] if "cli_line" in r]
         if cli:
             lines += ["", f"`binllm generate` ({cli[0]['method']}, default path): "

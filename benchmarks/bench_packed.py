@@ -47,7 +47,6 @@ from _common import (  # noqa: E402  (benchmarks/ is not a package)
     stories_inputs,
     write_results,
 )
-from _common import PROMPT, SHARED  # noqa: E402,F401  (bench_kernels imports them from here)
 
 LOAD_SNIPPET = r"""
 import json, resource, sys, time
