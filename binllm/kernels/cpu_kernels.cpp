@@ -376,7 +376,8 @@ void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const 
       const __m512i c = cols16(cp + k, m);
       const __m512i g = shift >= 0 ? _mm512_srli_epi32(c, static_cast<unsigned>(shift)) :
           _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(c), half), inv));
-      const __m512 sub = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, g, sb + r * ng, 4);
+      const __m512 sub = ng == 1 ? _mm512_set1_ps(sb[r]) :  // one group: no gather
+          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, g, sb + r * ng, 4);
       const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qp + k)));
       const __m512 val = _mm512_fmsub_ps(s, _mm512_sub_ps(q, z), sub);
       for (int64_t n = 0; n < N; ++n)
