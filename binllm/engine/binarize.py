@@ -186,7 +186,9 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         walk = dist.guarded(walk, "calibration forward")
     # A finished layer first feeds the next one through its calibrated weights (fp32 scales,
     # as the references); once the walker has run it, it gets its stored weights (`pending`).
-    pending: list[tuple[nn.Module, Tensor]] = []
+    # A streamed layer is replaced by BinaryLinears of its stored codes instead (the source's
+    # release): nothing pends, and no second copy of the layer is kept meanwhile.
+    pending: list[tuple[nn.Module, Tensor]] | None = [] if source is None else None
     try:
         _walk(report, method, config, journal, dist, walk, keep_codes, on_layer, n_layers,
               needs_h, device, pending, source)
@@ -199,18 +201,21 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     return report
 
 
-def _set_stored(pending: list[tuple[nn.Module, Tensor]]) -> None:
+def _set_stored(pending: list[tuple[nn.Module, Tensor]] | None) -> None:
     """Give the linears in `pending` their stored weights (on the device they are on now)."""
+    if pending is None:
+        return
     for linear, Q in pending:
         linear.weight.data = Q.to(device=linear.weight.device)
     pending.clear()
 
 
-def _store(linear: nn.Module, calibrated, method, pending: list, Q: Tensor | None = None):
+def _store(linear: nn.Module, calibrated, method, pending: list | None,
+           Q: Tensor | None = None):
     """The stored codes of `calibrated` (scales rounded once); their weights join `pending`
-    (Q: those weights when the caller already has them)."""
+    (Q: those weights when the caller already has them; pending None: nobody needs them)."""
     stored = method.store(calibrated)
-    if stored is not calibrated:
+    if stored is not calibrated and pending is not None:
         W = linear.weight.data
         Q = stored.dequantize() if Q is None else Q
         pending.append((linear, Q.to(device=W.device, dtype=W.dtype)))
@@ -240,18 +245,21 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
         mine = [n for n in linears if dist is None or owners[n] == dist.rank]
         with guard(dist, f"Hessians of layer {i}"):
             hessians = (collect_hessians(layer, inputs, list(linears) if dist is None
-                                         else dist.hessian_names(list(linears), owners), device)
+                                         else dist.hessian_names(list(linears), owners), device,
+                                         share=dist is None)  # one H per input tensor
                         if needs_h else {})
         if dist is not None and hessians:
             hessians = dist.reduce_hessians(hessians, owners)
         done: dict[str, tuple[Any, LinearReport]] = {}  # name -> (calibrated codes, report)
         stored_Q: dict[str, Tensor] = {}
         with guard(dist, f"layer {i}"):
-            for name in mine:
+            for name in mine:  # a shared H is freed once the last linear reading it is done
                 rec, rep = _quantize_linear(linears[name], f"{path}.{name}",
-                                            hessians.pop(name, None), method, config)
+                                            _take_hessian(hessians, name), method, config)
                 done[name] = (rec.calibrated, rep)
-                stored_Q[name] = rec.Q
+                if pending is not None:  # in the weights' dtype at once: no fp32 layer held
+                    stored_Q[name] = rec.Q.to(linears[name].weight.dtype)
+                del rec
         del hessians
         with guard(dist, f"layer {i} codes"):
             if dist is not None:
@@ -276,13 +284,20 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
                 on_layer(i + 1, n_layers)
 
 
-def _quantize_linear(linear: nn.Module, full: str, acc, method, config: QuantizeConfig):
+def _take_hessian(hessians: dict[str, Any], name: str) -> Tensor | None:
+    """H of `name`, dropped from `hessians`: the accumulator turns into H in place, and
+    linears sharing it (one input tensor) get that same tensor."""
+    acc = hessians.pop(name, None)
+    return acc.finalize() if acc is not None else None
+
+
+def _quantize_linear(linear: nn.Module, full: str, H: Tensor | None, method,
+                     config: QuantizeConfig):
     """(Reconstruction, LinearReport) of one linear; its weight becomes the calibrated one
     (the stored one, `Reconstruction.Q`, once the walker has fed the next layer)."""
     W = linear.weight.data
     refuse_non_finite(f"{full}.weight", W)  # a streamed layer's weights arrive only now
     t0 = time.perf_counter()
-    H = acc.H if acc is not None else None
     rec = reconstruct(W, H, method, block_size=config.block_size,
                       percdamp=config.percdamp, feedback=config.feedback, name=full)
     linear.weight.data = rec.calibrated_Q.to(W.dtype)

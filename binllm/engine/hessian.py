@@ -33,8 +33,11 @@ class HessianAccumulator:
     def __init__(self, d: int, device: torch.device | str = "cpu"):
         self.XtX = torch.zeros(d, d, dtype=torch.float32, device=device)  # (d, d)
         self.nsamples = 0
+        self.final = False  # finalize() turned XtX into H
 
     def add_batch(self, X: Tensor) -> None:
+        if self.final:
+            raise RuntimeError("this accumulator was finalized: its XtX already holds H")
         n = X.shape[0] if X.dim() == 3 else 1
         X = X.reshape(-1, X.shape[-1]).to(self.XtX.device, torch.float32)  # (tokens, d)
         self.XtX.addmm_(X.T, X)
@@ -42,15 +45,30 @@ class HessianAccumulator:
 
     @property
     def H(self) -> Tensor:
+        """2/N · XᵀX, a new tensor (the accumulator can go on); `finalize` avoids the copy."""
         if self.nsamples == 0:
             raise ValueError("no calibration inputs reached this layer; check the calibration data")
+        if self.final:
+            return self.XtX
         return self.XtX * (2.0 / self.nsamples)
+
+    def finalize(self) -> Tensor:
+        """H computed in place of XᵀX (bit-identical to `H`, without a second d × d buffer);
+        the accumulator takes no more batches, and later calls return the same tensor."""
+        if not self.final:
+            if self.nsamples == 0:
+                raise ValueError("no calibration inputs reached this layer; check the "
+                                 "calibration data")
+            self.XtX.mul_(2.0 / self.nsamples)  # the same fp32 product as `XtX * (2 / N)`
+            self.final = True
+        return self.XtX
 
 
 @dataclass(frozen=True)
 class InverseCholesky:
     U: Tensor          # (d, d) upper factor with H_damped⁻¹ = Uᵀ U
-    H: Tensor          # (d, d) H after the dead-column fix, before damping
+    H: Tensor          # (d, d) H after the dead-column fix, before damping (the caller's
+    #                    tensor itself when it is fp32 and has no dead column)
     dead: Tensor       # (d,) bool, columns that never saw a non-zero input
     percdamp: float    # the damping fraction finally used
 
@@ -63,20 +81,26 @@ def inverse_cholesky(H: Tensor, percdamp: float = 0.01, retries: int = 4,
     factorisation fails, percdamp is multiplied by 10 up to `retries` times, logging the
     layer name, before giving up with advice.
     """
-    H = H.to(torch.float32).clone()  # (d, d)
     dead = torch.diag(H) == 0  # (d,)
-    H[dead, dead] = 1.0
+    if dead.any() or H.dtype != torch.float32:  # otherwise H is left as it is: no copy
+        H = H.to(torch.float32, copy=True)  # (d, d)
+        H[dead, dead] = 1.0
     d = H.shape[0]
     eye = torch.arange(d, device=H.device)
+    # at most three d × d buffers besides H at a time (each freed once the next exists)
     for attempt in range(retries + 1):
         Hd = H.clone()
         Hd[eye, eye] += percdamp * torch.mean(torch.diag(H))
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)  # (d, d)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return InverseCholesky(U=U, H=H, dead=dead, percdamp=percdamp)
+            del U
         if attempt < retries:
             log.warning("%s: Hessian not positive definite with percdamp=%g; retrying with %g",
                         name or "layer", percdamp, percdamp * 10)

@@ -57,7 +57,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
                 name: str = "") -> Reconstruction:
     """Quantize W (rows, cols) with `method`, compensating errors through H (cols, cols)."""
     feedback = feedback or method.feedback
-    W = W.detach().to(torch.float32).clone()  # (rows, cols)
+    W = W.detach().to(torch.float32, copy=True)  # (rows, cols), one fp32 copy
     rows, cols = W.shape
     if hasattr(method, "block_size"):
         block_size = method.block_size(block_size, cols)
@@ -100,13 +100,16 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         E[:, i1:i2] = Err1
         grids.append(grid)
         levels.append(L1)
+    del W, original, state  # the fed-back weights are done with: a smaller peak below
     calibrated = method.codes(grids, torch.cat(levels, dim=-1))
     codes = method.store(calibrated)
     Q_stored, stored_loss = Q, loss
     if codes is not calibrated:  # scales rounded after the loop: Q moves, the targets do not
         Q_stored = codes.dequantize()  # (rows, cols)
         d = torch.diag(U)[None, :] if U is not None else 1.0  # (1, cols)
-        stored_loss = ((E + (Q - Q_stored) / d) ** 2).sum(dtype=torch.float64).item() / 2
+        err = (Q - Q_stored).div_(d).add_(E).pow_(2)  # (E + (Q − Q_stored)/d)², in place
+        stored_loss = err.sum(dtype=torch.float64).item() / 2
+        del err
     return Reconstruction(Q=Q_stored, codes=codes, loss=stored_loss, calibrated_Q=Q,
                           calibrated=calibrated, calibration_loss=loss, percdamp=used_damp)
 

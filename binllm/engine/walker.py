@@ -8,6 +8,9 @@ and whose layer-0 call can be intercepted with a forward pre-hook.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -16,6 +19,8 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .hessian import HessianAccumulator
+
+log = logging.getLogger(__name__)
 
 # Where decoder layers live, for models whose `_no_split_modules` does not say.
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
@@ -184,20 +189,75 @@ def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | 
                 source.release(i, f"{path}.{i}", layer)
 
 
+class _SharingBroke(Exception):
+    """Linears that read one tensor in an earlier batch read different ones now (internal)."""
+
+
 def collect_hessians(layer: nn.Module, inputs: LayerInputs, names: list[str],
-                     device: torch.device | str = "cpu") -> dict[str, "HessianAccumulator"]:
-    """Run the layer on every batch with forward hooks accumulating each linear's XᵀX."""
+                     device: torch.device | str = "cpu", share: bool = True
+                     ) -> dict[str, "HessianAccumulator"]:
+    """Run the layer on every batch with forward hooks accumulating each linear's XᵀX.
+
+    share: linears called on the very same input tensor (q/k/v on the normed hidden states,
+    gate/up in a LLaMA MLP; found through the hooks by tensor identity, not by names) get one
+    accumulator: the first of them adds XᵀX, the others map to the same object. Should the
+    grouping seen in an earlier batch not hold in a later one, the Hessians are collected
+    again without sharing. The sums are the same bits either way.
+    """
+    if share:
+        try:
+            return _collect(layer, inputs, names, device, share=True)
+        except _SharingBroke:
+            log.info("linears of one input diverged between batches: Hessians not shared")
+    return _collect(layer, inputs, names, device, share=False)
+
+
+def _collect(layer: nn.Module, inputs: LayerInputs, names: list[str], device, share: bool
+             ) -> dict[str, "HessianAccumulator"]:
     from .hessian import HessianAccumulator
 
     linears = find_linears(layer)
-    accs = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
-    handles = [linears[n].register_forward_hook(
-        lambda mod, args, out, acc=accs[n]: acc.add_batch(args[0].detach())) for n in names]
+    accs: dict[str, HessianAccumulator] = {}
+    leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares
+    calls: dict[str, list[weakref.ref]] = {}  # this batch's inputs per linear (weak refs)
+    since: dict[str, int] = {}  # name -> the batch it was first called in
+    batch = [0]
+
+    def hook(name: str, mod, args, out) -> None:
+        x = args[0]
+        mine = calls.setdefault(name, [])
+        if name in leader:  # a follower: its k-th input must be its leader's k-th input
+            theirs = calls.get(leader[name], [])
+            if len(mine) >= len(theirs) or theirs[len(mine)]() is not x:
+                raise _SharingBroke
+        elif name in accs:
+            accs[name].add_batch(x.detach())
+        else:
+            since[name] = batch[0]
+            # share only with a linear first called in this batch (the same sums so far)
+            match = next((n for n, refs in calls.items() if n not in leader and n != name
+                          and since[n] == batch[0] and len(refs) == 1 and refs[0]() is x),
+                         None) if share and not mine else None
+            if match is None:
+                accs[name] = HessianAccumulator(linears[name].in_features, device)
+                accs[name].add_batch(x.detach())
+            else:
+                leader[name], accs[name] = match, accs[match]
+        mine.append(weakref.ref(x))
+
+    handles = [linears[n].register_forward_hook(functools.partial(hook, n)) for n in names]
     try:
         with torch.no_grad():
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
+            for batch[0], (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+                calls.clear()
                 run_layer(layer, h.to(device), _to(kw, device))
+                if any(len(calls.get(f, [])) != len(calls.get(lead, []))
+                       for f, lead in leader.items()):
+                    raise _SharingBroke  # a follower missed inputs its leader summed
     finally:
         for handle in handles:
             handle.remove()
-    return accs
+    missing = [n for n in names if n not in accs]  # never called: an empty accumulator
+    for n in missing:
+        accs[n] = HessianAccumulator(linears[n].in_features, device)
+    return {n: accs[n] for n in names}
