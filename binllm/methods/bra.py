@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 SPLIT_LEVELS = (0.10, 0.90, 81)  # quantile levels of the bell-shaped split search (§3.2.3)
-_CHUNK = 1 << 17                 # elements per row chunk of the (rows, cand, B) tables
+_CHUNK = 1 << 17                 # elements per partial sum over rows of the count search
+_ROW_TABLE = 1 << 19             # elements per (rows, cand, B) table (4 MiB in float64)
 
 
 class BRA(NamedTuple):
@@ -211,9 +212,10 @@ def salient_column_errors(x: Tensor, top: Tensor) -> Tensor:
     ks = torch.arange(1, U, device=x.device)  # (K,)
     vs_all, P_all = _sorted_prefix(x, torch.ones_like(x, dtype=torch.bool))
     errs = torch.zeros(K, dtype=torch.float64, device=x.device)
-    step = max(1, _CHUNK // (K * (U + 1)))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    step = max(1, _CHUNK // (K * (U + 1)))  # rows per partial sum (fixes the summation order)
+    big = step * max(1, _ROW_TABLE // (step * K * (U + 1)))  # rows per table, a multiple
+    for r0 in range(0, rows, big):
+        r1 = min(rows, r0 + big)
         vt, rank = torch.sort(x[r0:r1][:, top].float(), dim=-1)  # (r, U); rank: place in `top`
         vt = vt.double()
         member = rank[:, None, :] < ks[None, :, None]  # (r, K, U): sorted value ∈ S_k
@@ -231,7 +233,9 @@ def salient_column_errors(x: Tensor, top: Tensor) -> Tensor:
 
         sal = T[..., -1]  # (3, r, K)
         rest = Pa[..., -1:] - sal
-        errs += (bra_error(sal, below_sal, 2) + bra_error(rest, below_rest, 2)).sum(0)
+        e = bra_error(sal, below_sal, 2) + bra_error(rest, below_rest, 2)  # (r, K) per row
+        for j in range(0, r1 - r0, step):  # Σ over rows in the same partial sums as ever
+            errs += e[j:j + step].sum(0)
     return errs
 
 
