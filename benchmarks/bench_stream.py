@@ -21,10 +21,11 @@ layer, as the rtn-sign trace over all 16 layers shows); `--billm-layers 0` runs 
 Target (issue 11): peak RSS < baseline + embeddings + lm_head + 3 decoder layers (bf16) +
 calibration activations (layer inputs and outputs, bf16). The extrapolation to LLaMA-3-8B and
 -70B shapes fits peak = baseline + embeddings + lm_head + activations + a·layer + b·hessians
-(layer = one decoder layer in bf16, hessians = the fp32 Σ in² of the layer's linears, all held
-while the layer is solved): a from rtn-sign (no Hessian), b from billm.
+(layer = one decoder layer in bf16, hessians = the fp32 XᵀX of the layer's distinct linear inputs:
+q/k/v share one, gate/up one): a from rtn-sign (no Hessian), b from billm.
 
     python benchmarks/bench_stream.py [--nsamples 16] [--seqlen 256] [--billm-layers 1]
+    python benchmarks/bench_stream.py --from-json benchmarks/results/stream.json  (md only)
 Writes benchmarks/results/stream.json and stream.md.
 """
 
@@ -133,7 +134,8 @@ def sizes(hidden, inter, layers, heads, kv, vocab, tied, nsamples, seqlen) -> di
     attn = 2 * hidden * hidden + 2 * hidden * kv * head_dim      # q, o + k, v
     layer_params = attn + 3 * hidden * inter + 2 * hidden         # + gate, up, down, 2 norms
     embed = vocab * hidden * (1 if tied else 2)
-    hessians = 4 * (4 * hidden * hidden + 2 * hidden * hidden + inter * inter)  # fp32 Σ in²
+    # fp32 XᵀX per input tensor, as collect_hessians shares them: q/k/v, o, gate/up, down
+    hessians = 4 * (3 * hidden * hidden + inter * inter)
     return {"layer_mb": layer_params * 2 / MB, "embed_head_mb": embed * 2 / MB,
             "checkpoint_mb": (layers * layer_params + embed + hidden) * 2 / MB,
             "hessians_mb": hessians / MB,
@@ -154,7 +156,11 @@ def main() -> None:
     ap.add_argument("--skip-in-memory", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="a 2-layer hidden-128 model, results under /tmp (checks the script)")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="rewrite the markdown from a stream.json of an earlier run (no runs)")
     args = ap.parse_args()
+    if args.from_json:
+        return report(json.loads(Path(args.from_json).read_text()))
     if args.smoke:
         global OUT
         OUT = Path(tempfile.gettempdir()) / "bench_stream_smoke"
@@ -243,13 +249,19 @@ def report(res: dict) -> None:
     if "in_memory_files_identical" in res:
         lines.append(f"Streamed and in-memory rtn-sign files byte-identical: "
                      f"{res['in_memory_files_identical']}.")
-    lines.append(f"billm stopped early: output directory published "
+    stopped = runs["billm streamed"].get("stopped")
+    lines.append(f"billm {'stopped early' if stopped else 'ran every layer'}: output directory "
+                 f"published "
                  f"{res['billm_out_published']}, temporaries left "
                  f"{res['billm_temporaries_left'] or 'none'}.")
     lines += ["", "Per-layer trace of the streamed runs (VmRSS / VmHWM after each layer, MiB):", ""]
     for name in ("rtn-sign streamed", "billm streamed"):
-        trace = ", ".join(f"{t['layer']}: {t['rss_mb']}/{t['hwm_mb']}" for t in runs[name]["layers"])
-        lines.append(f"- {name}: {trace}")
+        layers = runs[name]["layers"]
+        trace = ", ".join(f"{t['layer']}: {t['rss_mb']}/{t['hwm_mb']}" for t in layers)
+        per = [b["seconds"] - a["seconds"] for a, b in zip(layers, layers[1:])]
+        speed = (f" (seconds per layer after the first: mean {sum(per) / len(per):.0f}, "
+                 f"min {min(per):.0f}, max {max(per):.0f})" if per else "")
+        lines.append(f"- {name}: {trace}{speed}")
     lines += ["", "Extrapolation (peak ≈ baseline + embeddings + lm_head + activations + "
               f"a·layer + b·hessians, a = {a:.2f} from rtn-sign, b = {b:.2f} from billm; "
               "bf16 weights, fp32 Hessians of one layer):", "",
