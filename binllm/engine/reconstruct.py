@@ -75,13 +75,15 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         raise ValueError(f"feedback={feedback!r} needs a Hessian; pass H or use feedback='none'")
     state = method.prepare(W, Hgram, U, original=original)
 
-    Q = torch.zeros_like(W)
-    E = torch.zeros_like(W)  # (rows, cols) scaled errors (w − q)/U_jj of the loop
+    whole = block_size >= cols  # one block (rtn-sign): its Q1, Err1 are Q, E, not copied
+    Q = None if whole else torch.zeros_like(W)
+    E = None if whole else torch.zeros_like(W)  # (rows, cols) scaled errors (w − q)/U_jj
     grids, levels = [], []
     loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, B)
+        W1 = W[:, i1:i2]  # (rows, B); its own copy where the column loop updates it
+        W1 = W1 if whole and feedback != "column" else W1.clone()
         U1 = U[i1:i2, i1:i2] if U is not None else None  # (B, B)
         ctx = BlockContext(H=Hgram[i1:i2, i1:i2] if Hgram is not None else None, U=U1,
                            columns=slice(i1, i2), state=state, feedback=feedback)
@@ -96,11 +98,14 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
         loss += (Err1 ** 2).sum().item() / 2  # Σ (w − q)² / U_jj² / 2
         if feedback != "none":
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        Q[:, i1:i2] = Q1
-        E[:, i1:i2] = Err1
+        if whole:
+            Q, E = Q1, Err1
+        else:
+            Q[:, i1:i2] = Q1
+            E[:, i1:i2] = Err1
         grids.append(grid)
         levels.append(L1)
-    del W, original, state  # the fed-back weights are done with: a smaller peak below
+    del W, W1, Q1, Err1, original, state  # the fed-back weights are done with
     calibrated = method.codes(grids, torch.cat(levels, dim=-1))
     codes = method.store(calibrated)
     Q_stored, stored_loss = Q, loss
