@@ -282,6 +282,10 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
                 source.set_codes(i, stored)
             if on_layer:
                 on_layer(i + 1, n_layers)
+        # nothing of layer i stays bound while the walker runs it and loads layer i + 1 (the
+        # source, `pending` and the report hold what is still needed): its linears, their
+        # codes and its inputs would otherwise live until the next layer's solves are done
+        del linears, done, stored_Q, calibrated, stored, inputs
 
 
 def _take_hessian(hessians: dict[str, Any], name: str) -> Tensor | None:
