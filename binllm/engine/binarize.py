@@ -252,12 +252,18 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
             hessians = dist.reduce_hessians(hessians, owners)
         done: dict[str, tuple[Any, LinearReport]] = {}  # name -> (calibrated codes, report)
         stored_Q: dict[str, Tensor] = {}
+        # streamed in one process, nobody else needs a linear's codes: the source packs each
+        # one as soon as it is solved (a bit per weight, not the codes' bytes per weight)
+        early = source is not None and dist is None and journal is None and not keep_codes
         with guard(dist, f"layer {i}"):
             for name in mine:  # a shared H is freed once the last linear reading it is done
                 rec, rep = _quantize_linear(linears[name], f"{path}.{name}",
                                             _take_hessian(hessians, name), method, config)
-                done[name] = (rec.calibrated, rep)
-                if pending is not None:  # in the weights' dtype at once: no fp32 layer held
+                done[name] = (None if early else rec.calibrated, rep)
+                if early:
+                    source.add_codes(i, name, _store(linears[name], rec.calibrated, method,
+                                                     None), linears[name].bias)
+                elif pending is not None:  # in the weights' dtype at once: no fp32 layer held
                     stored_Q[name] = rec.Q.to(linears[name].weight.dtype)
                 del rec
         del hessians
@@ -271,15 +277,17 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
                         done[name] = (codes, _linear_report(rep))
                 done = {n: done[n] for n in linears}  # registration order
             report.linears.extend(r for _, r in done.values())
-            calibrated = {n: c for n, (c, _) in done.items()}
-            if journal is not None:  # calibrated codes: a resumed run feeds the next layer alike
-                journal.save(i, calibrated, [r for _, r in done.values()])
-            stored = {n: _store(linears[n], c, method, pending, stored_Q.get(n))
-                      for n, c in calibrated.items()}
-            if keep_codes:
-                report.codes.update({f"{path}.{n}": c for n, c in stored.items()})
-            if source is not None:  # the stored codes: what the saved directory holds
-                source.set_codes(i, stored)
+            calibrated = stored = None
+            if not early:
+                calibrated = {n: c for n, (c, _) in done.items()}
+                if journal is not None:  # calibrated codes: a resumed run feeds the next alike
+                    journal.save(i, calibrated, [r for _, r in done.values()])
+                stored = {n: _store(linears[n], c, method, pending, stored_Q.get(n))
+                          for n, c in calibrated.items()}
+                if keep_codes:
+                    report.codes.update({f"{path}.{n}": c for n, c in stored.items()})
+                if source is not None:  # the stored codes: what the saved directory holds
+                    source.set_codes(i, stored)
             if on_layer:
                 on_layer(i + 1, n_layers)
         # nothing of layer i stays bound while the walker runs it and loads layer i + 1 (the

@@ -240,16 +240,22 @@ class LayerStream:
         _load_into(layer, self.ckpt, path + ".", [k for k in keys if f"{path}.{k}" in self.ckpt])
 
     def set_codes(self, i: int, codes: dict[str, Any]) -> None:
-        self._codes[i] = codes
+        """The stored codes of layer i's linears, {name relative to the layer: codes}; they
+        are packed when the layer is released."""
+        self._codes.setdefault(i, {}).update(codes)
+
+    def add_codes(self, i: int, name: str, codes: Any, bias: Tensor | None) -> None:
+        """One linear's stored codes, packed at once (a bit or so per weight instead of the
+        codes' bytes per weight); the BinaryLinear takes the linear's place at release."""
+        self._codes.setdefault(i, {})[name] = _packed(codes, bias)
 
     def release(self, i: int, path: str, layer: nn.Module) -> None:
         for name, codes in self._codes.pop(i, {}).items():
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             old = getattr(parent, child)
-            # the reference dequantize path: the model computes exactly the calibrated weights,
-            # so a perplexity from it equals the in-memory path's (load(out) may use kernels)
-            new = BinaryLinear.from_codes(codes, old.bias, kernels=False).to(old.weight.device)
+            new = codes if isinstance(codes, BinaryLinear) else _packed(codes, old.bias)
+            new = new.to(old.weight.device)
             setattr(parent, child, new)
             self.layouts[f"{path}.{name}"] = new.layout
         if self.writer is not None:
@@ -257,6 +263,12 @@ class LayerStream:
                 self.writer.add(key, t)
         if not self.keep_packed:
             layer.to("meta")
+
+
+def _packed(codes: Any, bias: Tensor | None) -> BinaryLinear:
+    # the reference dequantize path: the model computes exactly the calibrated weights, so a
+    # perplexity from it equals the in-memory path's (load(out) may use kernels)
+    return BinaryLinear.from_codes(codes, bias, kernels=False)
 
 
 def _outside_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
