@@ -209,8 +209,11 @@ class BinaryCodes:
     # -- bit accounting ---------------------------------------------------------------
     def paper_bits(self) -> float:
         """Bits per weight as the papers count them: one bit per sign plane of each weight."""
-        order_of = torch.tensor(self.orders, device=self.group.device)[self.group.long()]
-        return order_of.float().mean().item()
+        # each weight's order as fp32, filled group by group (no int64 copy of the group map)
+        order_of = torch.empty(self.group.shape, dtype=torch.float32, device=self.group.device)
+        for g, order in enumerate(self.orders):
+            order_of.masked_fill_(self.group == g, float(order))
+        return order_of.mean().item()
 
     def stored_bits(self) -> int:
         """Every bit the packed form stores: sign planes, bitmaps, scales and means.
