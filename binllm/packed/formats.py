@@ -161,7 +161,8 @@ def _binary_pack(c: BinaryCodes) -> dict[str, Tensor]:
     _binary_check(rows, cols, p)
     pl, fd = _binary_plan(rows, cols, p), SCALE_DTYPES[c.scale_dtype]
     sal = c.salient_cols.bool()  # (cols,)
-    group = c.group.long()  # (rows, cols)
+    # (rows, cols); uint8 group maps stay uint8 (an int64 copy is 8 bytes per weight)
+    group = c.group if c.group.dtype == torch.uint8 else c.group.long()
     if group.numel() and (group.min() < 0 or group.max() >= pl.G):
         raise PackingError(f"group ids outside [0, {pl.G})")
     if not torch.equal(group < c.n_salient, sal[None, :].expand(rows, cols)):
