@@ -73,9 +73,13 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     return model, tokenizer
 
 
-def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args) -> dict[str, Any]:
+def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args,
+                      perplexity=None) -> dict[str, Any]:
+    """perplexity: the function (model, tokens, seqlen, max_windows=, device=, progress=)
+    (default: binllm.evaluation.perplexity.perplexity)."""
     from ..evaluation.data import eval_tokens, load_text
-    from ..evaluation.perplexity import perplexity
+    if perplexity is None:
+        from ..evaluation.perplexity import perplexity
     from .progress import Progress
 
     results = {}

@@ -10,7 +10,7 @@ from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_mod
 from .distributed import add_dist_args, finish, start
 from .guards import check_calibration_memory
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
-from .stream import add_stream_args, open_streamed
+from .stream import add_stream_args, fp_streamed, open_streamed
 from .output import check_model, check_out, lock_out, save_or_keep
 from .progress import Progress
 
@@ -94,9 +94,14 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     report: dict[str, Any] = {"command": "quantize", "model": args.model,
                               "streamed": streamed is not None}
     if args.compare_fp and eval_names and main:  # the other ranks wait at their first step
-        model.to(args.device)
-        report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
-        model.to("cpu")
+        if streamed:  # the dense layers streamed from the checkpoint, one at a time
+            report["fp_perplexity"] = evaluate_datasets(
+                model, tokenizer, eval_names, seqlen, args, perplexity=fp_streamed(streamed[2]))
+        else:
+            model.to(args.device)
+            report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen,
+                                                        args)
+            model.to("cpu")
         print_ppl_table(report["fp_perplexity"], "full precision")
 
     source = load_text(args.calib, args.calib_split, args.data_dir)

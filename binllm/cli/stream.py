@@ -1,9 +1,10 @@
 """`binllm quantize` on a local safetensors checkpoint: stream it layer by layer (the default).
 
 `open_streamed(args)` gives (model skeleton, tokenizer, checkpoint) when MODEL is a local
-directory of safetensors shards and neither `--no-stream` nor `--compare-fp` (which evaluates
-the dense model) asks for the whole model; otherwise None, and the command loads the model
-whole as before. The streaming itself is `binllm.engine.stream`.
+directory of safetensors shards and `--no-stream` does not ask for the whole model; otherwise
+None, and the command loads the model whole as before. The streaming itself is
+`binllm.engine.stream`; `--compare-fp` then evaluates the dense model with its layers streamed
+too (`fp_streamed`, `binllm.engine.stream_eval`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ def open_streamed(args):
     if args.no_stream or not local.is_dir() or is_binllm_dir(local) or \
             not ((local / SINGLE_FILE).is_file() or (local / INDEX_FILE).is_file()):
         return None
-    if args.compare_fp:
-        log.info("--compare-fp evaluates the dense model: %s is loaded whole", local)
-        return None
     if not (local / "config.json").is_file():
         raise CLIError(f"{local} has no config.json: it is not a Hugging Face model directory")
     map_large_allocations()  # freed layers go back to the OS (see its docstring)
@@ -54,3 +52,13 @@ def open_streamed(args):
         raise CLIError(f"cannot load the tokenizer of {args.model!r}: "
                        f"{str(e).splitlines()[0]}") from None
     return model, tokenizer, ckpt
+
+
+def fp_streamed(ckpt):
+    """evaluate_datasets' perplexity function for the dense layers streamed from `ckpt`."""
+    from ..engine.stream_eval import streamed_perplexity
+
+    def ppl(model, tokens, seqlen, *, max_windows=None, device="cpu", progress=None):
+        return streamed_perplexity(model, ckpt, tokens, seqlen, max_windows=max_windows,
+                                   device=device)
+    return ppl

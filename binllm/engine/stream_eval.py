@@ -1,0 +1,102 @@
+"""Perplexity of the dense model with its decoder layers streamed from the checkpoint.
+
+    model, ckpt = open_streaming(DIR)          # skeleton: decoder layers on meta
+    res = streamed_perplexity(model, ckpt, tokens, seqlen, max_windows=40)
+
+The windows and the loss are those of `binllm.evaluation.perplexity.perplexity` (GPTQ
+protocol, one window per forward call). Instead of one forward of the whole model per window,
+the hidden states of every window are carried from layer to layer: decoder layer i is read
+from the shards, run on every window, and sent back to the meta device; at most one dense
+decoder layer is in memory. The last layer's outputs then go through the model's own tail
+(final norm, lm_head, whatever the model does after its layers) by one more forward whose
+decoder layers are stand-ins replaying them, so nothing model-specific is written here. The
+hidden states of all windows are held (windows × seqlen × hidden in the model's dtype), as in
+the references' layer-wise evaluation. Each window runs the same layer calls as the whole
+model's forward would, so the result equals the in-memory perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..evaluation.perplexity import Perplexity
+from .walker import (_move_outside_layers, _to, calibration_context, capture_layer_inputs,
+                     find_decoder_layers)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: passes hidden states on, or (last) returns the stored
+    output of the current window, shaped as the real layer returned it."""
+
+    def __init__(self, outputs: list[Tensor] | None, as_tuple: bool, current: list[int]):
+        super().__init__()
+        self.outputs, self.as_tuple, self.current = outputs, as_tuple, current
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
+        h = hidden_states if self.outputs is None else self.outputs[self.current[0]]
+        return (h,) if self.as_tuple else h
+
+
+def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int, *,
+                        max_windows: int | None = None, device: torch.device | str = "cpu",
+                        progress=None) -> Perplexity:
+    """GPTQ-convention perplexity of the dense checkpoint `ckpt` on tokens (1, N), its decoder
+    layers read one at a time into the skeleton `model` (from `open_streaming`)."""
+    from .stream import LayerStream
+
+    total = tokens.numel() // seqlen
+    if total == 0:
+        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
+                         f"window of {seqlen}; use a smaller --seqlen")
+    n = total if max_windows is None else min(total, max_windows)
+    windows = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)  # (n, seqlen)
+    batches = [windows[i:i + 1] for i in range(n)]  # (1, seqlen) each, as perplexity()
+    path, layers = find_decoder_layers(model)
+    source = LayerStream(ckpt, None, keep_packed=False)
+    as_tuple = False
+    with calibration_context(model):
+        inputs = capture_layer_inputs(model, layers, batches, device)
+        hidden = inputs.hidden
+        for i, layer in enumerate(layers):
+            source.load(i, f"{path}.{i}", layer)
+            layer.to(device)
+            out = []
+            for h, kw in zip(hidden, inputs.kwargs):
+                raw = layer(h.to(device), **_to(kw, device))
+                as_tuple = isinstance(raw, (tuple, list))
+                out.append(raw[0] if as_tuple else raw)  # as run_layer reduces it
+            hidden = out
+            layer.to("meta")
+            if progress:
+                progress(i + 1, len(layers))
+        losses = _tail_losses(model, layers, batches, hidden, as_tuple, device)
+    mean = torch.cat(losses).double().mean().item()
+    return Perplexity(ppl=math.exp(mean), windows=n, total_windows=total, seqlen=seqlen)
+
+
+def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
+                 last: list[Tensor], as_tuple: bool, device) -> list[Tensor]:
+    """Per-window losses from the last layer's outputs, through the model's own tail."""
+    current = [0]
+    real = list(layers)
+    for j in range(len(layers)):
+        layers[j] = _Replay(last if j == len(layers) - 1 else None, as_tuple, current)
+    moved = _move_outside_layers(model, layers, device)
+    losses = []
+    try:
+        for current[0], ids in enumerate(batches):
+            ids = ids.to(device)
+            logits = model(ids, use_cache=False).logits.float()  # (1, seqlen, vocab)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   ids[:, 1:].reshape(-1), reduction="none")
+            losses.append(loss.reshape(ids.shape[0], -1).mean(dim=1).cpu())
+    finally:
+        for j, module in enumerate(real):
+            layers[j] = module
+        _move_outside_layers(model, layers, "cpu", only=moved)
+    return losses
