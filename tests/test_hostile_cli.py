@@ -272,8 +272,8 @@ def test_sigint_during_quantize_exits_130_with_one_line_and_keeps_the_journal(
 
     model_dir = tmp_path / "deep"
     torch.manual_seed(0)
-    layers = 64  # enough that the run is still going when the signal lands (a layer is ms here)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    layers = 24
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                                  max_position_embeddings=128)).save_pretrained(model_dir)
     for f in stories_path.glob("tokenizer*"):
@@ -282,9 +282,12 @@ def test_sigint_during_quantize_exits_130_with_one_line_and_keeps_the_journal(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "binllm", "-q", "quantize", str(model_dir), "--method", "gptq",
-         "--calib", "ptb", "--nsamples", "16", "--seqlen", "64", "--eval", "", "--data-dir", data,
+         "--calib", "ptb", "--nsamples", "4", "--seqlen", "32", "--eval", "", "--data-dir", data,
          "--resume-dir", str(journal)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a job started in the background by a non-interactive shell inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler: give the child the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(journal.glob("layer_*.safetensors")) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
