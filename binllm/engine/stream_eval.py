@@ -17,14 +17,12 @@ model's forward would, so the result equals the in-memory perplexity.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..evaluation.perplexity import Perplexity
+from ..evaluation.perplexity import Perplexity, eval_windows, from_losses, window_losses
 from .walker import (_move_outside_layers, _to, calibration_context, capture_layer_inputs,
                      find_decoder_layers)
 
@@ -49,13 +47,8 @@ def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int
     layers read one at a time into the skeleton `model` (from `open_streaming`)."""
     from .stream import LayerStream
 
-    total = tokens.numel() // seqlen
-    if total == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
-                         f"window of {seqlen}; use a smaller --seqlen")
-    n = total if max_windows is None else min(total, max_windows)
-    windows = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)  # (n, seqlen)
-    batches = [windows[i:i + 1] for i in range(n)]  # (1, seqlen) each, as perplexity()
+    windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
+    batches = [windows[i:i + 1] for i in range(windows.shape[0])]  # (1, seqlen) each
     path, layers = find_decoder_layers(model)
     source = LayerStream(ckpt, None, keep_packed=False)
     as_tuple = False
@@ -75,8 +68,7 @@ def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int
             if progress:
                 progress(i + 1, len(layers))
         losses = _tail_losses(model, layers, batches, hidden, as_tuple, device)
-    mean = torch.cat(losses).double().mean().item()
-    return Perplexity(ppl=math.exp(mean), windows=n, total_windows=total, seqlen=seqlen)
+    return from_losses(losses, total, seqlen)
 
 
 def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
@@ -91,10 +83,7 @@ def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
     try:
         for current[0], ids in enumerate(batches):
             ids = ids.to(device)
-            logits = model(ids, use_cache=False).logits.float()  # (1, seqlen, vocab)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   ids[:, 1:].reshape(-1), reduction="none")
-            losses.append(loss.reshape(ids.shape[0], -1).mean(dim=1).cpu())
+            losses.append(window_losses(model(ids, use_cache=False).logits, ids))
     finally:
         for j, module in enumerate(real):
             layers[j] = module

@@ -26,16 +26,39 @@ class Perplexity:
     seqlen: int
 
 
-def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, *, max_windows: int | None = None,
-               device: torch.device | str = "cpu", batch_size: int = 1,
-               progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """GPTQ-convention perplexity of `model` on tokens (1, N)."""
+def eval_windows(tokens: Tensor, seqlen: int, max_windows: int | None = None
+                 ) -> tuple[Tensor, int]:
+    """The GPTQ protocol's windows (n, seqlen) of tokens (1, N): consecutive, non-overlapping,
+    the first `max_windows` of them; and how many the full stream has."""
     total = tokens.numel() // seqlen
     if total == 0:
         raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
                          f"window of {seqlen}; use a smaller --seqlen")
     n = total if max_windows is None else min(total, max_windows)
-    windows = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)  # (n, seqlen)
+    return tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen), total
+
+
+def window_losses(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean next-token loss (b,) of each window: logits (b, seqlen, vocab) of ids (b, seqlen)."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           ids[:, 1:].reshape(-1), reduction="none")
+    return loss.reshape(ids.shape[0], -1).mean(dim=1).cpu()
+
+
+def from_losses(losses: list[Tensor], total: int, seqlen: int) -> Perplexity:
+    """exp of the mean of the windows' losses (fp64), as the references compute it."""
+    mean = torch.cat(losses).double().mean().item()
+    return Perplexity(ppl=math.exp(mean), windows=sum(len(x) for x in losses),
+                      total_windows=total, seqlen=seqlen)
+
+
+def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, *, max_windows: int | None = None,
+               device: torch.device | str = "cpu", batch_size: int = 1,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """GPTQ-convention perplexity of `model` on tokens (1, N)."""
+    windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
+    n = windows.shape[0]
     losses = []
     was_training = model.training
     model.eval()
@@ -43,13 +66,9 @@ def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, *, max_windows: in
         with torch.no_grad():
             for i in range(0, n, batch_size):
                 ids = windows[i:i + batch_size].to(device)  # (b, seqlen)
-                logits = model(ids, use_cache=False).logits.float()  # (b, seqlen, vocab)
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                       ids[:, 1:].reshape(-1), reduction="none")
-                losses.append(loss.reshape(ids.shape[0], -1).mean(dim=1).cpu())
+                losses.append(window_losses(model(ids, use_cache=False).logits, ids))
                 if progress:
                     progress(min(i + batch_size, n), n)
     finally:
         model.train(was_training)
-    mean = torch.cat(losses).double().mean().item()
-    return Perplexity(ppl=math.exp(mean), windows=n, total_windows=total, seqlen=seqlen)
+    return from_losses(losses, total, seqlen)
