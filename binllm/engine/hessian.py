@@ -46,22 +46,22 @@ class HessianAccumulator:
     @property
     def H(self) -> Tensor:
         """2/N · XᵀX, a new tensor (the accumulator can go on); `finalize` avoids the copy."""
-        if self.nsamples == 0:
-            raise ValueError("no calibration inputs reached this layer; check the calibration data")
         if self.final:
             return self.XtX
-        return self.XtX * (2.0 / self.nsamples)
+        return self.XtX * self._scale()
 
     def finalize(self) -> Tensor:
         """H computed in place of XᵀX (bit-identical to `H`, without a second d × d buffer);
         the accumulator takes no more batches, and later calls return the same tensor."""
         if not self.final:
-            if self.nsamples == 0:
-                raise ValueError("no calibration inputs reached this layer; check the "
-                                 "calibration data")
-            self.XtX.mul_(2.0 / self.nsamples)  # the same fp32 product as `XtX * (2 / N)`
+            self.XtX.mul_(self._scale())  # the same fp32 product as `XtX * (2 / N)`
             self.final = True
         return self.XtX
+
+    def _scale(self) -> float:
+        if self.nsamples == 0:
+            raise ValueError("no calibration inputs reached this layer; check the calibration data")
+        return 2.0 / self.nsamples
 
 
 @dataclass(frozen=True)
