@@ -171,8 +171,11 @@ def calibration_memory(model: Any, nsamples: int, seqlen: int, *,
     """What layer-by-layer calibration holds at once (a lower bound).
 
     activations = 2 (a layer's inputs and its outputs) × nsamples × seqlen × hidden × dtype
-    bytes, plus the rotary cos/sin and int64 position ids kept per window; Hessians = Σ in_features² × 4 over the
-    linears of the widest decoder layer.
+    bytes, plus the rotary cos/sin and int64 position ids kept per window; Hessians = Σ
+    in_features² × 4 over the widest decoder layer, counting the linears of one parent module
+    with one input width once (q/k/v and gate/up read one tensor and share one H; o_proj,
+    which shares its parent and width with q/k/v but not its input, is not counted: a lower
+    bound, as a refusal must be).
     """
     from torch import nn
 
@@ -192,8 +195,9 @@ def calibration_memory(model: Any, nsamples: int, seqlen: int, *,
     except UnsupportedArchitecture:  # binarize_model says so in its own words
         layers = []
     if needs_hessian:
-        hessians = max((sum(m.in_features ** 2 * 4 for m in find_linears(layer).values()
-                            if isinstance(m, nn.Linear)) for layer in layers), default=0)
+        hessians = max((sum(width ** 2 * 4 for _, width in {
+            (name.rpartition(".")[0], m.in_features) for name, m in find_linears(layer).items()
+            if isinstance(m, nn.Linear)}) for layer in layers), default=0)
     detail = (f"{gib(activations)} of activations: 2 × {nsamples} windows × {seqlen} tokens × "
               f"hidden {hidden} × {itemsize} bytes and their positions; {gib(hessians)} of "
               "Hessians")

@@ -96,7 +96,24 @@ def test_only_one_layer_is_read_at_a_time_and_dense_weights_are_dropped(sharded,
     assert [{k.split(".")[2] for k in keys} for keys in reads] == [{"0"}, {"1"}, {"2"}]
     assert all(p.is_meta for p in model.model.layers.parameters())
     assert all(b.is_meta for b in model.model.layers.buffers())
-    assert not model.model.embed_tokens.weight.is_meta
+    # the embeddings, final norm and lm_head were dropped once layer 0's inputs existed, and
+    # nobody asked for them back (no writer, keep_packed=False): nothing else was read
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_outside_tensors_are_not_held_while_layers_are_solved(sharded, monkeypatch):
+    """Embeddings, final norm and lm_head are on meta from layer 0 on, read back at the end."""
+    import binllm.engine.binarize as engine
+
+    model, ckpt = open_streaming(sharded)
+    seen = []
+    real = engine._quantize_linear
+    monkeypatch.setattr(engine, "_quantize_linear", lambda *a, **k: seen.append(
+        [p.is_meta for p in (model.model.embed_tokens.weight, model.model.norm.weight,
+                             model.lm_head.weight)]) or real(*a, **k))
+    binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), _calib())
+    assert seen and all(all(s) for s in seen)
+    assert not any(p.is_meta for p in model.parameters())  # keep_packed: read back
 
 
 def test_kept_layers_are_packed(sharded):

@@ -189,11 +189,13 @@ def test_streamed_torchrun_codes_equal_in_memory_torchrun_bit_for_bit(ranks, met
     """The default `--dist-calib split`: streaming changes where a layer's weights come from,
     not one operation of the calibration, the Hessian reduce or the solve, so the saved files
     of the streamed and the `--no-stream` torchrun runs are the same bytes. Both ranks read
-    the checkpoint one decoder layer at a time (only rank 0 writes)."""
+    the checkpoint one decoder layer at a time (only rank 0 writes, so only rank 0 reads the
+    tensors outside the layers back at the end: the final norm and lm_head for its files)."""
     res, tmp, _, _ = ranks
     for r in (0, 1):
         assert res[r][method, "streamed"][0] == 0 and res[r][method, "memory"][0] == 0
-        assert res[r][method, "streamed", "reads"] == [[], ["0"], ["1"], ["2"], ["3"], ["4"]]
+        assert res[r][method, "streamed", "reads"] == [[], ["0"], ["1"], ["2"], ["3"], ["4"]] \
+            + [[]] * (r == 0)
         assert res[r][method, "memory", "reads"] == []
     streamed, memory = _files(tmp / f"{method}_streamed"), _files(tmp / f"{method}_memory")
     assert streamed and streamed == memory

@@ -243,10 +243,9 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
             {n: tuple(m.weight.shape) for n, m in linears.items()},
             heavy=getattr(method, "needs_gram", False))
         mine = [n for n in linears if dist is None or owners[n] == dist.rank]
-        with guard(dist, f"Hessians of layer {i}"):
+        with guard(dist, f"Hessians of layer {i}"):  # one H per input tensor (q/k/v, gate/up)
             hessians = (collect_hessians(layer, inputs, list(linears) if dist is None
-                                         else dist.hessian_names(list(linears), owners), device,
-                                         share=dist is None)  # one H per input tensor
+                                         else dist.hessian_names(list(linears), owners), device)
                         if needs_h else {})
         if dist is not None and hessians:
             hessians = dist.reduce_hessians(hessians, owners)

@@ -6,7 +6,8 @@ Per decoder layer every rank issues the same collectives in the same order:
     guarded next(walk)    agree on errors of the capture / previous layer's forward
     decide(restore)       rank 0's journal says whether the layer is restored
     guard(Hessians)       local: collect XᵀX on this rank's windows (split) or owned linears
-    reduce_hessians       split only: counts all-reduced, each XᵀX reduced (fp64) to its owner
+    reduce_hessians       split only: counts all-reduced, each XᵀX (one per input tensor)
+                          reduced (fp64) to its owner(s)
     guard(solve)          local: reconstruct the linears this rank owns
     share_layer           all-gather layouts + reports, one byte buffer per linear broadcast
                           from its owner (codes packed by binllm.packed.layout.pack)
@@ -30,6 +31,7 @@ group timeout), which becomes a `DistributedError` too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import re
@@ -196,27 +198,43 @@ class Distributed:
         return bool(box[0])
 
     def reduce_hessians(self, accs: dict[str, Any], owners: Mapping[str, int]) -> dict[str, Any]:
-        """Sum each accumulator's XᵀX and count over the ranks, onto its owner (split mode).
+        """Sum each accumulator's XᵀX and count over the ranks, onto its owners (split mode).
 
-        Returns the owned accumulators, now holding the full sums; the others are dropped.
+        Linears that read one input share one accumulator (`collect_hessians`); it is reduced
+        once, onto its one owner (`reduce`) or, when its linears have several owners, onto
+        every rank (`all_reduce`). Should the ranks have grouped the linears differently, every
+        linear is reduced on its own (a copy of a shared sum). Returns the owned accumulators,
+        now holding the full sums; the others are dropped.
         """
         import torch.distributed as tdist
 
         if self.calib != "split":
             return {n: a for n, a in accs.items() if owners[n] == self.rank}
-        names = list(accs)
-        counts = torch.tensor([accs[n].nsamples for n in names], dtype=torch.int64,
+        groups: dict[int, list[str]] = {}  # one entry per accumulator, in the order of accs
+        for n, a in accs.items():
+            groups.setdefault(id(a), []).append(n)
+        grouping = [tuple(g) for g in groups.values()]
+        if any(g != grouping for g in self.gather_objects(grouping, "Hessian grouping")):
+            grouping = [(n,) for n in accs]  # not the same on every rank: one by one
+        counts = torch.tensor([accs[g[0]].nsamples for g in grouping], dtype=torch.int64,
                               device=self.device)
         self._collective("Hessian counts", tdist.all_reduce, counts)
         owned = {}
-        for k, name in enumerate(names):
-            acc = accs[name]
-            buf = acc.XtX.to(self.device, self.reduce_dtype)
-            self._collective(f"Hessian of {name}", tdist.reduce, buf, dst=owners[name])
-            if owners[name] == self.rank:
-                acc.XtX = buf.to(acc.XtX.device, torch.float32)
-                acc.nsamples = int(counts[k])
-                owned[name] = acc
+        for k, names in enumerate(grouping):
+            acc = accs[names[0]]
+            dst = {owners[n] for n in names}
+            shared = len(names) < sum(a is acc for a in accs.values())  # split by the fallback
+            buf = acc.XtX.to(self.device, self.reduce_dtype, copy=shared)  # reduced in place
+            what = f"Hessian of {'/'.join(names)}"
+            if len(dst) == 1:
+                self._collective(what, tdist.reduce, buf, dst=next(iter(dst)))
+            else:
+                self._collective(what, tdist.all_reduce, buf)
+            if self.rank in dst:
+                mine = copy.copy(acc) if shared else acc  # the fallback: one sum per linear
+                mine.XtX = buf.to(acc.XtX.device, torch.float32)
+                mine.nsamples = int(counts[k])
+                owned.update({n: mine for n in names if owners[n] == self.rank})
         return owned
 
     def share_layer(self, own: Mapping[str, tuple[Any, dict]], names: list[str],

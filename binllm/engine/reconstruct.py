@@ -112,9 +112,11 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     if codes is not calibrated:  # scales rounded after the loop: Q moves, the targets do not
         Q_stored = codes.dequantize()  # (rows, cols)
         d = torch.diag(U)[None, :] if U is not None else 1.0  # (1, cols)
-        err = (Q - Q_stored).div_(d).add_(E).pow_(2)  # (E + (Q − Q_stored)/d)², in place
-        stored_loss = err.sum(dtype=torch.float64).item() / 2
-        del err
+        step = max(1, (1 << 20) // max(cols, 1))  # rows per chunk: no third (rows, cols) buffer
+        for r0 in range(0, rows, step):
+            r = slice(r0, r0 + step)
+            E[r] += (Q[r] - Q_stored[r]).div_(d)  # E + (Q − Q_stored)/d, in E's place
+        stored_loss = E.pow_(2).sum(dtype=torch.float64).item() / 2
     return Reconstruction(Q=Q_stored, codes=codes, loss=stored_loss, calibrated_Q=Q,
                           calibrated=calibrated, calibration_loss=loss, percdamp=used_damp)
 

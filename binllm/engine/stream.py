@@ -19,6 +19,10 @@ the header's offsets); once quantized and run on the calibration windows, its li
 dense weights are dropped. With `keep_packed` the packed layer stays in the model, so the
 result is the model `binllm.load(out)` would give (perplexity from packed layers); without
 it the layer goes back to the meta device. At most one decoder layer is dense at a time.
+Once layer 0's inputs are captured only decoder layers run, so the tensors outside them go
+to the meta device too (`drop_outside`) and are read back from the shards at the end
+(`load_outside`: for the writer's final norm and lm_head, and with keep_packed for the
+model); on a 128k-vocabulary 70B model that is 4 GiB not held while the layers are solved.
 """
 
 from __future__ import annotations
@@ -192,15 +196,35 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
         raise BadCheckpoint(f"{missing[0]} is in no shard of {path}"
                             f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
                             "; the checkpoint is incomplete (re-download it)")
-    inside = layers_path + "."
-    outside = [k for k in model.state_dict() if not k.startswith(inside)
-               and k not in tied and k in ckpt]
-    _load_into(model, ckpt, "", outside)
-    model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(inside)]
+    load_outside(model, ckpt)
+    left = [n for n, p in model.named_parameters()
+            if p.is_meta and not n.startswith(layers_path + ".")]
     if left:
         raise BadCheckpoint(f"{path}: {left[0]} is neither stored nor tied to a stored tensor")
     return model, ckpt
+
+
+def load_outside(model: nn.Module, ckpt: SafetensorsCheckpoint) -> None:
+    """Read the tensors outside the decoder layers (embeddings, final norm, lm_head) from
+    `ckpt` into `model`, then tie the weights the config ties."""
+    inside = find_decoder_layers(model)[0] + "."
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    _load_into(model, ckpt, "", [k for k in model.state_dict() if not k.startswith(inside)
+                                 and k not in tied and k in ckpt])
+    model.tie_weights()
+
+
+def drop_outside(model: nn.Module) -> None:
+    """Put the parameters outside the decoder layers on the meta device (buffers such as
+    rotary frequencies stay): once layer 0's inputs are captured only decoder layers run, so
+    the embeddings and lm_head need not be held while the layers are binarized."""
+    inside = {id(m) for m in find_decoder_layers(model)[1].modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for name, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> bool:
@@ -229,6 +253,13 @@ class LayerStream:
         self.ckpt, self.writer, self.keep_packed = ckpt, writer, keep_packed
         self.layouts: dict[str, Any] = {}      # full linear name -> PackedLayout, in order
         self._codes: dict[int, dict[str, Any]] = {}
+        self.dropped = False  # the tensors outside the layers were dropped after the capture
+
+    def captured(self, model: nn.Module) -> None:
+        """Layer 0's inputs exist: drop the embeddings, final norm and lm_head until the end
+        (`binarize_streaming` reads them back for the writer and for keep_packed)."""
+        drop_outside(model)
+        self.dropped = True
 
     def load(self, i: int, path: str, layer: nn.Module) -> None:
         keys = list(layer.state_dict())
@@ -318,12 +349,20 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
                 before, after = _outside_tensors(model)
                 for key, t in before:
                     writer.add(key, t)
+                after = [key for key, _ in after]  # written at the end, read back by then
+                del before, t  # no reference left: the embeddings are dropped after the capture
         stream = LayerStream(ckpt, writer, keep_packed)
         report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
                                 dist=dist, **binarize_kwargs)
+        if stream.dropped and (writer is not None or keep_packed):
+            load_outside(model, ckpt)  # what the layers ran without: the head, the final norm
         if writer is not None:
-            for key, t in after:
-                writer.add(key, t)
+            state = model.state_dict()
+            for key in after:
+                writer.add(key, state[key])
+            del state
+            if not keep_packed:
+                drop_outside(model)
             files = writer.close()
             finish_dir(tmp, model, report_qc(report), stream.layouts, files, tokenizer,
                        report.to_dict(), untie=False)

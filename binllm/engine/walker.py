@@ -169,11 +169,15 @@ def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | 
     then moves the layer back to the CPU when `offload` is set.
     source: layers whose weights are not in memory (`binllm.engine.stream.LayerStream`):
     `source.load(i, path, layer)` fills layer i before it is used and
-    `source.release(i, path, layer)` drops it once the next layer's inputs exist.
+    `source.release(i, path, layer)` drops it once the next layer's inputs exist;
+    `source.captured(model)` is told when layer 0's inputs exist (the source may then drop
+    the tensors outside the layers).
     """
     path, layers = find_decoder_layers(model)
     with calibration_context(model):
         inputs = capture_layer_inputs(model, layers, batches, device)
+        if source is not None:
+            source.captured(model)  # only decoder layers run from here on
         for i, layer in enumerate(layers):
             if source is not None:
                 source.load(i, f"{path}.{i}", layer)

@@ -29,7 +29,7 @@ def row_binarize(W: Tensor, scale_dtype: ScaleDtype = "float16") -> tuple[Tensor
     Returns alpha (rows,), mu (rows,) rounded to `scale_dtype` and signs (rows, c) bool.
     """
     mu = W.mean(dim=1)  # (rows,)
-    alpha = (W - mu[:, None]).abs().mean(dim=1)  # (rows,)
+    alpha = (W - mu[:, None]).abs_().mean(dim=1)  # (rows,)
     return to_storage(alpha, scale_dtype), to_storage(mu, scale_dtype), W >= mu[:, None]
 
 

@@ -82,7 +82,7 @@ class ShardWriter:
             raise ValueError(f"tensor {key} is stored twice")
         if nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._handle.write(data.numpy().tobytes())
+            self._handle.write(memoryview(data.numpy()))  # the tensor's own bytes, no copy
         shard.entries[key] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [shard.nbytes, shard.nbytes + nbytes]}
         shard.nbytes += nbytes
