@@ -116,6 +116,23 @@ def test_outside_tensors_are_not_held_while_layers_are_solved(sharded, monkeypat
     assert not any(p.is_meta for p in model.parameters())  # keep_packed: read back
 
 
+def test_tail_read_only_at_the_end_gives_the_same_files_and_model(sharded, tmp_path):
+    """open_streaming(tail=False) (the CLI without --compare-fp): the final norm and lm_head
+    stay on meta until binarize_streaming reads them back; same files, same logits."""
+    full, ckpt = open_streaming(sharded)
+    binarize_streaming(full, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / "a",
+                       max_shard_bytes=40_000)
+    lazy, ckpt = open_streaming(sharded, tail=False)
+    assert lazy.lm_head.weight.is_meta and lazy.model.norm.weight.is_meta
+    assert not lazy.model.embed_tokens.weight.is_meta
+    binarize_streaming(lazy, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / "b",
+                       max_shard_bytes=40_000)
+    a, b = (sorted((tmp_path / d).glob("*.safetensors")) for d in "ab")
+    assert [f.name for f in a] == [f.name for f in b]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    assert torch.equal(_logits(lazy), _logits(full))
+
+
 def test_kept_layers_are_packed(sharded):
     model, ckpt = open_streaming(sharded)
     binarize_streaming(model, ckpt, QuantizeConfig("billm"), _calib())

@@ -81,7 +81,8 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
             lock_out(args, stack)
     # a local safetensors checkpoint: its layers are streamed (binllm.engine.stream), on every
     # rank under torchrun (each reads its own copy of a layer from the shards)
-    streamed = open_streamed(args)
+    eval_names = csv_list(args.eval)
+    streamed = open_streamed(args, tail=main and args.compare_fp and bool(eval_names))
     model, tokenizer = streamed[:2] if streamed else load_model(args.model, args.device,
                                                                 args.dtype)
     check_model(args, model)
@@ -90,7 +91,6 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     seqlen = resolve_seqlen(model, args.seqlen)
     check_calibration_memory(model, args.nsamples, seqlen, args.device,
                              method.needs_hessian or (config.feedback or method.feedback) != "none")
-    eval_names = csv_list(args.eval)
     report: dict[str, Any] = {"command": "quantize", "model": args.model,
                               "streamed": streamed is not None}
     if args.compare_fp and eval_names and main:  # the other ranks wait at their first step

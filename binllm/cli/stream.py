@@ -23,8 +23,9 @@ def add_stream_args(p) -> None:
                         "the safetensors shards (the default for a local safetensors directory)")
 
 
-def open_streamed(args):
-    """(skeleton, tokenizer, checkpoint) for streaming, or None to load the model whole."""
+def open_streamed(args, tail: bool = True):
+    """(skeleton, tokenizer, checkpoint) for streaming, or None to load the model whole.
+    tail False: the final norm and lm_head are read only at the end (`open_streaming`)."""
     from ..engine.stream import NotStreamable, map_large_allocations, open_streaming
     from ..packed.writer import INDEX_FILE, SINGLE_FILE
 
@@ -36,7 +37,7 @@ def open_streamed(args):
         raise CLIError(f"{local} has no config.json: it is not a Hugging Face model directory")
     map_large_allocations()  # freed layers go back to the OS (see its docstring)
     try:
-        model, ckpt = open_streaming(local, args.dtype)
+        model, ckpt = open_streaming(local, args.dtype, tail=tail)
     except NotStreamable as e:
         log.info("not streaming: %s", e)
         return None

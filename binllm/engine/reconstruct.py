@@ -57,22 +57,23 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
                 name: str = "") -> Reconstruction:
     """Quantize W (rows, cols) with `method`, compensating errors through H (cols, cols)."""
     feedback = feedback or method.feedback
-    W = W.detach().to(torch.float32, copy=True)  # (rows, cols), one fp32 copy
     rows, cols = W.shape
     if hasattr(method, "block_size"):
         block_size = method.block_size(block_size, cols)
-    U = Hgram = None
+    U = Hgram = dead = None
     used_damp = None
-    original = W
     if H is not None and (method.needs_hessian or feedback != "none"):
-        inv = inverse_cholesky(H, percdamp, name=name)
-        U, used_damp = inv.U, inv.percdamp
+        inv = inverse_cholesky(H, percdamp, name=name)  # before the copy of W: lower peak
+        U, used_damp, dead = inv.U, inv.percdamp, inv.dead
+        del inv  # its H (a copy when columns were dead) is not needed
         Hgram = H.to(torch.float32)  # the inputs' own Gram matrix: dead H_jj stay 0 (ARB-X)
-        if inv.dead.any():
-            original = W.clone()
-            W[:, inv.dead] = 0
     elif feedback != "none":
         raise ValueError(f"feedback={feedback!r} needs a Hessian; pass H or use feedback='none'")
+    W = W.detach().to(torch.float32, copy=True)  # (rows, cols), one fp32 copy
+    original = W
+    if dead is not None and dead.any():
+        original = W.clone()
+        W[:, dead] = 0
     state = method.prepare(W, Hgram, U, original=original)
 
     whole = block_size >= cols  # one block (rtn-sign): its Q1, Err1 are Q, E, not copied
@@ -112,11 +113,13 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     if codes is not calibrated:  # scales rounded after the loop: Q moves, the targets do not
         Q_stored = codes.dequantize()  # (rows, cols)
         d = torch.diag(U)[None, :] if U is not None else 1.0  # (1, cols)
-        step = max(1, (1 << 20) // max(cols, 1))  # rows per chunk: no third (rows, cols) buffer
+        # in row chunks, in E's place: no third (rows, cols) buffer and no fp64 copy of E
+        step = max(1, (1 << 20) // max(cols, 1))
+        stored_loss = 0.0
         for r0 in range(0, rows, step):
-            r = slice(r0, r0 + step)
-            E[r] += (Q[r] - Q_stored[r]).div_(d)  # E + (Q − Q_stored)/d, in E's place
-        stored_loss = E.pow_(2).sum(dtype=torch.float64).item() / 2
+            e = E[r0:r0 + step]
+            e += (Q[r0:r0 + step] - Q_stored[r0:r0 + step]).div_(d)  # E + (Q − Q_stored)/d
+            stored_loss += e.pow_(2).sum(dtype=torch.float64).item() / 2
     return Reconstruction(Q=Q_stored, codes=codes, loss=stored_loss, calibrated_Q=Q,
                           calibrated=calibrated, calibration_loss=loss, percdamp=used_damp)
 

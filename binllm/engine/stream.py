@@ -170,8 +170,11 @@ def _load_into(module: nn.Module, ckpt: SafetensorsCheckpoint, prefix: str, keys
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"):
-    """(model skeleton, checkpoint): decoder layers on meta, every other tensor loaded."""
+def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", *,
+                   tail: bool = True):
+    """(model skeleton, checkpoint): decoder layers on meta, every other tensor loaded (tail
+    False: not those after the layers, the final norm and an untied lm_head, which only a
+    forward through the whole model needs; `binarize_streaming` reads them at the end)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -196,22 +199,28 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
         raise BadCheckpoint(f"{missing[0]} is in no shard of {path}"
                             f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
                             "; the checkpoint is incomplete (re-download it)")
-    load_outside(model, ckpt)
+    later = load_outside(model, ckpt, tail=tail)
     left = [n for n, p in model.named_parameters()
-            if p.is_meta and not n.startswith(layers_path + ".")]
+            if p.is_meta and not n.startswith(layers_path + ".") and n not in later]
     if left:
         raise BadCheckpoint(f"{path}: {left[0]} is neither stored nor tied to a stored tensor")
     return model, ckpt
 
 
-def load_outside(model: nn.Module, ckpt: SafetensorsCheckpoint) -> None:
+def load_outside(model: nn.Module, ckpt: SafetensorsCheckpoint, tail: bool = True) -> set[str]:
     """Read the tensors outside the decoder layers (embeddings, final norm, lm_head) from
-    `ckpt` into `model`, then tie the weights the config ties."""
+    `ckpt` into `model`, then tie the weights the config ties. tail False: only those before
+    the layers (in state_dict order); returns the keys left out."""
     inside = find_decoder_layers(model)[0] + "."
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    _load_into(model, ckpt, "", [k for k in model.state_dict() if not k.startswith(inside)
-                                 and k not in tied and k in ckpt])
+    keys, later, reached = [], set(), False
+    for k in model.state_dict():
+        reached = reached or k.startswith(inside)
+        if not k.startswith(inside) and k not in tied and k in ckpt:
+            (later.add if reached and not tail else keys.append)(k)
+    _load_into(model, ckpt, "", keys)
     model.tie_weights()
+    return later
 
 
 def drop_outside(model: nn.Module) -> None:
@@ -253,13 +262,11 @@ class LayerStream:
         self.ckpt, self.writer, self.keep_packed = ckpt, writer, keep_packed
         self.layouts: dict[str, Any] = {}      # full linear name -> PackedLayout, in order
         self._codes: dict[int, dict[str, Any]] = {}
-        self.dropped = False  # the tensors outside the layers were dropped after the capture
 
     def captured(self, model: nn.Module) -> None:
         """Layer 0's inputs exist: drop the embeddings, final norm and lm_head until the end
         (`binarize_streaming` reads them back for the writer and for keep_packed)."""
         drop_outside(model)
-        self.dropped = True
 
     def load(self, i: int, path: str, layer: nn.Module) -> None:
         keys = list(layer.state_dict())
@@ -354,7 +361,7 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
         stream = LayerStream(ckpt, writer, keep_packed)
         report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
                                 dist=dist, **binarize_kwargs)
-        if stream.dropped and (writer is not None or keep_packed):
+        if writer is not None or keep_packed:
             load_outside(model, ckpt)  # what the layers ran without: the head, the final norm
         if writer is not None:
             state = model.state_dict()
