@@ -19,10 +19,13 @@ run stops after `--billm-layers 1` layers (the per-layer working set is the same
 layer, as the rtn-sign trace over all 16 layers shows); `--billm-layers 0` runs it to the end.
 
 Target (issue 11): peak RSS < baseline + embeddings + lm_head + 3 decoder layers (bf16) +
-calibration activations (layer inputs and outputs, bf16). The extrapolation to LLaMA-3-8B and
--70B shapes fits peak = baseline + embeddings + lm_head + activations + a·layer + b·hessians
-(layer = one decoder layer in bf16, hessians = the fp32 XᵀX of the layer's distinct linear inputs:
-q/k/v share one, gate/up one): a from rtn-sign (no Hessian), b from billm.
+calibration activations (layer inputs and outputs, bf16). The child resets its VmHWM once
+layer 0's inputs are captured (/proc/self/clear_refs), so the phase before the layers and the
+layers' phase are reported apart. The extrapolation to LLaMA-3-8B and -70B shapes fits the
+layers' phase as baseline + activations + a·layer + b·hessians (layer = one decoder layer in
+bf16, hessians = the fp32 XᵀX of the layer's distinct linear inputs: q/k/v share one, gate/up
+one): a from rtn-sign (no Hessian), b from billm; the whole run's peak is the larger of that
+and baseline + embeddings + lm_head (read back at the end for the files).
 
     python benchmarks/bench_stream.py [--nsamples 16] [--seqlen 256] [--billm-layers 1]
     python benchmarks/bench_stream.py --from-json benchmarks/results/stream.json  (md only)
@@ -92,6 +95,14 @@ def wrap(real):
                 raise Stop
         return real(*args, on_layer=hook, **kw)
     return binarize_model
+phase = {}
+real_captured = binllm.engine.stream.LayerStream.captured
+def captured(self, model):  # layer 0's inputs exist: the high-water mark so far, then reset
+    real_captured(self, model)
+    phase["before_layers_hwm_mb"] = status("VmHWM")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM from here on: the layers (and the end)
+binllm.engine.stream.LayerStream.captured = captured
 binllm.engine.binarize.binarize_model = wrap(binllm.engine.binarize.binarize_model)
 binllm.engine.stream.binarize_model = wrap(binllm.engine.stream.binarize_model)
 rc, stopped = None, False
@@ -106,9 +117,12 @@ if spec["argv"]:
         rc = binllm.cli.main(spec["argv"])
     except Stop:
         stopped = True
+after = status("VmHWM")
 print("RESULT " + json.dumps({
     "rc": rc, "stopped": stopped, "seconds": round(time.perf_counter() - t0, 1),
-    "hwm_mb": status("VmHWM"),
+    "hwm_mb": max(after, phase.get("before_layers_hwm_mb", 0)),
+    "before_layers_hwm_mb": phase.get("before_layers_hwm_mb"),
+    "layers_hwm_mb": after if phase else None,
     "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "layers": trace}))
 """
@@ -214,15 +228,23 @@ def main() -> None:
     report(results)
 
 
+def _layers_peak(run: dict) -> float:
+    """VmHWM after the last layer: the layers' phase when the capture reset it (streamed)."""
+    return run["layers"][-1]["hwm_mb"] if run.get("layers") else run["hwm_mb"]
+
+
 def report(res: dict) -> None:
     runs, c = res["runs"], res["config"]
     n, s = res["nsamples"], res["seqlen"]
     synth = sizes(*_shape(res["config"]), n, s)
     base = runs["baseline"]["hwm_mb"]
     target = base + synth["embed_head_mb"] + 3 * synth["layer_mb"] + synth["activations_mb"]
-    fixed = base + synth["embed_head_mb"] + synth["activations_mb"]
-    a = (runs["rtn-sign streamed"]["hwm_mb"] - fixed) / synth["layer_mb"]
-    b = (runs["billm streamed"]["hwm_mb"] - fixed - a * synth["layer_mb"]) / synth["hessians_mb"]
+    # the layers' phase: VmHWM reset once layer 0's inputs are captured (the embeddings and
+    # lm_head are dropped then), read after the last layer, before the head is read back
+    fixed = base + synth["activations_mb"]
+    a = (_layers_peak(runs["rtn-sign streamed"]) - fixed) / synth["layer_mb"]
+    b = (_layers_peak(runs["billm streamed"]) - fixed - a * synth["layer_mb"]) \
+        / synth["hessians_mb"]
     res.update(target_mb=target, fit={"a_layers": a, "b_hessians": b})
     ckpt_mb = res["checkpoint_bytes"] / MB
     lines = [
@@ -236,12 +258,22 @@ def report(res: dict) -> None:
         f"{synth['embed_head_mb']:.0f} MiB. Calibration {n} × {s} tokens of wikitext2 "
         f"validation (layer inputs + outputs in bf16: {synth['activations_mb']:.0f} MiB). "
         "Peak RSS = VmHWM of each child process.", "",
-        "| run | peak RSS (MiB) | vs checkpoint | in decoder layers | seconds |",
-        "|---|---|---|---|---|"]
+        "| run | peak RSS (MiB) | before the layers | during the layers | vs checkpoint | "
+        "in decoder layers | seconds |",
+        "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         note = " (stopped after layer %d)" % r["layers"][-1]["layer"] if r.get("stopped") else ""
-        lines.append(f"| {name}{note} | {r['hwm_mb']:.0f} | {r['hwm_mb'] / ckpt_mb:.2f} | "
+        pre = r.get("before_layers_hwm_mb")
+        lay = _layers_peak(r) if pre is not None and r.get("layers") else None
+        lines.append(f"| {name}{note} | {r['hwm_mb']:.0f} | "
+                     f"{'' if pre is None else f'{pre:.0f}'} | "
+                     f"{'' if lay is None else f'{lay:.0f}'} | {r['hwm_mb'] / ckpt_mb:.2f} | "
                      f"{r['hwm_mb'] / synth['layer_mb']:.1f} | {r['seconds']:.0f} |")
+    lines += ["", "Before the layers: the high-water mark up to the capture of layer 0's inputs "
+              "(imports, tokenizer, calibration windows, embeddings; the final norm and lm_head "
+              "are not read then). During the layers: reset after the capture, read after the "
+              "last layer (the embeddings and lm_head are dropped meanwhile; the peak column "
+              "also covers the end, when they are read back for the files)."]
     lines += ["", f"Target: baseline {base:.0f} + embeddings and lm_head "
               f"{synth['embed_head_mb']:.0f} + 3 layers {3 * synth['layer_mb']:.0f} + "
               f"activations {synth['activations_mb']:.0f} = **{target:.0f} MiB** "
@@ -262,9 +294,10 @@ def report(res: dict) -> None:
         speed = (f" (seconds per layer after the first: mean {sum(per) / len(per):.0f}, "
                  f"min {min(per):.0f}, max {max(per):.0f})" if per else "")
         lines.append(f"- {name}: {trace}{speed}")
-    lines += ["", "Extrapolation (peak ≈ baseline + embeddings + lm_head + activations + "
-              f"a·layer + b·hessians, a = {a:.2f} from rtn-sign, b = {b:.2f} from billm; "
-              "bf16 weights, fp32 Hessians of one layer):", "",
+    lines += ["", "Extrapolation (peak ≈ max(baseline + embeddings + lm_head, baseline + "
+              f"activations + a·layer + b·hessians), a = {a:.2f} from rtn-sign, b = {b:.2f} "
+              "from billm during the layers; bf16 weights, fp32 Hessians of one layer, "
+              "without --eval / --compare-fp):", "",
               "| shape | checkpoint (GiB) | layer (GiB) | Hessians (GiB) | peak, "
               f"{n}×{s} calib (GiB) | peak, 128×2048 calib (GiB) |", "|---|---|---|---|---|---|"]
     extrap = {}
@@ -272,8 +305,8 @@ def report(res: dict) -> None:
         row = []
         for ns, sl in ((n, s), (128, 2048)):
             z = sizes(*shape, ns, sl)
-            row.append(base + z["embed_head_mb"] + z["activations_mb"] + a * z["layer_mb"]
-                       + b * z["hessians_mb"])
+            row.append(max(base + z["embed_head_mb"], base + z["activations_mb"]
+                           + a * z["layer_mb"] + b * z["hessians_mb"]))
         z = sizes(*shape, n, s)
         extrap[name] = {**z, "peak_mb": row[0], "peak_128x2048_mb": row[1]}
         lines.append(f"| {name} | {z['checkpoint_mb'] / 1024:.1f} | {z['layer_mb'] / 1024:.2f} | "

@@ -27,6 +27,30 @@ def test_streamed_fp_perplexity_equals_in_memory(tmp_path, family):
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
 
 
+def test_windows_beyond_the_memory_budget_are_evaluated_in_passes(tmp_path, monkeypatch):
+    """max_hidden_bytes of one window: four passes, each reading every layer once; the same
+    perplexity bit for bit (every window runs the same layer calls)."""
+    from binllm.engine.stream import SafetensorsCheckpoint
+    from binllm.engine.stream_eval import windows_per_pass
+
+    model = tiny_causal_lm("llama", num_hidden_layers=3, tie_word_embeddings=False)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m", max_shard_size="60KB")
+    tokens = torch.randint(0, 256, (1, 5 * 24 + 7), generator=torch.Generator().manual_seed(0))
+    skeleton, ckpt = open_streaming(tmp_path / "m")
+    whole = streamed_perplexity(skeleton, ckpt, tokens, 24, max_windows=4)
+    one = 2 * 24 * skeleton.config.hidden_size * 2  # a window's inputs + outputs, bf16
+    assert windows_per_pass(skeleton, 24, one) == 1 and windows_per_pass(skeleton, 24, 3 * one) == 3
+    reads, steps = [], []
+    real = SafetensorsCheckpoint.read
+    monkeypatch.setattr(SafetensorsCheckpoint, "read",
+                        lambda self, keys: reads.append(keys[0].split(".")[2]) or real(self, keys))
+    got = streamed_perplexity(skeleton, ckpt, tokens, 24, max_windows=4, max_hidden_bytes=one,
+                              progress=lambda done, n: steps.append((done, n)))
+    assert got.ppl == whole.ppl and got.windows == 4
+    assert reads == ["0", "1", "2"] * 4
+    assert steps == [(k, 12) for k in range(1, 13)]
+
+
 def test_cli_compare_fp_streams_the_dense_layers_with_the_same_perplexity(
         stories_path, tmp_path, monkeypatch):
     import json

@@ -44,7 +44,7 @@ from ..packed.output import check_output_dir
 from ..packed.layers import BinaryLinear
 from ..packed.saved_dir import _DTYPES, CheckpointError, read_safetensors_header
 from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
-from .binarize import QuantizeReport, binarize_model
+from .binarize import QuantizeReport, binarize_model, refuse_non_finite
 from .config import QuantizeConfig
 from .distributed import Distributed, guard
 from .walker import find_decoder_layers
@@ -174,7 +174,8 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
                    tail: bool = True):
     """(model skeleton, checkpoint): decoder layers on meta, every other tensor loaded (tail
     False: not those after the layers, the final norm and an untied lm_head, which only a
-    forward through the whole model needs; `binarize_streaming` reads them at the end)."""
+    forward through the whole model needs; they are read one at a time and checked for
+    NaN/Inf now, and `binarize_streaming` reads them back at the end)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -200,6 +201,8 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
                             f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
                             "; the checkpoint is incomplete (re-download it)")
     later = load_outside(model, ckpt, tail=tail)
+    for key in sorted(later):  # not kept, but checked now as check_finite checks the rest
+        refuse_non_finite(key, ckpt.read([key])[key])
     left = [n for n, p in model.named_parameters()
             if p.is_meta and not n.startswith(layers_path + ".") and n not in later]
     if left:

@@ -10,9 +10,12 @@ from the shards, run on every window, and sent back to the meta device; at most 
 decoder layer is in memory. The last layer's outputs then go through the model's own tail
 (final norm, lm_head, whatever the model does after its layers) by one more forward whose
 decoder layers are stand-ins replaying them, so nothing model-specific is written here. The
-hidden states of all windows are held (windows × seqlen × hidden in the model's dtype), as in
-the references' layer-wise evaluation. Each window runs the same layer calls as the whole
-model's forward would, so the result equals the in-memory perplexity.
+hidden states of a group of windows are held (windows × seqlen × hidden in the model's dtype,
+twice: a layer's inputs and outputs), as in the references' layer-wise evaluation, but at
+most `max_hidden_bytes` of them (default: a quarter of the available memory): more windows
+than that are evaluated in groups, each streaming every layer again. Each window runs the same
+layer calls as the whole model's forward would, so the result equals the in-memory perplexity
+whatever the grouping.
 """
 
 from __future__ import annotations
@@ -42,13 +45,44 @@ class _Replay(nn.Module):
 
 def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int, *,
                         max_windows: int | None = None, device: torch.device | str = "cpu",
-                        progress=None) -> Perplexity:
+                        progress=None, max_hidden_bytes: int | None = None) -> Perplexity:
     """GPTQ-convention perplexity of the dense checkpoint `ckpt` on tokens (1, N), its decoder
-    layers read one at a time into the skeleton `model` (from `open_streaming`)."""
-    from .stream import LayerStream
-
+    layers read one at a time into the skeleton `model` (from `open_streaming`).
+    max_hidden_bytes: the hidden states held at once (windows beyond it: another pass)."""
     windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
     batches = [windows[i:i + 1] for i in range(windows.shape[0])]  # (1, seqlen) each
+    group = windows_per_pass(model, seqlen, max_hidden_bytes, device)
+    passes = [batches[i:i + group] for i in range(0, len(batches), group)]
+    losses = []
+    for k, part in enumerate(passes):
+        step = None if progress is None else (
+            lambda done, n, k=k: progress(k * n + done, len(passes) * n))
+        losses += _pass_losses(model, ckpt, part, device, step)
+    return from_losses(losses, total, seqlen)
+
+
+def windows_per_pass(model: nn.Module, seqlen: int, max_hidden_bytes: int | None,
+                     device: torch.device | str = "cpu") -> int:
+    """How many windows' hidden states (a layer's inputs and outputs) fit max_hidden_bytes
+    (None: a quarter of what `device` has available; at least one window)."""
+    from ..preflight import available_memory
+
+    if max_hidden_bytes is None:
+        avail = available_memory(device)
+        if avail is None:
+            return 1 << 30
+        max_hidden_bytes = avail // 4
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    itemsize = p.element_size() if p is not None else 4
+    hidden = model.get_input_embeddings().embedding_dim
+    return max(1, int(max_hidden_bytes // (2 * seqlen * hidden * itemsize)))
+
+
+def _pass_losses(model: nn.Module, ckpt: Any, batches: list[Tensor], device,
+                 progress) -> list[Tensor]:
+    """Per-window losses of `batches`, every decoder layer streamed once."""
+    from .stream import LayerStream
+
     path, layers = find_decoder_layers(model)
     source = LayerStream(ckpt, None, keep_packed=False)
     as_tuple = False
@@ -67,8 +101,7 @@ def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int
             layer.to("meta")
             if progress:
                 progress(i + 1, len(layers))
-        losses = _tail_losses(model, layers, batches, hidden, as_tuple, device)
-    return from_losses(losses, total, seqlen)
+        return _tail_losses(model, layers, batches, hidden, as_tuple, device)
 
 
 def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
