@@ -361,10 +361,12 @@ def markdown(r: dict) -> str:
         "Collectives per layer, in this order on every rank:",
         "1. `all_gather_object` of error flags after each local step (a few bytes);",
         "2. `broadcast_object_list` of rank 0's resume decision;",
-        "3. `all_reduce` of the 7 sample counts (int64); `reduce` of each linear's partial "
-        f"XᵀX to its owner in fp64: {p['hessian_reduce_bytes_fp64'] / gb:.1f} GB per layer "
-        f"({p['hessian_reduce_bytes_fp64_distinct_inputs'] / gb:.1f} GB if the linears that "
-        "share an input — q/k/v, gate/up — shared one reduce, not done yet); over NVLink "
+        "3. `all_gather_object` of the accumulator grouping (which linears share an input), "
+        "`all_reduce` of the 4 sample counts (int64); one reduce per distinct input's partial "
+        "XᵀX in fp64 (q/k/v and gate/up share one each: `all_reduce` when their owners "
+        "differ, `reduce` to the owner otherwise): "
+        f"{p['hessian_reduce_bytes_fp64_distinct_inputs'] / gb:.1f} GB per layer (one per "
+        f"linear would be {p['hessian_reduce_bytes_fp64'] / gb:.1f} GB); over NVLink "
         "(~300 GB/s effective) well under a second;",
         "4. `all_gather_object` of the layouts and reports, then one `broadcast` per linear of "
         f"its packed codes from its owner: ≈{p['codes_broadcast_bytes_at_3_bits'] / gb:.2f} "
