@@ -1,7 +1,8 @@
 """Under torchrun, linears that read one input (q/k/v, gate/up) share one Hessian accumulator
 as in one process: `Distributed.reduce_hessians` reduces each shared sum once (onto its one
 owner, or onto every rank when its linears have several owners), and falls back to one sum
-per linear when the ranks grouped the linears differently. Oracle: each linear's own XᵀX
+per linear when the ranks grouped the linears differently; XᵀX travels in row chunks (no
+whole fp64 copy). Oracle: each linear's own XᵀX
 summed over the ranks in fp64 and rounded once to fp32, as the unshared reduce does."""
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def _worker(rank, world, port, outdir):
     dist = Distributed(rank, world, calib="split")
     owners = {"a": 0, "b": 1, "c": 1}
     res = {}
-    for case, shared in (("same", (True, True)), ("differ", (True, False))):
+    import binllm.engine.distributed as distributed
+
+    for case, shared, chunk in (("same", (True, True), None), ("differ", (True, False), None),
+                                ("chunked", (True, True), 3 * D), ("chunked differ",
+                                                                   (True, False), 3 * D)):
+        if chunk:  # 3 rows of XᵀX per reduce: each element is summed on its own, same bits
+            distributed.REDUCE_CHUNK = chunk
         got = dist.reduce_hessians(_accs(rank, shared[rank]), owners)
         res[case] = {n: (acc.XtX.clone(), acc.nsamples, id(acc)) for n, acc in got.items()}
     tdist.destroy_process_group()
@@ -63,7 +70,7 @@ def test_shared_accumulators_are_reduced_once_onto_their_owners(tmp_path):
     port = _free_port()
     _, (r0, r1) = spawn_ranks(_worker, lambda r: (r, 2, port, str(tmp_path)), str(tmp_path))
     want = {"a": _want("a"), "b": _want("a"), "c": _want("c")}
-    for case in ("same", "differ"):
+    for case in ("same", "differ", "chunked", "chunked differ"):
         assert set(r0[case]) == {"a"} and set(r1[case]) == {"b", "c"}, case
         for res in (r0[case], r1[case]):
             for n, (XtX, nsamples, _) in res.items():

@@ -46,6 +46,7 @@ from torch import Tensor
 from ..packed.layout import PackedLayout, pack, unpack
 
 CALIB_MODES = ("split", "replicated")
+REDUCE_CHUNK = 1 << 22  # elements of XᵀX per reduce: a (d, d) fp64 copy is never made whole
 HEAVY_COST = 2.0  # cost factor of methods with X-space iterations on the Gram matrix (ARB-X)
 
 
@@ -224,15 +225,22 @@ class Distributed:
             acc = accs[names[0]]
             dst = {owners[n] for n in names}
             shared = len(names) < sum(a is acc for a in accs.values())  # split by the fallback
-            buf = acc.XtX.to(self.device, self.reduce_dtype, copy=shared)  # reduced in place
+            mine = acc
+            if self.rank in dst and shared:  # the fallback: one sum per linear
+                mine = copy.copy(acc)
+                mine.XtX = torch.empty_like(acc.XtX)
             what = f"Hessian of {'/'.join(names)}"
-            if len(dst) == 1:
-                self._collective(what, tdist.reduce, buf, dst=next(iter(dst)))
-            else:
-                self._collective(what, tdist.all_reduce, buf)
+            rows = max(1, REDUCE_CHUNK // acc.XtX.shape[1])
+            for r0 in range(0, acc.XtX.shape[0], rows):  # each element on its own: same sums
+                part = acc.XtX[r0:r0 + rows]
+                buf = part.to(self.device, self.reduce_dtype, copy=True)  # (rows, d)
+                if len(dst) == 1:
+                    self._collective(what, tdist.reduce, buf, dst=next(iter(dst)))
+                else:
+                    self._collective(what, tdist.all_reduce, buf)
+                if self.rank in dst:
+                    mine.XtX[r0:r0 + rows] = buf.to(part.device, torch.float32)
             if self.rank in dst:
-                mine = copy.copy(acc) if shared else acc  # the fallback: one sum per linear
-                mine.XtX = buf.to(acc.XtX.device, torch.float32)
                 mine.nsamples = int(counts[k])
                 owned.update({n: mine for n in names if owners[n] == self.rank})
         return owned
