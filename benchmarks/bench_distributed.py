@@ -380,8 +380,8 @@ def markdown(r: dict) -> str:
         "only for methods without block-wide salient-column choices), which is not done.",
         "", "Activations stay on their rank (16 windows × 2048 × 8192 × 2 B = 0.5 GB per "
         "GPU per copy); a 70B layer in bf16 is 1.7 GB, so with layer streaming (issue 11 §1) "
-        "each GPU holds one layer, its share of the activations and the Hessian sums "
-        "(≈ 4.9 GB fp32, plus the fp64 reduce buffer of the widest, 6.6 GB).", ""]
+        "each GPU holds one layer, its share of the activations and the Hessian sums, one "
+        "per distinct input (≈ 4.1 GB fp32; the fp64 reduce goes in chunks of 32 MiB).", ""]
     if "streaming" in r:
         lines += markdown_streaming(r["streaming"]) + [""]
     return "\n".join(lines)
@@ -402,8 +402,8 @@ def markdown_streaming(st: dict) -> list[str]:
         "rank streams the layers from the shards, rank 0 alone writes `--out`. 1 rank = one "
         "process with 2 threads, 2 ranks = torchrun with 1 thread each (both use the 2 shared "
         "cores). Peak RSS: VmHWM of each rank's process; seconds per rank: from the start of "
-        "its process to its end (or its stop after the first billm layer, ≈ 4 min per layer "
-        "here), imports and calibration data included.", "",
+        "its process to its end (or its stop after `--billm-layers` billm layers), imports and "
+        "calibration data included.", "",
         "| run | ranks | wall s | seconds per rank | peak RSS per rank (MiB) | rank 0: layers done at (s) | load before → after |",
         "|---|---|---|---|---|---|---|"]
     for row in st["runs"]:
@@ -427,8 +427,10 @@ def markdown_streaming(st: dict) -> list[str]:
                       f"{two['wall_s']} = {one['wall_s'] / two['wall_s']:.2f}×; peak RSS "
                       f"{one['per_rank'][0]['hwm_mb']} MiB in one process, {max(peaks)} MiB on "
                       f"the larger rank and {sum(peaks)} MiB over both (each rank holds its "
-                      "own process baseline, embeddings, lm_head and current layer; only the "
-                      "calibration activations and the solve are divided)."]
+                      "own process baseline, the current layer and, in `split` mode, every "
+                      "Hessian of the layer until the reduce; the embeddings until the "
+                      "capture, the lm_head on rank 0 alone at the end; the calibration "
+                      "activations and the solve are divided)."]
     cmp = next((r["files_vs_1_rank"] for r in st["runs"] if "files_vs_1_rank" in r), None)
     if cmp is not None:
         lines += ["", f"rtn-sign saved files, 2 ranks against 1: {_same(cmp)} (rtn-sign uses no "
@@ -439,16 +441,17 @@ def markdown_streaming(st: dict) -> list[str]:
         "`torchrun --nproc_per_node=8 -m binllm quantize DIR --device cuda --nsamples 128 "
         "--seqlen 2048 ...`, `--dist-calib split`: each GPU holds the current decoder layer "
         "(every rank runs the whole layer on its 16 windows), the inputs and outputs of its 16 "
-        "windows, the fp32 XᵀX of every linear of the layer (split: each rank sums all of "
-        "them over its windows) and, during the reduce, one fp64 buffer (the widest, "
-        "down_proj's). The solve of the linears a rank owns then needs H, its inverse and a "
-        "few fp32 copies of W on top (not counted). Host RAM per rank: the process baseline, "
-        "embeddings + lm_head (every rank loads them) and the layer being read.", "",
-        "| shape | layer bf16 (GiB) | activations, 16 × 2048 (GiB) | Hessians fp32 (GiB) | fp64 reduce buffer (GiB) | per GPU, sum (GiB) | embeddings + lm_head per rank, host (GiB) |",
+        "windows, the fp32 XᵀX of each distinct input of the layer (q/k/v and gate/up share "
+        "one; split: each rank sums all of them over its windows) and, during the reduce, a "
+        "32 MiB fp64 chunk. The solve of the linears a rank owns then needs H, its inverse and "
+        "a few fp32 copies of W on top (not counted). Host RAM per rank: the process baseline, "
+        "the embeddings until layer 0's inputs are captured, the layer being read; rank 0 "
+        "reads the final norm and lm_head at the end.", "",
+        "| shape | layer bf16 (GiB) | activations, 16 × 2048 (GiB) | Hessians fp32 (GiB) | fp64 reduce chunk (GiB) | per GPU, sum (GiB) | embeddings + lm_head, host, rank 0 at the end (GiB) |",
         "|---|---|---|---|---|---|---|"]
     for name, (hidden, inter, layers, heads, kv, vocab, tied) in SHAPES.items():
         z = sizes(hidden, inter, layers, heads, kv, vocab, tied, 16, 2048)
-        fp64 = inter * inter * 8 / 2**20
+        fp64 = (1 << 22) * 8 / 2**20  # REDUCE_CHUNK elements in fp64
         total = z["layer_mb"] + z["activations_mb"] + z["hessians_mb"] + fp64
         layer_70b = z["layer_mb"]  # the last shape, LLaMA-3-70B
         lines.append(f"| {name} | {z['layer_mb'] / 1024:.2f} | {z['activations_mb'] / 1024:.2f} | "
