@@ -275,18 +275,27 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
                         _set_weight(linears[name], codes.dequantize())
                         done[name] = (codes, _linear_report(rep))
                 done = {n: done[n] for n in linears}  # registration order
+                shared = codes = None  # no other reference to the unpacked codes
             report.linears.extend(r for _, r in done.values())
             calibrated = stored = None
             if not early:
                 calibrated = {n: c for n, (c, _) in done.items()}
                 if journal is not None:  # calibrated codes: a resumed run feeds the next alike
                     journal.save(i, calibrated, [r for _, r in done.values()])
-                stored = {n: _store(linears[n], c, method, pending, stored_Q.get(n))
-                          for n, c in calibrated.items()}
-                if keep_codes:
-                    report.codes.update({f"{path}.{n}": c for n, c in stored.items()})
-                if source is not None:  # the stored codes: what the saved directory holds
-                    source.set_codes(i, stored)
+                if source is not None and not keep_codes:
+                    # streamed under torchrun or with a journal: each linear's stored codes are
+                    # packed at once and its unpacked codes (bytes per weight) dropped
+                    done = None
+                    for n in list(calibrated):
+                        source.add_codes(i, n, _store(linears[n], calibrated.pop(n), method,
+                                                      pending), linears[n].bias)
+                else:
+                    stored = {n: _store(linears[n], c, method, pending, stored_Q.get(n))
+                              for n, c in calibrated.items()}
+                    if keep_codes:
+                        report.codes.update({f"{path}.{n}": c for n, c in stored.items()})
+                    if source is not None:  # the stored codes: what the saved directory holds
+                        source.set_codes(i, stored)
             if on_layer:
                 on_layer(i + 1, n_layers)
         # nothing of layer i stays bound while the walker runs it and loads layer i + 1 (the
