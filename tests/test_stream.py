@@ -133,6 +133,25 @@ def test_tail_read_only_at_the_end_gives_the_same_files_and_model(sharded, tmp_p
     assert torch.equal(_logits(lazy), _logits(full))
 
 
+def test_a_tail_of_same_shaped_tensors_is_written_whole(tmp_path):
+    """Phi's final LayerNorm (weight and bias, both (hidden,)) comes after the layers: with
+    tail=False it is on meta at the start, where every tensor's storage is 0, so the tail is
+    listed for the writer only once read back; the files equal those of tail=True."""
+    import transformers
+
+    cfg = transformers.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, vocab_size=VOCAB,
+                                 max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.PhiForCausalLM(cfg).save_pretrained(tmp_path / "phi")
+    for tail, out in ((True, "a"), (False, "b")):
+        model, ckpt = open_streaming(tmp_path / "phi", tail=tail)
+        binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / out)
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert "model.final_layernorm.bias" in b and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_kept_layers_are_packed(sharded):
     model, ckpt = open_streaming(sharded)
     binarize_streaming(model, ckpt, QuantizeConfig("billm"), _calib())

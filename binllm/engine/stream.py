@@ -313,7 +313,8 @@ def _packed(codes: Any, bias: Tensor | None) -> BinaryLinear:
 
 
 def _outside_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
-    """Tensors outside the decoder layers in state_dict order, tied ones once: (before, after)."""
+    """Tensors outside the decoder layers in state_dict order, tied ones once: (before, after).
+    Ties are told by storage, so only loaded tensors count (every meta tensor's is 0)."""
     layers_path, _ = find_decoder_layers(model)
     before, after, seen = [], [], set()
     reached = False
@@ -327,6 +328,11 @@ def _outside_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[t
         seen.add(ident)
         (after if reached else before).append((key, t))
     return before, after
+
+
+def _write(writer: ShardWriter, tensors: list[tuple[str, Tensor]]) -> None:
+    for key, t in tensors:
+        writer.add(key, t)
 
 
 def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: QuantizeConfig,
@@ -356,21 +362,16 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
                 tmp = stack.enter_context(atomic_dir(out))  # removed unless all succeeds
                 writer = ShardWriter(tmp, max_shard_bytes)
                 stack.callback(writer.abort)
-                before, after = _outside_tensors(model)
-                for key, t in before:
-                    writer.add(key, t)
-                after = [key for key, _ in after]  # written at the end, read back by then
-                del before, t  # no reference left: the embeddings are dropped after the capture
+                # the embeddings are written now and no reference is kept (they are dropped
+                # after the capture); the tail once it is read back at the end
+                _write(writer, _outside_tensors(model)[0])
         stream = LayerStream(ckpt, writer, keep_packed)
         report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
                                 dist=dist, **binarize_kwargs)
         if writer is not None or keep_packed:
             load_outside(model, ckpt)  # what the layers ran without: the head, the final norm
-        if writer is not None:
-            state = model.state_dict()
-            for key in after:
-                writer.add(key, state[key])
-            del state
+        if writer is not None:  # read back: tied tensors are told apart by their storage
+            _write(writer, _outside_tensors(model)[1])
             if not keep_packed:
                 drop_outside(model)
             files = writer.close()
