@@ -182,8 +182,7 @@ def calibration_memory(model: Any, nsamples: int, seqlen: int, *,
     from .engine.walker import UnsupportedArchitecture, find_decoder_layers, find_linears
 
     itemsize = next(model.parameters()).element_size()
-    shape = config_shape(getattr(model, "config", None) or {})
-    hidden = shape.hidden if shape else _embedding_width(model)
+    hidden = hidden_width(model)
     cfg = getattr(model, "config", None)
     head_dim = (getattr(cfg, "head_dim", None)
                 or hidden // max(1, getattr(cfg, "num_attention_heads", 1) or 1))
@@ -202,6 +201,13 @@ def calibration_memory(model: Any, nsamples: int, seqlen: int, *,
               f"hidden {hidden} × {itemsize} bytes and their positions; {gib(hessians)} of "
               "Hessians")
     return CalibrationMemory(activations, hessians, detail)
+
+
+def hidden_width(model: Any) -> int:
+    """Width of the hidden states between decoder layers: the config's hidden size, else the
+    input embeddings' (OPT's word_embed_proj_dim may differ from the former)."""
+    shape = config_shape(getattr(model, "config", None) or {})
+    return shape.hidden if shape else _embedding_width(model)
 
 
 def _embedding_width(model: Any) -> int:

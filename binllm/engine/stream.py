@@ -47,7 +47,7 @@ from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardW
 from .binarize import QuantizeReport, binarize_model, refuse_non_finite
 from .config import QuantizeConfig
 from .distributed import Distributed, guard
-from .walker import find_decoder_layers
+from .walker import find_decoder_layers, outside_modules
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,7 @@ def drop_outside(model: nn.Module) -> None:
     """Put the parameters outside the decoder layers on the meta device (buffers such as
     rotary frequencies stay): once layer 0's inputs are captured only decoder layers run, so
     the embeddings and lm_head need not be held while the layers are binarized."""
-    inside = {id(m) for m in find_decoder_layers(model)[1].modules()}
-    for m in model.modules():
-        if id(m) in inside:
-            continue
+    for m in outside_modules(model, find_decoder_layers(model)[1]):
         for name, p in list(m._parameters.items()):
             if p is not None and not p.is_meta:
                 m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)

@@ -65,7 +65,7 @@ def windows_per_pass(model: nn.Module, seqlen: int, max_hidden_bytes: int | None
                      device: torch.device | str = "cpu") -> int:
     """How many windows' hidden states (a layer's inputs and outputs) fit max_hidden_bytes
     (None: a quarter of what `device` has available; at least one window)."""
-    from ..preflight import available_memory
+    from ..preflight import available_memory, hidden_width
 
     if max_hidden_bytes is None:
         avail = available_memory(device)
@@ -74,8 +74,7 @@ def windows_per_pass(model: nn.Module, seqlen: int, max_hidden_bytes: int | None
         max_hidden_bytes = avail // 4
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     itemsize = p.element_size() if p is not None else 4
-    hidden = model.get_input_embeddings().embedding_dim
-    return max(1, int(max_hidden_bytes // (2 * seqlen * hidden * itemsize)))
+    return max(1, int(max_hidden_bytes // (2 * seqlen * hidden_width(model) * itemsize)))
 
 
 def _pass_losses(model: nn.Module, ckpt: Any, batches: list[Tensor], device,

@@ -135,21 +135,23 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
     return captured
 
 
+def outside_modules(model: nn.Module, layers: nn.ModuleList) -> Iterator[nn.Module]:
+    """The modules not inside `layers` that hold parameters or buffers of their own."""
+    inside = {id(m) for m in layers.modules()}
+    for m in model.modules():
+        if id(m) not in inside and (any(True for _ in m.parameters(recurse=False))
+                                    or any(True for _ in m.buffers(recurse=False))):
+            yield m
+
+
 def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device, only=None) -> list:
     """Move every parameter/buffer-holding module that is not inside `layers` to device."""
     if str(device) == "cpu" and only is None:
         return []
-    inside = {id(m) for m in layers.modules()}
-    moved = []
-    for m in model.modules():
-        if id(m) in inside or m is layers:
-            continue
-        if only is not None and not any(m is o for o in only):
-            continue
-        direct = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        if direct:
-            m.to(device)
-            moved.append(m)
+    moved = [m for m in outside_modules(model, layers)
+             if only is None or any(m is o for o in only)]
+    for m in moved:
+        m.to(device)
     return moved
 
 
