@@ -152,6 +152,17 @@ def test_a_tail_of_same_shaped_tensors_is_written_whole(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_with_other_key_names_is_not_streamed(tmp_path):
+    """GPT-NeoX stores its head as embed_out.weight, which transformers' loader renames to
+    lm_head.weight: a missing parameter beside a key the model has not is another naming, not
+    an incomplete checkpoint, so the model is loaded whole (NotStreamable), not refused."""
+    from binllm.engine.stream import NotStreamable
+
+    tiny_causal_lm("gpt_neox", tie_word_embeddings=False).save_pretrained(tmp_path / "neox")
+    with pytest.raises(NotStreamable, match="lm_head.weight is stored under another name"):
+        open_streaming(tmp_path / "neox")
+
+
 def test_kept_layers_are_packed(sharded):
     model, ckpt = open_streaming(sharded)
     binarize_streaming(model, ckpt, QuantizeConfig("billm"), _calib())

@@ -196,6 +196,10 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     if missing and len(missing) == len(params):
         raise NotStreamable(f"{path}: none of {type(model).__name__}'s parameter names is in "
                             "the checkpoint (another naming); it is loaded whole")
+    unknown = sorted(set(ckpt.entries) - set(model.state_dict()))
+    if missing and unknown:  # renamed on load by transformers (GPT-NeoX: embed_out = lm_head)
+        raise NotStreamable(f"{path}: {missing[0]} is stored under another name (the checkpoint "
+                            f"holds {unknown[0]}, which the model has not); it is loaded whole")
     if missing:
         raise BadCheckpoint(f"{missing[0]} is in no shard of {path}"
                             f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
