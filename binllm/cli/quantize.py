@@ -33,6 +33,14 @@ def add_quantize(sub) -> None:
                    help="Hessian damping as a fraction of its mean diagonal")
     p.add_argument("--feedback", choices=["column", "block", "none"], default=None,
                    help="override the method's error-feedback mode ('none' = no GPTQ compensation)")
+    p.add_argument("--refine", choices=["none", "block"], default="none",
+                   help="block: after each decoder layer is quantized, train its scales, means "
+                        "and latent signs against the full-precision layer (beyond the papers)")
+    p.add_argument("--refine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="refinement setting, repeatable: epochs, lr, sign_lr, windows")
+    p.add_argument("--rotate", choices=["none", "hadamard"], default="none",
+                   help="hadamard: fold the norms and rotate the residual stream by a seeded "
+                        "randomized Hadamard matrix before quantizing (loads the model whole)")
     p.add_argument("--skip", default="",
                    help="comma-separated linear names to leave alone (e.g. down_proj)")
     p.add_argument("--eval", default="wikitext2,ptb,c4",
@@ -60,6 +68,28 @@ def cmd_quantize(args) -> int:
         finish(dist)
 
 
+def parse_refine(mode: str, pairs: list[str]):
+    """The RefineConfig of --refine/--refine-arg (None for --refine none)."""
+    import dataclasses
+
+    from ..engine.config import RefineConfig
+
+    if mode == "none":
+        if pairs:
+            raise CLIError("--refine-arg needs --refine block")
+        return None
+    types = {f.name: f.type for f in dataclasses.fields(RefineConfig)}
+    values = {}
+    for key, value in parse_method_args(pairs).items():
+        if key not in types:
+            raise CLIError(f"--refine-arg {key}: unknown; use {', '.join(types)}")
+        try:
+            values[key] = (int if types[key] in (int, "int") else float)(value)
+        except ValueError:
+            raise CLIError(f"--refine-arg {key}={value}: not a number") from None
+    return RefineConfig(**values)
+
+
 def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     from ..engine.binarize import binarize_model
     from ..engine.config import QuantizeConfig
@@ -68,7 +98,9 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
 
     config = QuantizeConfig(method=args.method, method_args=parse_method_args(args.method_arg),
                             block_size=args.block_size, percdamp=args.percdamp,
-                            feedback=args.feedback, skip=tuple(csv_list(args.skip)))
+                            feedback=args.feedback, skip=tuple(csv_list(args.skip)),
+                            refine=parse_refine(args.refine, args.refine_arg),
+                            rotate=None if args.rotate == "none" else args.rotate)
     method = get_method(config.method, config.method_args)  # fail fast on a bad argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
@@ -82,7 +114,8 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     # a local safetensors checkpoint: its layers are streamed (binllm.engine.stream), on every
     # rank under torchrun (each reads its own copy of a layer from the shards)
     eval_names = csv_list(args.eval)
-    streamed = open_streamed(args, tail=main and args.compare_fp and bool(eval_names))
+    streamed = None if config.rotate else open_streamed(
+        args, tail=main and args.compare_fp and bool(eval_names))
     model, tokenizer = streamed[:2] if streamed else load_model(args.model, args.device,
                                                                 args.dtype)
     check_model(args, model)

@@ -18,6 +18,8 @@ from .journal import JournalMismatch, LayerJournal
 from ..methods import get_method
 from ..methods.codes import per_weight
 from .reconstruct import reconstruct
+from .refine import LayerRefiner, LayerRefineReport
+from .rotate import RotationReport, rotate_model
 from .walker import (
     UnsupportedArchitecture,
     collect_hessians,
@@ -120,6 +122,8 @@ class QuantizeReport:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
+    refine: list[LayerRefineReport] = field(default_factory=list)  # per layer, with refine
+    rotation: RotationReport | None = None  # with rotate
 
     @property
     def paper_bits(self) -> float:
@@ -133,7 +137,10 @@ class QuantizeReport:
         return {"method": self.method, "method_args": self.method_args, "config": self.config,
                 "paper_bits": self.paper_bits, "stored_bits": self.stored_bits,
                 "seconds": self.seconds, "peak_memory_mb": self.peak_memory_mb,
-                "linears": [dataclasses.asdict(r) for r in self.linears]}
+                "linears": [dataclasses.asdict(r) for r in self.linears],
+                **({"refine": [dataclasses.asdict(r) for r in self.refine]}
+                   if self.refine else {}),
+                **({"rotation": dataclasses.asdict(self.rotation)} if self.rotation else {})}
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -174,11 +181,22 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         raise UnsupportedArchitecture(
             f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
             "style Conv1D projections are not supported), so there is nothing to binarize")
+    if config.rotate is not None:
+        if source is not None:
+            raise ConfigError("rotate needs the whole model in memory (the embeddings and "
+                              "lm_head rotate with every layer); load it whole, not streamed")
+        report.rotation = rotate_model(model)
     if not checked:
         with guard(dist, "weight checks"):
             check_skip(model, config.skip)
             check_finite(model)
     n_layers = len(layers)
+    refiner = None
+    if config.refine is not None:
+        if dist is not None:
+            raise ConfigError("refine runs in one process (its training windows and gradients "
+                              "are not shared between torchrun ranks); run without torchrun")
+        refiner = LayerRefiner(config.refine, device)
     needs_h = method.needs_hessian or (config.feedback or method.feedback) != "none"
     walk = walk_layers(model, calibration if dist is None else dist.local_windows(calibration),
                        device, source=source)
@@ -191,7 +209,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     pending: list[tuple[nn.Module, Tensor]] | None = [] if source is None else None
     try:
         _walk(report, method, config, journal, dist, walk, keep_codes, on_layer, n_layers,
-              needs_h, device, pending, source)
+              needs_h, device, pending, source, refiner)
     finally:
         _set_stored(pending)
     report.seconds = time.perf_counter() - start
@@ -224,10 +242,13 @@ def _store(linear: nn.Module, calibrated, method, pending: list | None,
 
 def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist, walk,
           keep_codes: bool, on_layer, n_layers: int, needs_h: bool, device, pending: list,
-          source=None):
-    """binarize_model's layer loop: calibrated weights feed the walker, stored ones pend."""
+          source=None, refiner: LayerRefiner | None = None):
+    """binarize_model's layer loop: calibrated weights feed the walker, stored ones pend
+    (with a refiner, the refined stored weights feed the walker)."""
     for i, path, layer, inputs in walk:
         _set_stored(pending)  # the walker has run the previous layer on its calibrated weights
+        if refiner is not None:  # the layer is still full precision: its FP targets
+            refiner.begin(layer, inputs)
         linears = {n: m for n, m in find_linears(layer).items()
                    if not skip_matches(n, config.skip)}
         restore = journal is not None and journal.done(i)
@@ -253,7 +274,8 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
         stored_Q: dict[str, Tensor] = {}
         # streamed in one process, nobody else needs a linear's codes: the source packs each
         # one as soon as it is solved (a bit per weight, not the codes' bytes per weight)
-        early = source is not None and dist is None and journal is None and not keep_codes
+        early = (source is not None and dist is None and journal is None and not keep_codes
+                 and refiner is None)
         with guard(dist, f"layer {i}"):
             for name in mine:  # a shared H is freed once the last linear reading it is done
                 rec, rep = _quantize_linear(linears[name], f"{path}.{name}",
@@ -280,6 +302,9 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
             calibrated = stored = None
             if not early:
                 calibrated = {n: c for n, (c, _) in done.items()}
+                if refiner is not None:  # stored and refined codes: what feeds the next layer
+                    calibrated = _refine_layer(report, refiner, i, linears, calibrated,
+                                               method, inputs)
                 if journal is not None:  # calibrated codes: a resumed run feeds the next alike
                     journal.save(i, calibrated, [r for _, r in done.values()])
                 if source is not None and not keep_codes:
@@ -302,6 +327,19 @@ def _walk(report: QuantizeReport, method, config: QuantizeConfig, journal, dist,
         # source, `pending` and the report hold what is still needed): its linears, their
         # codes and its inputs would otherwise live until the next layer's solves are done
         del linears, done, stored_Q, calibrated, stored, inputs
+
+
+def _refine_layer(report: QuantizeReport, refiner: LayerRefiner, i: int,
+                  linears: dict[str, nn.Module], calibrated: dict[str, Any], method,
+                  inputs) -> dict[str, Any]:
+    """Layer i's stored codes refined against the FP layer; the linears get their weights
+    now (the walker runs the layer on them). Storing them again changes nothing."""
+    stored = {n: method.store(c) for n, c in calibrated.items()}
+    refined, rep = refiner.refine(i, stored, inputs)
+    report.refine.append(rep)
+    for n, c in refined.items():
+        _set_weight(linears[n], c.dequantize())
+    return refined
 
 
 def _take_hessian(hessians: dict[str, Any], name: str) -> Tensor | None:

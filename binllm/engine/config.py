@@ -15,6 +15,36 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """Block-wise refinement after each layer's quantization (`binllm.engine.refine`).
+
+    epochs    passes over the training windows
+    lr        Adam step of scales and means, relative to each field's mean |value|
+    sign_lr   Adam step of latent weights, relative to their row's mean |W| (0: signs fixed)
+    windows   calibration windows trained on (0: all of them)
+    """
+
+    epochs: int = 2
+    lr: float = 1e-2
+    sign_lr: float = 2e-3
+    windows: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"refine epochs={self.epochs}: use at least 1")
+        for name in ("lr", "sign_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
+                raise ConfigError(f"refine {name}={v}: use a relative step in [0, 1), "
+                                  "e.g. 1e-2")
+        if not isinstance(self.windows, int) or self.windows < 0:
+            raise ConfigError(f"refine windows={self.windows}: use 0 (all) or a positive count")
+
+
+ROTATIONS = ("hadamard",)
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """What to do to every binarizable linear of a model.
 
@@ -24,6 +54,10 @@ class QuantizeConfig:
     percdamp     damping λ = percdamp · mean diag H (0.01)
     feedback     error-feedback mode; None = the method's own ("column", "block", "none")
     skip         names (or name suffixes) of linears inside decoder layers to leave alone
+    refine       block-wise refinement of each layer's codes (None: the method's codes as
+                 they are, as in the papers)
+    rotate       "hadamard": fold the norms and rotate the residual stream before quantizing
+                 (`binllm.engine.rotate`); None: the model as it is
     """
 
     method: str
@@ -32,6 +66,8 @@ class QuantizeConfig:
     percdamp: float = 0.01
     feedback: str | None = None
     skip: tuple[str, ...] = ()
+    refine: RefineConfig | None = None
+    rotate: str | None = None
     version: ClassVar[int] = FORMAT_VERSION
 
     def __post_init__(self):
@@ -44,12 +80,17 @@ class QuantizeConfig:
                               "use a small positive fraction such as 0.01")
         if self.feedback not in (None, "column", "block", "none"):
             raise ConfigError(f"feedback={self.feedback!r}: use column, block or none")
+        if self.rotate not in (None, *ROTATIONS):
+            raise ConfigError(f"rotate={self.rotate!r}: use {', '.join(ROTATIONS)} or None")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method_args"] = dict(self.method_args)
         d["skip"] = list(self.skip)
         d["version"] = self.version
+        for key in ("refine", "rotate"):  # unset: the dict of a plain run, as it always was
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -61,4 +102,6 @@ class QuantizeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["skip"] = tuple(kw.get("skip", ()))
+        if kw.get("refine") is not None:
+            kw["refine"] = RefineConfig(**kw["refine"])
         return cls(**kw)

@@ -15,7 +15,10 @@ evaluated once the same way (`binllm eval`). `DIR/results.md` is the table and
 `DIR/frontier.png` the plot (perplexity, log scale, against stored bits per weight), drawn with
 matplotlib when it is installed (`pip install "binllm[plot]"`).
 
-A method spec is `name[:key=value[:key=value…]]`; its label is the spec itself. Imports only
+A method spec is `name[:key=value[:key=value…]]`; its label is the spec itself. The keys
+`refine`, `rotate` and `refine_<setting>` (`refine_epochs=4`) go to the engine (`--refine`,
+`--rotate`, `--refine-arg`) rather than to the method, so one table holds a method with and
+without them: `q1_0,q1_0:refine=block,q1_0:rotate=hadamard:refine=block`. Imports only
 `binllm.atomic` of binllm (the methods run in child processes).
 """
 
@@ -46,16 +49,35 @@ class CompareError(ValueError):
 
 
 # -- method specs --------------------------------------------------------------------------
+ENGINE_KEYS = ("refine", "rotate")  # spec keys for the engine, plus refine_<setting>
+
+
+def _is_engine_key(key: str) -> bool:
+    return key in ENGINE_KEYS or key.startswith("refine_")
+
+
 @dataclass(frozen=True)
 class MethodRun:
-    """One method of a comparison: a label, a registered name and its --method-arg pairs."""
+    """One method of a comparison: a label, a registered name, its --method-arg pairs and
+    the engine options (refine, rotate, refine_<setting>)."""
 
     label: str
     method: str
     args: tuple[tuple[str, str], ...] = ()
+    engine: tuple[tuple[str, str], ...] = ()
 
     def key(self) -> dict[str, Any]:
-        return {"method": self.method, "method_args": dict(self.args)}
+        key = {"method": self.method, "method_args": dict(self.args)}
+        if self.engine:  # a plain run's key stays as it is (earlier results still match)
+            key["engine"] = dict(self.engine)
+        return key
+
+    def engine_argv(self) -> list[str]:
+        argv = []
+        for k, v in self.engine:
+            argv += ([f"--{k}", v] if k in ENGINE_KEYS
+                     else ["--refine-arg", f"{k.removeprefix('refine_')}={v}"])
+        return argv
 
 
 def parse_method_spec(spec: str, label: str | None = None) -> MethodRun:
@@ -70,7 +92,9 @@ def parse_method_spec(spec: str, label: str | None = None) -> MethodRun:
             raise CompareError(f"method spec {spec!r}: {pair!r} is not key=value "
                                "(write name:key=value:key=value, e.g. gptq:bits=2:groupsize=128)")
         args.append((key.strip(), value.strip()))
-    return MethodRun(label or spec.strip(), name, tuple(args))
+    engine = tuple((k, v) for k, v in args if _is_engine_key(k))
+    return MethodRun(label or spec.strip(), name,
+                     tuple((k, v) for k, v in args if not _is_engine_key(k)), engine)
 
 
 def parse_method_specs(text: str) -> list[MethodRun]:
@@ -125,7 +149,7 @@ class Protocol:
         argv = ["quantize", self.model, "--method", run.method]
         for k, v in run.args:
             argv += ["--method-arg", f"{k}={v}"]
-        return argv + ["--calib", self.calib, "--calib-split", self.calib_split,
+        return argv + run.engine_argv() + ["--calib", self.calib, "--calib-split", self.calib_split,
                        "--nsamples", str(self.nsamples), "--seed", str(self.seed),
                        "--block-size", str(self.block_size), "--percdamp", str(self.percdamp),
                        "--eval", ",".join(self.eval), *self._common(), "--report", str(report)]

@@ -144,6 +144,7 @@ class BinaryCodes:
     """
 
     SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "mu", "beta")
+    SIGN_FIELDS: ClassVar[tuple[str, ...]] = ("signs",)  # bool planes, True = +1
 
     group: Tensor
     signs: Tensor
@@ -263,6 +264,7 @@ class UniformCodes:
     """
 
     SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("scale",)
+    SIGN_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     q: Tensor
     scale: Tensor
@@ -309,6 +311,7 @@ class PartialBinaryCodes:
     """
 
     SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("high_scale", "alpha", "mu")
+    SIGN_FIELDS: ClassVar[tuple[str, ...]] = ("signs",)  # used where not salient
 
     salient: Tensor
     q_high: Tensor

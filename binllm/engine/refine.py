@@ -1,0 +1,139 @@
+"""Block-wise refinement: train a quantized decoder layer against the full-precision one.
+
+After a layer's linears are quantized by their method (the GPTQ-style pass), the layer's
+continuous quantization parameters (scales, means and, where the codes have sign planes,
+latent signs; `binllm.methods.trainable`) are trained with Adam to minimise
+
+    Σ_windows ‖ layer_Q(X_Q) − layer_FP(X_FP) ‖² / numel
+
+where X_Q is the quantized model's input stream (the layers before are already quantized
+and refined, so accumulated error is corrected) and X_FP the full-precision model's stream,
+carried alongside by `LayerRefiner`. This is the per-block objective of NanoQuant (ICML
+2026) and of OneBit's and PV-tuning's block stages. The codes' layout (bitmaps, masks,
+groups, levels) is fixed, so the stored bits do not change.
+
+A refined layer never has a higher loss on its calibration windows than the unrefined one:
+the loss of both is measured after training, with the scales at their storage precision, and
+the better codes are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..methods.trainable import TrainableCodes
+from .config import RefineConfig
+from .walker import LayerInputs, run_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerRefineReport:
+    """What refining one decoder layer did (losses: mean squared error of its output)."""
+
+    layer: int
+    loss_before: float
+    loss_after: float
+    kept: bool          # True: the refined codes are kept (their loss is not higher)
+    flipped: int        # signs that differ from the method's codes
+    steps: int
+    seconds: float
+
+
+def _fp32(obj: Any) -> Any:
+    """Floating tensors inside `obj` (tuples, lists, dicts) as fp32; the rest as it is."""
+    if isinstance(obj, Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fp32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _fp32(v) for k, v in obj.items()}
+    return obj
+
+
+class LayerRefiner:
+    """The refinement stage of the layer loop.
+
+    `begin(layer, inputs)` runs before the layer is quantized: it keeps an fp32 copy of the
+    full-precision layer and its output on the full-precision stream (the targets, and the
+    next layer's full-precision inputs). `refine(i, layer, codes, inputs)` runs once the
+    layer's codes are stored: it trains them on the quantized stream `inputs` and returns the
+    codes to keep.
+    """
+
+    def __init__(self, config: RefineConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = device
+        self.fp_stream: list[Tensor] | None = None  # the FP model's inputs of the next layer
+        self.fp_layer: nn.Module | None = None
+        self.kwargs: list[dict[str, Any]] = []
+
+    def begin(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        n = self.config.windows or len(inputs.hidden)
+        self.kwargs = [_fp32(kw) for kw in inputs.kwargs[:n]]
+        stream = self.fp_stream or [h.float() for h in inputs.hidden[:n]]
+        self.fp_layer = copy.deepcopy(layer).float().requires_grad_(False)
+        with torch.no_grad():
+            self.fp_stream = [run_layer(self.fp_layer, x.to(self.device), kw)
+                              for x, kw in zip(stream, self.kwargs)]
+
+    def refine(self, i: int, codes: dict[str, Any], inputs: LayerInputs
+               ) -> tuple[dict[str, Any], LayerRefineReport]:
+        """codes: name (relative to the layer) -> stored codes. Returns the codes to keep."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        layer = self.fp_layer
+        linears = dict(layer.named_modules())
+        X = [h.float() for h in inputs.hidden[:len(self.fp_stream)]]
+        Y = self.fp_stream
+        train = {n: TrainableCodes(c, linears[n].weight, train_signs=cfg.sign_lr > 0)
+                 for n, c in codes.items()}
+        before = self._loss({n: c.dequantize() for n, c in codes.items()}, X, Y)
+        opt = torch.optim.Adam([g for t in train.values()
+                                for g in t.param_groups(cfg.lr, cfg.sign_lr)])
+        steps = cfg.epochs * len(X)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        order = torch.Generator().manual_seed(i)
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):
+                for j in torch.randperm(len(X), generator=order).tolist():
+                    weights = {f"{n}.weight": t.weight().to(self.device)
+                               for n, t in train.items()}
+                    out = self._forward(weights, X[j], j)
+                    loss = torch.nn.functional.mse_loss(out, Y[j])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        refined = {n: t.codes() for n, t in train.items()}
+        after = self._loss({n: c.dequantize() for n, c in refined.items()}, X, Y)
+        kept = after <= before
+        rep = LayerRefineReport(layer=i, loss_before=before, loss_after=after, kept=kept,
+                                flipped=sum(t.flipped() for t in train.values()) if kept else 0,
+                                steps=steps, seconds=time.perf_counter() - t0)
+        log.info("layer %d refined: output MSE %.4g -> %.4g (%s), %d signs flipped, %.1f s",
+                 i, before, after, "kept" if kept else "discarded", rep.flipped, rep.seconds)
+        self.fp_layer = None
+        return (refined if kept else codes), rep
+
+    def _forward(self, weights: dict[str, Tensor], x: Tensor, j: int) -> Tensor:
+        out = functional_call(self.fp_layer, weights, (x.to(self.device),), self.kwargs[j])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _loss(self, Q: dict[str, Tensor], X: list[Tensor], Y: list[Tensor]) -> float:
+        """Mean over windows of the layer output's MSE with weights Q (name -> Ŵ)."""
+        weights = {f"{n}.weight": w.to(self.device) for n, w in Q.items()}
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.mse_loss(self._forward(weights, x, j), y))
+                       for j, (x, y) in enumerate(zip(X, Y))) / max(len(X), 1)
