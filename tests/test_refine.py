@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from conftest import run_cli, tiny_llama
@@ -91,7 +89,7 @@ def test_refine_settings_are_checked_and_kept_in_the_config():
 
 def test_refine_is_refused_under_torchrun_in_one_line():
     class Rank:  # enough of Distributed for the check before any collective
-        pass
+        world = 2
 
     with pytest.raises(ConfigError, match="one process"):
         binarize_model(tiny_llama(), QuantizeConfig("q1_0", refine=FAST), calibration(),
@@ -125,3 +123,32 @@ def test_cli_refuses_refine_args_without_refine(capsys, stories_path):
     code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
                            "--refine-arg", "epochs=2")
     assert code == 2 and "--refine block" in err
+
+
+def test_a_refined_run_resumed_after_a_crash_ends_with_the_same_weights(tmp_path):
+    import copy
+
+    from binllm.engine.journal import LayerJournal, run_identity
+
+    class Crash(RuntimeError):
+        pass
+
+    base, batches = tiny_llama(), calibration()
+    config = QuantizeConfig("q1_0", refine=FAST)
+    reference = copy.deepcopy(base)
+    binarize_model(reference, config, batches)
+
+    def crash_after_first(done, total):
+        if done == 1:
+            raise Crash
+
+    journal = LayerJournal(tmp_path / "j", run_identity(base, config, batches))
+    with pytest.raises(Crash):
+        binarize_model(copy.deepcopy(base), config, batches, journal=journal,
+                       on_layer=crash_after_first)
+    resumed = copy.deepcopy(base)
+    journal = LayerJournal(tmp_path / "j", run_identity(base, config, batches))
+    report = binarize_model(resumed, config, batches, journal=journal)
+    assert [r.layer for r in report.refine] == [1]  # layer 0 came from the journal
+    for (name, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

@@ -25,8 +25,8 @@ class RefineConfig:
     """
 
     epochs: int = 2
-    lr: float = 1e-2
-    sign_lr: float = 2e-3
+    lr: float = 2e-2
+    sign_lr: float = 1e-2
     windows: int = 0
 
     def __post_init__(self):

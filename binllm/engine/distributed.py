@@ -1,6 +1,7 @@
 """Several processes (torchrun): ranks, window shares, linear owners and the collectives.
 
-Pure plumbing for `binarize_model(..., dist=Distributed(...))`; `dist=None` is one process.
+Pure plumbing for `binarize_model(..., dist=Distributed(...))`; one process is
+`SingleProcess()`, the same interface without communication, so the layer loop has one path.
 Per decoder layer every rank issues the same collectives in the same order:
 
     guarded next(walk)    agree on errors of the capture / previous layer's forward
@@ -291,6 +292,41 @@ class Distributed:
 
     def max_over_ranks(self, value: float, what: str = "peak memory") -> float:
         return max(self.gather_objects(float(value), what))
+
+
+class SingleProcess:
+    """`Distributed`'s interface for one process: every window and linear is rank 0's, and
+    every collective returns its own input."""
+
+    rank, world, is_main = 0, 1, True
+
+    def local_windows(self, calibration: list[Tensor]) -> list[Tensor]:
+        return calibration
+
+    def owners(self, shapes: Mapping[str, tuple[int, int]], heavy: bool) -> dict[str, int]:
+        return {n: 0 for n in shapes}
+
+    def hessian_names(self, names: list[str], owners: Mapping[str, int]) -> list[str]:
+        return list(names)
+
+    def guard(self, what: str):
+        return contextlib.nullcontext()
+
+    def guarded(self, items: Iterator[Any], what: str) -> Iterator[Any]:
+        return items
+
+    def decide(self, flag: bool, what: str = "resume") -> bool:
+        return bool(flag)
+
+    def reduce_hessians(self, accs: dict[str, Any], owners: Mapping[str, int]) -> dict[str, Any]:
+        return accs
+
+    def share_layer(self, own: Mapping[str, tuple[Any, dict]], names: list[str],
+                    owners: Mapping[str, int]) -> dict[str, tuple[Any, dict]]:
+        return {n: own[n] for n in names if n in own}
+
+    def max_over_ranks(self, value: float, what: str = "peak memory") -> float:
+        return value
 
 
 def report_dict(report: Any) -> dict[str, Any]:

@@ -58,8 +58,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     """Quantize W (rows, cols) with `method`, compensating errors through H (cols, cols)."""
     feedback = feedback or method.feedback
     rows, cols = W.shape
-    if hasattr(method, "block_size"):
-        block_size = method.block_size(block_size, cols)
+    block_size = method.block_size(block_size, cols)
     U = Hgram = dead = None
     used_damp = None
     if H is not None and (method.needs_hessian or feedback != "none"):

@@ -44,7 +44,8 @@ from ..packed.output import check_output_dir
 from ..packed.layers import BinaryLinear
 from ..packed.saved_dir import _DTYPES, CheckpointError, read_safetensors_header
 from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
-from .binarize import QuantizeReport, binarize_model, refuse_non_finite
+from .binarize import QuantizeReport, binarize_model
+from .checks import refuse_non_finite
 from .config import QuantizeConfig
 from .distributed import Distributed, guard
 from .walker import find_decoder_layers, outside_modules

@@ -62,9 +62,15 @@ class Method:
     Args: ClassVar[type]
     feedback: ClassVar[Feedback] = "block"
     needs_hessian: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = False  # uses S = H_blk/2 per block (ARB-X): a heavier solve
 
     def __init__(self, args):
         self.args = args
+
+    def block_size(self, default: int, cols: int) -> int:
+        """Columns per reconstruction block for a layer of `cols` columns; the loop's
+        `block_size` unless the method fixes its own (BiLLM's, block-sign's `block`)."""
+        return default
 
     def prepare(self, W: Tensor, H: Tensor | None, U: Tensor | None, *,
                 original: Tensor | None = None) -> Any:
