@@ -14,7 +14,9 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BinllmError": "binllm.errors",
     "QuantizeConfig": "binllm.engine.config",
+    "RefineConfig": "binllm.engine.config",
     "binarize_model": "binllm.engine.binarize",
     "quantize": "binllm.engine.binarize",
     "QuantizeReport": "binllm.engine.binarize",

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import BinllmError
+
 
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file (or a directory entry table) to disk."""
@@ -80,7 +82,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-class OutputLocked(OSError):
+class OutputLocked(BinllmError, OSError):
     """Another live process holds the lock of this output."""
 
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import BinllmError
 
-class PreflightError(ValueError):
+
+class PreflightError(BinllmError, ValueError):
     """A request that cannot succeed (too large, inconsistent or incomplete input)."""
 
 

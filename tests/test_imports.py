@@ -14,7 +14,8 @@ HEAVY = ("transformers", "datasets", "lm_eval", "accelerate")
 # architecture.md §4: these import torch (and the standard library) and each other, only.
 # packed.formats is packing's per-format table, packed.layout the registry on top of both.
 PURE = ("binllm.packed.packing", "binllm.packed.formats", "binllm.packed.layout",
-        "binllm.engine.hessian", "binllm.engine.reconstruct", "binllm.methods", "binllm.atomic")
+        "binllm.engine.hessian", "binllm.engine.reconstruct", "binllm.methods", "binllm.atomic",
+        "binllm.errors")
 # the command line: the binllm.cli package; only it and __main__ may import it
 CLI = ("binllm.cli",)
 

@@ -17,7 +17,6 @@ import sys
 import time
 
 from .compare import add_compare
-from .errors import CLIError
 from .evaluate import add_eval, add_methods
 from .export import add_export
 from .guards import check_args
@@ -75,24 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from ..engine.binarize import NonFiniteWeights, UnknownSkip
-    from ..engine.config import ConfigError
-    from ..engine.distributed import DistributedError
-    from ..engine.hessian import HessianNotPositiveDefinite
-    from ..engine.journal import JournalMismatch
-    from ..engine.walker import UnsupportedArchitecture
-    from ..evaluation.data import DataError
-    from ..methods import MethodArgumentError
-    from ..packed.packing import PackingError
-    from ..packed.saved_dir import CheckpointError
-    from ..preflight import PreflightError
-
-    return (CLIError, DataError, MethodArgumentError, UnsupportedArchitecture,
-            NonFiniteWeights, HessianNotPositiveDefinite, CheckpointError, PackingError,
-            JournalMismatch, DistributedError, ConfigError, PreflightError, UnknownSkip)
-
-
 def _interrupted(args) -> str:
     resume = getattr(args, "resume_dir", None)
     if resume:
@@ -110,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        known = _known_errors()
+        from ..errors import BinllmError
+
         try:
             check_args(args)
             with third_party_bars_off(args.quiet or not stderr_is_terminal()):
                 code = args.func(args)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
-        except known as e:
+        except BinllmError as e:
             # under torchrun rank 0 prints every rank's error; the others only when they lost it
             if os.environ.get("RANK", "0") == "0" or getattr(e, "lost_contact", False):
                 print(f"binllm: error: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ Its own module so that every CLI module can raise it without importing `common`
 
 from __future__ import annotations
 
+from ..errors import BinllmError
 
-class CLIError(Exception):
+
+class CLIError(BinllmError):
     """A user error the CLI reports in one line."""

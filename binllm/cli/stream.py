@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import BinllmError
 from .common import CLIError, is_binllm_dir
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ def open_streamed(args, tail: bool = True):
     except NotStreamable as e:
         log.info("not streaming: %s", e)
         return None
+    except BinllmError:
+        raise
     except (OSError, ValueError) as e:
-        if type(e).__module__.startswith("binllm"):
-            raise
         raise CLIError(f"cannot load {args.model!r}: {str(e).splitlines()[0]}") from None
     from transformers import AutoTokenizer
 

@@ -7,13 +7,14 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .walker import find_decoder_layers, find_linears
+from ..errors import BinllmError
 
 
-class NonFiniteWeights(ValueError):
+class NonFiniteWeights(BinllmError, ValueError):
     """A weight matrix holds NaN or Inf before quantization."""
 
 
-class UnknownSkip(ValueError):
+class UnknownSkip(BinllmError, ValueError):
     """A `skip` name matches no linear of the decoder layers."""
 
 

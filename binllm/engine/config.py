@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from ..errors import BinllmError
+
 FORMAT_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(BinllmError, ValueError):
     """A QuantizeConfig field out of range (the CLI reports it in one line)."""
 
 

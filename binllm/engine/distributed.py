@@ -45,13 +45,14 @@ import torch
 from torch import Tensor
 
 from ..packed.layout import PackedLayout, pack, unpack
+from ..errors import BinllmError
 
 CALIB_MODES = ("split", "replicated")
 REDUCE_CHUNK = 1 << 22  # elements of XᵀX per reduce: a (d, d) fp64 copy is never made whole
 HEAVY_COST = 2.0  # cost factor of methods with X-space iterations on the Gram matrix (ARB-X)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(BinllmError, RuntimeError):
     """Another rank failed, a rank was lost, or the run cannot be split this way."""
 
     def __init__(self, message: str, lost_contact: bool = False):

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import BinllmError
+
 log = logging.getLogger(__name__)
 
 
-class HessianNotPositiveDefinite(RuntimeError):
+class HessianNotPositiveDefinite(BinllmError, RuntimeError):
     """Raised when H stays singular after every damping retry."""
 
 

@@ -28,12 +28,13 @@ from torch import Tensor
 
 from ..atomic import atomic_write
 from ..packed.layout import PackedLayout, pack, unpack
+from ..errors import BinllmError
 
 MANIFEST = "journal.json"
 JOURNAL_VERSION = 3  # 2: layer files carry a sha256; 3: calibrated (fp32-scale) codes, issue 13
 
 
-class JournalMismatch(ValueError):
+class JournalMismatch(BinllmError, ValueError):
     """The journal folder belongs to a different run (model, method, arguments or data)."""
 
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import BinllmError
+
 if TYPE_CHECKING:
     from .hessian import HessianAccumulator
 
@@ -27,7 +29,7 @@ LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neo
                "transformer.blocks", "model.transformer.h", "transformer.layers")
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(BinllmError, ValueError):
     """The walker cannot find the decoder layers of this model."""
 
 

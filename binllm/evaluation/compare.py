@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write, write_json_atomic
+from ..errors import BinllmError
 
 RESULTS_VERSION = 1
 DEFAULT_LAUNCHER = (sys.executable, "-m", "binllm")
 _TQDM = re.compile(r"^\s*(?P<desc>[^:|]+):\s+(?:\d+%\|[^|]*\|\s*)?(?P<k>\d+)/(?P<n>\d+)")
 
 
-class CompareError(ValueError):
+class CompareError(BinllmError, ValueError):
     """A bad method spec, or an output directory holding results of another protocol."""
 
 

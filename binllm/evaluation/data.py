@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import BinllmError
+
 log = logging.getLogger(__name__)
 
 NAMED = ("wikitext2", "ptb", "c4", "tinystories")
@@ -34,7 +36,7 @@ _FALLBACK = {"train": ("train", "validation", "test"), "validation": ("validatio
 _SPLIT_FILE = {"train": "train", "validation": "valid", "test": "test"}
 
 
-class DataError(ValueError):
+class DataError(BinllmError, ValueError):
     """A dataset that cannot be found or is too small for the request."""
 
 

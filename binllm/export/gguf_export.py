@@ -34,6 +34,7 @@ from ..atomic import atomic_write
 from ..packed.layout import PackedLayout, unpack
 from ..packed.saved_dir import read_saved, read_tensors
 from .gguf_vocab import UNKNOWN, VocabError, read_vocab, special_ids
+from ..errors import BinllmError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _NEEDED = ("Q1_0 needs one sign plane and one fp16 scale per 128 consecutive wei
            "(no mean, no groups, no column scales): quantize with --method q1_0")
 
 
-class ExportError(ValueError):
+class ExportError(BinllmError, ValueError):
     """A model or codes the GGUF export cannot write exactly."""
 
 

@@ -21,11 +21,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BinllmError
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
-class VocabError(ValueError):
+class VocabError(BinllmError, ValueError):
     """A tokenizer the llama vocabulary of GGUF cannot hold."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor
 
 from .codes import ScaleDtype, round_scales
+from ..errors import BinllmError
 
 Feedback = Literal["column", "block", "none"]
 # When scales and means are rounded to `scale_dtype`: "after" the layer's reconstruction, once
@@ -110,7 +111,7 @@ class Method:
         return codes if dtype is None else round_scales(codes, dtype)
 
 
-class MethodArgumentError(ValueError):
+class MethodArgumentError(BinllmError, ValueError):
     """An unknown method, unknown argument or a value of the wrong type."""
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from ..atomic import TEMP_SUFFIX_MAX, temp_prefix
 from .saved_dir import QUANT_METHOD
+from ..errors import BinllmError
 
 LONGEST_INNER_NAME = len("model-00001-of-00001.safetensors.index.json") + 1
 
 
-class OutputError(ValueError):
+class OutputError(BinllmError, ValueError):
     """An output directory binllm refuses to write (the message says what to change)."""
 
 

@@ -31,11 +31,12 @@ import torch
 from torch import Tensor
 
 from ..methods.codes import SCALE_DTYPES
+from ..errors import BinllmError
 
 FLOAT_DTYPE = torch.float16  # scales and means of layouts without a "scale_dtype" param
 
 
-class PackingError(ValueError):
+class PackingError(BinllmError, ValueError):
     """Codes that cannot be stored losslessly, or packed tensors that do not fit their layout."""
 
 

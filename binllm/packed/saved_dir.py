@@ -23,11 +23,12 @@ from torch import Tensor
 from ..methods.codes import per_weight
 from .layout import FORMAT_VERSION, PackedLayout, unpack
 from .packing import PackingError
+from ..errors import BinllmError
 
 QUANT_METHOD = "binllm"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BinllmError, ValueError):
     """A directory binllm cannot load as a binarized model."""
 
 

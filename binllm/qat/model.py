@@ -38,11 +38,12 @@ from torch import Tensor, nn
 from ..methods.codes import PartialBinaryCodes, to_storage
 from ..methods.gptq import minmax_params, quantize_uniform
 from ..engine.walker import find_decoder_layers, find_linears
+from ..errors import BinllmError
 
 log = logging.getLogger(__name__)
 
 
-class QATError(ValueError):
+class QATError(BinllmError, ValueError):
     """Bad QAT input: nothing to train, no steps, too little text, incompatible checkpoint."""
 
 
