@@ -14,8 +14,8 @@ the peak memory it states (max over ranks), and how the saved tensors compare wi
 single-process run with one thread (replicated: identical bytes expected; split: the fraction
 of differing elements; the 1- and 2-thread single processes are compared too, since BLAS
 kernels with other thread counts round differently). Speed-ups are against the 2-thread
-single process (both cores in every case). The machine is shared, so the load average is recorded before and after; the
-ratio of the times is what counts. The plan for 8 GPUs (collectives and data volumes per
+single process (both cores in every case). The machine is shared, so the load average is
+recorded before and after; the ratio of the times is what counts. The plan for 8 GPUs (collectives and data volumes per
 decoder layer of LLaMA-2-70B) is computed from the shapes and written into the markdown.
 
     python benchmarks/bench_distributed.py [--hidden 1024 --layers 8 --nsamples 16 --seqlen 256]
@@ -117,7 +117,8 @@ def plan_70b(world: int = 8) -> dict:
     owners = assign_owners(costs, world)
     loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(world)]
     hess_fp64 = sum(s[1] ** 2 * 8 for s in shapes.values())
-    distinct = d * d * 3 * 8 + inter * inter * 8  # one H per distinct input (q/k/v, o, gate/up, down)
+    # one H per distinct input (q/k/v, o, gate/up, down)
+    distinct = d * d * 3 * 8 + inter * inter * 8
     weights = sum(r * c for r, c in shapes.values())
     return {"world": world, "owners": owners,
             "solve_speedup_bound": round(sum(costs.values()) / max(loads), 2),
@@ -343,7 +344,8 @@ def markdown(r: dict) -> str:
         "fraction of a core, so the absolute seconds are inflated; the ratio is what counts). "
         "Speed-up: against the 2-thread single process; codes: the saved tensors against "
         "the 1-thread single process (the ranks run 1 thread each).", "",
-        "| run | threads / process | binarize s | wall s | speed-up | peak MiB | codes vs 1 process, 1 thread | load before → after |",
+        "| run | threads / process | binarize s | wall s | speed-up | peak MiB "
+        "| codes vs 1 process, 1 thread | load before → after |",
         "|---|---|---|---|---|---|---|---|"]
     for row in r["runs"]:
         same = _same(row.get("vs_one_process"))
@@ -404,7 +406,8 @@ def markdown_streaming(st: dict) -> list[str]:
         "cores). Peak RSS: VmHWM of each rank's process; seconds per rank: from the start of "
         "its process to its end (or its stop after `--billm-layers` billm layers), imports and "
         "calibration data included.", "",
-        "| run | ranks | wall s | seconds per rank | peak RSS per rank (MiB) | rank 0: layers done at (s) | load before → after |",
+        "| run | ranks | wall s | seconds per rank | peak RSS per rank (MiB) "
+        "| rank 0: layers done at (s) | load before → after |",
         "|---|---|---|---|---|---|---|"]
     for row in st["runs"]:
         ranks = row["per_rank"]
@@ -447,7 +450,9 @@ def markdown_streaming(st: dict) -> list[str]:
         "a few fp32 copies of W on top (not counted). Host RAM per rank: the process baseline, "
         "the embeddings until layer 0's inputs are captured, the layer being read; rank 0 "
         "reads the final norm and lm_head at the end.", "",
-        "| shape | layer bf16 (GiB) | activations, 16 × 2048 (GiB) | Hessians fp32 (GiB) | fp64 reduce chunk (GiB) | per GPU, sum (GiB) | embeddings + lm_head, host, rank 0 at the end (GiB) |",
+        "| shape | layer bf16 (GiB) | activations, 16 × 2048 (GiB) | Hessians fp32 (GiB) "
+        "| fp64 reduce chunk (GiB) | per GPU, sum (GiB) "
+        "| embeddings + lm_head, host, rank 0 at the end (GiB) |",
         "|---|---|---|---|---|---|---|"]
     for name, (hidden, inter, layers, heads, kv, vocab, tied) in SHAPES.items():
         z = sizes(hidden, inter, layers, heads, kv, vocab, tied, 16, 2048)

@@ -194,7 +194,7 @@ def test_calibration_estimate_equals_what_the_walker_holds(tiny_llama_model):
     rotary kwargs; the Hessians estimate is a lower bound of one layer's distinct accumulators
     (q/k/v and gate/up share one each; o_proj's own is the one not counted)."""
     from binllm.engine.walker import capture_layer_inputs, collect_hessians, find_decoder_layers
-    from binllm.preflight import calibration_memory
+    from binllm.engine.memory import calibration_memory
 
     model, n, seqlen = tiny_llama_model, 3, 16
     batches = [torch.randint(0, 256, (1, seqlen)) for _ in range(n)]

@@ -327,7 +327,8 @@ def test_a_failed_save_keeps_the_work_as_a_journal_that_resumes(capsys, stories_
     monkeypatch.undo()
     code, out, _ = run_cli(capsys, *argv, "--resume-dir", kept)
     assert code == 0 and "resuming: 5 layers restored" in out
-    assert sum(isinstance(m, BinaryLinear) for m in load_binarized(tmp_path / "out").modules()) == 35
+    loaded = load_binarized(tmp_path / "out")
+    assert sum(isinstance(m, BinaryLinear) for m in loaded.modules()) == 35
     shutil.rmtree(kept)
 
 

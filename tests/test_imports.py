@@ -182,3 +182,44 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(PKG)): n for p in _sources()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert not long, f"modules over 400 lines: {long}"
+
+
+# The package graph (docs/layout.md): which binllm packages each may import, lazy imports
+# included. kernels reads the bit primitives of packed.packing only (packed computes through
+# kernels); `binllm` is the top-level __init__ (its lazy names and the transformers hook).
+ALLOWED = {
+    "errors": set(),
+    "atomic": {"errors"},
+    "preflight": {"errors"},
+    "methods": {"errors"},
+    "kernels": {"errors", "methods", "packed.packing"},
+    "packed": {"errors", "atomic", "preflight", "methods", "kernels"},
+    "evaluation": {"errors", "atomic"},
+    "engine": {"errors", "atomic", "preflight", "methods", "packed", "evaluation"},
+    "qat": {"errors", "atomic", "methods", "engine", "evaluation"},
+    "export": {"errors", "atomic", "packed"},
+    "cli": {"errors", "atomic", "preflight", "methods", "kernels", "packed", "evaluation",
+            "engine", "qat", "export", "binllm"},
+    "__main__": {"cli"},
+    "binllm": {"packed"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "binllm"
+
+
+def test_packages_import_only_what_the_layout_allows():
+    bad = []
+    for module, targets in _edges(_module_files()).items():
+        src = _package(module)
+        for t in targets:
+            dst = _package(t)
+            if dst == src:
+                continue
+            allowed = ALLOWED[src]
+            if dst not in allowed and not any(t == a or t.startswith(a + ".") for a in
+                                              (f"binllm.{x}" for x in allowed if "." in x)):
+                bad.append(f"{module} -> {t}")
+    assert not bad, "imports outside docs/layout.md's package graph: " + ", ".join(sorted(bad))

@@ -1,4 +1,4 @@
-"""`binllm eval` (perplexity and lm-eval tasks of a model, original or saved) and `binllm methods`."""
+"""`binllm eval` (perplexity and lm-eval tasks of a model, original or saved), `binllm methods`."""
 
 from __future__ import annotations
 

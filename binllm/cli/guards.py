@@ -162,7 +162,8 @@ def check_model_size(path: str, dtype: str = "auto", binllm_dir: bool = False) -
 def check_calibration_memory(model, nsamples: int, seqlen: int, device: str,
                              needs_hessian: bool) -> None:
     """Refuse a calibration set whose activations and Hessians cannot fit where they live."""
-    from ..preflight import available_memory, calibration_memory, gib
+    from ..engine.memory import calibration_memory
+    from ..preflight import available_memory, gib
 
     need = calibration_memory(model, nsamples, seqlen, needs_hessian=needs_hessian)
     avail = available_memory(device)

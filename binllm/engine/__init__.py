@@ -1,11 +1,17 @@
 """The calibration engine: from a model and calibration windows to codes, layer by layer.
 
-`config` (the frozen, versioned `QuantizeConfig`), `hessian` (H = 2/N ΣXᵀX, damping, the
-Cholesky factor of H⁻¹), `reconstruct` (the one GPTQ-style reconstruction loop every method
-runs through), `walker` (finding decoder layers and linears, capturing layer inputs, one layer
-on the device at a time), `binarize` (`binarize_model`: the walk, reports), `journal`
-(resume: finished layers' codes kept on disk) and `distributed` (torchrun ranks: window
-shares, linear owners, the Hessian reduce and code broadcast), `stream` (a safetensors
-checkpoint binarized with one decoder layer in memory at a time). May import `binllm.methods`, `binllm.packed`
-(for the journal's packed layer files) and `binllm.atomic`; never the CLI.
+`config` (the frozen, versioned `QuantizeConfig` and `RefineConfig`), `checks` (finite weights,
+skip names), `hessian` (H = 2/N ΣXᵀX, damping, the Cholesky factor of H⁻¹), `reconstruct`
+(the one GPTQ-style reconstruction loop every method runs through), `walker` (finding decoder
+layers and linears, capturing layer inputs, one layer on the device at a time), `binarize`
+(`binarize_model`: the layer loop, reports), `destination` (where finished codes go),
+`refine` (block-wise refinement against the FP layer), `rotate` and `hadamard` (the residual
+stream rotation folded into the weights), `journal` (resume: finished layers' codes kept on
+disk), `distributed` (torchrun ranks and their one-process stand-in), `stream` and
+`stream_eval` (a safetensors checkpoint binarized, or evaluated, with one decoder layer in
+memory at a time), `memory` (what calibration holds at once).
+
+May import `binllm.methods`, `binllm.packed` (the journal's and the stream's packed layers),
+`binllm.evaluation` (the streamed perplexity's window losses), `binllm.preflight`,
+`binllm.atomic` and `binllm.errors`; never the CLI (docs/layout.md, tests/test_imports.py).
 """

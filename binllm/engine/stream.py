@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 
 class BadCheckpoint(CheckpointError):
-    """The checkpoint to binarize is damaged or incomplete (missing shard, truncated, key absent)."""
+    """The checkpoint to binarize is damaged or incomplete (missing shard, truncated, key
+    absent)."""
 
 
 class NotStreamable(Exception):
@@ -76,8 +77,9 @@ class SafetensorsCheckpoint:
                                     "re-download or re-save the checkpoint") from None
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
+                more = f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise BadCheckpoint(f"{index} names {missing[0]}, which is not in {self.path}"
-                                    f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''};"
+                                    f"{more};"
                                     " copy the whole checkpoint")
         elif single.is_file():
             weight_map, files = None, [SINGLE_FILE]
@@ -147,7 +149,8 @@ def _data_offsets(f: Path) -> dict[str, int]:
 
 
 def resolve_dtype(config: Any, ckpt: SafetensorsCheckpoint, dtype: str | torch.dtype | None):
-    """The dtype from_pretrained(dtype=...) would give: "auto" = config.dtype, else the stored one."""
+    """The dtype from_pretrained(dtype=...) would give: "auto" = config.dtype, else the stored
+    one."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):

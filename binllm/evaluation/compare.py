@@ -276,7 +276,8 @@ def run_comparison(runs: list[MethodRun], protocol: Protocol, out_dir: str | os.
         report(0, n, "FP", "start")
         rep = out / "reports" / "fp.json"
         rc, err = run_child(protocol.eval_argv(rep), out / "logs" / "fp.log",
-                            lambda d, k, m: d.startswith("ppl ") and report(0, n, "FP", d, k, m), timeout, launcher)
+                            lambda d, k, m: d.startswith("ppl ") and report(0, n, "FP", d, k, m),
+                            timeout, launcher)
         ok = rc == 0 and rep.is_file()
         results["fp"] = ({"perplexity": _ppl(json.loads(rep.read_text())["perplexity"])}
                          if ok else {"error": err or f"no report written to {rep}"})
@@ -292,7 +293,8 @@ def run_comparison(runs: list[MethodRun], protocol: Protocol, out_dir: str | os.
         rep = out / "reports" / f"{_slug(run.label)}.json"
         rep.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        rc, err = run_child(protocol.quantize_argv(run, rep), out / "logs" / f"{_slug(run.label)}.log",
+        log_path = out / "logs" / f"{_slug(run.label)}.log"
+        rc, err = run_child(protocol.quantize_argv(run, rep), log_path,
                             lambda d, k, m, i=i, run=run: _child_line(
                                 report, i, n, run, d, k, m), timeout, launcher)
         row = {"label": run.label, **run.key(), "status": "ok" if rc == 0 else "failed",

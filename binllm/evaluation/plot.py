@@ -85,4 +85,5 @@ def plot_frontier(results: dict[str, Any], path: str | os.PathLike) -> Path:
                      if d in r["perplexity"]],
                     [("FP", fp[d]["ppl"])] if d in fp else [])
               for d in results["protocol"]["eval"]]
-    return plot_panels(panels, path, f"Quality per stored bit: {Path(results['protocol']['model']).name}")
+    name = Path(results["protocol"]["model"]).name
+    return plot_panels(panels, path, f"Quality per stored bit: {name}")

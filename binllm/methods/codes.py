@@ -233,7 +233,8 @@ class BinaryCodes:
             bits += _stream(rows * sum(col_count[sal] for sal in (True, False) if any(
                 self.orders[g] > o and is_sal[g] == sal for g in range(G))))
         bits += _stream(rows * n_sal_cols * ceil_log2(self.n_salient))  # group ids, salient cols
-        bits += _stream(rows * col_count[False] * ceil_log2(G - self.n_salient))  # group ids, the rest
+        # group ids, the other columns
+        bits += _stream(rows * col_count[False] * ceil_log2(G - self.n_salient))
         if 0 < self.n_salient < G:
             bits += _stream(cols)  # salient-column bitmap
         pairs = [(g, o) for g in range(G) for o in range(self.orders[g])]

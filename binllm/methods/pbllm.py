@@ -145,7 +145,8 @@ class PBLLM(Method):
             alphas.append(alpha)
             mus.append(mu)
         # (rows,) each, over the full row, dead columns included (the reference's order)
-        scale, zero = minmax_params(W if original is None else original, a.high_bit, self.loop_dtype)
+        W0 = W if original is None else original
+        scale, zero = minmax_params(W0, a.high_bit, self.loop_dtype)
         return PBLLMState(salient=salient, high_scale=scale, high_zero=zero,
                           alpha=torch.stack(alphas, 1), mu=torch.stack(mus, 1), groupsize=gs)
 

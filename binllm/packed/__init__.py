@@ -6,8 +6,9 @@ stored tensors of each codes type on top of them; `layout` is the per-linear `Pa
 record of config.json with `pack`/`unpack` through the registry. `layers` is `BinaryLinear`,
 `checkpoint` saves and loads whole directories (atomically; `release` and `source` let a
 loaded layer hold its kernel form alone, its codes read back from the shard on demand),
-`writer` writes their
-shards tensor by tensor, `saved_dir` reads and verifies
-them, `output` checks where a directory may be written, `hf_integration` and `hf_hook` let transformers' `from_pretrained` load them. May import
-`binllm.methods` (codes types), `binllm.kernels` and `binllm.atomic`; never the engine or CLI.
+`writer` writes their shards tensor by tensor, `saved_dir` reads and verifies them, `output`
+checks where a directory may be written, `hf_integration` and `hf_hook` let transformers'
+`from_pretrained` load them. May import
+`binllm.methods` (codes types), `binllm.kernels`, `binllm.preflight` (load-time size checks),
+`binllm.atomic` and `binllm.errors`; never the engine or CLI (docs/layout.md).
 """

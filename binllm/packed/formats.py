@@ -1,4 +1,5 @@
-"""The stored tensors of each codes container (format_version 1; conventions in binllm.packed.packing).
+"""The stored tensors of each codes container (format_version 1; conventions in
+binllm.packed.packing).
 
 Shapes use rows = out_features, cols = in_features. `bits(n)` is a uint8 stream of ⌈n/8⌉
 bytes, `uint_b(n)` an n-value stream of b-bit integers (⌈n·b/8⌉ bytes). `float` is the dtype of

@@ -180,7 +180,7 @@ def to_exact(x: Tensor, name: str, dtype: torch.dtype = FLOAT_DTYPE) -> Tensor:
     return h
 
 
-# -- the contract of a codes format (instances in binllm.packed.formats) -------------------------------------------------------------------
+# -- the contract of a codes format (instances in binllm.packed.formats) ----------------------
 @dataclass(frozen=True)
 class CodesFormat:
     """How one codes container is stored: its params, tensor specs and the pack/unpack pair.

@@ -2,7 +2,9 @@
 #   python tests/data/make_v1_dirs.py tests/data
 # It wrote the v1_* directories (format_version 1, saved by that code) and the logits that code
 # computed in memory; tests/test_saved_v1.py checks that today's code loads them identically.
-import sys, torch
+import sys
+
+import torch
 from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
 from binllm import QuantizeConfig, binarize_model, save_binarized
