@@ -15,8 +15,9 @@ single-process run with one thread (replicated: identical bytes expected; split:
 of differing elements; the 1- and 2-thread single processes are compared too, since BLAS
 kernels with other thread counts round differently). Speed-ups are against the 2-thread
 single process (both cores in every case). The machine is shared, so the load average is
-recorded before and after; the ratio of the times is what counts. The plan for 8 GPUs (collectives and data volumes per
-decoder layer of LLaMA-2-70B) is computed from the shapes and written into the markdown.
+recorded before and after; the ratio of the times is what counts. The plan for 8 GPUs
+(collectives and data volumes per decoder layer of LLaMA-2-70B) is computed from the shapes
+and written into the markdown.
 
     python benchmarks/bench_distributed.py [--hidden 1024 --layers 8 --nsamples 16 --seqlen 256]
 
