@@ -83,14 +83,23 @@ def stories_model(stories_path):
 
 
 def tiny_llama(seed: int = 0):
-    """A 2-layer LLaMA built in-process from a config (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A 2-layer LLaMA built in-process from a config (no download): tiny_causal_lm("llama")."""
+    return tiny_causal_lm("llama", seed)
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                      max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+
+def random_windows(n: int, seqlen: int, seed: int = 0, vocab: int = 256) -> list:
+    """n calibration windows (1, seqlen) of uniformly random token ids below `vocab`."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def correlated(rows: int = 16, cols: int = 96, seed: int = 0):

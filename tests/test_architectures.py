@@ -28,6 +28,8 @@ from binllm.engine.walker import (
     walk_layers,
 )
 
+pytestmark = pytest.mark.slow  # spawns processes or runs a large matrix; `-m "not slow"` skips
+
 FAMILIES = sorted(TINY_FAMILIES)
 LINEARS_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7,
                      "phi3": 4, "opt": 6, "gpt_neox": 4}

@@ -148,6 +148,7 @@ def test_stories260k_round_trip_every_method(stories_path, stories_tokenizer, me
 
 
 # -- import hook ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_import_is_light_and_registers_when_transformers_loads(tmp_path):
     model = tiny_biased_llama()
     out = save_binarized(model, quantize(model, "rtn-sign", 96), None, tmp_path / "m")

@@ -160,6 +160,7 @@ def test_plot_is_drawn_with_matplotlib_and_skipped_without(tmp_path, fake, monke
     assert not (tmp_path / "b" / "frontier.png").exists()
 
 
+@pytest.mark.slow
 def test_cli_compare_runs_each_method_in_its_own_process(tmp_path, shared, capsys,
                                                           monkeypatch):
     """The real command on stories260K: rtn-sign succeeds, an invalid argument fails in its own

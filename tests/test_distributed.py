@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import traceback
 
 import pytest
 import torch
+from conftest import free_port
 
 from binllm.engine.distributed import (DistributedError, assign_owners, linear_cost,
                                        window_share)
+
+pytestmark = pytest.mark.slow  # spawns processes or runs a large matrix; `-m "not slow"` skips
 
 STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "stories260K")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -171,10 +173,6 @@ class KeyboardInterrupt_(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _differing(a, b) -> tuple[int, int]:
@@ -224,7 +222,7 @@ def two_ranks(tmp_path_factory):
     if not os.path.isdir(STORIES):
         pytest.skip("../shared is not present")
     outdir = str(tmp_path_factory.mktemp("dist"))
-    port = _free_port()
+    port = free_port()
     procs, ranks = spawn_ranks(_worker, lambda r: (r, 2, port, outdir), outdir)
     assert ranks[0] is not None and "crash" not in ranks[0], ranks[0]
     threads = torch.get_num_threads()
@@ -337,7 +335,7 @@ def test_torchrun_cli_rank0_alone_prints_and_writes_what_one_process_writes(tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "binllm", "-q",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "binllm", "-q",
          *common, "--dist-calib", "replicated", "--out", str(tmp_path / "two"),
          "--report", str(tmp_path / "two.json"), "--resume-dir", str(tmp_path / "journal")],
         capture_output=True, text=True, env=env, timeout=240)

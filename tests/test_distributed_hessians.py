@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+from conftest import free_port
+from test_distributed import spawn_ranks
 
-from test_distributed import _free_port, spawn_ranks
+pytestmark = pytest.mark.slow  # spawns processes or runs a large matrix; `-m "not slow"` skips
 
 D = 8
 
@@ -67,7 +70,7 @@ def _want(which: str) -> torch.Tensor:
 
 
 def test_shared_accumulators_are_reduced_once_onto_their_owners(tmp_path):
-    port = _free_port()
+    port = free_port()
     _, (r0, r1) = spawn_ranks(_worker, lambda r: (r, 2, port, str(tmp_path)), str(tmp_path))
     want = {"a": _want("a"), "b": _want("a"), "c": _want("c")}
     for case in ("same", "differ", "chunked", "chunked differ"):

@@ -270,6 +270,7 @@ def test_config_larger_than_memory_is_refused_with_the_estimate(capsys, tmp_path
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigint_during_quantize_exits_130_with_one_line_and_keeps_the_journal(
         tmp_path, stories_path, data):
     from transformers import LlamaConfig, LlamaForCausalLM

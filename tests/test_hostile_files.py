@@ -27,7 +27,7 @@ from binllm.engine.journal import JournalMismatch, LayerJournal, run_identity
 from binllm.packed.checkpoint import CorruptCheckpoint, load_binarized, save_binarized
 from binllm.packed.layers import BinaryLinear
 from binllm.packed.output import OutputError, OutputExists, check_output_dir
-from conftest import run_cli, tiny_llama
+from conftest import random_windows, run_cli, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "v1_billm"
@@ -52,12 +52,13 @@ def v1_copy(tmp_path) -> Path:
     return Path(shutil.copytree(V1, tmp_path / "billm"))
 
 
-def _calib(n=2, seqlen=16):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
+
+
+WINDOWS = random_windows(2, 16)  # calibration windows (read only)
 
 
 # -- 1. a plain transformers load without `import binllm` -----------------------------------
+@pytest.mark.slow
 def test_pth_hook_loads_binllm_dirs_in_a_process_that_never_imports_binllm(tmp_path):
     """The shipped .pth line, processed as at start-up (site.addsitedir), makes a plain
     from_pretrained give BinaryLinears with binllm.load's logits, and imports nothing first."""
@@ -83,6 +84,7 @@ print(type(m.model.layers[0].mlp.down_proj).__name__, same)
     assert res.stdout.split()[-2:] == ["BinaryLinear", "True"]
 
 
+@pytest.mark.slow
 def test_wheel_and_editable_wheel_ship_the_pth_at_the_top_of_site_packages(tmp_path):
     pytest.importorskip("setuptools", minversion="70.1")  # bdist_wheel built in
     src = tmp_path / "src"
@@ -141,7 +143,7 @@ def test_inspect_verify_says_what_it_verified(capsys, v1_copy):
 
 # -- 3. a damaged journal layer file ----------------------------------------------------------
 def test_a_journal_layer_with_overwritten_bytes_is_refused_by_name(tmp_path):
-    model, config, calib = tiny_llama(), QuantizeConfig("rtn-sign"), _calib()
+    model, config, calib = tiny_llama(), QuantizeConfig("rtn-sign"), WINDOWS
     journal = LayerJournal(tmp_path / "j", run_identity(model, config, calib))
     binarize_model(copy.deepcopy(model), config, calib, journal=journal)
     f = tmp_path / "j" / "layer_00001.safetensors"
@@ -167,7 +169,7 @@ def test_non_finite_tensors_are_refused_before_any_layer_is_touched(key):
         tensor.view(-1)[5] = float("inf")
     layers_done = []
     with pytest.raises(NonFiniteWeights, match=f"^{key} holds 1 NaN and 1 Inf"):
-        binarize_model(model, QuantizeConfig("rtn-sign"), _calib(),
+        binarize_model(model, QuantizeConfig("rtn-sign"), WINDOWS,
                        on_layer=lambda i, n: layers_done.append(i))
     assert layers_done == []
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
@@ -181,7 +183,7 @@ def test_a_non_finite_linear_met_during_the_walk_is_refused_with_the_same_messag
         model.model.layers[1].mlp.down_proj.weight.view(-1)[3] = float("inf")
     with pytest.raises(NonFiniteWeights, match=r"^model\.layers\.1\.mlp\.down_proj\.weight "
                                                r"holds 0 NaN and 1 Inf values \(of 8192\); "):
-        binarize_model(model, QuantizeConfig("rtn-sign"), _calib(), checked=True)
+        binarize_model(model, QuantizeConfig("rtn-sign"), WINDOWS, checked=True)
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +225,8 @@ def test_cli_in_memory_quantize_checks_the_weights_once(capsys, stories_path, da
 def test_skip_matching_nothing_lists_the_linears():
     with pytest.raises(UnknownSkip, match="foo_proj matches no linear.*self_attn.q_proj, "
                                           r".*mlp.down_proj \(a name or its last part"):
-        binarize_model(tiny_llama(), QuantizeConfig("rtn-sign", skip=("foo_proj",)), _calib())
-    binarize_model(tiny_llama(), QuantizeConfig("rtn-sign", skip=("down_proj",)), _calib())
+        binarize_model(tiny_llama(), QuantizeConfig("rtn-sign", skip=("foo_proj",)), WINDOWS)
+    binarize_model(tiny_llama(), QuantizeConfig("rtn-sign", skip=("down_proj",)), WINDOWS)
 
 
 def test_cli_skip_matching_nothing_is_a_one_line_error(capsys, stories_path, data):
@@ -269,7 +271,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_binllm_output(capsys, stories_
     assert code == 2 and "is not a binllm output directory" in first_line(err)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
     model = tiny_llama()
-    report = binarize_model(model, QuantizeConfig("rtn-sign"), _calib())
+    report = binarize_model(model, QuantizeConfig("rtn-sign"), WINDOWS)
     with pytest.raises(OutputExists, match="not a binllm output"):
         save_binarized(model, report, None, tmp_path / "mine", overwrite=True)
     save_binarized(model, report, None, tmp_path / "binllm_out")
@@ -333,6 +335,7 @@ def test_a_failed_save_keeps_the_work_as_a_journal_that_resumes(capsys, stories_
 
 
 # -- 8. stale partial directories of killed saves ---------------------------------------------
+@pytest.mark.slow
 def test_partials_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -344,11 +347,12 @@ def test_partials_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     other = tmp_path / f".other.partial-{dead}-ijkl9012"  # another target's: not ours
     other.mkdir()
     model = tiny_llama()
-    save_binarized(model, binarize_model(model, QuantizeConfig("rtn-sign"), _calib()), None,
+    save_binarized(model, binarize_model(model, QuantizeConfig("rtn-sign"), WINDOWS), None,
                    tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name, other.name])
 
 
+@pytest.mark.slow
 def test_a_killed_save_leaves_a_partial_that_the_next_save_removes(tmp_path, monkeypatch):
     """A save entered by a process that then dies (the context is never left, as under
     SIGKILL) leaves its partial directory, named by the real code; the next save removes it."""
@@ -362,7 +366,7 @@ def test_a_killed_save_leaves_a_partial_that_the_next_save_removes(tmp_path, mon
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()][0].startswith(f".m.partial-{dead}-")
     model = tiny_llama()
-    save_binarized(model, binarize_model(model, QuantizeConfig("rtn-sign"), _calib()), None,
+    save_binarized(model, binarize_model(model, QuantizeConfig("rtn-sign"), WINDOWS), None,
                    tmp_path / "m")
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 

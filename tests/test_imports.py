@@ -27,6 +27,7 @@ def _run(code: str) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_import_binllm_loads_no_heavy_package_and_no_cuda():
     out = _run(
         "import sys, binllm\n"
@@ -37,6 +38,7 @@ def test_import_binllm_loads_no_heavy_package_and_no_cuda():
     assert out.splitlines() == ["[]", "False", "False"]
 
 
+@pytest.mark.slow
 def test_engine_modules_load_without_transformers_and_without_cuda():
     """Touching the engine (config, methods, reconstruct, walker, binarize, data, evaluate,
     cli) still imports no transformers and initialises no CUDA."""

@@ -12,16 +12,13 @@ from binllm import QuantizeConfig
 from binllm.engine.binarize import binarize_model
 from binllm.cli import main
 from binllm.engine.journal import JournalMismatch, LayerJournal, run_identity
-from conftest import tiny_llama
+from conftest import random_windows, tiny_llama
 
 
 class Crash(RuntimeError):
     pass
 
 
-def _calib(n=4, seqlen=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
 
 
 def _linear_weights(model):
@@ -33,7 +30,7 @@ def _linear_weights(model):
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, method):
     model = tiny_llama()
     base = copy.deepcopy(model)
-    config, calib = QuantizeConfig(method), _calib()
+    config, calib = QuantizeConfig(method), random_windows(4, 32)
     reference = copy.deepcopy(base)
     full = binarize_model(reference, config, calib)  # the uninterrupted run
 
@@ -63,12 +60,13 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, method):
 
 
 def test_journal_refuses_another_run(tmp_path):
-    model, calib = tiny_llama(), _calib()
+    model, calib = tiny_llama(), random_windows(4, 32)
     LayerJournal(tmp_path / "j", run_identity(model, QuantizeConfig("billm"), calib))
     with pytest.raises(JournalMismatch, match="quantize_config"):
         LayerJournal(tmp_path / "j", run_identity(model, QuantizeConfig("arb"), calib))
     with pytest.raises(JournalMismatch, match="calibration_sha256"):
-        LayerJournal(tmp_path / "j", run_identity(model, QuantizeConfig("billm"), _calib(seed=1)))
+        other = random_windows(4, 32, seed=1)
+        LayerJournal(tmp_path / "j", run_identity(model, QuantizeConfig("billm"), other))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
     with pytest.raises(JournalMismatch, match="not empty"):
@@ -76,7 +74,7 @@ def test_journal_refuses_another_run(tmp_path):
 
 
 def test_damaged_layer_file_is_named(tmp_path):
-    model, config, calib = tiny_llama(), QuantizeConfig("rtn-sign"), _calib()
+    model, config, calib = tiny_llama(), QuantizeConfig("rtn-sign"), random_windows(4, 32)
     journal = LayerJournal(tmp_path / "j", run_identity(model, config, calib))
     binarize_model(copy.deepcopy(model), config, calib, journal=journal)
     f = tmp_path / "j" / "layer_00001.safetensors"

@@ -17,6 +17,8 @@ from binllm import QuantizeConfig  # noqa: E402
 from binllm.engine.binarize import binarize_model  # noqa: E402
 from binllm.evaluation.harness import lm_eval_tasks  # noqa: E402
 
+pytestmark = pytest.mark.slow  # spawns processes or runs a large matrix; `-m "not slow"` skips
+
 TASK = "binllm_next_sentence"
 
 

@@ -152,3 +152,20 @@ def test_a_refined_run_resumed_after_a_crash_ends_with_the_same_weights(tmp_path
     assert [r.layer for r in report.refine] == [1]  # layer 0 came from the journal
     for (name, a), b in zip(reference.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_the_token_loss_weighs_every_token_alike():
+    """A token with a 100× larger FP output and the same relative error counts as much as
+    the others under loss="token" (and dominates under "mse")."""
+    from binllm.engine.refine import LayerRefiner
+
+    y = torch.ones(1, 4, 8)
+    y[0, 0] *= 100  # a massive-activation token
+    out = y * 1.1  # 10 % error everywhere
+    token = LayerRefiner(RefineConfig(loss="token"))._error(out, y)
+    mse = LayerRefiner(RefineConfig(loss="mse"))._error(out, y)
+    assert float(token) == pytest.approx(0.01)
+    naive = sum(((out[0, t] - y[0, t]) ** 2).mean() for t in range(4)) / 4
+    assert float(mse) == pytest.approx(float(naive))
+    with pytest.raises(ConfigError, match="loss"):
+        RefineConfig(loss="l1")

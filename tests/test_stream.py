@@ -22,14 +22,12 @@ from binllm.engine.stream import (BadCheckpoint, SafetensorsCheckpoint, binarize
                                   open_streaming)
 from binllm.packed.checkpoint import save_binarized
 from binllm.packed.layers import BinaryLinear
-from conftest import tiny_causal_lm
+from conftest import random_windows, tiny_causal_lm
 
 VOCAB = 256
+WINDOWS = random_windows(3, 32, vocab=VOCAB)  # calibration windows (read only)
 
 
-def _calib(n=3, seqlen=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (1, seqlen), generator=g) for _ in range(n)]
 
 
 def _save_sharded(model, path: Path) -> Path:
@@ -61,7 +59,7 @@ def _logits(model) -> torch.Tensor:
 def _in_memory(ckpt: Path, method: str, out: Path):
     """(saved dir, the dense fake-quantized model) of the in-memory path."""
     model = AutoModelForCausalLM.from_pretrained(ckpt)
-    report = binarize_model(model, QuantizeConfig(method), _calib())
+    report = binarize_model(model, QuantizeConfig(method), WINDOWS)
     return save_binarized(model, report, None, out, max_shard_bytes=40_000), model
 
 
@@ -71,7 +69,7 @@ def test_streamed_equals_in_memory(sharded, tmp_path, method):
     model, ckpt = open_streaming(sharded)
     assert model.model.layers[1].mlp.up_proj.weight.is_meta  # the skeleton holds no layer
     streamed = tmp_path / "streamed"
-    binarize_streaming(model, ckpt, QuantizeConfig(method), _calib(), out=streamed,
+    binarize_streaming(model, ckpt, QuantizeConfig(method), WINDOWS, out=streamed,
                        max_shard_bytes=40_000)
     a, b = _tensors(memory), _tensors(streamed)
     assert a.keys() == b.keys() and len(list(streamed.glob("model-*"))) > 1
@@ -92,7 +90,7 @@ def test_only_one_layer_is_read_at_a_time_and_dense_weights_are_dropped(sharded,
     real = SafetensorsCheckpoint.read
     monkeypatch.setattr(SafetensorsCheckpoint, "read",
                         lambda self, keys: reads.append(list(keys)) or real(self, keys))
-    binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), _calib(), keep_packed=False)
+    binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), WINDOWS, keep_packed=False)
     assert [{k.split(".")[2] for k in keys} for keys in reads] == [{"0"}, {"1"}, {"2"}]
     assert all(p.is_meta for p in model.model.layers.parameters())
     assert all(b.is_meta for b in model.model.layers.buffers())
@@ -111,7 +109,7 @@ def test_outside_tensors_are_not_held_while_layers_are_solved(sharded, monkeypat
     monkeypatch.setattr(engine, "_quantize_linear", lambda *a, **k: seen.append(
         [p.is_meta for p in (model.model.embed_tokens.weight, model.model.norm.weight,
                              model.lm_head.weight)]) or real(*a, **k))
-    binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), _calib())
+    binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), WINDOWS)
     assert seen and all(all(s) for s in seen)
     assert not any(p.is_meta for p in model.parameters())  # keep_packed: read back
 
@@ -120,12 +118,12 @@ def test_tail_read_only_at_the_end_gives_the_same_files_and_model(sharded, tmp_p
     """open_streaming(tail=False) (the CLI without --compare-fp): the final norm and lm_head
     stay on meta until binarize_streaming reads them back; same files, same logits."""
     full, ckpt = open_streaming(sharded)
-    binarize_streaming(full, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / "a",
+    binarize_streaming(full, ckpt, QuantizeConfig("rtn-sign"), WINDOWS, out=tmp_path / "a",
                        max_shard_bytes=40_000)
     lazy, ckpt = open_streaming(sharded, tail=False)
     assert lazy.lm_head.weight.is_meta and lazy.model.norm.weight.is_meta
     assert not lazy.model.embed_tokens.weight.is_meta
-    binarize_streaming(lazy, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / "b",
+    binarize_streaming(lazy, ckpt, QuantizeConfig("rtn-sign"), WINDOWS, out=tmp_path / "b",
                        max_shard_bytes=40_000)
     a, b = (sorted((tmp_path / d).glob("*.safetensors")) for d in "ab")
     assert [f.name for f in a] == [f.name for f in b]
@@ -146,7 +144,7 @@ def test_a_tail_of_same_shaped_tensors_is_written_whole(tmp_path):
     transformers.PhiForCausalLM(cfg).save_pretrained(tmp_path / "phi")
     for tail, out in ((True, "a"), (False, "b")):
         model, ckpt = open_streaming(tmp_path / "phi", tail=tail)
-        binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), _calib(), out=tmp_path / out)
+        binarize_streaming(model, ckpt, QuantizeConfig("rtn-sign"), WINDOWS, out=tmp_path / out)
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert "model.final_layernorm.bias" in b and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -165,7 +163,7 @@ def test_a_checkpoint_with_other_key_names_is_not_streamed(tmp_path):
 
 def test_kept_layers_are_packed(sharded):
     model, ckpt = open_streaming(sharded)
-    binarize_streaming(model, ckpt, QuantizeConfig("billm"), _calib())
+    binarize_streaming(model, ckpt, QuantizeConfig("billm"), WINDOWS)
     mods = list(model.model.layers.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in mods)
     assert sum(isinstance(m, BinaryLinear) for m in mods) == 3 * 7
@@ -178,7 +176,7 @@ def test_biased_family_streams_to_the_same_tensors(tmp_path):
     path = _save_sharded(model, tmp_path / "qwen2")
     memory, _ = _in_memory(path, "billm", tmp_path / "memory")
     model, ckpt = open_streaming(path)
-    binarize_streaming(model, ckpt, QuantizeConfig("billm"), _calib(), out=tmp_path / "s")
+    binarize_streaming(model, ckpt, QuantizeConfig("billm"), WINDOWS, out=tmp_path / "s")
     a, b = _tensors(memory), _tensors(tmp_path / "s")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "lm_head.weight" not in b  # tied: stored once, as the embeddings
@@ -186,7 +184,7 @@ def test_biased_family_streams_to_the_same_tensors(tmp_path):
 
 
 def test_resume_with_streaming_equals_an_uninterrupted_run(sharded, tmp_path):
-    config, calib = QuantizeConfig("billm"), _calib()
+    config, calib = QuantizeConfig("billm"), WINDOWS
     model, ckpt = open_streaming(sharded)
     binarize_streaming(model, ckpt, config, calib, out=tmp_path / "full")
 

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file, save_file
 
-from test_distributed import DATA, NSAMPLES, SEQLEN, STORIES, _free_port, spawn_ranks
+from test_distributed import DATA, NSAMPLES, SEQLEN, STORIES, spawn_ranks
+
+pytestmark = pytest.mark.slow  # spawns processes or runs a large matrix; `-m "not slow"` skips
 
 # streaming changes where a layer's weights come from, nothing of a method: one method here
 # (tests/test_distributed.py runs billm and arb-llm-x across ranks in memory)
@@ -158,7 +161,7 @@ def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stream_dist")
     damaged = _damage(tmp_path_factory.mktemp("damaged"))
     _calib_file(tmp)
-    ports = [_free_port() for _ in range(len(damaged) + 2 * len(METHODS) + 4)]
+    ports = [free_port() for _ in range(len(damaged) + 2 * len(METHODS) + 4)]
     procs, res = spawn_ranks(_worker, lambda r: (r, ports, str(tmp), damaged), str(tmp))
     assert res[0] is not None and "crash" not in res[0], res[0]
     assert res[1] is not None and "crash" not in res[1], res[1]

@@ -37,7 +37,7 @@ def add_quantize(sub) -> None:
                    help="block: after each decoder layer is quantized, train its scales, means "
                         "and latent signs against the full-precision layer (beyond the papers)")
     p.add_argument("--refine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="refinement setting, repeatable: epochs, lr, sign_lr, windows")
+                   help="refinement setting, repeatable: epochs, lr, sign_lr, windows, loss")
     p.add_argument("--rotate", choices=["none", "hadamard"], default="none",
                    help="hadamard: fold the norms and rotate the residual stream by a seeded "
                         "randomized Hadamard matrix before quantizing (loads the model whole)")
@@ -84,7 +84,8 @@ def parse_refine(mode: str, pairs: list[str]):
         if key not in types:
             raise CLIError(f"--refine-arg {key}: unknown; use {', '.join(types)}")
         try:
-            values[key] = (int if types[key] in (int, "int") else float)(value)
+            values[key] = (value if types[key] in (str, "str") else
+                           int(value) if types[key] in (int, "int") else float(value))
         except ValueError:
             raise CLIError(f"--refine-arg {key}={value}: not a number") from None
     return RefineConfig(**values)

@@ -4,7 +4,9 @@ After a layer's linears are quantized by their method (the GPTQ-style pass), the
 continuous quantization parameters (scales, means and, where the codes have sign planes,
 latent signs; `binllm.methods.trainable`) are trained with Adam to minimise
 
-    Σ_windows ‖ layer_Q(X_Q) − layer_FP(X_FP) ‖² / numel
+    Σ_windows ‖ layer_Q(X_Q) − layer_FP(X_FP) ‖² / numel      (loss="mse"; "token" divides
+                                                              each token's error by its FP
+                                                              output's mean square)
 
 where X_Q is the quantized model's input stream (the layers before are already quantized
 and refined, so accumulated error is corrected) and X_FP the full-precision model's stream,
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerRefineReport:
-    """What refining one decoder layer did (losses: mean squared error of its output)."""
+    """What refining one decoder layer did (losses: the training loss on its windows)."""
 
     layer: int
     loss_before: float
@@ -110,8 +112,9 @@ class LayerRefiner:
                 for j in torch.randperm(len(X), generator=order).tolist():
                     weights = {f"{n}.weight": t.weight().to(self.device)
                                for n, t in train.items()}
-                    out = self._forward(weights, X[j], j)
-                    loss = torch.nn.functional.mse_loss(out, Y[j])
+                    with self._autocast():
+                        out = self._forward(weights, X[j], j)
+                    loss = self._error(out.float(), Y[j])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -127,13 +130,25 @@ class LayerRefiner:
         self.fp_layer = None
         return (refined if kept else codes), rep
 
+    def _autocast(self):
+        """bf16 matmuls in the training steps when the config asks for them."""
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16,
+                              enabled=self.config.autocast == "bfloat16")
+
     def _forward(self, weights: dict[str, Tensor], x: Tensor, j: int) -> Tensor:
         out = functional_call(self.fp_layer, weights, (x.to(self.device),), self.kwargs[j])
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _loss(self, Q: dict[str, Tensor], X: list[Tensor], Y: list[Tensor]) -> float:
-        """Mean over windows of the layer output's MSE with weights Q (name -> Ŵ)."""
+        """Mean over windows of the training loss with weights Q (name -> Ŵ)."""
         weights = {f"{n}.weight": w.to(self.device) for n, w in Q.items()}
         with torch.no_grad():
-            return sum(float(torch.nn.functional.mse_loss(self._forward(weights, x, j), y))
+            return sum(float(self._error(self._forward(weights, x, j), y))
                        for j, (x, y) in enumerate(zip(X, Y))) / max(len(X), 1)
+
+    def _error(self, out: Tensor, y: Tensor) -> Tensor:
+        """The training loss of one window: out, y (batch, seqlen, d)."""
+        if self.config.loss == "token":  # each token's error relative to its FP output's size
+            return ((out - y).pow(2).mean(-1) / y.pow(2).mean(-1).clamp_min(1e-12)).mean()
+        return torch.nn.functional.mse_loss(out, y)
