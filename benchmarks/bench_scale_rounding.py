@@ -8,7 +8,7 @@ For every method of bench_methods.RUNS, on stories260K with bench_methods' proto
     default   scale_rounding=after: the same calibration, scales rounded to fp16 once per
               layer after its loop; the model that is evaluated and saved
     in_loop   --method-arg scale_rounding=in_loop: rounded before Ŵ and the error feedback
-              (binllm's default before issue 13)
+              (the in_loop option)
 
 and the relative perplexity difference of default and in_loop against float32. Writes
 benchmarks/results/scale_rounding.json and .md.
@@ -92,7 +92,7 @@ def markdown(result: dict) -> str:
              "`scale_dtype=float32`, scales never rounded (the references' calibration); "
              "`default`: the same calibration, scales stored in fp16 (rounded once per layer, "
              "after its loop); `in_loop`: `scale_rounding=in_loop`, rounded before Ŵ and the "
-             "error feedback (the default before issue 13). Δ: perplexity relative to float32.",
+             "error feedback (the in_loop option). Δ: perplexity relative to float32.",
              "", "| method | " + " | ".join(f"{d} float32" for d in DATASETS)
              + " | Δ default (max \\|Δ\\| over the 4) | Δ in_loop " + " / ".join(DATASETS) + " |",
              "|" + "---|" * (len(DATASETS) + 3)]

@@ -1,4 +1,5 @@
-"""Tests of the ARB-LLM refinement kernels (binllm/methods/arb_refine.py, methods.md §4.1–§4.4)."""
+"""Tests of the ARB-LLM refinement kernels (binllm/methods/arb_refine.py, ARB-LLM's alternating
+refinement)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ARB-LLM methods (methods.md §4): golden 4×8 block, CGB and ARB-X searches against naive
+"""ARB-LLM methods (Li et al. 2025): golden 4×8 block, CGB and ARB-X searches against naive
 loops, num_p, codes of every registered name, end to end on stories260K."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BiLLM (methods.md §3): golden 4×8 block by hand, searches against naive loop oracles,
+"""BiLLM (Huang et al. 2024): golden 4×8 block by hand, searches against naive loop oracles,
 narrow blocks, determinism, options, end to end on stories260K."""
 
 from __future__ import annotations

@@ -251,10 +251,10 @@ def test_replicated_windows_give_bit_identical_codes(two_ranks, method):
 def test_split_windows_equal_one_process_up_to_round_off(two_ranks, method, max_codes, ppl_rtol):
     """Partial Hessians summed across ranks differ from one process's running fp32 sum by
     round-off, and near-tie codes flip. BiLLM: a few (8 of 80236 packed elements), the
-    perplexity agrees to 1e-4. ARB-LLM_X with fp32 scales in the loop (the reference, issue 13)
+    perplexity agrees to 1e-4. ARB-LLM_X with fp32 scales in the loop (the reference)
     cascades: measured 15447 of 93990 elements (whole streams count when a salient-column
     count changes) and tinystories perplexity 122.7 vs 132.2; the fp16-in-loop rounding of
-    binllm before issue 13 happened to absorb that round-off."""
+    in_loop rounding would happen to absorb that round-off."""
     from transformers import AutoTokenizer
 
     from binllm.evaluation.data import eval_tokens, load_text

@@ -1,4 +1,4 @@
-"""PB-LLM PTQ (methods.md §2.1–2.3): golden example by hand, properties, end to end."""
+"""PB-LLM PTQ (Shang et al. 2023): golden example by hand, properties, end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PB-LLM QAT (methods.md §2.5, issue 5): STE, frozen salient weights, α*, training, resume."""
+"""PB-LLM QAT (PB-LLM §3.3 and its reference code): STE, frozen salient weights, α*, training,
+resume."""
 
 from __future__ import annotations
 

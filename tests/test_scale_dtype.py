@@ -3,7 +3,7 @@
 Calibration keeps scales and means fp32 as the reference code does; by default they are
 rounded to fp16 once, after the layer's loop (scale_rounding=after), so the default's signs and
 levels are exactly those of scale_dtype=float32 and its scales are those rounded.
-scale_rounding=in_loop rounds them before Ŵ and the feedback (binllm's former default).
+scale_rounding=in_loop rounds them before Ŵ and the feedback (a named option).
 With float32 the codes hold unrounded scales, dequantize() still equals Q, the packed format
 stores them as fp32 (bit-exact round trip, 32 bits per scale in the accounting) and a saved
 model reproduces the in-memory logits.

@@ -50,7 +50,8 @@ def _argv(model, out, *extra, calib: Path) -> list[str]:
 
 
 def _damage(tmp: Path) -> dict[str, Path]:
-    """stories260K saved in several shards, and three copies damaged as issue 11 lists."""
+    """stories260K saved in several shards, and three copies damaged in the ways a hostile
+    checkpoint can be."""
     from transformers import AutoModelForCausalLM
 
     good = tmp / "sharded"

@@ -31,7 +31,7 @@ from ..packed.layout import PackedLayout, pack, unpack
 from ..errors import BinllmError
 
 MANIFEST = "journal.json"
-JOURNAL_VERSION = 3  # 2: layer files carry a sha256; 3: calibrated (fp32-scale) codes, issue 13
+JOURNAL_VERSION = 3  # layer files carry a sha256 and the calibrated (fp32-scale) codes
 
 
 class JournalMismatch(BinllmError, ValueError):

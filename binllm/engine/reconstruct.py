@@ -17,7 +17,7 @@
     Q = codes.dequantize()                         what the finished model computes with, saved
 
 "column" is GPTQ / PB-LLM (intra-block updates); "block" is BiLLM / ARB-LLM, whose block is
-binarized at once and only compensates later blocks (methods.md §3.3, §8.1).
+binarized at once and only compensates later blocks (BiLLM's and ARB-LLM's reference code).
 
 Inside the loop scales and means are fp32, as the reference code keeps them; `method.store`
 rounds them to their storage precision after the last block (nothing is fed back after that

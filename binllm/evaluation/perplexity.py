@@ -1,6 +1,7 @@
 """Perplexity with the GPTQ protocol.
 
-Protocol (methods.md §7): the test text is one token stream; it is cut into n = ⌊N/seqlen⌋
+Protocol (GPTQ's evaluation, which all three papers use): the test text is one token stream; it is
+cut into n = ⌊N/seqlen⌋
 non-overlapping windows (the remainder is dropped); every window is evaluated on its own
 (no carried context); the loss of a window is the mean cross-entropy over its seqlen − 1
 shifted positions, and ppl = exp(mean of the window losses). `max_windows` evaluates only

@@ -1,4 +1,4 @@
-"""ARB-LLM's alternating refined binarization kernels (methods.md §4.1–§4.4), pure tensor code.
+"""ARB-LLM's alternating refined binarization kernels (ARB-LLM, Li et al. 2025), pure tensor code.
 
 Every function binarizes the masked entries of each row of a block W (rows, c) and returns
 fp32 parameters (not yet rounded to storage precision; the caller rounds them). Statistics of
@@ -34,7 +34,7 @@ from torch import Tensor
 # Gram-weighted denominators below this fraction of their magnitude bound are treated as
 # zero (the coefficient is left unchanged instead of dividing by round-off), see `_x_refine`.
 _REL_DEGENERATE = 1e-6
-# The reference adds this to the ARB-RC least-squares denominators (methods.md §4.4).
+# The reference adds this to the ARB-RC least-squares denominators (its `arb_rc` code).
 _RC_EPS = 1e-8
 
 

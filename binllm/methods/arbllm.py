@@ -1,6 +1,7 @@
 """ARB-LLM (Li et al. 2025): alternating refined binarization on BiLLM's masks.
 
-Per block of B columns (methods.md §4.4b, §4.5), with s and x as in BiLLM (`billm.py`):
+Per block of B columns (ARB-LLM, Li et al. 2025, and its reference code), with s and x as in BiLLM
+(`billm.py`):
 
     S_sal  = BiLLM's salient-column search (R₂ on x, MSE)
     CGB    (optional) split S_sal by |s| into large and small (81 quantiles of the non-zero
@@ -57,7 +58,7 @@ _X_CHUNK = 1 << 19  # elements per candidate chunk of the ARB-X split error
 
 @dataclass(frozen=True)
 class ARBArgs:
-    """ARB-LLM's options; defaults reproduce the reference code (methods.md §4, §8).
+    """ARB-LLM's options; defaults reproduce the reference code (ARB-LLM's repository).
 
     salient_metric, hessian_diag, search_target, split_on, up_lim: as BiLLM (`BiLLMArgs`)
     iters  alternating iterations of the kernels (T = 15, fixed in the reference)

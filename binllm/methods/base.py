@@ -14,7 +14,7 @@ means once to the storage precision.
 
 Scales and means inside the loop are fp32, as the reference code keeps them
 (`scale_rounding="after"`, every method's default); `scale_rounding="in_loop"` rounds them to
-`scale_dtype` before Ŵ and the error feedback instead (binllm's former default; on
+`scale_dtype` before Ŵ and the error feedback instead (a named option; on
 stories260K it moved perplexity by −13 % to +38 % against the references, README).
 """
 

@@ -21,7 +21,8 @@ at once; only later blocks are compensated (`feedback = "block"`, §3.3).
 | S      | salient columns                                      | (B,) bool  |
 | α, μ   | per-row scales and means of each group and order     | (rows,)    |
 
-Group ids in the codes: 0 = salient, 1 = sparse, 2 = concentrated (methods.md §3.2).
+Group ids in the codes: 0 = salient, 1 = sparse, 2 = concentrated (as BiLLM's reference code
+numbers them).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _BRUTE_CHUNK = 1 << 22  # elements per candidate chunk of the brute-force split 
 
 @dataclass(frozen=True)
 class BiLLMArgs:
-    """BiLLM's options; the defaults reproduce the reference code (methods.md §3, §8).
+    """BiLLM's options; the defaults reproduce the reference code (BiLLM's repository).
 
     salient_metric  "hessian": s = W²/d² (README runs); "magnitude": s = W (the CLI default)
     hessian_diag    "cholesky": d_j = U_jj, the reference's Cholesky diagonal (§8.2);
@@ -60,7 +61,7 @@ class BiLLMArgs:
     scale_dtype     storage precision of α, μ: "float16" (default) or "float32" (no rounding)
     scale_rounding  "after": α, μ stay fp32 in the loop, as the reference, and are rounded to
                     scale_dtype once the layer is done; "in_loop": rounded before Ŵ and the
-                    feedback (binllm's former default, README)
+                    feedback (a named option, docs/methods.md)
     scale_codes     "float": α, μ stored at scale_dtype (16 bits each); "q8": 8-bit codes with
                     one fp16 super-scale per `superblock_rows` rows of each block (k-quants'
                     sub-block scales, `codes.q8_round`), rounded at block fit time, so Ŵ and the

@@ -1,6 +1,6 @@
 """BiLLM's binary residual approximation (BRA) and its mask searches, batched.
 
-BRA of order k on a masked set of each row (methods.md §3.1):
+BRA of order k on a masked set of each row (BiLLM, Huang et al. 2024, and its reference code):
 
     ρ ← x ⊙ m, A ← 0
     k times:  μ = mean_m ρ,  α = mean_m |ρ − μ|,  β = sign(ρ − μ),

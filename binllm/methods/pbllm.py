@@ -1,6 +1,7 @@
 """PB-LLM (PTQ, "GPTQ-PB"): unstructured salient weights at `high_bit`, the rest binarized.
 
-methods.md §2.1–2.3. Once per linear, on the original W (before any error feedback):
+PB-LLM (Shang et al. 2023) and its reference code. Once per linear, on the original W (before any
+error feedback):
 
     σ        saliency: |W| ("magnitude") or W² / d_j² ("hessian"), d_j = U_jj (the reference's
              Cholesky diagonal, `hessian_diag="cholesky"`) or [H⁻¹]_jj = Σ_i U_ij²

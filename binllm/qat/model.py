@@ -1,4 +1,4 @@
-"""PB-LLM quantization-aware training (methods.md §2.5): frozen salient weights, α·sign(w) rest.
+"""PB-LLM quantization-aware training (PB-LLM's QAT): frozen salient weights, α·sign(w) rest.
 
 Every binarizable linear becomes a `PartialBinaryLinear` whose forward weight is
 

@@ -1,4 +1,4 @@
-"""The PB-LLM QAT training loop (methods.md §2.5) for a model prepared by `binllm.qat`.
+"""The PB-LLM QAT training loop (PB-LLM's QAT) for a model prepared by `binllm.qat`.
 
 Plain PyTorch: AdamW (HF Trainer's defaults: betas 0.9/0.999, eps 1e-8, no weight decay,
 gradient clipping at 1.0), linear warm-up then cosine decay, gradient accumulation, a step
