@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
@@ -10,7 +11,7 @@ from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_mod
 from .distributed import add_dist_args, finish, start
 from .guards import check_calibration_memory
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
-from .stream import add_stream_args, fp_streamed, open_streamed
+from .stream import Streamed, add_stream_args, fp_streamed, open_streamed
 from .output import check_model, check_out, lock_out, save_or_keep
 from .progress import Progress
 
@@ -91,10 +92,81 @@ def parse_refine(mode: str, pairs: list[str]):
     return RefineConfig(**values)
 
 
+@dataclass
+class _Run:
+    """One `binllm quantize` run: what its phases share."""
+
+    args: Any
+    dist: Any                       # Distributed under torchrun, else None
+    config: Any                     # QuantizeConfig
+    method: Any
+    report: dict[str, Any] = field(default_factory=dict)  # the JSON report, filled by phases
+    streamed: Streamed | None = None
+    model: Any = None
+    tokenizer: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def eval_names(self) -> list[str]:
+        return csv_list(self.args.eval)
+
+    @contextlib.contextmanager
+    def keeping_report(self):
+        """On a CLIError, write what was measured to --report before it propagates."""
+        try:
+            yield
+        except CLIError:
+            if self.args.report:
+                write_json_atomic(self.args.report, self.report)
+            raise
+
+
 def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
-    from ..engine.binarize import binarize_model
+    run = _configure(args, dist)
+    task_manager = check_lm_eval(args) if run.main else None
+    if args.out:
+        check_out(args)  # every rank refuses a bad --out alike; rank 0 alone locks it
+        if run.main:
+            lock_out(args, stack)
+    _open_model(run)
+    seqlen = resolve_seqlen(run.model, args.seqlen)
+    check_calibration_memory(run.model, args.nsamples, seqlen, args.device,
+                             run.method.needs_hessian
+                             or (run.config.feedback or run.method.feedback) != "none")
+    run.report.update(command="quantize", model=args.model, streamed=run.streamed is not None)
+    if args.compare_fp and run.eval_names and run.main:  # the other ranks wait at their first step
+        _fp_perplexity(run, seqlen)
+    batches, note = _calibration(run, seqlen)
+    qreport, journal, identity = _binarize(run, batches, keep_packed=bool(run.eval_names)
+                                           or task_manager is not None)
+    if not run.main:
+        return 0  # rank 0 evaluates and writes; evaluation runs there alone
+    run.report["quantization"] = qreport.to_dict()
+    print(f"\n{args.method}: {len(qreport.linears)} linears in {qreport.seconds:.1f} s, "
+          f"peak memory {qreport.peak_memory_mb:.0f} MiB, "
+          f"{qreport.paper_bits:.3f} bits/weight as the papers count, "
+          f"{qreport.stored_bits:.3f} bits/weight stored")
+    if note:
+        print(f"note: {note}")
+    if args.out:
+        with run.keeping_report():
+            if not run.streamed:  # a streamed run wrote --out as its layers finished
+                save_or_keep(args, run.model, qreport, run.tokenizer, journal, identity)
+        run.report["out"] = args.out
+        print(f"model saved to {args.out} (see `binllm inspect {args.out}`)")
+    _evaluate(run, seqlen, task_manager)
+    if args.report:
+        write_json_atomic(args.report, run.report)
+        print(f"report written to {args.report}")
+    return 0
+
+
+def _configure(args, dist) -> _Run:
+    """The run's QuantizeConfig and method, checked before anything is loaded."""
     from ..engine.config import QuantizeConfig
-    from ..evaluation.data import calibration_batches, load_text
     from ..methods import get_method
 
     config = QuantizeConfig(method=args.method, method_args=parse_method_args(args.method_arg),
@@ -105,107 +177,99 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     method = get_method(config.method, config.method_args)  # fail fast on a bad argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")
-    main = dist is None or dist.is_main
-    say = print if main else (lambda *a, **k: None)
-    task_manager = check_lm_eval(args) if main else None
-    if args.out:
-        check_out(args)  # every rank refuses a bad --out alike; rank 0 alone locks it
-        if main:
-            lock_out(args, stack)
-    # a local safetensors checkpoint: its layers are streamed (binllm.engine.stream), on every
-    # rank under torchrun (each reads its own copy of a layer from the shards)
-    eval_names = csv_list(args.eval)
-    streamed = None if config.rotate else open_streamed(
-        args, tail=main and args.compare_fp and bool(eval_names))
-    model, tokenizer = streamed[:2] if streamed else load_model(args.model, args.device,
-                                                                args.dtype)
-    check_model(args, model)
-    if args.out:
-        check_out(args, model)  # now with the free space the packed model needs
-    seqlen = resolve_seqlen(model, args.seqlen)
-    check_calibration_memory(model, args.nsamples, seqlen, args.device,
-                             method.needs_hessian or (config.feedback or method.feedback) != "none")
-    report: dict[str, Any] = {"command": "quantize", "model": args.model,
-                              "streamed": streamed is not None}
-    if args.compare_fp and eval_names and main:  # the other ranks wait at their first step
-        if streamed:  # the dense layers streamed from the checkpoint, one at a time
-            report["fp_perplexity"] = evaluate_datasets(
-                model, tokenizer, eval_names, seqlen, args, perplexity=fp_streamed(streamed[2]))
-        else:
-            model.to(args.device)
-            report["fp_perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen,
-                                                        args)
-            model.to("cpu")
-        print_ppl_table(report["fp_perplexity"], "full precision")
+    return _Run(args, dist, config, method)
 
+
+def _open_model(run: _Run) -> None:
+    """A local safetensors checkpoint is streamed layer by layer (on every rank under
+    torchrun, each reading its own copy of a layer); anything else, or a rotated run, is
+    loaded whole."""
+    args = run.args
+    if not run.config.rotate:
+        run.streamed = open_streamed(
+            args, tail=run.main and args.compare_fp and bool(run.eval_names))
+    if run.streamed:
+        run.model, run.tokenizer = run.streamed.model, run.streamed.tokenizer
+    else:
+        run.model, run.tokenizer = load_model(args.model, args.device, args.dtype)
+    check_model(args, run.model)
+    if args.out:
+        check_out(args, run.model)  # now with the free space the packed model needs
+
+
+def _fp_perplexity(run: _Run, seqlen: int) -> None:
+    """--compare-fp: the unquantized model's perplexities, streamed when the run is."""
+    args = run.args
+    if run.streamed:  # the dense layers streamed from the checkpoint, one at a time
+        ppl = evaluate_datasets(run.model, run.tokenizer, run.eval_names, seqlen, args,
+                                perplexity=fp_streamed(run.streamed.checkpoint))
+    else:
+        run.model.to(args.device)
+        ppl = evaluate_datasets(run.model, run.tokenizer, run.eval_names, seqlen, args)
+        run.model.to("cpu")
+    run.report["fp_perplexity"] = ppl
+    print_ppl_table(ppl, "full precision")
+
+
+def _calibration(run: _Run, seqlen: int) -> tuple[list, str | None]:
+    """(calibration windows, the data source's note); the protocol goes into the report."""
+    from ..evaluation.data import calibration_batches, load_text
+
+    args = run.args
     source = load_text(args.calib, args.calib_split, args.data_dir)
-    batches = calibration_batches(source, tokenizer, args.nsamples, seqlen, args.seed)
-    report["protocol"] = {"calibration": source.name, "calibration_split": source.split,
-                          "calibration_note": source.note, "nsamples": args.nsamples,
-                          "seqlen": seqlen, "seed": args.seed, "eval_split": args.eval_split,
-                          "max_windows": args.max_windows}
-    if dist is not None:
-        report["protocol"]["processes"] = dist.world
-        report["protocol"]["dist_calib"] = dist.calib
-    bar = Progress(args.method, "layer", quiet=args.quiet or not main)
+    batches = calibration_batches(source, run.tokenizer, args.nsamples, seqlen, args.seed)
+    protocol = {"calibration": source.name, "calibration_split": source.split,
+                "calibration_note": source.note, "nsamples": args.nsamples,
+                "seqlen": seqlen, "seed": args.seed, "eval_split": args.eval_split,
+                "max_windows": args.max_windows}
+    if run.dist is not None:
+        protocol.update(processes=run.dist.world, dist_calib=run.dist.calib)
+    run.report["protocol"] = protocol
+    return batches, source.note
 
-    def on_layer(done, total):
-        bar.update(done, total)
 
+def _binarize(run: _Run, batches: list, keep_packed: bool):
+    """(QuantizeReport, journal, run identity): the layers binarized, streamed or in memory,
+    resuming from --resume-dir where it holds finished layers."""
+    from ..engine.binarize import binarize_model
     from ..engine.journal import LayerJournal, run_identity
 
-    identity = run_identity(model, config, batches)
+    args = run.args
+    bar = Progress(args.method, "layer", quiet=args.quiet or not run.main)
+    identity = run_identity(run.model, run.config, batches)
     journal = None
-    if args.resume_dir and main:  # rank 0 reads and writes the journal, shares its layers
+    if args.resume_dir and run.main:  # rank 0 reads and writes the journal, shares its layers
         journal = LayerJournal(args.resume_dir, identity)
         journal.verify()  # a damaged layer file stops the run now, with its name
         if journal.layers_done():
-            say(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
-    if streamed:  # --out is written as the layers finish
+            print(f"resuming: {journal.layers_done()} layers restored from {args.resume_dir}")
+    if run.streamed:  # --out is written as the layers finish
         from ..engine.stream import binarize_streaming
 
-        qreport = binarize_streaming(model, streamed[2], config, batches,
-                                     out=args.out if main else None, tokenizer=tokenizer,
-                                     overwrite=args.overwrite, lock=False, dist=dist,
-                                     keep_packed=main and (bool(eval_names)
-                                                           or task_manager is not None),
-                                     device=args.device, on_layer=on_layer, journal=journal)
+        qreport = binarize_streaming(run.model, run.streamed.checkpoint, run.config, batches,
+                                     out=args.out if run.main else None,
+                                     tokenizer=run.tokenizer, overwrite=args.overwrite,
+                                     lock=False, dist=run.dist,
+                                     keep_packed=run.main and keep_packed, device=args.device,
+                                     on_layer=bar.update, journal=journal)
     else:
-        qreport = binarize_model(model, config, batches, device=args.device, on_layer=on_layer,
-                                 journal=journal, dist=dist, checked=True)  # check_model did
+        qreport = binarize_model(run.model, run.config, batches, device=args.device,
+                                 on_layer=bar.update, journal=journal, dist=run.dist,
+                                 checked=True)  # check_model ran the checks
     bar.close()
-    if not main:
-        return 0  # rank 0 evaluates and writes; evaluation runs there alone
-    report["quantization"] = qreport.to_dict()
-    print(f"\n{args.method}: {len(qreport.linears)} linears in {qreport.seconds:.1f} s, "
-          f"peak memory {qreport.peak_memory_mb:.0f} MiB, "
-          f"{qreport.paper_bits:.3f} bits/weight as the papers count, "
-          f"{qreport.stored_bits:.3f} bits/weight stored")
-    if source.note:
-        print(f"note: {source.note}")
-    if args.out:
-        try:
-            if not streamed:
-                save_or_keep(args, model, qreport, tokenizer, journal, identity)
-        except CLIError:
-            if args.report:  # keep what was measured
-                write_json_atomic(args.report, report)
-            raise
-        report["out"] = args.out
-        print(f"model saved to {args.out} (see `binllm inspect {args.out}`)")
-    if eval_names:
-        model.to(args.device)
-        report["perplexity"] = evaluate_datasets(model, tokenizer, eval_names, seqlen, args)
-        print_ppl_table(report["perplexity"], f"{args.method} (seqlen {seqlen})")
+    return qreport, journal, identity
+
+
+def _evaluate(run: _Run, seqlen: int, task_manager) -> None:
+    """Perplexities of the binarized model, then lm-eval tasks, into the report."""
+    args = run.args
+    if run.eval_names:
+        run.model.to(args.device)
+        run.report["perplexity"] = evaluate_datasets(run.model, run.tokenizer, run.eval_names,
+                                                     seqlen, args)
+        print_ppl_table(run.report["perplexity"], f"{args.method} (seqlen {seqlen})")
     if task_manager is not None:
-        model.to(args.device)
-        try:
-            report["lm_eval"] = run_lm_eval(model, tokenizer, args, args.method, task_manager)
-        except CLIError:
-            if args.report:  # keep what was measured
-                write_json_atomic(args.report, report)
-            raise
-    if args.report:
-        write_json_atomic(args.report, report)
-        print(f"report written to {args.report}")
-    return 0
+        run.model.to(args.device)
+        with run.keeping_report():
+            run.report["lm_eval"] = run_lm_eval(run.model, run.tokenizer, args, args.method,
+                                                task_manager)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..errors import BinllmError
 from .common import CLIError, is_binllm_dir
@@ -24,7 +25,15 @@ def add_stream_args(p) -> None:
                         "the safetensors shards (the default for a local safetensors directory)")
 
 
-def open_streamed(args, tail: bool = True):
+class Streamed(NamedTuple):
+    """A checkpoint opened for streaming: the model's skeleton, its tokenizer, the shards."""
+
+    model: Any
+    tokenizer: Any
+    checkpoint: Any  # binllm.engine.stream.SafetensorsCheckpoint
+
+
+def open_streamed(args, tail: bool = True) -> Streamed | None:
     """(skeleton, tokenizer, checkpoint) for streaming, or None to load the model whole.
     tail False: the final norm and lm_head are read only at the end (`open_streaming`)."""
     from ..engine.stream import NotStreamable, map_large_allocations, open_streaming
@@ -53,7 +62,7 @@ def open_streamed(args, tail: bool = True):
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load the tokenizer of {args.model!r}: "
                        f"{str(e).splitlines()[0]}") from None
-    return model, tokenizer, ckpt
+    return Streamed(model, tokenizer, ckpt)
 
 
 def fp_streamed(ckpt):
