@@ -12,7 +12,8 @@ from conftest import correlated
 
 from binllm.methods import MethodArgumentError, get_method
 from binllm.methods.base import BlockContext
-from binllm.methods.billm import inverse_diag, nearest_signs, saliency, search_split, split_masks
+from binllm.methods.billm import (block_saliency, inverse_diag, nearest_signs, search_split,
+                                  split_masks)
 from binllm.methods.bra import quantiles, residual_binarize, salient_columns
 from binllm.engine.reconstruct import reconstruct
 
@@ -228,11 +229,11 @@ def test_saliency_cholesky_and_inverse_diagonals():
     U = torch.linalg.cholesky(Hinv, upper=True)
     ctx = BlockContext(H=H[4:8, 4:8], U=U[4:8, 4:8], columns=slice(4, 8), state=inverse_diag(U))
     Wb = W[:, 4:8]
-    torch.testing.assert_close(saliency(Wb, ctx, "hessian", "cholesky"),
+    torch.testing.assert_close(block_saliency(Wb, ctx, "hessian", "cholesky"),
                                Wb ** 2 / torch.diag(U)[4:8] ** 2)
-    torch.testing.assert_close(saliency(Wb, ctx, "hessian", "inverse"),
+    torch.testing.assert_close(block_saliency(Wb, ctx, "hessian", "inverse"),
                                Wb ** 2 / torch.diag(Hinv)[4:8] ** 2, rtol=1e-4, atol=0)
-    assert saliency(Wb, ctx, "magnitude", "cholesky") is Wb
+    assert block_saliency(Wb, ctx, "magnitude", "cholesky") is Wb
 
 
 @pytest.mark.parametrize("overrides", [{}, {"salient_metric": "magnitude"},

@@ -9,7 +9,7 @@ import torch
 
 from binllm.methods import METHODS, MethodArgumentError, get_method
 from binllm.methods.codes import PartialBinaryCodes, to_storage
-from binllm.methods.pbllm import binarization_stats, saliency, salient_mask
+from binllm.methods.pbllm import binarization_stats, salient_mask, weight_saliency
 from binllm.engine.reconstruct import reconstruct
 
 # 2×8 golden matrix, every entry exact in fp16.
@@ -88,9 +88,10 @@ def test_ties_at_the_threshold_go_to_the_binarized_side():
 def test_hessian_saliency_uses_cholesky_or_inverse_diagonal():
     W = torch.tensor([[1.0, 2.0]])
     U = torch.tensor([[2.0, 1.0], [0.0, 3.0]])  # H⁻¹ = UᵀU = [[4, 2], [2, 10]]
-    assert torch.equal(saliency(W, U, "hessian", "cholesky"), torch.tensor([[1 / 4, 4 / 9]]))
-    assert torch.equal(saliency(W, U, "hessian", "inverse"), torch.tensor([[1 / 16, 4 / 100]]))
-    assert torch.equal(saliency(-W, None, "magnitude", "cholesky"), W)
+    assert torch.equal(weight_saliency(W, U, "hessian", "cholesky"), torch.tensor([[1 / 4, 4 / 9]]))
+    assert torch.equal(weight_saliency(W, U, "hessian", "inverse"),
+                       torch.tensor([[1 / 16, 4 / 100]]))
+    assert torch.equal(weight_saliency(-W, None, "magnitude", "cholesky"), W)
 
 
 # -- properties ----------------------------------------------------------------------------

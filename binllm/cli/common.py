@@ -6,12 +6,12 @@ Imports no other CLI module's entry point; the command modules import from here.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic  # noqa: F401  (the CLI's reports are written with it)
 from .errors import CLIError
+from ..packed.output import is_binllm_dir
 from .guards import check_model_size
 
 
@@ -136,18 +136,6 @@ def window_count(value: str) -> int | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: use a number of windows or 'all'"
                                          ) from None
-
-
-def is_binllm_dir(path: str | Path) -> bool:
-    """Whether `path` holds a model saved by binllm (quantization_config.quant_method)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "binllm"
 
 
 def load_saved(path: str, dtype: str = "auto"):

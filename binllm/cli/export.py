@@ -6,7 +6,8 @@ prints what was written.
 
 from __future__ import annotations
 
-from .common import CLIError, is_binllm_dir, write_json_atomic
+from ..packed.output import is_binllm_dir
+from .common import CLIError, write_json_atomic
 
 
 def add_export(sub) -> None:

@@ -62,32 +62,15 @@ def _check_numbers(args) -> None:
                        "(1 keeps every token)")
 
 
-def _exists(path: Path) -> bool:
-    try:
-        os.stat(path)
-    except (OSError, ValueError):  # missing, or a name the system cannot even look up
-        return False
-    return True
-
-
-def _name_max(path: Path) -> int:
-    """NAME_MAX of the filesystem holding `path`'s nearest existing ancestor."""
-    probe = path
-    while not _exists(probe) and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return os.pathconf(probe, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
 def check_path_length(value: str, flag: str) -> None:
     """Refuse a path the filesystem cannot name (a component over NAME_MAX, or over PATH_MAX)."""
     size = len(os.fsencode(value))
     if size >= PATH_MAX:
         raise CLIError(f"{flag}: the path is {size} bytes long, over the {PATH_MAX} the "
                        "system allows; use a shorter path")
-    limit = _name_max(Path(value).absolute())
+    from ..packed.output import name_max
+
+    limit = name_max(Path(value).absolute())
     for part in Path(value).parts:
         if len(os.fsencode(part)) > limit:
             short = part[:24] + "…"

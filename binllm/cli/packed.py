@@ -6,7 +6,8 @@ function and print.
 
 from __future__ import annotations
 
-from .common import CLIError, is_binllm_dir, load_saved, write_json_atomic
+from ..packed.output import is_binllm_dir
+from .common import CLIError, load_saved, write_json_atomic
 
 
 def _kib(n: float) -> str:

@@ -134,8 +134,7 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
     _open_model(run)
     seqlen = resolve_seqlen(run.model, args.seqlen)
     check_calibration_memory(run.model, args.nsamples, seqlen, args.device,
-                             run.method.needs_hessian
-                             or (run.config.feedback or run.method.feedback) != "none")
+                             run.method.uses_hessian(run.config.feedback))
     run.report.update(command="quantize", model=args.model, streamed=run.streamed is not None)
     if args.compare_fp and run.eval_names and run.main:  # the other ranks wait at their first step
         _fp_perplexity(run, seqlen)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import BinllmError
-from .common import CLIError, is_binllm_dir
+from ..packed.output import is_binllm_dir
+from .common import CLIError
 
 log = logging.getLogger(__name__)
 

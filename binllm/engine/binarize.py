@@ -144,7 +144,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     run = _Run(method, config, report, dist, device, refiner, journal,
                CodesDestination(method, report, keep_codes=keep_codes, journal=journal,
                                 source=source, per_linear=per_linear),
-               needs_hessian=method.needs_hessian or (config.feedback or method.feedback) != "none")
+               needs_hessian=method.uses_hessian(config.feedback))
     walk = dist.guarded(walk_layers(model, dist.local_windows(calibration), device,
                                     source=source), "calibration forward")
     try:

@@ -61,7 +61,7 @@ def reconstruct(W: Tensor, H: Tensor | None, method: Method, *, block_size: int 
     block_size = method.block_size(block_size, cols)
     U = Hgram = dead = None
     used_damp = None
-    if H is not None and (method.needs_hessian or feedback != "none"):
+    if H is not None and method.uses_hessian(feedback):
         inv = inverse_cholesky(H, percdamp, name=name)  # before the copy of W: lower peak
         U, used_damp, dead = inv.U, inv.percdamp, inv.dead
         del inv  # its H (a copy when columns were dead) is not needed

@@ -68,6 +68,12 @@ class Method:
     def __init__(self, args):
         self.args = args
 
+    def uses_hessian(self, feedback: Feedback | None = None) -> bool:
+        """Whether calibration must accumulate H for this method: its grid needs H, or the
+        loop feeds errors back through it (`feedback`: the loop's override, else the
+        method's own)."""
+        return self.needs_hessian or (feedback or self.feedback) != "none"
+
     def block_size(self, default: int, cols: int) -> int:
         """Columns per reconstruction block for a layer of `cols` columns; the loop's
         `block_size` unless the method fixes its own (BiLLM's, block-sign's `block`)."""

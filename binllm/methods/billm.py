@@ -102,7 +102,7 @@ def inverse_diag(U: Tensor) -> Tensor:
     return (U * U).sum(0)
 
 
-def saliency(W: Tensor, ctx: BlockContext, metric: str, hessian_diag: str) -> Tensor:
+def block_saliency(W: Tensor, ctx: BlockContext, metric: str, hessian_diag: str) -> Tensor:
     """s (rows, B): W²/d² with d = diag U ("cholesky") or diag H⁻¹ ("inverse"), or W itself."""
     if metric == "magnitude":
         return W
@@ -269,7 +269,7 @@ class BlockCodesMethod(Method):
     def targets(self, W: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
         """(s, x): the saliency and the matrix the searches measure error on."""
         a = self.args
-        s = saliency(W, ctx, a.salient_metric, a.hessian_diag)
+        s = block_saliency(W, ctx, a.salient_metric, a.hessian_diag)
         return s, (s if a.search_target == "saliency" or s is W else W)
 
 

@@ -75,7 +75,7 @@ class PBLLMGrid:
     start: int  # first column of the block inside the layer
 
 
-def saliency(W: Tensor, U: Tensor | None, metric: str, hessian_diag: str) -> Tensor:
+def weight_saliency(W: Tensor, U: Tensor | None, metric: str, hessian_diag: str) -> Tensor:
     """σ (rows, cols): |W| or W²/d_j² with d the Cholesky (U_jj) or inverse ([H⁻¹]_jj) diagonal."""
     if metric == "magnitude":
         return W.abs()
@@ -136,7 +136,7 @@ class PBLLM(Method):
         a = self.args
         cols = W.shape[1]
         gs = cols if a.groupsize == -1 else a.groupsize
-        sigma = saliency(W, U, a.salient_metric, a.hessian_diag)  # (rows, cols)
+        sigma = weight_saliency(W, U, a.salient_metric, a.hessian_diag)  # (rows, cols)
         salient = torch.zeros_like(W, dtype=torch.bool)
         alphas, mus = [], []
         for g0 in range(0, cols, gs):  # a handful of groups; rows stay vectorised

@@ -39,10 +39,10 @@ class OutputExists(OutputError, FileExistsError):
     """The output exists and may not be replaced."""
 
 
-def is_binllm_output(path: Path) -> bool:
+def is_binllm_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory written by binllm (its config.json says quant_method)."""
     try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
@@ -51,9 +51,22 @@ def is_binllm_output(path: Path) -> bool:
 def existing_ancestor(path: Path) -> Path:
     """The nearest directory above `path` (itself excluded) that exists."""
     p = path.absolute().parent
-    while not p.exists():
+    while not _exists(p) and p != p.parent:
         p = p.parent
     return p
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except (OSError, ValueError):  # missing, or a name the system cannot even look up
+        return False
+    return True
+
+
+def name_max(path: str | os.PathLike) -> int:
+    """NAME_MAX of the filesystem that would hold `path` (its nearest existing ancestor)."""
+    return _pathconf(existing_ancestor(Path(path)), "PC_NAME_MAX", 255)
 
 
 def _pathconf(path: Path, name: str, default: int) -> int:
@@ -73,12 +86,12 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
     """Raise OutputError unless a binllm model can be saved to `out` (see the module doc)."""
     out = Path(out)
     where = existing_ancestor(out)
-    name_max = _pathconf(where, "PC_NAME_MAX", 255)
+    limit = name_max(out)
     name_len = len(os.fsencode(out.name))
-    if name_len + TEMP_SUFFIX_MAX > name_max:
+    if name_len + TEMP_SUFFIX_MAX > limit:
         raise OutputError(f"--out name {out.name[:40]}… is {name_len} bytes; the atomic save adds "
                           f"up to {TEMP_SUFFIX_MAX} for its temporary name and the filesystem "
-                          f"allows {name_max}: use a name of at most {name_max - TEMP_SUFFIX_MAX}")
+                          f"allows {limit}: use a name of at most {limit - TEMP_SUFFIX_MAX}")
     path_max = _pathconf(where, "PC_PATH_MAX", 4096)
     full = len(os.fsencode(str(out.absolute()))) + TEMP_SUFFIX_MAX + LONGEST_INNER_NAME
     if full > path_max:
@@ -101,7 +114,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
             if not overwrite:
                 raise OutputExists(f"--out {out} exists and is not empty; pass --overwrite to "
                                    "replace a binllm output, or choose another --out")
-            if not is_binllm_output(out):
+            if not is_binllm_dir(out):
                 raise OutputExists(
                     f"--out {out} is not a binllm output directory (no config.json with "
                     f"quantization_config.quant_method \"{QUANT_METHOD}\"); --overwrite replaces "
