@@ -225,3 +225,14 @@ def test_packages_import_only_what_the_layout_allows():
                                               (f"binllm.{x}" for x in allowed if "." in x)):
                 bad.append(f"{module} -> {t}")
     assert not bad, "imports outside docs/layout.md's package graph: " + ", ".join(sorted(bad))
+
+
+def test_no_private_name_is_imported_across_modules():
+    """`from x import _name` reaches into another module's internals: make the name public."""
+    bad = []
+    for path in [*_sources(), *sorted((PKG.parent / "tests").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                bad += [f"{path.name}: {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad

@@ -42,7 +42,7 @@ from ..atomic import OutputLock, atomic_dir
 from ..packed.checkpoint import finish_dir, parameters_on_meta, report_qc
 from ..packed.output import check_output_dir
 from ..packed.layers import BinaryLinear
-from ..packed.saved_dir import _DTYPES, CheckpointError, read_safetensors_header
+from ..packed.saved_dir import SAFETENSORS_DTYPES, CheckpointError, read_safetensors_header
 from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
 from .binarize import QuantizeReport, binarize_model
 from .checks import refuse_non_finite
@@ -101,8 +101,8 @@ class SafetensorsCheckpoint:
 
     def first_float_dtype(self) -> torch.dtype | None:
         for _, dtype, _ in self.entries.values():
-            if _DTYPES.get(dtype, torch.uint8).is_floating_point:
-                return _DTYPES[dtype]
+            if SAFETENSORS_DTYPES.get(dtype, torch.uint8).is_floating_point:
+                return SAFETENSORS_DTYPES[dtype]
         return None
 
     def read(self, keys: list[str]) -> dict[str, Tensor]:
@@ -126,7 +126,7 @@ class SafetensorsCheckpoint:
                 with open(f, "rb") as fh:
                     for key in wanted:
                         _, dtype, shape = self.entries[key]
-                        t = torch.empty(shape, dtype=_DTYPES[dtype])
+                        t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
                         start = offsets[key]
                         fh.seek(start)
                         view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..evaluation.perplexity import Perplexity, eval_windows, from_losses, window_losses
-from .walker import (_move_outside_layers, _to, calibration_context, capture_layer_inputs,
+from .walker import (move_outside_layers, to_device, calibration_context, capture_layer_inputs,
                      find_decoder_layers)
 
 
@@ -93,7 +93,7 @@ def _pass_losses(model: nn.Module, ckpt: Any, batches: list[Tensor], device,
             layer.to(device)
             out = []
             for h, kw in zip(hidden, inputs.kwargs):
-                raw = layer(h.to(device), **_to(kw, device))
+                raw = layer(h.to(device), **to_device(kw, device))
                 as_tuple = isinstance(raw, (tuple, list))
                 out.append(raw[0] if as_tuple else raw)  # as run_layer reduces it
             hidden = out
@@ -110,7 +110,7 @@ def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
     real = list(layers)
     for j in range(len(layers)):
         layers[j] = _Replay(last if j == len(layers) - 1 else None, as_tuple, current)
-    moved = _move_outside_layers(model, layers, device)
+    moved = move_outside_layers(model, layers, device)
     losses = []
     try:
         for current[0], ids in enumerate(batches):
@@ -119,5 +119,5 @@ def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
     finally:
         for j, module in enumerate(real):
             layers[j] = module
-        _move_outside_layers(model, layers, "cpu", only=moved)
+        move_outside_layers(model, layers, "cpu", only=moved)
     return losses

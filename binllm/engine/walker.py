@@ -99,13 +99,14 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]      # attention mask, position embeddings, … per batch
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Tensors inside `obj` (tuples, lists, dicts: a layer's captured kwargs) on `device`."""
     if isinstance(obj, Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -126,14 +127,14 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
         raise StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    moved = _move_outside_layers(model, layers, device)
+    moved = move_outside_layers(model, layers, device)
     try:
         for ids in batches:
             with contextlib.suppress(StopForward):
                 model(ids.to(device), use_cache=False)
     finally:
         handle.remove()
-        _move_outside_layers(model, layers, "cpu", only=moved)
+        move_outside_layers(model, layers, "cpu", only=moved)
     return captured
 
 
@@ -146,7 +147,7 @@ def outside_modules(model: nn.Module, layers: nn.ModuleList) -> Iterator[nn.Modu
             yield m
 
 
-def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device, only=None) -> list:
+def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device, only=None) -> list:
     """Move every parameter/buffer-holding module that is not inside `layers` to device."""
     if str(device) == "cpu" and only is None:
         return []
@@ -188,7 +189,7 @@ def walk_layers(model: nn.Module, batches: list[Tensor], device: torch.device | 
             original_device = next(layer.parameters()).device
             layer.to(device)
             yield i, f"{path}.{i}", layer, inputs
-            nxt = [run_layer(layer, h.to(device), _to(kw, device))
+            nxt = [run_layer(layer, h.to(device), to_device(kw, device))
                    for h, kw in zip(inputs.hidden, inputs.kwargs)]
             inputs = LayerInputs(nxt, inputs.kwargs)
             if offload:
@@ -258,7 +259,7 @@ def _collect(layer: nn.Module, inputs: LayerInputs, names: list[str], device, sh
         with torch.no_grad():
             for batch[0], (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
                 calls.clear()
-                run_layer(layer, h.to(device), _to(kw, device))
+                run_layer(layer, h.to(device), to_device(kw, device))
                 if any(len(calls.get(f, [])) != len(calls.get(lead, []))
                        for f, lead in leader.items()):
                     raise _SharingBroke  # a follower missed inputs its leader summed

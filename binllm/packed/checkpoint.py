@@ -38,7 +38,7 @@ from .output import check_output_dir
 from .release import load_packed, return_freed_memory, warm_kernels
 from .writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401
 from .saved_dir import (  # noqa: F401
-    _DTYPES,
+    SAFETENSORS_DTYPES,
     QUANT_METHOD,
     CheckpointError,
     CorruptCheckpoint,
@@ -356,7 +356,7 @@ def _check_shapes(saved: SavedModel, expected: dict[str, Tensor], tied: set[str]
                                 f"{missing[:4]}; the directory is inconsistent")
     for key, st in saved.tensors.items():
         exp = expected[key]
-        wrong_dtype = key in packed and _DTYPES[st.dtype] != exp.dtype
+        wrong_dtype = key in packed and SAFETENSORS_DTYPES[st.dtype] != exp.dtype
         if st.shape != tuple(exp.shape) or wrong_dtype:
             raise WrongTensorShape(f"{saved.path / st.file}: tensor {key} is {st.dtype} "
                                    f"{st.shape}, "

@@ -72,9 +72,11 @@ class SavedModel:
         return [self.path / f for f in sorted({t.file for t in self.tensors.values()})]
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors' dtype names (as its headers write them) and the torch dtypes they hold
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
@@ -163,7 +165,7 @@ def read_safetensors_header(f: Path, error: type[Exception] = CorruptCheckpoint
             entry = (str(e["dtype"]), tuple(int(s) for s in e["shape"]), stop - start)
         except (KeyError, TypeError, ValueError):
             raise error(f"{f}: header entry of {key} is damaged") from None
-        dtype = _DTYPES.get(entry[0])
+        dtype = SAFETENSORS_DTYPES.get(entry[0])
         numel = 1
         for s in entry[1]:
             numel *= s
@@ -264,7 +266,7 @@ def inspect_saved(path: str | os.PathLike, verify: bool = False) -> Inspection:
                                       (layout.out_features, layout.in_features), nbytes,
                                       nbytes * 8 / n, codes.stored_bits() / n, codes.paper_bits()))
     other = {k: t for k, t in saved.tensors.items() if k not in packed_keys}
-    fp16 = sum(t.nbytes // _DTYPES[t.dtype].itemsize * 2 for t in other.values()) \
+    fp16 = sum(t.nbytes // SAFETENSORS_DTYPES[t.dtype].itemsize * 2 for t in other.values()) \
         + sum(lay.shape[0] * lay.shape[1] * 2 for lay in layers)
     q = saved.quantization
     return Inspection(str(saved.path), str(q.get("method")), dict(q.get("method_args") or {}),

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .saved_dir import _DTYPES, CheckpointError
+from .saved_dir import SAFETENSORS_DTYPES, CheckpointError
 
 
 class PackedSourceError(CheckpointError):
@@ -184,7 +184,7 @@ class SavedSources:
                 self._offsets[st.file] = data_offsets(path)
             offset, nbytes = self._offsets[st.file][key]
             out.append(StoredRange(suffix, self._shards[st.file], offset, nbytes,
-                                   _DTYPES[st.dtype], tuple(st.shape)))
+                                   SAFETENSORS_DTYPES[st.dtype], tuple(st.shape)))
         return tuple(out)
 
     def first_read(self, name: str, layout) -> tuple[PackedSource, dict[str, Tensor]]:
