@@ -22,12 +22,8 @@ from binllm.evaluation.data import (
 
 
 @pytest.fixture(scope="module")
-def data(shared):
-    return shared / "data"
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
+def stories_lm(stories_path):
+    """stories260K as a model (conftest's `stories` is its path)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(stories_path).eval()
@@ -67,11 +63,11 @@ def test_c4_keeps_documents_and_truncates_eval_to_256_windows(data, stories_toke
 
 
 # -- stories260K full-precision perplexities ---------------------------------------------
-def test_stories260K_tinystories_perplexity_on_every_window(data, stories, stories_tokenizer):
+def test_stories260K_tinystories_perplexity_on_every_window(data, stories_lm, stories_tokenizer):
     from binllm.evaluation.perplexity import perplexity
 
     tokens = eval_tokens(load_text("tinystories", "test", data), stories_tokenizer, 512)
-    res = perplexity(stories, tokens, 512)
+    res = perplexity(stories_lm, tokens, 512)
     assert (res.windows, res.total_windows) == (28, 28)
     assert res.ppl == pytest.approx(3.678, abs=5e-3)
 
@@ -82,11 +78,11 @@ def test_stories260K_tinystories_perplexity_on_every_window(data, stories, stori
 # without strip, c4 with "\n\n") moves these by far more than the tolerance. (wikitext2's
 # join is pinned exactly by the Llama-2 token count above.)
 @pytest.mark.parametrize("name,ppl", [("ptb", 153.3015), ("c4", 29.3626)])
-def test_stories260K_capped_perplexity_pins(data, stories, stories_tokenizer, name, ppl):
+def test_stories260K_capped_perplexity_pins(data, stories_lm, stories_tokenizer, name, ppl):
     from binllm.evaluation.perplexity import perplexity
 
     tokens = eval_tokens(load_text(name, "test", data), stories_tokenizer, 512)
-    assert perplexity(stories, tokens, 512, max_windows=16).ppl == pytest.approx(ppl, rel=1e-4)
+    assert perplexity(stories_lm, tokens, 512, max_windows=16).ppl == pytest.approx(ppl, rel=1e-4)
 
 
 # -- join rules on hand-made files ---------------------------------------------------------

@@ -180,13 +180,17 @@ def test_over_long_paths_are_one_line_errors(capsys, tmp_path, stories, data, fl
 
 
 # -- resource guards ---------------------------------------------------------------------------
-def test_huge_nsamples_is_refused_with_the_estimate(capsys, stories, data):
-    start = time.perf_counter()
+def test_huge_nsamples_is_refused_with_the_estimate(capsys, stories, data, monkeypatch):
+    import binllm.evaluation.data as data_module
+
+    def never(*a, **k):  # the refusal comes before any window is cut
+        raise AssertionError("calibration windows were built before the refusal")
+
+    monkeypatch.setattr(data_module, "calibration_batches", never)
     code, _, err = quantize(capsys, stories, data, "--nsamples", "100000000")
     line = one_line_error(code, err, "--nsamples 100000000", "calibration needs about",
                           "TiB", "available")
     assert "2 × 100000000 windows × 64 tokens × hidden 64 × 4 bytes" in line
-    assert time.perf_counter() - start < 30
 
 
 def test_calibration_estimate_equals_what_the_walker_holds(tiny_llama_model):
@@ -224,6 +228,17 @@ def test_calibration_estimate_equals_what_the_walker_holds(tiny_llama_model):
     assert est.hessians == sum(distinct.values()) - o_proj
 
 
+def _no_model_is_built(monkeypatch) -> None:
+    """Fail the test if any transformers model is constructed (skeleton or weights): the
+    refusal must come from the config and the files alone."""
+    from transformers import PreTrainedModel
+
+    def never(self, *a, **k):
+        raise AssertionError(f"{type(self).__name__} was built before the refusal")
+
+    monkeypatch.setattr(PreTrainedModel, "__init__", never)
+
+
 def _with_config(src: Path, dst: Path, **changes) -> Path:
     shutil.copytree(src, dst)
     for f in dst.iterdir():
@@ -236,28 +251,26 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("change", [{"hidden_size": 1048576}, {"num_hidden_layers": 100000}])
 def test_absurd_config_of_a_dense_model_is_refused_before_allocation(
-        capsys, tmp_path, stories_path, data, change):
+        capsys, tmp_path, stories_path, data, change, monkeypatch):
     model = _with_config(stories_path, tmp_path / "absurd", **change)
-    start = time.perf_counter()
+    _no_model_is_built(monkeypatch)
     code, _, err = run_cli(capsys, "eval", model, "--datasets", "ptb", "--data-dir", data)
     key, value = next(iter(change.items()))
     one_line_error(code, err, f"{key}={value}", "does not belong to these weights")
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("change", [{"hidden_size": 1048576}, {"num_hidden_layers": 100000}])
 def test_absurd_config_of_a_saved_directory_is_refused_before_the_skeleton(
-        capsys, tmp_path, change):
+        capsys, tmp_path, change, monkeypatch):
     import binllm
     from binllm.preflight import PreflightError
 
     saved = _with_config(REPO / "tests" / "data" / "v1_gptq", tmp_path / "absurd", **change)
-    start = time.perf_counter()
+    _no_model_is_built(monkeypatch)
     with pytest.raises(PreflightError, match="does not belong to these weights"):
         binllm.load(saved)
     code, _, err = run_cli(capsys, "generate", saved, "Once")
     one_line_error(code, err, "config.json declares at least")
-    assert time.perf_counter() - start < 20
 
 
 def test_config_larger_than_memory_is_refused_with_the_estimate(capsys, tmp_path, stories_path):
