@@ -169,3 +169,9 @@ def test_the_token_loss_weighs_every_token_alike():
     assert float(mse) == pytest.approx(float(naive))
     with pytest.raises(ConfigError, match="loss"):
         RefineConfig(loss="l1")
+
+
+def test_a_refine_arg_without_a_value_names_its_flag(capsys, stories_path):
+    code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
+                           "--refine", "block", "--refine-arg", "epochs")
+    assert code == 2 and "--refine-arg 'epochs': write KEY=VALUE" in err

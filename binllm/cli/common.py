@@ -15,11 +15,13 @@ from ..packed.output import is_binllm_dir
 from .guards import check_model_size
 
 
-def parse_method_args(pairs: list[str]) -> dict[str, str]:
+def parse_method_args(pairs: list[str], flag: str = "--method-arg",
+                      example: str = "bits=3") -> dict[str, str]:
+    """KEY=VALUE pairs of a repeatable flag as a dict (values stay strings)."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise CLIError(f"--method-arg {pair!r}: write KEY=VALUE, e.g. --method-arg bits=3")
+            raise CLIError(f"{flag} {pair!r}: write KEY=VALUE, e.g. {flag} {example}")
         k, v = pair.split("=", 1)
         out[k.strip()] = v.strip()
     return out

@@ -81,7 +81,7 @@ def parse_refine(mode: str, pairs: list[str]):
         return None
     types = {f.name: f.type for f in dataclasses.fields(RefineConfig)}
     values = {}
-    for key, value in parse_method_args(pairs).items():
+    for key, value in parse_method_args(pairs, "--refine-arg", "epochs=4").items():
         if key not in types:
             raise CLIError(f"--refine-arg {key}: unknown; use {', '.join(types)}")
         try:

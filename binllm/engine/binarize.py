@@ -141,16 +141,17 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
             check_finite(model)
     per_linear = (source is not None and dist.world == 1 and journal is None and not keep_codes
                   and refiner is None)
-    run = _Run(method, config, report, dist, device, refiner, journal,
+    run = _Run(method, config, report, dist, device, refiner,
                CodesDestination(method, report, keep_codes=keep_codes, journal=journal,
                                 source=source, per_linear=per_linear),
-               needs_hessian=method.uses_hessian(config.feedback))
+               needs_hessian=method.uses_hessian(config.feedback),
+               on_layer=on_layer, n_layers=len(layers))
     walk = dist.guarded(walk_layers(model, dist.local_windows(calibration), device,
                                     source=source), "calibration forward")
     try:
         for i, path, layer, inputs in walk:
             run.dest.flush()  # the walker has run the previous layer on its calibrated weights
-            _layer(run, i, path, layer, inputs, lambda: on_layer and on_layer(i + 1, len(layers)))
+            _layer(run, i, path, layer, inputs)
             del inputs  # the walker alone holds them while it runs the layer
     finally:
         run.dest.flush()
@@ -169,21 +170,22 @@ class _Run:
     dist: Any                    # Distributed or SingleProcess
     device: torch.device | str
     refiner: LayerRefiner | None
-    journal: LayerJournal | None
-    dest: CodesDestination
+    dest: CodesDestination       # holds the journal, if any
     needs_hessian: bool
+    on_layer: Callable[[int, int], None] | None
+    n_layers: int
 
 
-def _layer(run: _Run, i: int, path: str, layer: nn.Module, inputs,
-           done: Callable[[], Any]) -> None:
+def _layer(run: _Run, i: int, path: str, layer: nn.Module, inputs) -> None:
     """One decoder layer: its codes restored from the journal, or solved (and refined);
-    then handed to the destination, and `done()` told (under the ranks' guard, so that an
+    then handed to the destination, and `on_layer` told (under the ranks' guard, so that an
     error there stops every rank). Nothing of the layer stays bound once it returns."""
+    journal = run.dest.journal
     if run.refiner is not None:  # the layer is still full precision: its FP targets
         run.refiner.begin(layer, inputs)
     linears = {n: m for n, m in find_linears(layer).items()
                if not skip_matches(n, run.config.skip)}
-    journaled = run.dist.decide(run.journal is not None and run.journal.done(i))
+    journaled = run.dist.decide(journal is not None and journal.done(i))
     if journaled:
         codes, reports = _restore(run, i, path, linears)
         Q = None
@@ -194,10 +196,10 @@ def _layer(run: _Run, i: int, path: str, layer: nn.Module, inputs,
     with run.dist.guard(f"layer {i} codes"):
         run.report.linears.extend(reports)
         run.dest.layer(i, path, linears, codes, reports, Q=Q, journaled=journaled)
-        done()
+        if run.on_layer:
+            run.on_layer(i + 1, run.n_layers)
     if journaled:
-        log.info("layer %d restored from %s", i,
-                 run.journal.path if run.journal is not None else "rank 0")
+        log.info("layer %d restored from %s", i, journal.path if journal is not None else "rank 0")
 
 
 def _solve(run: _Run, i: int, path: str, layer: nn.Module, inputs,
@@ -241,7 +243,7 @@ def _restore(run: _Run, i: int, path: str, linears: dict[str, nn.Module]
              ) -> tuple[dict[str, Any], list]:
     """Layer i's calibrated codes and reports from the journal (rank 0 reads it and shares
     them); the linears compute with those codes' weights."""
-    dist, journal = run.dist, run.journal
+    dist, journal = run.dist, run.dest.journal
     with dist.guard(f"restoring layer {i}"):
         codes, reports = journal.load(i) if journal is not None else ({}, [])
         if journal is not None and set(codes) != set(linears):

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from ..methods.trainable import TrainableCodes
 from .config import RefineConfig
-from .walker import LayerInputs, run_layer
+from .walker import LayerInputs, map_tensors, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,6 @@ class LayerRefineReport:
     flipped: int        # signs that differ from the method's codes
     steps: int
     seconds: float
-
-
-def _fp32(obj: Any) -> Any:
-    """Floating tensors inside `obj` (tuples, lists, dicts) as fp32; the rest as it is."""
-    if isinstance(obj, Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_fp32(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _fp32(v) for k, v in obj.items()}
-    return obj
 
 
 class LayerRefiner:
@@ -82,7 +71,8 @@ class LayerRefiner:
 
     def begin(self, layer: nn.Module, inputs: LayerInputs) -> None:
         n = self.config.windows or len(inputs.hidden)
-        self.kwargs = [_fp32(kw) for kw in inputs.kwargs[:n]]
+        self.kwargs = [map_tensors(kw, lambda t: t.float() if t.is_floating_point() else t)
+                       for kw in inputs.kwargs[:n]]
         stream = self.fp_stream or [h.float() for h in inputs.hidden[:n]]
         self.fp_layer = copy.deepcopy(layer).float().requires_grad_(False)
         with torch.no_grad():
@@ -125,8 +115,9 @@ class LayerRefiner:
         rep = LayerRefineReport(layer=i, loss_before=before, loss_after=after, kept=kept,
                                 flipped=sum(t.flipped() for t in train.values()) if kept else 0,
                                 steps=steps, seconds=time.perf_counter() - t0)
-        log.info("layer %d refined: output MSE %.4g -> %.4g (%s), %d signs flipped, %.1f s",
-                 i, before, after, "kept" if kept else "discarded", rep.flipped, rep.seconds)
+        log.info("layer %d refined: %s loss %.4g -> %.4g (%s), %d signs flipped, %.1f s",
+                 i, cfg.loss, before, after, "kept" if kept else "discarded", rep.flipped,
+                 rep.seconds)
         self.fp_layer = None
         return (refined if kept else codes), rep
 

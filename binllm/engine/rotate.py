@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .hadamard import rotation
-from .walker import find_decoder_layers
+from .walker import find_decoder_layers, get_path
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,6 @@ class RotationReport:
     how: str        # which orthogonal matrix: Hadamard construction or random orthogonal
     untied: bool    # lm_head was tied to the embeddings and is now a tensor of its own
     seed: int
-
-
-def _module(root: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        root = getattr(root, part, None)
-        if root is None:
-            return None
-    return root
 
 
 def _norm_weight(norm: nn.Module, width: int) -> tuple[Tensor, Tensor]:
@@ -83,8 +75,8 @@ def check_rotatable(model: nn.Module) -> None:
     for i, layer in enumerate(layers):
         norms = {n for n, m in layer.named_modules() if "norm" in type(m).__name__.lower()
                  and n.count(".") == 0}
-        missing = [p for norm, readers in READERS.items() for p in (norm, *readers)
-                   if _module(layer, p) is None] + [p for p in WRITERS if _module(layer, p) is None]
+        needed = [p for norm, readers in READERS.items() for p in (norm, *readers)] + [*WRITERS]
+        missing = [p for p in needed if get_path(layer, p) is None]
         if missing or norms - set(READERS):
             what = (f"has no {', '.join(missing)}" if missing
                     else f"has the norms {', '.join(sorted(norms - set(READERS)))}")
@@ -93,7 +85,7 @@ def check_rotatable(model: nn.Module) -> None:
                                f"layer {i} of {type(model).__name__} {what}; "
                                "quantize it without rotate")
         for norm in READERS:
-            if getattr(_module(layer, norm), "bias", None) is not None:
+            if getattr(get_path(layer, norm), "bias", None) is not None:
                 raise CannotRotate(f"layer {i}'s {norm} has a bias (a LayerNorm): "
                                    "rotate=hadamard needs RMSNorm; quantize without rotate")
 
@@ -131,13 +123,13 @@ def rotate_model(model: nn.Module, seed: int = 0) -> RotationReport:
     _, layers = find_decoder_layers(model)
     for layer in layers:
         for norm_name, readers in READERS.items():
-            norm = _module(layer, norm_name)
+            norm = get_path(layer, norm_name)
             g, identity = _norm_weight(norm, width)
             for p in readers:
-                read(_module(layer, p), g)
+                read(get_path(layer, p), g)
             norm.weight.data = identity
         for p in WRITERS:
-            write(_module(layer, p))
+            write(get_path(layer, p))
     final = _final_norm(model)
     g, identity = _norm_weight(final, width)
     tied = lm_head.weight is emb.weight

@@ -12,7 +12,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,8 @@ def calibration_context(model: nn.Module):
             config.use_cache = use_cache
 
 
-def _get(model: nn.Module, path: str) -> Any:
+def get_path(model: nn.Module, path: str) -> Any:
+    """The attribute at dotted `path` below `model` ("model.layers"), or None where absent."""
     obj = model
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -77,7 +78,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 and type(module[0]).__name__ in names:
             return path, module
     for path in LAYER_PATHS:
-        module = _get(model, path)
+        module = get_path(model, path)
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             return path, module
     raise UnsupportedArchitecture(
@@ -99,15 +100,21 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]      # attention mask, position embeddings, … per batch
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Tensors inside `obj` (tuples, lists, dicts: a layer's captured kwargs) on `device`."""
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`fn` applied to every tensor inside `obj` (tuples, lists, dicts: a layer's captured
+    kwargs); everything else as it is."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Tensors inside `obj` on `device`."""
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],

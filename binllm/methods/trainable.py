@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .codes import codes_fields, q8_round, to_storage
+from .codes import Q8_FIELDS, codes_fields, q8_round, to_storage
 
 
 class _SignSTE(torch.autograd.Function):
@@ -87,7 +87,7 @@ class TrainableCodes:
         out = {}
         for f, x in self.scales.items():
             x = x.detach()
-            if q8_rows and f in ("alpha", "mu"):
+            if q8_rows and f in Q8_FIELDS:
                 out[f] = q8_round(x, q8_rows)
             else:
                 out[f] = to_storage(x, c.scale_dtype)
