@@ -75,3 +75,79 @@ def test_cli_compare_fp_streams_the_dense_layers_with_the_same_perplexity(
     (s_streamed, s_fp), (m_streamed, m_fp) = fp("s"), fp("m", "--no-stream")
     assert (s_streamed, m_streamed) == (True, False) and len(calls) == 1
     assert s_fp == m_fp
+
+
+def _binarized(family: str = "llama", **kw):
+    """A tiny model whose decoder linears are reference-path BinaryLinears (rtn-sign codes)."""
+    from binllm.methods import get_method
+    from binllm.engine.reconstruct import reconstruct
+    from binllm.packed.layers import BinaryLinear
+
+    model = tiny_causal_lm(family, num_hidden_layers=3, tie_word_embeddings=False, **kw)
+    method = get_method("rtn-sign")
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                codes = reconstruct(lin.weight.data.float(), None, method, feedback="none").codes
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child,
+                        BinaryLinear.from_codes(codes, lin.bias, kernels=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_perplexity_equals_the_whole_model_reference_forward(family):
+    from binllm.engine.stream_eval import packed_perplexity
+
+    model = _binarized(family)
+    tokens = torch.randint(0, 256, (1, 5 * 24 + 7), generator=torch.Generator().manual_seed(0))
+    want = perplexity(model, tokens, 24, max_windows=4)
+    got = packed_perplexity(model, tokens, 24, max_windows=4)
+    assert (got.windows, got.total_windows) == (want.windows, want.total_windows) == (4, 5)
+    assert got.ppl == want.ppl
+    assert all(m._dense is None for m in model.modules() if hasattr(m, "hold_dense"))
+
+
+def test_packed_perplexity_dequantizes_each_linear_once_per_pass(monkeypatch):
+    """The whole-model reference forward unpacks every linear at every window; layer by layer,
+    each linear is unpacked once per pass of windows (two passes here: max_hidden_bytes)."""
+    from binllm.engine.stream_eval import packed_perplexity
+    from binllm.packed.layers import BinaryLinear
+
+    model = _binarized()
+    tokens = torch.randint(0, 256, (1, 4 * 24), generator=torch.Generator().manual_seed(1))
+    n_linears = sum(isinstance(m, BinaryLinear) for m in model.modules())
+    calls = []
+    real = BinaryLinear.dequantize
+    monkeypatch.setattr(BinaryLinear, "dequantize", lambda self: calls.append(1) or real(self))
+    perplexity(model, tokens, 24)
+    assert len(calls) == 4 * n_linears
+    calls.clear()
+    two = 2 * 2 * 24 * model.config.hidden_size * 4  # two windows' inputs + outputs, fp32
+    packed_perplexity(model, tokens, 24, max_hidden_bytes=two)
+    assert len(calls) == 2 * n_linears
+
+
+def test_evaluate_datasets_takes_the_layerwise_path_for_binarized_models(monkeypatch):
+    """The CLI's evaluation of a model with BinaryLinears goes layer by layer; a dense model
+    runs whole."""
+    import argparse
+
+    import binllm.engine.stream_eval as stream_eval
+    import binllm.evaluation.data as data
+    from binllm.cli.common import evaluate_datasets
+    from binllm.evaluation.data import TextSource
+
+    used = []
+    real = stream_eval.packed_perplexity
+    monkeypatch.setattr(stream_eval, "packed_perplexity",
+                        lambda *a, **k: used.append("packed") or real(*a, **k))
+    tokens = torch.randint(0, 256, (1, 3 * 24), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(data, "load_text", lambda *a: TextSource("x", "test", "", (), ""))
+    monkeypatch.setattr(data, "eval_tokens", lambda *a: tokens)
+    args = argparse.Namespace(eval_split="test", data_dir=None, quiet=True, max_windows=None,
+                              device="cpu")
+    packed = evaluate_datasets(_binarized(), None, ["x"], 24, args)
+    assert used == ["packed"] and packed["x"]["windows"] == 3
+    evaluate_datasets(tiny_causal_lm("llama", num_hidden_layers=3), None, ["x"], 24, args)
+    assert used == ["packed"]

@@ -78,10 +78,15 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
 def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args,
                       perplexity=None) -> dict[str, Any]:
     """perplexity: the function (model, tokens, seqlen, max_windows=, device=, progress=)
-    (default: binllm.evaluation.perplexity.perplexity)."""
+    (default: a model with BinaryLinears layer by layer, each linear dequantized once per
+    pass, `binllm.engine.stream_eval.packed_perplexity`; any other model whole,
+    `binllm.evaluation.perplexity.perplexity`)."""
     from ..evaluation.data import eval_tokens, load_text
     if perplexity is None:
-        from ..evaluation.perplexity import perplexity
+        from ..engine.stream_eval import has_binary_linears, packed_perplexity
+        from ..evaluation.perplexity import perplexity as whole_model
+
+        perplexity = packed_perplexity if has_binary_linears(model) else whole_model
     from .progress import Progress
 
     results = {}

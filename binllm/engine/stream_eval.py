@@ -1,21 +1,29 @@
-"""Perplexity of the dense model with its decoder layers streamed from the checkpoint.
+"""Perplexity computed layer by layer: every window's hidden states carried from one decoder
+layer to the next, instead of one forward of the whole model per window.
 
     model, ckpt = open_streaming(DIR)          # skeleton: decoder layers on meta
     res = streamed_perplexity(model, ckpt, tokens, seqlen, max_windows=40)
+    res = packed_perplexity(binarized_model, tokens, seqlen, max_windows=40)
+
+Two sources of layers share the one loop (`layerwise_perplexity`):
+
+- `StreamedLayers`: the dense checkpoint's decoder layer i is read from the shards, run on
+  every window, and sent back to the meta device; at most one dense decoder layer is in memory.
+- `ResidentLayers`: the layers are in memory (a binarized model); while layer i runs on the
+  windows, its BinaryLinears hold their weight dequantized (`BinaryLinear.hold_dense`), so
+  each linear is unpacked once per pass instead of once per window, and computes as nn.Linear
+  does: bit for bit the reference forward, at the dense model's speed.
 
 The windows and the loss are those of `binllm.evaluation.perplexity.perplexity` (GPTQ
-protocol, one window per forward call). Instead of one forward of the whole model per window,
-the hidden states of every window are carried from layer to layer: decoder layer i is read
-from the shards, run on every window, and sent back to the meta device; at most one dense
-decoder layer is in memory. The last layer's outputs then go through the model's own tail
-(final norm, lm_head, whatever the model does after its layers) by one more forward whose
+protocol, one window per forward call). The last layer's outputs go through the model's own
+tail (final norm, lm_head, whatever the model does after its layers) by one more forward whose
 decoder layers are stand-ins replaying them, so nothing model-specific is written here. The
 hidden states of a group of windows are held (windows × seqlen × hidden in the model's dtype,
 twice: a layer's inputs and outputs), as in the references' layer-wise evaluation, but at
 most `max_hidden_bytes` of them (default: a quarter of the available memory): more windows
-than that are evaluated in groups, each streaming every layer again. Each window runs the same
-layer calls as the whole model's forward would, so the result equals the in-memory perplexity
-whatever the grouping.
+than that are evaluated in groups, each running every layer again. Each window runs the same
+layer calls as the whole model's forward would, so the result equals the whole-model
+perplexity whatever the grouping.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..packed.layers import BinaryLinear
 from ..evaluation.perplexity import Perplexity, eval_windows, from_losses, window_losses
 from .walker import (move_outside_layers, to_device, calibration_context, capture_layer_inputs,
                      find_decoder_layers)
@@ -43,11 +52,63 @@ class _Replay(nn.Module):
         return (h,) if self.as_tuple else h
 
 
-def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int, *,
-                        max_windows: int | None = None, device: torch.device | str = "cpu",
-                        progress=None, max_hidden_bytes: int | None = None) -> Perplexity:
+class StreamedLayers:
+    """Decoder layers read from the dense checkpoint `ckpt` into a skeleton, one at a time."""
+
+    def __init__(self, ckpt: Any):
+        from .stream import LayerStream
+
+        self.stream = LayerStream(ckpt, None, keep_packed=False)
+
+    def enter(self, i: int, path: str, layer: nn.Module, device) -> None:
+        self.stream.load(i, path, layer)
+        layer.to(device)
+
+    def exit(self, layer: nn.Module) -> None:
+        layer.to("meta")
+
+
+class ResidentLayers:
+    """Decoder layers already in memory; a layer's BinaryLinears hold their dense weight for as
+    long as the layer runs (one unpack per linear and pass)."""
+
+    def enter(self, i: int, path: str, layer: nn.Module, device) -> None:
+        for m in _binary_linears(layer):
+            m.hold_dense(True)
+
+    def exit(self, layer: nn.Module) -> None:
+        for m in _binary_linears(layer):
+            m.hold_dense(False)
+
+
+def _binary_linears(module: nn.Module) -> list[BinaryLinear]:
+    return [m for m in module.modules() if isinstance(m, BinaryLinear)]
+
+
+def has_binary_linears(model: nn.Module) -> bool:
+    return any(isinstance(m, BinaryLinear) for m in model.modules())
+
+
+def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int,
+                        **kwargs) -> Perplexity:
     """GPTQ-convention perplexity of the dense checkpoint `ckpt` on tokens (1, N), its decoder
-    layers read one at a time into the skeleton `model` (from `open_streaming`).
+    layers read one at a time into the skeleton `model` (from `open_streaming`); keyword
+    arguments as `layerwise_perplexity`."""
+    return layerwise_perplexity(model, StreamedLayers(ckpt), tokens, seqlen, **kwargs)
+
+
+def packed_perplexity(model: nn.Module, tokens: Tensor, seqlen: int, **kwargs) -> Perplexity:
+    """GPTQ-convention perplexity of a model in memory whose linears are BinaryLinears, each
+    dequantized once per pass (module docstring); equal to `perplexity(model, …)` on the
+    reference forward. Keyword arguments as `layerwise_perplexity`."""
+    return layerwise_perplexity(model, ResidentLayers(), tokens, seqlen, **kwargs)
+
+
+def layerwise_perplexity(model: nn.Module, source, tokens: Tensor, seqlen: int, *,
+                         max_windows: int | None = None, device: torch.device | str = "cpu",
+                         progress=None, max_hidden_bytes: int | None = None) -> Perplexity:
+    """GPTQ-convention perplexity of `model` on tokens (1, N), layer by layer, its decoder
+    layers given by `source` (`StreamedLayers` or `ResidentLayers`).
     max_hidden_bytes: the hidden states held at once (windows beyond it: another pass)."""
     windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
     batches = [windows[i:i + 1] for i in range(windows.shape[0])]  # (1, seqlen) each
@@ -57,7 +118,7 @@ def streamed_perplexity(model: nn.Module, ckpt: Any, tokens: Tensor, seqlen: int
     for k, part in enumerate(passes):
         step = None if progress is None else (
             lambda done, n, k=k: progress(k * n + done, len(passes) * n))
-        losses += _pass_losses(model, ckpt, part, device, step)
+        losses += _pass_losses(model, source, part, device, step)
     return from_losses(losses, total, seqlen)
 
 
@@ -77,27 +138,25 @@ def windows_per_pass(model: nn.Module, seqlen: int, max_hidden_bytes: int | None
     return max(1, int(max_hidden_bytes // (2 * seqlen * hidden_width(model) * itemsize)))
 
 
-def _pass_losses(model: nn.Module, ckpt: Any, batches: list[Tensor], device,
+def _pass_losses(model: nn.Module, source, batches: list[Tensor], device,
                  progress) -> list[Tensor]:
-    """Per-window losses of `batches`, every decoder layer streamed once."""
-    from .stream import LayerStream
-
+    """Per-window losses of `batches`, every decoder layer entered once."""
     path, layers = find_decoder_layers(model)
-    source = LayerStream(ckpt, None, keep_packed=False)
     as_tuple = False
     with calibration_context(model):
         inputs = capture_layer_inputs(model, layers, batches, device)
         hidden = inputs.hidden
         for i, layer in enumerate(layers):
-            source.load(i, f"{path}.{i}", layer)
-            layer.to(device)
-            out = []
-            for h, kw in zip(hidden, inputs.kwargs):
-                raw = layer(h.to(device), **to_device(kw, device))
-                as_tuple = isinstance(raw, (tuple, list))
-                out.append(raw[0] if as_tuple else raw)  # as run_layer reduces it
+            source.enter(i, f"{path}.{i}", layer, device)
+            try:
+                out = []
+                for h, kw in zip(hidden, inputs.kwargs):
+                    raw = layer(h.to(device), **to_device(kw, device))
+                    as_tuple = isinstance(raw, (tuple, list))
+                    out.append(raw[0] if as_tuple else raw)  # as run_layer reduces it
+            finally:
+                source.exit(layer)
             hidden = out
-            layer.to("meta")
             if progress:
                 progress(i + 1, len(layers))
         return _tail_losses(model, layers, batches, hidden, as_tuple, device)

@@ -155,14 +155,21 @@ def outside_modules(model: nn.Module, layers: nn.ModuleList) -> Iterator[nn.Modu
 
 
 def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device, only=None) -> list:
-    """Move every parameter/buffer-holding module that is not inside `layers` to device."""
+    """Move every parameter/buffer-holding module that is not inside `layers` to device;
+    returns those that were elsewhere (`only`: move just these back)."""
     if str(device) == "cpu" and only is None:
         return []
+    target = torch.empty(0, device=device).device
     moved = [m for m in outside_modules(model, layers)
-             if only is None or any(m is o for o in only)]
+             if (any(m is o for o in only) if only is not None else _device_of(m) != target)]
     for m in moved:
         m.to(device)
     return moved
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)]))
+    return t.device
 
 
 def run_layer(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:

@@ -62,6 +62,8 @@ class BinaryLinear(nn.Module):
         self.kernels = kernels
         self._cached: Tensor | None = None
         self._form: KernelForm | None = None
+        self._dense_held = False        # hold_dense: Ŵ dequantized once, kept while held
+        self._dense: Tensor | None = None
         self._source: PackedSource | None = None  # where the packed tensors can be read back
         self._source_verified = False  # the resident buffers are known to be the source's bytes
         self._released = False         # packed buffers dropped (read back from _source)
@@ -149,8 +151,9 @@ class BinaryLinear(nn.Module):
             sum(t.numel() * t.element_size() for t in self.packed().values())
         if self._form is not None:
             held += self._form.nbytes()
-        if self._cached is not None:
-            held += self._cached.numel() * self._cached.element_size()
+        for dense in (self._cached, self._dense):
+            if dense is not None:
+                held += dense.numel() * dense.element_size()
         return held
 
     def codes(self) -> Any:
@@ -179,6 +182,13 @@ class BinaryLinear(nn.Module):
             return self._home
         return next(iter(self.packed().values())).device
 
+    def hold_dense(self, enabled: bool) -> None:
+        """While enabled, the forward dequantizes Ŵ once (to the input's dtype and device, at
+        the first call) and computes F.linear with it: the reference forward's result at
+        nn.Linear's speed, for a run of many calls (a layer run on every evaluation window).
+        Disabling drops that weight; the kernel form and the buffers are left as they are."""
+        self._dense_held, self._dense = enabled, None
+
     def clear_cache(self) -> None:
         self._cached = None
         self._form = None
@@ -191,6 +201,8 @@ class BinaryLinear(nn.Module):
         return self._form
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._dense_held:
+            return self._dense_forward(x)
         if x.is_cuda:  # packed-bits GPU kernel where one applies (binllm.kernels.gpu)
             from ..kernels.gpu import gpu_forward
 
@@ -207,6 +219,12 @@ class BinaryLinear(nn.Module):
             self._restore()  # the reference forward dequantizes at every call
         return F.linear(x, self.weight_for(x.dtype), bias)
 
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        W = self._dense
+        if W is None or W.dtype != x.dtype or W.device != x.device:
+            W = self._dense = self.dequantize().to(dtype=x.dtype).to(x.device)
+        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
     def _gpu_reads_buffers(self) -> bool:
         """Whether the CUDA forward is the Triton sign kernel on the packed buffers (the
         conditions of `binllm.kernels.gpu.gpu_forward`)."""
@@ -222,7 +240,7 @@ class BinaryLinear(nn.Module):
         """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
         under model.half() / .to(torch.bfloat16), so the codes never change); the kernel form
         moves with them (its fp32 coefficients stay fp32)."""
-        self._cached = None
+        self._cached = self._dense = None
         packed = {name: self._buffers.pop(name) for name in self.layout.specs()
                   if name in self._buffers}
         ref = self._home if self._released else next(iter(packed.values())).device
