@@ -2,31 +2,24 @@
 
 Every kernel here is a pure function of a layer's packed codes and its input, tested against
 the plain path `codes.dequantize() @ x`. May import `binllm.methods` (codes types) and
-`binllm.packed.packing` (bit primitives); `binllm.packed.layers` dispatches to it.
+`binllm.packed.packing` (bit primitives); `binllm.packed.layers` dispatches to it. Which kernel
+runs is a registry (`binllm.kernels.backends`): adding a kernel is one entry there.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from .backends import FORM_KERNELS, LAYER_KERNELS, KernelBackend, form_kernel, layer_kernel
 from .form import KernelForm, form_matmul_torch, kernel_form
 
 
 def form_matmul(form: KernelForm, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols): the compiled CPU kernels for CPU tensors
-    (`binllm.kernels.cpu`), the Triton kernel for CUDA tensors where Triton is installed
-    (`binllm.kernels.triton_form`), the pure-PyTorch form elsewhere."""
-    if x.device.type == "cpu":
-        from .cpu import form_matmul as cpu_matmul
-
-        return cpu_matmul(form, x)
-    from .gpu import triton_available
-
-    if x.is_cuda and triton_available():
-        from .triton_form import form_matmul as triton_matmul
-
-        return triton_matmul(form, x)
-    return form_matmul_torch(form, x)
+    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols) by the first kernel of
+    `binllm.kernels.backends.FORM_KERNELS` that applies: the compiled CPU kernels for CPU
+    tensors (`binllm.kernels.cpu`), the Triton kernel for CUDA tensors where Triton is
+    installed (`binllm.kernels.triton_form`), the pure-PyTorch form elsewhere."""
+    return form_kernel(form, x).matmul(form, x)
 
 
 def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -36,4 +29,5 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
     return y if bias is None else y + bias
 
 
-__all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch"]
+__all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
+           "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel"]
