@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import form_linear
+from ..kernels import form_linear, layer_kernel
 from ..kernels.form import KernelForm, kernel_form
 from .layout import PackedLayout, pack, unpack
 from .packing import PackingError
@@ -203,15 +203,12 @@ class BinaryLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._dense_held:
             return self._dense_forward(x)
-        if x.is_cuda:  # packed-bits GPU kernel where one applies (binllm.kernels.gpu)
-            from ..kernels.gpu import gpu_forward
-
-            if self._released and self._gpu_reads_buffers():
+        direct = layer_kernel(self, x)  # a kernel reading the packed buffers (LAYER_KERNELS)
+        if direct is not None:
+            if self._released:
                 self._restore()  # that kernel reads the packed bits: they replace the form
                 self._form = None
-            y = gpu_forward(self, x)
-            if y is not None:
-                return y
+            return direct.matmul(self, x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernels and not self.cache_dequantized:
             return form_linear(self.kernel_form(), x, bias)
@@ -224,17 +221,6 @@ class BinaryLinear(nn.Module):
         if W is None or W.dtype != x.dtype or W.device != x.device:
             W = self._dense = self.dequantize().to(dtype=x.dtype).to(x.device)
         return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
-
-    def _gpu_reads_buffers(self) -> bool:
-        """Whether the CUDA forward is the Triton sign kernel on the packed buffers (the
-        conditions of `binllm.kernels.gpu.gpu_forward`)."""
-        from ..kernels.gpu import triton_available
-
-        if not self.kernels or self.cache_dequantized or not triton_available():
-            return False
-        from ..kernels import triton_sign
-
-        return triton_sign.supports(self.layout)
 
     def _apply(self, fn, recurse: bool = True):
         """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
