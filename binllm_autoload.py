@@ -7,7 +7,8 @@ for transformers to import its quantizer registry (`transformers.quantizers.auto
 then imports binllm (standard library only until that moment, nothing else is imported at
 start-up, so processes that never load transformers pay nothing) and lets
 `binllm.packed.hf_hook` register binllm's quantizer right after that module has executed.
-Set BINLLM_NO_AUTOLOAD=1 to turn it off. Kept outside the binllm package so that binllm itself
+Set BINLLM_NO_AUTOLOAD=1 (or true, yes; any case) to turn it off; any other value, 0 and false
+included, leaves it on. Kept outside the binllm package so that binllm itself
 is imported only when needed, from the same place `import binllm` would find it.
 """
 
@@ -17,6 +18,12 @@ import os
 import sys
 
 TARGET = "transformers.quantizers.auto"
+TRUE = ("1", "true", "yes")
+
+
+def disabled() -> bool:
+    """Whether BINLLM_NO_AUTOLOAD asks, with an explicit true value, for no hook."""
+    return os.environ.get("BINLLM_NO_AUTOLOAD", "").strip().lower() in TRUE
 
 
 class AutoloadBinllm:
@@ -35,7 +42,7 @@ class AutoloadBinllm:
 
 
 def install() -> None:
-    if os.environ.get("BINLLM_NO_AUTOLOAD") or TARGET in sys.modules:
+    if disabled() or TARGET in sys.modules:
         return
     if not any(isinstance(f, AutoloadBinllm) for f in sys.meta_path):
         sys.meta_path.insert(0, AutoloadBinllm())

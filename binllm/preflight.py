@@ -10,22 +10,23 @@ it:
   computed from its shape fields (before any skeleton is built).
 - `hidden_width(model)`: the width of the hidden states between decoder layers (the
   calibration estimate in `binllm.engine.memory` and the streamed evaluation's passes use it).
-- `safetensors_bytes(dir)`: every safetensors file of a checkpoint has its whole payload
-  (a truncated file is refused with its name); returns their total size.
+- `safetensors_bytes(dir)`: every safetensors file of a checkpoint is read as
+  `binllm.safetensors_io` checks it (a truncated file, or an index naming a file outside
+  the directory, is refused with its name); returns their total size.
 
-Only the standard library at import time; imports no other binllm package but `errors`.
+Only the standard library at import time; imports no other binllm module but `errors` and
+`safetensors_io`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BinllmError
+from .safetensors_io import INDEX_FILE, open_checkpoint, read_header
 
 
 class PreflightError(BinllmError, ValueError):
@@ -133,11 +134,12 @@ def config_shape(config: Any) -> ConfigShape | None:
                        or 0, _field(config, "vocab_size") or 0)
 
 
-def check_config_fits(config: Any, path: str, *, bytes_per_parameter: float,
+def check_config_fits(config: Any, path: str, *, bytes_per_parameter: float | None,
                       stored_bytes: int | None, device: Any = "cpu") -> None:
     """Refuse a config whose shape cannot be loaded: larger than the available memory at
-    `bytes_per_parameter`, or far larger than the weight files next to it (`stored_bytes`:
-    fewer than half a bit per declared weight means the config does not belong to them)."""
+    `bytes_per_parameter` (None: not loaded whole, no memory estimate), or far larger than the
+    weight files next to it (`stored_bytes`: fewer than half a bit per declared weight means
+    the config does not belong to them)."""
     shape = config_shape(config)
     if shape is None:
         return
@@ -147,6 +149,8 @@ def check_config_fits(config: Any, path: str, *, bytes_per_parameter: float,
             f"{path}: config.json declares at least {n:,} parameters ({shape.describe()}) but "
             f"its weight files hold only {gib(stored_bytes)}; the config does not belong to "
             "these weights (restore the model's own config.json)")
+    if bytes_per_parameter is None:
+        return
     need = n * bytes_per_parameter
     avail = available_memory(device)
     if avail is not None and need > avail:
@@ -173,36 +177,14 @@ def _embedding_width(model: Any) -> int:
 
 # -- safetensors files ---------------------------------------------------------------------------
 def safetensors_bytes(folder: str | os.PathLike) -> int | None:
-    """Total size of the folder's safetensors files, each checked to hold its whole payload
-    (header length and the largest data offset against the file size). None: no such files."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    """Total size of the checkpoint's safetensors files (those its index names, else every
+    `*.safetensors` in the folder), each header checked by `binllm.safetensors_io` (names
+    inside the folder, dtypes, shapes, offsets against the file size; a truncated file is
+    refused with its name). None: no such files."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        return open_checkpoint(folder, PreflightError).total_bytes
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
-    for f in files:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            header = None
-            if 0 < n <= size - 8:
-                try:
-                    header = json.loads(fh.read(n))
-                except (ValueError, UnicodeDecodeError):
-                    header = None
-        if not isinstance(header, dict):
-            raise PreflightError(f"{f} is not a complete safetensors file (its header is "
-                                 "missing or damaged); re-download or re-save the model")
-        end = 0
-        for key, entry in header.items():
-            if key != "__metadata__":
-                try:
-                    end = max(end, int(entry["data_offsets"][1]))
-                except (KeyError, TypeError, ValueError, IndexError):
-                    raise PreflightError(f"{f}: the header entry of {key} is damaged; "
-                                         "re-download or re-save the model") from None
-        if 8 + n + end > size:
-            raise PreflightError(f"{f} is truncated: {size:,} bytes, its header needs "
-                                 f"{8 + n + end:,}; re-download or re-save the model")
-        total += size
-    return total
+    return sum(read_header(f, PreflightError).size for f in files)

@@ -264,6 +264,9 @@ def test_a_layout_that_disagrees_with_the_file_is_refused(copy_dir):
         c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["params"]["block_size"] = 8
 
     _edit_config(copy_dir, edit)
+    with pytest.raises(CorruptCheckpoint, match="quantization_config.layers differs"):
+        load_binarized(copy_dir)  # the layouts digest recorded in the shard
+    _rewrite_shard(copy_dir, lambda t: None)  # as saved before the digest: none recorded
     with pytest.raises(WrongTensorShape, match="up_proj.alpha"):
         load_binarized(copy_dir)
 

@@ -15,7 +15,7 @@ HEAVY = ("transformers", "datasets", "lm_eval", "accelerate")
 # packed.formats is packing's per-format table, packed.layout the registry on top of both.
 PURE = ("binllm.packed.packing", "binllm.packed.formats", "binllm.packed.layout",
         "binllm.engine.hessian", "binllm.engine.reconstruct", "binllm.methods", "binllm.atomic",
-        "binllm.errors")
+        "binllm.errors", "binllm.safetensors_io")
 # the command line: the binllm.cli package; only it and __main__ may import it
 CLI = ("binllm.cli",)
 
@@ -192,16 +192,18 @@ def test_no_module_over_400_lines():
 ALLOWED = {
     "errors": set(),
     "atomic": {"errors"},
-    "preflight": {"errors"},
+    "safetensors_io": {"errors"},
+    "preflight": {"errors", "safetensors_io"},
     "methods": {"errors"},
     "kernels": {"errors", "methods", "packed.packing"},
-    "packed": {"errors", "atomic", "preflight", "methods", "kernels"},
+    "packed": {"errors", "atomic", "safetensors_io", "preflight", "methods", "kernels"},
     "evaluation": {"errors", "atomic"},
-    "engine": {"errors", "atomic", "preflight", "methods", "packed", "evaluation"},
+    "engine": {"errors", "atomic", "safetensors_io", "preflight", "methods", "packed",
+               "evaluation"},
     "qat": {"errors", "atomic", "methods", "engine", "evaluation"},
-    "export": {"errors", "atomic", "packed"},
-    "cli": {"errors", "atomic", "preflight", "methods", "kernels", "packed", "evaluation",
-            "engine", "qat", "export", "binllm"},
+    "export": {"errors", "atomic", "safetensors_io", "packed"},
+    "cli": {"errors", "atomic", "safetensors_io", "preflight", "methods", "kernels", "packed",
+            "evaluation", "engine", "qat", "export", "binllm"},
     "__main__": {"cli"},
     "binllm": {"packed"},
 }

@@ -13,5 +13,6 @@ memory at a time), `memory` (what calibration holds at once).
 
 May import `binllm.methods`, `binllm.packed` (the journal's and the stream's packed layers),
 `binllm.evaluation` (the streamed perplexity's window losses), `binllm.preflight`,
-`binllm.atomic` and `binllm.errors`; never the CLI (docs/layout.md, tests/test_imports.py).
+`binllm.safetensors_io` (the streamed checkpoint's reader), `binllm.atomic` and
+`binllm.errors`; never the CLI (docs/layout.md, tests/test_imports.py).
 """

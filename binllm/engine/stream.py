@@ -28,10 +28,9 @@ model); on a 128k-vocabulary 70B model that is 4 GiB not held while the layers a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import struct
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import OutputLock, atomic_dir
-from ..packed.checkpoint import finish_dir, parameters_on_meta, report_qc
+from ..packed.checkpoint import finish_dir, parameters_on_meta, report_qc, shard_metadata
 from ..packed.output import check_output_dir
 from ..packed.layers import BinaryLinear
-from ..packed.saved_dir import SAFETENSORS_DTYPES, CheckpointError, read_safetensors_header
-from ..packed.writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter
+from ..packed.saved_dir import CheckpointError
+from ..packed.writer import DEFAULT_SHARD_BYTES, ShardWriter
+from ..preflight import check_config_fits
+from ..safetensors_io import (INDEX_FILE, SINGLE_FILE, TensorEntry, open_checkpoint,
+                              read_tensors, torch_dtype)
 from .binarize import QuantizeReport, binarize_model
 from .checks import refuse_non_finite
 from .config import QuantizeConfig
@@ -63,89 +65,42 @@ class NotStreamable(Exception):
 
 
 class SafetensorsCheckpoint:
-    """A local safetensors checkpoint: which file holds which key, headers checked, no data read."""
+    """A local safetensors checkpoint: which file holds which key, headers checked, no data read
+    (`binllm.safetensors_io.open_checkpoint`: index names inside the directory, offsets,
+    dtypes and shapes of every shard)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise BadCheckpoint(f"{index} is unreadable ({type(e).__name__}: {e}); "
-                                    "re-download or re-save the checkpoint") from None
-            missing = [f for f in files if not (self.path / f).is_file()]
-            if missing:
-                more = f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise BadCheckpoint(f"{index} names {missing[0]}, which is not in {self.path}"
-                                    f"{more};"
-                                    " copy the whole checkpoint")
-        elif single.is_file():
-            weight_map, files = None, [SINGLE_FILE]
-        else:
+        found = open_checkpoint(self.path, BadCheckpoint)
+        if found is None:
             raise NotStreamable(f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}")
-        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # key: (file, dtype, shape)
-        for name in files:
-            _, header = read_safetensors_header(self.path / name, error=BadCheckpoint)
-            for key, (dtype, shape, _) in header.items():
-                self.entries.setdefault(key, (name, dtype, shape))
-        if weight_map is not None:
-            for key, name in weight_map.items():
-                if self.entries.get(key, (None,))[0] != name:
-                    raise BadCheckpoint(f"{index} puts {key} in {name}, whose header does not "
-                                        "hold it; the checkpoint is inconsistent (re-download it)")
+        self.files = found
+        self.entries: dict[str, tuple[str, TensorEntry]] = found.entries  # key: (file, entry)
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
     def first_float_dtype(self) -> torch.dtype | None:
-        for _, dtype, _ in self.entries.values():
-            if SAFETENSORS_DTYPES.get(dtype, torch.uint8).is_floating_point:
-                return SAFETENSORS_DTYPES[dtype]
+        for _, entry in self.entries.values():
+            dtype = torch_dtype(entry.dtype, BadCheckpoint)
+            if dtype.is_floating_point:
+                return dtype
         return None
 
     def read(self, keys: list[str]) -> dict[str, Tensor]:
-        """The tensors `keys`, read from their files into fresh CPU tensors (only those bytes).
-
-        Plain reads, not safe_open's get_tensor: its tensors are views of a private mapping of
-        the whole shard, which stays mapped (and its touched pages resident) while any tensor
-        of that shard lives — with the embeddings alive, a whole shard of decoder layers.
-        """
-        by_file: dict[str, list[str]] = {}
+        """The tensors `keys`, read from their files into fresh CPU tensors (only those bytes,
+        plain reads: `binllm.safetensors_io.read_tensors`)."""
+        by_file: dict[str, dict[str, TensorEntry]] = {}
         for key in keys:
             if key not in self.entries:
                 raise BadCheckpoint(f"{key} is in no shard of {self.path}; the checkpoint is "
                                     "incomplete (re-download it)")
-            by_file.setdefault(self.entries[key][0], []).append(key)
+            name, entry = self.entries[key]
+            by_file.setdefault(name, {})[key] = entry
         out = {}
         for name, wanted in by_file.items():
-            f = self.path / name
-            try:
-                offsets = _data_offsets(f)
-                with open(f, "rb") as fh:
-                    for key in wanted:
-                        _, dtype, shape = self.entries[key]
-                        t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
-                        start = offsets[key]
-                        fh.seek(start)
-                        view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
-                        if view is not None and fh.readinto(memoryview(view)) != view.nbytes:
-                            raise OSError(f"{key} ends past the end of the file")
-                        out[key] = t
-            except (OSError, ValueError, KeyError) as e:
-                raise BadCheckpoint(f"{f} cannot be read ({e}); the file is corrupt "
-                                    "(re-download it)") from None
-        return out
-
-
-def _data_offsets(f: Path) -> dict[str, int]:
-    """{key: absolute byte offset of its data} from a safetensors header (already checked)."""
-    with open(f, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return {k: 8 + n + int(e["data_offsets"][0]) for k, e in header.items()}
+            out.update(read_tensors(self.path / name, wanted, BadCheckpoint))
+        return {key: out[key] for key in keys}
 
 
 def resolve_dtype(config: Any, ckpt: SafetensorsCheckpoint, dtype: str | torch.dtype | None):
@@ -187,6 +142,10 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:
         raise NotStreamable(f"{path} is a quantized checkpoint")
+    # before the skeleton: a config.json whose shape the files cannot back is refused here (the
+    # layers are streamed, so the whole model need not fit in memory: no memory estimate)
+    check_config_fits(config, str(path), bytes_per_parameter=None,
+                      stored_bytes=ckpt.files.total_bytes)
     torch_dtype = resolve_dtype(config, ckpt, dtype)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
@@ -204,6 +163,7 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     if missing and unknown:  # renamed on load by transformers (GPT-NeoX: embed_out = lm_head)
         raise NotStreamable(f"{path}: {missing[0]} is stored under another name (the checkpoint "
                             f"holds {unknown[0]}, which the model has not); it is loaded whole")
+    check_against_config(model, ckpt)
     if missing:
         raise BadCheckpoint(f"{missing[0]} is in no shard of {path}"
                             f"{f' (nor {len(missing) - 1} more keys)' if len(missing) > 1 else ''}"
@@ -216,6 +176,36 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     if left:
         raise BadCheckpoint(f"{path}: {left[0]} is neither stored nor tied to a stored tensor")
     return model, ckpt
+
+
+def check_against_config(model: nn.Module, ckpt: SafetensorsCheckpoint) -> None:
+    """Before any tensor is read: every stored tensor the skeleton built from config.json has
+    is stored with its shape, and the checkpoint stores nothing the skeleton lacks (a layer
+    beyond num_hidden_layers) but what transformers' loader ignores too (the model's
+    `_keys_to_ignore_on_load_unexpected`, legacy rotary inv_freq and position_ids)."""
+    expected = model.state_dict()
+    disagree = f"{ckpt.path}: config.json and the weights disagree"
+    for key, t in expected.items():
+        if key in ckpt:
+            name, entry = ckpt.entries[key]
+            if tuple(t.shape) != entry.shape:
+                raise BadCheckpoint(f"{disagree}: {key} is {tuple(t.shape)} by config.json, "
+                                    f"{entry.shape} in {name}; restore the model's own "
+                                    "config.json")
+    ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        ignored.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        ignored.add(r"(^|\.)position_ids$")
+    pattern = re.compile("|".join(f"({p})" for p in ignored)) if ignored else None
+    unknown = [k for k in ckpt.entries if k not in expected
+               and not (pattern and pattern.search(k))]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise BadCheckpoint(f"{disagree}: {ckpt.entries[unknown[0]][0]} stores {unknown[0]}{more}, "
+                            f"which the {type(model).__name__} built from config.json has not; "
+                            "restore the model's own config.json")
 
 
 def load_outside(model: nn.Module, ckpt: SafetensorsCheckpoint, tail: bool = True) -> set[str]:
@@ -379,7 +369,7 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
             _write(writer, _outside_tensors(model)[1])
             if not keep_packed:
                 drop_outside(model)
-            files = writer.close()
+            files = writer.close(shard_metadata(stream.layouts))
             finish_dir(tmp, model, report_qc(report), stream.layouts, files, tokenizer,
                        report.to_dict(), untie=False)
             log.info("streamed %d binarized linears to %s", len(stream.layouts), out)

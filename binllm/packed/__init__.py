@@ -10,5 +10,6 @@ loaded layer hold its kernel form alone, its codes read back from the shard on d
 checks where a directory may be written, `hf_integration` and `hf_hook` let transformers'
 `from_pretrained` load them. May import
 `binllm.methods` (codes types), `binllm.kernels`, `binllm.preflight` (load-time size checks),
-`binllm.atomic` and `binllm.errors`; never the engine or CLI (docs/layout.md).
+`binllm.safetensors_io` (the one safetensors reader), `binllm.atomic` and `binllm.errors`;
+never the engine or CLI (docs/layout.md).
 """

@@ -8,12 +8,14 @@
 
 quantization_config = {quant_method: "binllm", format_version, method, method_args,
 block_size, percdamp, feedback, skip, modules_to_not_convert, layers: {linear: PackedLayout},
-files: {file: {bytes, sha256}}}. Saves are atomic: everything is written into a hidden
-temporary directory beside DIR, which is renamed to DIR at the very end, so an interrupted
-save never leaves a complete-looking DIR. Loading builds the model skeleton with its
-parameters on the meta device (no full-precision weights are ever materialised), swaps in
-BinaryLinears and reads the safetensors files (never pickle); bad input raises a
-`CheckpointError` naming the file and what to do.
+files: {file: {bytes, sha256}}}; every shard's header records the sha256 of `layers`
+(`binllm_layers_sha256`), so a layout edited after the save is refused. Saves are atomic:
+everything is written into a hidden temporary directory beside DIR, which is renamed to DIR
+at the very end, so an interrupted save never leaves a complete-looking DIR. Loading builds
+the model skeleton with its parameters on the meta device (no full-precision weights are
+ever materialised), swaps in BinaryLinears and reads the safetensors files (never pickle;
+headers checked by `binllm.safetensors_io`); bad input raises a `CheckpointError` naming
+the file and what to do.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
 from .release import load_packed, return_freed_memory, warm_kernels
 from .writer import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401
+from ..safetensors_io import torch_dtype
 from .saved_dir import (  # noqa: F401
-    SAFETENSORS_DTYPES,
+    LAYERS_DIGEST_KEY,
     QUANT_METHOD,
     CheckpointError,
     CorruptCheckpoint,
@@ -46,6 +49,7 @@ from .saved_dir import (  # noqa: F401
     NotBinllmModel,
     SavedModel,
     WrongTensorShape,
+    layers_digest,
     read_saved,
     read_tensors,
     sha256_file,
@@ -122,8 +126,14 @@ def report_qc(report: Any) -> dict[str, Any]:
 def _write_dir(model, out: Path, tensors, layers, untie, qc, tokenizer, report, max_shard_bytes,
                lock: bool) -> None:
     with OutputLock(out) if lock else contextlib.nullcontext(), atomic_dir(out) as tmp:
-        files = _write_shards(tmp, tensors, max_shard_bytes)
+        files = _write_shards(tmp, tensors, layers, max_shard_bytes)
         finish_dir(tmp, model, qc, layers, files, tokenizer, report, untie)
+
+
+def shard_metadata(layers: dict[str, PackedLayout]) -> dict[str, str]:
+    """What every shard's header records besides the format version: the layouts digest
+    (`saved_dir.layers_digest`), checked by every loader against config.json."""
+    return {LAYERS_DIGEST_KEY: layers_digest(layers)}
 
 
 def finish_dir(tmp: Path, model: nn.Module, qc: dict[str, Any], layers: dict[str, PackedLayout],
@@ -208,12 +218,13 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
     return tensors, layers, untie
 
 
-def _write_shards(tmp: Path, tensors: dict[str, Tensor], max_bytes: int) -> dict[str, dict]:
+def _write_shards(tmp: Path, tensors: dict[str, Tensor], layers: dict[str, PackedLayout],
+                  max_bytes: int) -> dict[str, dict]:
     writer = ShardWriter(tmp, max_bytes)
     try:
         for key, t in tensors.items():
             writer.add(key, t)
-        return writer.close()
+        return writer.close(shard_metadata(layers))
     finally:
         writer.abort()
 
@@ -356,7 +367,7 @@ def _check_shapes(saved: SavedModel, expected: dict[str, Tensor], tied: set[str]
                                 f"{missing[:4]}; the directory is inconsistent")
     for key, st in saved.tensors.items():
         exp = expected[key]
-        wrong_dtype = key in packed and SAFETENSORS_DTYPES[st.dtype] != exp.dtype
+        wrong_dtype = key in packed and torch_dtype(st.dtype, WrongTensorShape) != exp.dtype
         if st.shape != tuple(exp.shape) or wrong_dtype:
             raise WrongTensorShape(f"{saved.path / st.file}: tensor {key} is {st.dtype} "
                                    f"{st.shape}, "

@@ -1,8 +1,10 @@
 """Reading a saved binllm directory without loading the model: config, headers, inspection.
 
-`read_saved(DIR)` checks config.json, the format version and every safetensors header (its
-length, offsets and the file size recorded at save time; with `verify`, the sha256) and
-returns what is stored where, touching no tensor data. `inspect_saved(DIR)` measures the
+`read_saved(DIR)` checks config.json, the format version, the file names it lists (plain
+names inside DIR, before anything is opened) and every safetensors header
+(`binllm.safetensors_io`: length, dtypes, shapes, offsets; the file size recorded at save
+time; with `verify`, the sha256; the layouts digest each shard records) and returns what is
+stored where, touching no tensor data. `inspect_saved(DIR)` measures the
 stored bits of every binarized linear from those headers and reads its codes for the
 paper-style count (`binllm inspect`).
 """
@@ -12,20 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..methods.codes import per_weight
 from .layout import FORMAT_VERSION, PackedLayout, unpack
 from .packing import PackingError
 from ..errors import BinllmError
+from ..safetensors_io import DTYPES, TensorEntry, check_name, read_header
+from ..safetensors_io import read_tensors as read_entries
 
 QUANT_METHOD = "binllm"
+LAYERS_DIGEST_KEY = "binllm_layers_sha256"   # in every shard's __metadata__
 
 
 class CheckpointError(BinllmError, ValueError):
@@ -55,6 +59,7 @@ class StoredTensor:
     dtype: str          # safetensors dtype code: U8, F16, F32, …
     shape: tuple[int, ...]
     nbytes: int         # bytes of data in the file
+    offset: int         # absolute byte offset of the data in the file
 
 
 @dataclass(frozen=True)
@@ -72,15 +77,12 @@ class SavedModel:
         return [self.path / f for f in sorted({t.file for t in self.tensors.values()})]
 
 
-# safetensors' dtype names (as its headers write them) and the torch dtypes they hold
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
 def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
-    """Config, layouts and every stored tensor's header entry; `verify` also hashes the files."""
+    """Config, layouts and every stored tensor's header entry; `verify` also hashes the files.
+
+    The names in quantization_config.files are checked (plain file names in `path`) before
+    any file is opened; every shard's header is read by `binllm.safetensors_io`, and the
+    layouts digest a shard records (`LAYERS_DIGEST_KEY`) must match config.json's layouts."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -91,7 +93,7 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptCheckpoint(f"{cfg_file} is not valid JSON ({e}); the save was "
                                 "damaged") from None
-    qc = config.get("quantization_config")
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         found = qc.get("quant_method") if isinstance(qc, dict) else None
         raise NotBinllmModel(
@@ -108,8 +110,13 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
     except (KeyError, AttributeError, PackingError) as e:
         raise CorruptCheckpoint(f"{cfg_file}: bad quantization_config.layers ({e})") from None
     files = qc.get("files") or {}
-    if not files:
+    if not files or not isinstance(files, dict) or \
+            not all(isinstance(info, dict) for info in files.values()):
         raise CorruptCheckpoint(f"{cfg_file} lists no weight files (quantization_config.files)")
+    for name in files:  # every name, before any file is opened or hashed
+        check_name(name, f"{cfg_file} (quantization_config.files)", CorruptCheckpoint,
+                   plain=True)
+    digest = layers_digest(layouts)
     tensors: dict[str, StoredTensor] = {}
     for name, info in files.items():
         f = path / name
@@ -122,61 +129,38 @@ def read_saved(path: str | os.PathLike, verify: bool = False) -> SavedModel:
         if verify and sha256_file(f) != info.get("sha256"):
             raise CorruptCheckpoint(f"{f} does not match the checksum recorded at save time: "
                                     "the file is corrupt; re-save or re-download the model")
-        for key, entry in _read_header(f).items():
+        for key, e in _read_header(f, digest).items():
             if key in tensors:
                 raise CorruptCheckpoint(f"tensor {key} is stored twice "
                                         f"({tensors[key].file}, {name})")
-            tensors[key] = StoredTensor(name, *entry)
+            tensors[key] = StoredTensor(name, e.dtype, e.shape, e.nbytes, e.offset)
     return SavedModel(path, config, qc, layouts, tensors)
 
 
-def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """{key: (dtype, shape, nbytes)} of a binllm shard, checked against the file size."""
-    meta, out = read_safetensors_header(f)
+def layers_digest(layouts: Mapping[str, PackedLayout]) -> str:
+    """sha256 of quantization_config.layers as the loader reads them (canonical JSON): every
+    shard records it at save (`LAYERS_DIGEST_KEY`), so an edited layout is refused."""
+    text = json.dumps({n: lay.to_dict() for n, lay in layouts.items()}, sort_keys=True,
+                      separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_header(f: Path, digest: str) -> dict[str, TensorEntry]:
+    """{key: entry} of a binllm shard (`binllm.safetensors_io.read_header`), its format version
+    and recorded layouts digest checked (shards saved before the digest existed have none)."""
+    header = read_header(f, CorruptCheckpoint)
+    meta = header.metadata
     if meta.get("binllm_format_version") != str(FORMAT_VERSION):
         raise FormatVersionError(f"{f} carries binllm_format_version "
                                  f"{meta.get('binllm_format_version')!r}, this binllm reads "
                                  f"{FORMAT_VERSION}")
-    return out
-
-
-def read_safetensors_header(f: Path, error: type[Exception] = CorruptCheckpoint
-                            ) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int]]]:
-    """(metadata, {key: (dtype, shape, nbytes)}) of any safetensors file, touching no tensor
-    data; a header that does not add up to the file's size raises `error` naming the file."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise error(f"{f} is not a safetensors file (bad header length); it "
-                        "is truncated or corrupt")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise error(f"{f}: the safetensors header is damaged") from None
-    if not isinstance(header, dict):
-        raise error(f"{f}: the safetensors header is damaged")
-    meta = header.pop("__metadata__", None) or {}
-    out, end = {}, 0
-    for key, e in header.items():
-        try:
-            start, stop = (int(x) for x in e["data_offsets"])
-            entry = (str(e["dtype"]), tuple(int(s) for s in e["shape"]), stop - start)
-        except (KeyError, TypeError, ValueError):
-            raise error(f"{f}: header entry of {key} is damaged") from None
-        dtype = SAFETENSORS_DTYPES.get(entry[0])
-        numel = 1
-        for s in entry[1]:
-            numel *= s
-        if dtype is None or entry[2] != numel * dtype.itemsize or start < 0:
-            raise error(f"{f}: header entry of {key} is inconsistent ({entry})")
-        out[key] = entry
-        end = max(end, stop)
-    if 8 + n + end != size:
-        raise error(f"{f} is truncated or corrupt: it holds {size} bytes, its header needs "
-                    f"{8 + n + end}")
-    return meta, out
+    recorded = meta.get(LAYERS_DIGEST_KEY)
+    if recorded is not None and recorded != digest:
+        raise CorruptCheckpoint(f"{f.parent / 'config.json'}: quantization_config.layers differs "
+                                f"from the layouts {f.name} was saved with (their sha256 does "
+                                "not match the one recorded in its header): config.json was "
+                                "edited after the save; restore it or re-save the model")
+    return header.tensors
 
 
 def sha256_file(path: Path) -> str:
@@ -188,21 +172,14 @@ def sha256_file(path: Path) -> str:
 
 
 def read_tensors(saved: SavedModel, keys: set[str] | None = None) -> dict[str, Tensor]:
-    """The stored tensors (all, or `keys`), read with safetensors (never pickle)."""
-    from safetensors import SafetensorError, safe_open
-
+    """The stored tensors (all, or `keys`), read at the offsets of their checked headers."""
     state = {}
     for f in saved.files:
-        wanted = [k for k, t in saved.tensors.items()
-                  if t.file == f.name and (keys is None or k in keys)]
-        if not wanted:
-            continue
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as h:
-                for key in wanted:
-                    state[key] = h.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CorruptCheckpoint(f"{f} cannot be read ({e}); the file is corrupt") from None
+        wanted = {k: TensorEntry(t.dtype, t.shape, t.offset, t.nbytes)
+                  for k, t in saved.tensors.items()
+                  if t.file == f.name and (keys is None or k in keys)}
+        if wanted:
+            state.update(read_entries(f, wanted, CorruptCheckpoint))
     return state
 
 
@@ -266,7 +243,7 @@ def inspect_saved(path: str | os.PathLike, verify: bool = False) -> Inspection:
                                       (layout.out_features, layout.in_features), nbytes,
                                       nbytes * 8 / n, codes.stored_bits() / n, codes.paper_bits()))
     other = {k: t for k, t in saved.tensors.items() if k not in packed_keys}
-    fp16 = sum(t.nbytes // SAFETENSORS_DTYPES[t.dtype].itemsize * 2 for t in other.values()) \
+    fp16 = sum(t.nbytes // DTYPES[t.dtype].itemsize * 2 for t in other.values()) \
         + sum(lay.shape[0] * lay.shape[1] * 2 for lay in layers)
     q = saved.quantization
     return Inspection(str(saved.path), str(q.get("method")), dict(q.get("method_args") or {}),

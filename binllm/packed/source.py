@@ -28,9 +28,7 @@ descriptor per shard while the model lives.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .saved_dir import SAFETENSORS_DTYPES, CheckpointError
+from ..safetensors_io import torch_dtype
+from .saved_dir import CheckpointError
 
 
 class PackedSourceError(CheckpointError):
@@ -152,26 +151,13 @@ def _bytes_of(t: Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def data_offsets(f: Path) -> dict[str, tuple[int, int]]:
-    """{key: (absolute byte offset, nbytes)} of a safetensors file already checked by
-    `binllm.packed.saved_dir.read_saved`."""
-    with open(f, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return {k: (8 + n + int(e["data_offsets"][0]),
-                int(e["data_offsets"][1]) - int(e["data_offsets"][0]))
-            for k, e in header.items()}
-
-
 class SavedSources:
-    """Builds the PackedSource of each layer of one saved directory (`SavedModel`), opening
-    each shard once."""
+    """Builds the PackedSource of each layer of one saved directory (`SavedModel`, whose
+    headers `read_saved` checked and whose offsets it holds), opening each shard once."""
 
     def __init__(self, saved):
         self.saved = saved
         self._shards: dict[str, ShardHandle] = {}
-        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
 
     def ranges(self, name: str, layout) -> tuple[StoredRange, ...]:
         out = []
@@ -179,12 +165,9 @@ class SavedSources:
             key = f"{name}.{suffix}"
             st = self.saved.tensors[key]
             if st.file not in self._shards:
-                path = self.saved.path / st.file
-                self._shards[st.file] = ShardHandle(path)
-                self._offsets[st.file] = data_offsets(path)
-            offset, nbytes = self._offsets[st.file][key]
-            out.append(StoredRange(suffix, self._shards[st.file], offset, nbytes,
-                                   SAFETENSORS_DTYPES[st.dtype], tuple(st.shape)))
+                self._shards[st.file] = ShardHandle(self.saved.path / st.file)
+            out.append(StoredRange(suffix, self._shards[st.file], st.offset, st.nbytes,
+                                   torch_dtype(st.dtype, PackedSourceError), tuple(st.shape)))
         return tuple(out)
 
     def first_read(self, name: str, layout) -> tuple[PackedSource, dict[str, Tensor]]:

@@ -4,16 +4,17 @@
 and writes each one's bytes to disk at once, so neither the whole model nor a whole shard is
 ever held in memory: that is what lets `binllm quantize` save a model layer by layer as the
 layers finish (`binllm.engine.stream`). A shard is closed when the next tensor would take it
-past `max_shard_bytes` (the rule `save_binarized` has always used), and `close()` gives the
-shards their final names — `model.safetensors` when there is one, else
-`model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json` — and returns the
+past `max_shard_bytes` (the rule `save_binarized` has always used), and `close(metadata)`
+writes the shards under their final names — `model.safetensors` when there is one, else
+`model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json` — with `metadata`
+(the layouts digest, known only once every layer is done) in every header, and returns the
 `files` record of quantization_config (bytes and sha256 of each).
 
 The files are plain safetensors (https://github.com/huggingface/safetensors, "Format"): an
 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}} with
 `__metadata__`, padded with spaces to a multiple of 8 bytes, then the tensors' bytes back to
-back. A shard's data goes to a hidden body file while it is open; closing it writes the
-header and appends the body. The writer works inside a temporary directory the caller
+back. A shard's data goes to a hidden body file; `close` writes each header and appends its
+body. The writer works inside a temporary directory the caller
 publishes atomically (`binllm.atomic.atomic_dir`).
 """
 
@@ -30,16 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..safetensors_io import INDEX_FILE, SINGLE_FILE, dtype_code
 from .layout import FORMAT_VERSION
 from .saved_dir import sha256_file
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30
-
-DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-               torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-               torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 @dataclass
@@ -58,14 +54,15 @@ class ShardWriter:
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", "binllm_format_version": str(FORMAT_VERSION)}
-        self._done: list[tuple[Path, list[str]]] = []   # closed shards: (file, keys)
+        self._done: list[_Shard] = []   # closed shards, their bodies written
         self._open: _Shard | None = None
         self._handle = None
         self.total_bytes = 0
 
     def add(self, key: str, tensor: Tensor) -> None:
         """Store `tensor` under `key` (copied to the CPU, written now)."""
-        if tensor.dtype not in DTYPE_CODES:
+        code = dtype_code(tensor.dtype)
+        if code is None:
             raise ValueError(f"{key}: dtype {tensor.dtype} cannot be stored in safetensors")
         if tensor.device.type == "meta":
             raise ValueError(f"{key} is on the meta device; its weights were never loaded")
@@ -78,44 +75,44 @@ class ShardWriter:
             self._open = _Shard(body)
             self._handle = open(body, "wb")
         shard = self._open
-        if any(key in keys for _, keys in self._done) or key in shard.entries:
+        if any(key in done.entries for done in self._done) or key in shard.entries:
             raise ValueError(f"tensor {key} is stored twice")
         if nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self._handle.write(memoryview(data.numpy()))  # the tensor's own bytes, no copy
-        shard.entries[key] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+        shard.entries[key] = {"dtype": code, "shape": list(tensor.shape),
                               "data_offsets": [shard.nbytes, shard.nbytes + nbytes]}
         shard.nbytes += nbytes
         self.total_bytes += nbytes
 
     def _close_shard(self) -> None:
-        shard, self._open = self._open, None
         self._handle.close()
         self._handle = None
-        header = json.dumps({"__metadata__": self.metadata, **shard.entries},
-                            separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        target = self.directory / f".shard-{len(self._done) + 1:05d}.safetensors"
-        with open(target, "wb") as out, open(shard.body, "rb") as body:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(body, out, 1 << 24)
-        shard.body.unlink()
-        self._done.append((target, list(shard.entries)))
+        self._done.append(self._open)
+        self._open = None
 
-    def close(self) -> dict[str, dict[str, Any]]:
-        """Name the shards, write the index (several shards), return {file: {bytes, sha256}}."""
+    def close(self, metadata: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """Write the shards (`metadata` added to each header) under their final names and the
+        index (several shards); return {file: {bytes, sha256}}."""
         if self._open is not None:
             self._close_shard()
         n = len(self._done)
         names = ([SINGLE_FILE] if n == 1
                  else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        meta = {**self.metadata, **(metadata or {})}
         files, weight_map = {}, {}
-        for name, (tmp, keys) in zip(names, self._done):
+        for name, shard in zip(names, self._done):
             final = self.directory / name
-            os.replace(tmp, final)
+            header = json.dumps({"__metadata__": meta, **shard.entries},
+                                separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            with open(final, "wb") as out, open(shard.body, "rb") as body:
+                out.write(struct.pack("<Q", len(header)))
+                out.write(header)
+                shutil.copyfileobj(body, out, 1 << 24)
+            shard.body.unlink()
             files[name] = {"bytes": final.stat().st_size, "sha256": sha256_file(final)}
-            weight_map.update({k: name for k in keys})
+            weight_map.update({k: name for k in shard.entries})
         if n > 1:
             with open(self.directory / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": self.total_bytes},
