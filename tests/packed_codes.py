@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from binllm.methods.codes import BinaryCodes, PartialBinaryCodes, UniformCodes, to_storage
+from binllm.methods.factor_codes import FactorCodes
 
 
 def _fp16(x):
@@ -56,6 +57,15 @@ def partial_codes(rows=7, cols=33, high_bit=8, groupsize=33, frac=0.15, seed=0):
         high_bit=high_bit, groupsize=groupsize)
 
 
+def factor_codes(rows=13, cols=37, rank=5, seed=0) -> FactorCodes:
+    """binary-factor's codes: sign(U) (rows, r), sign(V) (cols, r), fp16 s_out, s_in."""
+    g = torch.Generator().manual_seed(seed)
+    return FactorCodes(u=torch.rand(rows, rank, generator=g) > 0.5,
+                       v=torch.rand(cols, rank, generator=g) > 0.5,
+                       s_out=_fp16(torch.rand(rows, generator=g) + 0.1),
+                       s_in=_fp16(torch.randn(cols, generator=g)))
+
+
 HAND_BUILT = {
     "rtn-like": lambda: binary_codes(orders=(1,), n_salient=0),
     "billm-like": lambda: binary_codes(),
@@ -69,4 +79,7 @@ HAND_BUILT = {
     "uniform-1bit": lambda: uniform_codes(rows=3, cols=9, bits=1, groupsize=4),
     "pb-8bit": lambda: partial_codes(),
     "pb-3bit-grouped": lambda: partial_codes(high_bit=3, groupsize=8, frac=0.4),
+    "factor-r5": lambda: factor_codes(),
+    "factor-r1": lambda: factor_codes(rows=1, cols=130, rank=1, seed=2),
+    "factor-r19": lambda: factor_codes(rows=35, cols=21, rank=19, seed=3),
 }

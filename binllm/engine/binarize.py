@@ -65,6 +65,7 @@ class QuantizeReport:
     codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
     refine: list[LayerRefineReport] = field(default_factory=list)  # per layer, with refine
     rotation: RotationReport | None = None  # with rotate
+    notes: list[str] = field(default_factory=list)  # what the user should know about the run
 
     @property
     def paper_bits(self) -> float:
@@ -81,7 +82,8 @@ class QuantizeReport:
                 "linears": [dataclasses.asdict(r) for r in self.linears],
                 **({"refine": [dataclasses.asdict(r) for r in self.refine]}
                    if self.refine else {}),
-                **({"rotation": dataclasses.asdict(self.rotation)} if self.rotation else {})}
+                **({"rotation": dataclasses.asdict(self.rotation)} if self.rotation else {}),
+                **({"notes": list(self.notes)} if self.notes else {})}
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -130,6 +132,9 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
             raise ConfigError("refine runs in one process (its training windows and gradients "
                               "are not shared between torchrun ranks); run without torchrun")
         refiner = LayerRefiner(config.refine, device)
+    elif method.unrefined_note:  # codes meant to be trained, run without refinement
+        report.notes.append(method.unrefined_note)
+        log.warning("%s", method.unrefined_note)
     if config.rotate is not None:
         if source is not None:
             raise ConfigError("rotate needs the whole model in memory (the embeddings and "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from ..errors import BinllmError
+from ..methods import METHODS
 
 FORMAT_VERSION = 1
 
@@ -96,6 +97,11 @@ class QuantizeConfig:
                               "use a small positive fraction such as 0.01")
         if self.feedback not in (None, "column", "block", "none"):
             raise ConfigError(f"feedback={self.feedback!r}: use column, block or none")
+        spec = METHODS.get(self.method)
+        if self.feedback is not None and spec is not None \
+                and self.feedback not in spec.cls.feedbacks:
+            raise ConfigError(f"feedback={self.feedback!r}: {self.method} runs with feedback "
+                              f"{' or '.join(spec.cls.feedbacks)} only; leave feedback unset")
         if self.rotate not in (None, *ROTATIONS):
             raise ConfigError(f"rotate={self.rotate!r}: use {', '.join(ROTATIONS)} or None")
 

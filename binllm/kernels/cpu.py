@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .form import KernelForm, form_matmul_torch, part_inputs
+from .form_ref import stages_of
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
 
     impl "avx512" uses the AVX-512 loop where it was compiled, "portable" the plain C++ loop.
     """
+    if len(stages_of(form)) > 1:  # a ChainForm: its stages in turn, t fp32 in between
+        for stage in stages_of(form):
+            x = form_matmul(stage, x, impl)
+        return x
     reason = fast_path_reason(form, x)
     if reason is not None:
         _warn_once(reason)

@@ -2,7 +2,8 @@
 
 `form_dense(form)` rebuilds Ŵ (a test oracle); `form_matmul_torch(form, x)` is the pure-PyTorch
 product (the fallback of `binllm.kernels.cpu`); `part_inputs` the x versions of a BitPart;
-`plane_rows` reads a plane's rows back from the 16-row tiled layout; `tile_planes` makes it.
+`plane_rows` reads a plane's rows back from the 16-row tiled layout; `tile_planes` makes it;
+`stages_of` lists a chain's stages (a ChainForm: kernels run them in turn).
 Duck-typed on the form's dataclasses (this module imports nothing from `form`).
 """
 
@@ -69,8 +70,20 @@ def _versions(part) -> int:
     return 1 if part.scale is None else part.scale.shape[0]
 
 
+def stages_of(form) -> tuple:
+    """The one-map forms a chain applies in turn (a ChainForm's stages), or (form,)."""
+    return tuple(getattr(form, "stages", None) or (form,))
+
+
 def form_dense(form) -> Tensor:
-    """Ŵ (rows, cols) fp32 rebuilt from the form (a test oracle; the kernels never do this)."""
+    """Ŵ (rows, cols) fp32 rebuilt from the form (a test oracle; the kernels never do this);
+    a chain's Ŵ is the product of its stages' (Ŵ_k ⋯ Ŵ_1)."""
+    if len(stages_of(form)) > 1:
+        W = None
+        for stage in stages_of(form):
+            Ws = form_dense(stage)
+            W = Ws if W is None else Ws @ W
+        return W
     W = torch.zeros(form.rows, form.cols + 1, device=_device(form))
     for part in form.parts:
         idx = torch.where(part.perm >= 0, part.perm, form.cols)
@@ -98,7 +111,12 @@ def part_inputs(part, x: Tensor) -> Tensor:
 
 
 def form_matmul_torch(form, x: Tensor, row_chunk: int = 1024) -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 from the form with plain PyTorch ops (x: (N, cols))."""
+    """y = x Ŵᵀ (N, rows) fp32 from the form with plain PyTorch ops (x: (N, cols)); a chain's
+    stages one after the other."""
+    if len(stages_of(form)) > 1:
+        for stage in stages_of(form):
+            x = form_matmul_torch(stage, x, row_chunk)
+        return x
     N = x.shape[0]
     y = torch.zeros(N, form.rows, device=x.device)
     for part in form.parts:

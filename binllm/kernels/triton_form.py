@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .form import BitPart, KernelForm, part_inputs
-from .form_ref import term_coef
+from .form_ref import stages_of, term_coef
 
 GEMV_MAX_BATCH = 4
 
@@ -125,7 +125,12 @@ def bitpart_matmul(part: BitPart, x: Tensor, y: Tensor, *, block_r: int | None =
 
 
 def form_matmul(form: KernelForm, x: Tensor, *, block_r: int | None = None) -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols), computed from the kernel form."""
+    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols), computed from the kernel form (a ChainForm's
+    stages in turn)."""
+    if len(stages_of(form)) > 1:
+        for stage in stages_of(form):
+            x = form_matmul(stage, x, block_r=block_r)
+        return x
     y = torch.zeros(x.shape[0], form.rows, dtype=torch.float32, device=x.device)
     for part in form.parts:
         bitpart_matmul(part, x, y, block_r=block_r)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from .arbllm import ARB, ARBRC, ARBX
 from .base import BlockContext, Feedback, Method, MethodArgumentError, describe_args, parse_args
 from .billm import BiLLM
+from .binary_factor import BinaryFactor
 from .block_sign import BlockSign
 from .codes import BinaryCodes, UniformCodes
 from .gptq import GPTQ
@@ -57,6 +58,8 @@ _SPECS = (
                "GPTQ column feedback alternating with least-squares scales (ARB)"),
     MethodSpec("q1_0", BlockSign, {"block": 128, "mean": False, "column_scales": False},
                "llama.cpp Q1_0: sign bits + one fp16 α per 128 weights (1.125 bits), GPTQ + ARB α"),
+    MethodSpec("binary-factor", BinaryFactor, summary="NanoQuant: diag(s_out)·sign(U)·sign(V)ᵀ·"
+               "diag(s_in), rank from a stored-bits budget (bits=1.0; 0.55–2), ADMM init"),
 )
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})

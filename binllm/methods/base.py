@@ -64,6 +64,9 @@ class Method:
     feedback: ClassVar[Feedback] = "block"
     needs_hessian: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = False  # uses S = H_blk/2 per block (ARB-X): a heavier solve
+    feedbacks: ClassVar[tuple[Feedback, ...]] = ("column", "block", "none")  # loops it runs in
+    # said in the run's report when it runs without `refine` (its codes are meant to be trained)
+    unrefined_note: ClassVar[str | None] = None
 
     def __init__(self, args):
         self.args = args

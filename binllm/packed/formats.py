@@ -35,6 +35,10 @@ partial-binary — PartialBinaryCodes (PB-LLM PTQ and QAT), n = number of salien
 salient bits(rows·cols), q_high uint_{high_bit}(n) (salient weights in row-major order),
 signs bits(rows·cols − n) (the other weights in row-major order), high_scale float (rows,),
 high_zero uint_{high_bit}(rows), alpha and mu float (rows, ngroups).
+
+factor — FactorCodes (binary-factor), r = the layout param "rank":
+u bits(rows·r) (sign(U), row-major (rows, r), 1 = +1), v bits(cols·r) (sign(V), row-major
+(cols, r)), s_out float (rows,), s_in float (cols,).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch import Tensor
 
 from ..methods.codes import (SCALE_DTYPES, BinaryCodes, PartialBinaryCodes, UniformCodes,
                              ceil_log2, q8_split, q8_values)
+from ..methods.factor_codes import FactorCodes
 from .packing import (
     CodesFormat,
     PackingError,
@@ -335,6 +340,38 @@ def _partial_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
                               scale_dtype=scale_dtype_name(p))
 
 
+# -- factor ------------------------------------------------------------------------------------
+def _factor_check(rows: int, cols: int, p: Mapping[str, Any]) -> None:
+    _check_keys("factor", p, {"rank"})
+    if not isinstance(p["rank"], int) or p["rank"] < 1:
+        raise PackingError(f"factor layout: rank={p['rank']!r} must be a positive int")
+
+
+def _factor_specs(rows: int, cols: int, p: Mapping[str, Any]) -> dict[str, TensorSpec]:
+    r, fd = int(p["rank"]), scale_dtype_of(p)
+    return {"u": bit_spec(rows * r), "v": bit_spec(cols * r),
+            "s_out": float_spec(rows, dtype=fd), "s_in": float_spec(cols, dtype=fd)}
+
+
+def _factor_params(c: FactorCodes) -> dict[str, Any]:
+    return {"rank": c.rank, "scale_dtype": c.scale_dtype}
+
+
+def _factor_pack(c: FactorCodes) -> dict[str, Tensor]:
+    fd = SCALE_DTYPES[c.scale_dtype]
+    return {"u": pack_bits(c.u.bool().reshape(-1)), "v": pack_bits(c.v.bool().reshape(-1)),
+            "s_out": to_exact(c.s_out, "s_out", fd), "s_in": to_exact(c.s_in, "s_in", fd)}
+
+
+def _factor_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
+                   p: Mapping[str, Any]) -> FactorCodes:
+    r = int(p["rank"])
+    return FactorCodes(u=unpack_bits(t["u"], rows * r).view(rows, r),
+                       v=unpack_bits(t["v"], cols * r).view(cols, r),
+                       s_out=t["s_out"].float(), s_in=t["s_in"].float(),
+                       scale_dtype=scale_dtype_name(p))
+
+
 FORMATS: Mapping[str, CodesFormat] = MappingProxyType({f.name: f for f in (
     CodesFormat("binary", BinaryCodes, _binary_params, _binary_specs, _binary_pack,
                 _binary_unpack, _binary_check),
@@ -342,4 +379,6 @@ FORMATS: Mapping[str, CodesFormat] = MappingProxyType({f.name: f for f in (
                 _uniform_unpack, _uniform_check),
     CodesFormat("partial-binary", PartialBinaryCodes, _partial_params, _partial_specs,
                 _partial_pack, _partial_unpack, _partial_check),
+    CodesFormat("factor", FactorCodes, _factor_params, _factor_specs, _factor_pack,
+                _factor_unpack, _factor_check),
 )})

@@ -1,0 +1,204 @@
+"""binary-factor: a linear's weight as two sign matrices with scales, below one bit per weight.
+
+    Ŵ = diag(s_out) · sign(U) · sign(V)ᵀ · diag(s_in),   U (rows, r), V (cols, r)
+
+NanoQuant's representation (ICML 2026): nothing is stored per weight, so the stored bits per
+weight are set by the rank r alone (`FactorCodes`, `binllm.methods.factor_codes`).
+
+**Rank from the bit budget.** `bits` is the stored bits per weight of each linear, every stored
+tensor counted: r is the largest rank with
+
+    8·⌈rows·r / 8⌉ + 8·⌈cols·r / 8⌉ + 16·(rows + cols)  ≤  bits · rows · cols
+
+(both sign planes as byte-padded bit streams, the fp16 scales s_out, s_in), at least 1 (a
+layer too small for its budget gets r = 1 and stores more than `bits`). Without the padding,
+r = ⌊bits · rows · cols / (rows + cols)⌋ − 16: a 4096 × 4096 linear at bits=1 gets r = 2032.
+
+**Initialisation** of one linear W (rows, cols) with the Gram matrix H of its inputs:
+
+1. importance d = √diag H of the input channels (NanoQuant's input norms), W̃ = W · diag(d);
+2. real factors A (rows, r), B (cols, r) from the truncated SVD of W̃ (√σ on both sides;
+   columns beyond min(rows, cols) start small and random);
+3. ADMM on ‖W̃ − A Bᵀ‖² with A = Z_A, B = Z_B, the Z constrained to sign × magnitude
+   (Z = diag(m) · sign(Z): each row's magnitude m = mean |row|, the exact projection):
+       A   = (W̃ B + ρ (Z_A − Λ_A)) (BᵀB + ρ I)⁻¹       B likewise with W̃ᵀ and A
+       Z   = proj(factor + Λ),  Λ += factor − Z,      ρ grows by `rho_growth` per iteration
+   `admm_iters` times; sign(U) = sign(Z_A), sign(V) = sign(Z_B);
+4. s_out, s_in by least squares on the layer's proxy loss tr((W − Ŵ) H (W − Ŵ)ᵀ) (H damped by
+   1 % of its mean diagonal): each is a closed form given the other (s_out per row; s_in one
+   cols × cols system), alternated `scale_iters` times from ADMM's magnitudes; every step
+   is an exact minimiser, so the loss never rises.
+
+It is a whole-matrix method: one block of all columns, no error feedback (feedback "none"
+only). `--refine block` then trains s_out, s_in and latent weights behind sign(U), sign(V)
+through the straight-through sign (`binllm.methods.trainable`), which is NanoQuant's
+block-wise stage; without it the codes are the initialisation alone, and the run's report
+says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import BlockContext, Method, MethodArgumentError
+from .codes import ScaleDtype, to_storage
+from .factor_codes import FactorCodes, factor_bits
+
+BITS_RANGE = (0.55, 2.0)  # stored bits per weight binary-factor accepts
+
+
+@dataclass(frozen=True)
+class BinaryFactorArgs:
+    """binary-factor's options.
+
+    bits         stored bits per weight of each linear (0.55 to 2.0); sets the rank r
+    admm_iters   ADMM iterations of the initialisation
+    rho          ADMM penalty at the first iteration, relative to the mean singular value
+    rho_growth   factor ρ grows by per iteration (the constraint tightens)
+    scale_iters  alternations of the least-squares s_out, s_in
+    scale_dtype  storage precision of s_out, s_in ("float16"; "float32": no rounding)
+    seed         seed of the random factor columns beyond min(rows, cols)
+    """
+
+    bits: float = 1.0
+    admm_iters: int = 40
+    rho: float = 0.05
+    rho_growth: float = 1.15
+    scale_iters: int = 4
+    scale_dtype: ScaleDtype = "float16"
+    seed: int = 0
+
+
+def rank_for_bits(rows: int, cols: int, bits: float, scale_dtype: ScaleDtype = "float16") -> int:
+    """The largest r ≥ 1 whose FactorCodes store at most bits · rows · cols bits."""
+    budget = bits * rows * cols
+    r = max(1, int(budget // (rows + cols)))
+    while r > 1 and factor_bits(rows, cols, r, scale_dtype) > budget:
+        r -= 1
+    return r
+
+
+def importance(H: Tensor | None, cols: int, device) -> Tensor:
+    """d = √diag H (cols,), dead channels (H_jj = 0) at 1e-6 of the largest; ones without H."""
+    if H is None:
+        return torch.ones(cols, device=device)
+    d = torch.diagonal(H).to(torch.float32).clamp_min(0).sqrt()
+    return d.clamp_min(1e-6 * float(d.max().clamp_min(1e-30)))
+
+
+def sign_magnitude(X: Tensor) -> Tensor:
+    """The nearest diag(m) · sign(X) to X (rows, r): m = mean |row|, sign(0) = +1."""
+    m = X.abs().mean(1, keepdim=True)  # (rows, 1)
+    return torch.where(X >= 0, m, -m)
+
+
+def svd_factors(Wt: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A (rows, r), B (cols, r) with A Bᵀ the best rank-min(r, rows, cols) approximation of Wt,
+    √σ on both sides; further columns small (1 % of the mean entry) and random."""
+    Us, S, Vh = torch.linalg.svd(Wt, full_matrices=False)
+    k = min(r, S.shape[0])
+    root = S[:k].sqrt()
+    A, B = Us[:, :k] * root, Vh[:k].T * root
+    if k < r:
+        scale = 0.01 * float(A.abs().mean() + B.abs().mean()) / 2
+        extra = [scale * torch.randn(n, r - k, generator=gen).to(Wt.device) for n in Wt.shape]
+        A, B = torch.cat([A, extra[0]], 1), torch.cat([B, extra[1]], 1)
+    return A, B
+
+
+def admm_signs(Wt: Tensor, r: int, iters: int, rho: float, growth: float,
+               gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sign(U) (rows, r) bool, sign(V) (cols, r) bool, m_A (rows,), m_B (cols,)) with
+    Wt ≈ diag(m_A) S_U S_Vᵀ diag(m_B): ADMM with sign × magnitude factors (module docstring)."""
+    A, B = svd_factors(Wt, r, gen)
+    rho = rho * float((A * A).sum(0).mean())  # relative to the mean singular value
+    eye = torch.eye(r, dtype=Wt.dtype, device=Wt.device)
+    ZA, ZB = sign_magnitude(A), sign_magnitude(B)
+    LA, LB = torch.zeros_like(A), torch.zeros_like(B)
+    for _ in range(iters):
+        A = torch.linalg.solve(B.T @ B + rho * eye, (Wt @ B + rho * (ZA - LA)).T).T
+        B = torch.linalg.solve(A.T @ A + rho * eye, (Wt.T @ A + rho * (ZB - LB)).T).T
+        ZA, ZB = sign_magnitude(A + LA), sign_magnitude(B + LB)
+        LA += A - ZA
+        LB += B - ZB
+        rho *= growth
+    return ZA >= 0, ZB >= 0, ZA.abs()[:, 0], ZB.abs()[:, 0]
+
+
+def fit_scales(W: Tensor, P: Tensor, H: Tensor, s_in: Tensor, iters: int
+               ) -> tuple[Tensor, Tensor]:
+    """Least-squares (s_out (rows,), s_in (cols,)) of min tr((W − diag(s_out) P diag(s_in)) H
+    (…)ᵀ) for P (rows, cols) = S_U S_Vᵀ, alternating closed forms from s_in; H damped, (cols,
+    cols). Every step minimises exactly, so the loss never rises."""
+    W, P, H = W.double(), P.double(), H.double()
+    s_in = s_in.double()
+    s_out = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    for _ in range(iters):
+        Pt = P * s_in[None, :]  # (rows, cols) P diag(s_in)
+        PH = Pt @ H
+        num, den = (PH * W).sum(1), (PH * Pt).sum(1)  # per row: w H p̃ᵀ, p̃ H p̃ᵀ
+        s_out = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+        Ps = P * s_out[:, None]  # (rows, cols) diag(s_out) P
+        M = H * (Ps.T @ Ps)  # (cols, cols): Σ_i s_out_i² diag(p_i) H diag(p_i)
+        b = (Ps * (W @ H)).sum(0)  # (cols,): Σ_i s_out_i p_i ⊙ (H w_iᵀ)
+        M.diagonal().add_(1e-12 * float(M.diagonal().mean().clamp_min(1e-300)))
+        s_in = torch.linalg.solve(M, b)
+    return s_out.float(), s_in.float()
+
+
+class BinaryFactor(Method):
+    name = "binary-factor"
+    Args = BinaryFactorArgs
+    feedback = "none"
+    feedbacks = ("none",)
+    needs_hessian = True
+    needs_gram = True  # a heavy solve per linear (SVD, ADMM, a cols × cols system)
+    unrefined_note = ("binary-factor ran without refinement: its codes are the ADMM "
+                      "initialisation alone; add --refine block to train them")
+
+    def __init__(self, args: BinaryFactorArgs):
+        lo, hi = BITS_RANGE
+        if not lo <= args.bits <= hi:
+            raise MethodArgumentError(f"bits={args.bits}: binary-factor stores {lo} to {hi} "
+                                      "bits per weight; choose one in that range, e.g. bits=0.8")
+        for name in ("admm_iters", "scale_iters"):
+            if getattr(args, name) < 0:
+                raise MethodArgumentError(f"{name}={getattr(args, name)}: use 0 or more")
+        if not args.rho > 0 or not args.rho_growth >= 1:
+            raise MethodArgumentError(f"rho={args.rho}, rho_growth={args.rho_growth}: use "
+                                      "rho > 0 and rho_growth ≥ 1")
+        super().__init__(args)
+
+    def block_size(self, default: int, cols: int) -> int:
+        return cols  # the whole matrix at once
+
+    def fit(self, W: Tensor, ctx: BlockContext) -> FactorCodes:
+        a = self.args
+        rows, cols = W.shape
+        r = rank_for_bits(rows, cols, a.bits, a.scale_dtype)
+        gen = torch.Generator().manual_seed(a.seed)
+        W = W.to(torch.float32)
+        d = importance(ctx.H, cols, W.device)  # (cols,)
+        u, v, m_out, m_in = admm_signs(W * d[None, :], r, a.admm_iters, a.rho, a.rho_growth,
+                                       gen)
+        s_out, s_in = m_out, m_in / d
+        if ctx.H is not None and a.scale_iters:
+            H = ctx.H.to(torch.float32).clone()
+            H.diagonal().add_(0.01 * float(H.diagonal().mean().clamp_min(1e-12)))
+            P = (u.float() * 2 - 1) @ (v.float() * 2 - 1).T  # (rows, cols), integers
+            s_out, s_in = fit_scales(W, P, H, s_in, a.scale_iters)
+        return FactorCodes(u=u, v=v, s_out=to_storage(s_out, self.loop_dtype),
+                           s_in=to_storage(s_in, self.loop_dtype), scale_dtype=self.loop_dtype)
+
+    def round(self, W: Tensor, grid: FactorCodes, cols: slice) -> Tensor:
+        return grid.v.T[:, cols]  # (r, c): the right factor's signs of these columns
+
+    def dequantize(self, grid: FactorCodes, levels: Tensor, cols: slice) -> Tensor:
+        return grid.dequantize()[:, cols]
+
+    def codes(self, grids: list[FactorCodes], levels: Tensor) -> FactorCodes:
+        (grid,) = grids  # one block: the whole matrix
+        return grid

@@ -1,0 +1,74 @@
+"""FactorCodes: a weight matrix as a product of two sign matrices with row and column scales.
+
+    Ŵ = diag(s_out) · S_U · S_Vᵀ · diag(s_in),   S_U = 2·u − 1 (rows, r),  S_V = 2·v − 1 (cols, r)
+
+the representation of NanoQuant (ICML 2026) below one bit per weight (`binary-factor`,
+`binllm.methods.binary_factor`). Stored: the two sign planes (r·(rows + cols) bits) and the
+two scale vectors (rows + cols values at `scale_dtype`); nothing per weight.
+
+| name   | meaning                                 | shape            |
+|--------|-----------------------------------------|------------------|
+| u      | signs of the left factor, True = +1     | (rows, r) bool   |
+| v      | signs of the right factor, True = +1    | (cols, r) bool   |
+| s_out  | row scales                              | (rows,)          |
+| s_in   | column scales                           | (cols,)          |
+
+Refinement (`binllm.methods.trainable`) trains s_out, s_in (`SCALE_FIELDS`) and latent
+weights behind u and v (`SIGN_FIELDS`) through the straight-through sign.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .codes import ScaleDtype, scale_bits
+
+
+def factor_bits(rows: int, cols: int, rank: int, scale_dtype: ScaleDtype = "float16") -> int:
+    """Bits the packed FactorCodes of this shape and rank store: both sign planes as byte-padded
+    bit streams, plus rows + cols scales."""
+    return (8 * -(-rows * rank // 8) + 8 * -(-cols * rank // 8)
+            + (rows + cols) * scale_bits(scale_dtype))
+
+
+@dataclass(frozen=True)
+class FactorCodes:
+    """Ŵ = diag(s_out) · (2u − 1) · (2v − 1)ᵀ · diag(s_in); see the module docstring."""
+
+    SCALE_FIELDS: ClassVar[tuple[str, ...]] = ("s_out", "s_in")
+    SIGN_FIELDS: ClassVar[tuple[str, ...]] = ("u", "v")  # bool planes, True = +1
+
+    u: Tensor
+    v: Tensor
+    s_out: Tensor
+    s_in: Tensor
+    scale_dtype: ScaleDtype = "float16"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.v.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def dequantize(self) -> Tensor:
+        """Ŵ (rows, cols) fp32: the ±1 product is exact (integers ≤ r), then both scales."""
+        SU = self.u.to(torch.float32) * 2 - 1  # (rows, r)
+        SV = self.v.to(torch.float32) * 2 - 1  # (cols, r)
+        return self.s_out[:, None] * (SU @ SV.T) * self.s_in[None, :]
+
+    def paper_bits(self) -> float:
+        """Sign bits per weight, r·(rows + cols) / (rows·cols), as the binarization papers
+        count a sign plane (the scales are not counted; `stored_bits` counts them)."""
+        rows, cols = self.shape
+        return self.rank * (rows + cols) / (rows * cols)
+
+    def stored_bits(self) -> int:
+        """Every bit the packed form stores (`binllm.packed.formats`, format "factor")."""
+        rows, cols = self.shape
+        return factor_bits(rows, cols, self.rank, self.scale_dtype)
