@@ -336,6 +336,18 @@ def verify_saved(path: str | os.PathLike) -> Verification:
     return Verification(len(saved.files), len(saved.layouts), len(saved.tensors))
 
 
+def read_verified(path: str | os.PathLike) -> SavedModel:
+    """The directory as `read_saved` reads it, after every check load_binarized makes before
+    it reads tensor data: the shards' sizes and sha256, config.json's shape against the files
+    (`check_config_fits`) and the model it builds against the stored tensors
+    (`check_model_matches`). For readers of the files other than load_binarized (export)."""
+    saved = read_saved(path, verify=True)
+    check_config_fits(saved.config, str(saved.path), bytes_per_parameter=1 / 8,
+                      stored_bytes=sum(f.stat().st_size for f in saved.files))
+    _skeleton(saved)
+    return saved
+
+
 def load(path: str | os.PathLike, **kwargs) -> nn.Module:
     """`binllm.load(DIR)`: see load_binarized."""
     return load_binarized(path, **kwargs)
