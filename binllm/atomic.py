@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -143,14 +144,26 @@ class OutputLock:
         self.release()
 
 
+def create_temp_file(folder: Path, prefix: str) -> Path:
+    """A new empty file `folder/prefix<random>` with the usual permissions (0666 less the umask,
+    0644 as a rule; tempfile.mkstemp's are 0600), so that renamed results read as any file."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder / prefix))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     """Call write(tmp) for a temporary path beside `path`, fsync it, then rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(prefix=temp_prefix(path, "tmp"), dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = create_temp_file(path.parent, temp_prefix(path, "tmp"))
     try:
         write(tmp)
         fsync_path(tmp)

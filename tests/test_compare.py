@@ -163,14 +163,15 @@ def test_plot_is_drawn_with_matplotlib_and_skipped_without(tmp_path, fake, monke
 @pytest.mark.slow
 def test_cli_compare_runs_each_method_in_its_own_process(tmp_path, shared, capsys,
                                                           monkeypatch):
-    """The real command on stories260K: rtn-sign succeeds, an invalid argument fails in its own
-    child, and without matplotlib the command says that the plot was skipped."""
+    """The real command on stories260K: rtn-sign succeeds, a groupsize that does not divide
+    the block size fails in its own child, and without matplotlib the command says that the
+    plot was skipped."""
     from binllm.cli import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "cmp"
     code = main(["-q", "compare", str(shared / "models" / "stories260K"), "--methods",
-                 "rtn-sign,rtn-sign:groupsize=x", "--no-fp", "--calib", "wikitext2",
+                 "rtn-sign,gptq:groupsize=100", "--no-fp", "--calib", "wikitext2",
                  "--calib-split", "validation", "--nsamples", "1", "--seqlen", "32", "--eval",
                  "tinystories", "--max-windows", "1", "--data-dir", str(shared / "data"),
                  "--out", str(out)])
@@ -179,6 +180,103 @@ def test_cli_compare_runs_each_method_in_its_own_process(tmp_path, shared, capsy
     rows = json.loads((out / "results.json").read_text())["runs"]
     assert [r["status"] for r in rows] == ["ok", "failed"]
     assert rows[0]["stored_bits"] > 1 and rows[0]["perplexity"]["tinystories"]["windows"] == 1
-    assert "groupsize='x'" in rows[1]["error"]
+    assert "groupsize=100 must divide the block size" in rows[1]["error"]
     assert "plot skipped" in text and "binllm[plot]" in text
-    assert "| rtn-sign | " in text and "failed: rtn-sign:groupsize=x" in text
+    assert "| rtn-sign | " in text and "failed: gptq:groupsize=100" in text
+
+
+# -- the command line checks everything before the first child -------------------------------
+def _compare(capsys, stories, data, out, *extra, methods="rtn-sign"):
+    from conftest import run_cli
+
+    return run_cli(capsys, "compare", stories, "--methods", methods, "--calib", "ptb",
+                   "--nsamples", "1", "--seqlen", "32", "--eval", "tinystories",
+                   "--max-windows", "1", "--data-dir", data, "--out", out, *extra)
+
+
+@pytest.mark.parametrize("methods,extra,needles", [
+    ("rtn-sign,nope", [], ["method spec 'nope'", "unknown method 'nope'"]),
+    ("gptq:bitz=2", [], ["method spec 'gptq:bitz=2'", "unknown method argument 'bitz'"]),
+    ("gptq:bits=x", [], ["bits='x'", "type int"]),
+    ("q1_0:refine=blok", [], ["refine=blok: use none or block"]),
+    ("q1_0:refine_epochs=2", [], ["refine_epochs needs refine=block"]),
+    ("q1_0:rotate=haddamard", [], ["rotate=haddamard: use none or hadamard"]),
+    ("rtn-sign", ["--seqlen", "0"], ["--seqlen 0: use at least 2 tokens"]),
+    ("rtn-sign", ["--seqlen", "1024"], ["--seqlen 1024 exceeds the model's context of 512"]),
+    ("rtn-sign", ["--eval", "tinystories,wikitext3"], ["unknown dataset 'wikitext3'"]),
+    ("rtn-sign", ["--calib", "no/such.txt"], ["file no/such.txt does not exist"]),
+])
+def test_cli_compare_refuses_bad_input_before_any_child_and_before_out(
+        capsys, tmp_path, stories, data, monkeypatch, methods, extra, needles):
+    from conftest import one_line_error
+
+    import binllm.evaluation.compare as compare
+
+    def never(*a, **k):
+        raise AssertionError("a child ran before the refusal")
+
+    monkeypatch.setattr(compare, "run_child", never)
+    out = tmp_path / "cmp"
+    code, _, err = _compare(capsys, stories, data, out, *extra, methods=methods)
+    one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_cli_compare_refuses_a_missing_model_before_out(capsys, tmp_path, data):
+    from conftest import one_line_error
+
+    out = tmp_path / "cmp"
+    code, _, err = _compare(capsys, str(tmp_path / "no-model"), data, out)
+    one_line_error(code, err, "no-model' not found")
+    assert not out.exists()
+
+
+def test_max_windows_all_is_accepted_as_by_quantize():
+    from binllm.cli.app import build_parser
+
+    argv = ["compare", "m", "--methods", "rtn-sign", "--out", "o", "--max-windows"]
+    assert build_parser().parse_args([*argv, "all"]).max_windows is None
+    assert build_parser().parse_args([*argv, "3"]).max_windows == 3
+
+
+def test_an_out_that_is_a_file_or_below_one_is_one_line(capsys, tmp_path, stories, data, fake):
+    from conftest import one_line_error
+
+    launcher, _ = fake
+    (tmp_path / "f").write_text("x")
+    for out, needle in ((tmp_path / "f", "is a file, not a folder"),
+                        (tmp_path / "f" / "sub", f"{tmp_path / 'f'} is a file, not a folder")):
+        code, _, err = _compare(capsys, stories, data, out)
+        one_line_error(code, err, f"--out {out}", needle)
+        with pytest.raises(CompareError, match="out_dir="):
+            run_comparison(parse_method_specs("rtn-sign"), PROTOCOL, out, launcher=launcher,
+                           plot=False)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "{}", '"text"'])
+def test_a_results_json_that_is_not_ours_is_refused_and_kept(capsys, tmp_path, stories, data,
+                                                            fake, content):
+    from conftest import one_line_error
+
+    launcher, calls = fake
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(CompareError, match="not a results file of `binllm compare`"):
+        run_comparison(parse_method_specs("rtn-sign"), PROTOCOL, tmp_path, launcher=launcher,
+                       plot=False)
+    code, _, err = _compare(capsys, stories, data, tmp_path)
+    one_line_error(code, err, "not a results file", "choose another --out", "pass --fresh")
+    assert (tmp_path / "results.json").read_text() == content and not _calls(calls)
+
+
+def test_result_files_get_the_usual_permissions(tmp_path, fake):
+    import os
+
+    launcher, _ = fake
+    old = os.umask(0o022)
+    try:
+        res = run_comparison(parse_method_specs("rtn-sign"), PROTOCOL, tmp_path,
+                             launcher=launcher, plot=False)
+    finally:
+        os.umask(old)
+    for path in (res.results_path, res.markdown_path):
+        assert path.stat().st_mode & 0o777 == 0o644, path

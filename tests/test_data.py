@@ -134,7 +134,7 @@ def test_missing_train_split_falls_back_with_a_note(data, tiny_data, caplog):
 def test_named_dataset_absent_everywhere_says_what_to_do(tiny_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # no hub fallback
     (tiny_data / "ptb" / "ptb.test.txt").unlink()
-    with pytest.raises(DataError, match="--data-dir"):
+    with pytest.raises(DataError, match="data_dir="):
         load_text("ptb", "test", tiny_data)
 
 
@@ -192,7 +192,7 @@ def test_short_documents_fall_back_to_the_joined_text(stories_tokenizer, caplog)
 def test_too_few_tokens_for_one_window_raise_with_advice(tmp_path, stories_tokenizer):
     txt = tmp_path / "tiny.txt"
     txt.write_text("a cat sat.")
-    with pytest.raises(DataError, match="smaller --seqlen"):
+    with pytest.raises(DataError, match="smaller seqlen="):
         calibration_batches(load_text(str(txt)), stories_tokenizer, 4, 128)
 
 
@@ -210,7 +210,7 @@ def test_special_token_strings_stay_text(stories_tokenizer):
 
 
 def test_named_dataset_offline_without_local_files_is_one_data_error(tmp_path, monkeypatch):
-    """No local copy and an unreachable hub: a DataError naming --data-dir, not a traceback."""
+    """No local copy and an unreachable hub: a DataError naming data_dir=, not a traceback."""
     import sys
     import types
 
@@ -222,5 +222,51 @@ def test_named_dataset_offline_without_local_files_is_one_data_error(tmp_path, m
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     monkeypatch.delenv("BINLLM_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./data and no ../shared/data here
-    with pytest.raises(DataError, match="--data-dir"):
+    with pytest.raises(DataError, match="data_dir="):
         load_text("wikitext2", "test")
+
+
+# -- where the data directory was looked for ---------------------------------------------------
+def test_no_data_directory_says_so_and_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # no hub fallback
+    monkeypatch.setenv("BINLLM_DATA", str(tmp_path / "gone"))
+    monkeypatch.chdir(tmp_path)  # no ./data and no ../shared/data here
+    with pytest.raises(DataError) as e:
+        load_text("ptb", "train")
+    msg = str(e.value)
+    assert "no data directory found" in msg and "no local file for split" not in msg
+    assert f"$BINLLM_DATA={tmp_path / 'gone'} (not a folder)" in msg
+    assert str(tmp_path / "data") in msg and str(tmp_path.parent / "shared" / "data") in msg
+    assert "data_dir=" in msg
+
+
+def test_a_data_dir_that_is_no_folder_is_refused_not_replaced(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINLLM_DATA", str(tiny_data))  # a usable fallback it must not take
+    with pytest.raises(DataError, match=f"data_dir={tmp_path / 'typo'} is not a folder"):
+        load_text("ptb", "test", tmp_path / "typo")
+
+
+def test_a_missing_split_names_the_file_it_looked_for(tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    (tiny_data / "ptb" / "ptb.test.txt").unlink()
+    with pytest.raises(DataError, match=f"looked for {tiny_data}/ptb/ptb.test.txt"):
+        load_text("ptb", "test", tiny_data)
+
+
+def test_locate_checks_without_reading(data, tmp_path):
+    from binllm.evaluation.data import locate
+
+    where = locate("ptb", "train", data)
+    assert where.path.name == "ptb.valid.txt" and where.split == "validation" and where.note
+    (tmp_path / "a.txt").write_text("x")
+    assert locate(str(tmp_path / "a.txt")).split == "file"
+    with pytest.raises(DataError, match="unknown dataset"):
+        locate("wikitext3", "test", data)
+
+
+def test_the_cli_says_data_dir_for_the_library_argument(capsys, tmp_path, stories):
+    from conftest import one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "eval", stories, "--datasets", "ptb", "--data-dir",
+                           tmp_path / "typo")
+    one_line_error(code, err, f"--data-dir {tmp_path / 'typo'} is not a folder")

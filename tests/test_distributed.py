@@ -301,7 +301,7 @@ def test_a_killed_rank_ends_the_others_with_a_clear_error_and_the_journal_resume
     assert procs[1].exitcode == 3 and ranks[1] is not None and "killed" not in ranks[1]
     kind, msg, lost = ranks[0]["killed"]
     assert kind == "DistributedError" and lost and "lost contact" in msg, msg
-    assert "--resume-dir" in msg
+    assert "resume_dir=" in msg
     calib = _calibration()
     model = AutoModelForCausalLM.from_pretrained(STORIES)
     journal = LayerJournal(os.path.join(outdir, "journal_killed"),

@@ -99,5 +99,28 @@ def test_progress_callback_and_training_mode_restored():
 
 
 def test_too_few_tokens_raise_with_advice():
-    with pytest.raises(ValueError, match="smaller --seqlen"):
+    with pytest.raises(ValueError, match="smaller seqlen="):
         perplexity(uniform(5), torch.zeros(1, 9, dtype=torch.long), 10)
+
+
+# -- windows beyond the model's context --------------------------------------------------------
+def test_perplexity_and_binarize_model_refuse_a_seqlen_beyond_the_context(monkeypatch):
+    """As the CLI's --seqlen check: the library names seqlen= and the limit, before any work."""
+    from binllm import QuantizeConfig, binarize_model
+    from binllm.engine import binarize
+    from binllm.evaluation.perplexity import ContextError
+
+    model = tiny_llama()
+    ctx = model.config.max_position_embeddings
+    tokens = torch.zeros(1, 4 * (ctx + 1), dtype=torch.long)
+    with pytest.raises(ContextError, match=f"seqlen={ctx + 1} exceeds the model's context of "
+                                           f"{ctx} tokens; use seqlen={ctx} or less"):
+        perplexity(model, tokens, ctx + 1)
+    assert perplexity(model, tokens, ctx, max_windows=1).windows == 1  # the limit itself runs
+
+    def never(*a, **k):
+        raise AssertionError("a layer was walked before the refusal")
+
+    monkeypatch.setattr(binarize, "walk_layers", never)
+    with pytest.raises(ContextError, match=f"seqlen={ctx + 1} exceeds"):
+        binarize_model(model, QuantizeConfig("rtn-sign"), [tokens[:, :ctx + 1]])

@@ -83,3 +83,54 @@ def test_cli_generate_refuses_bad_threads_and_original_on_a_binllm_dir(capsys, s
     assert code == 2 and "--threads -1" in err
     code, _, err = run(capsys, "generate", saved_dir, "hi", "--original")
     assert code == 2 and "drop --original" in err
+
+
+# -- the model's context and an empty prompt ---------------------------------------------------
+def test_prompt_and_new_tokens_beyond_the_context_are_refused_with_the_limit(capsys,
+                                                                             stories_path):
+    from conftest import one_line_error
+
+    code, _, err = run(capsys, "generate", stories_path, "Once", "--original",
+                       "--max-new-tokens", "600")
+    one_line_error(code, err, "the prompt (2 tokens) and --max-new-tokens 600 need 602",
+                   "context of 512 tokens", "use --max-new-tokens 510 or less")
+    code, _, err = run(capsys, "generate", stories_path, "Once upon a time " * 200, "--original",
+                       "--max-new-tokens", "5")
+    one_line_error(code, err, "the prompt is 802 tokens", "context is 512",
+                   "shorten the prompt")
+
+
+def test_library_generate_names_max_new_tokens(stories_model, stories_tokenizer):
+    from binllm.evaluation.perplexity import ContextError
+
+    with pytest.raises(ContextError, match=r"max_new_tokens=511 need 513 positions.*"
+                                           r"use max_new_tokens=510 or less"):
+        generate(stories_model, stories_tokenizer, "Once", max_new_tokens=511)
+    res = generate(stories_model, stories_tokenizer, "Once", max_new_tokens=510,
+                   exact_length=True)
+    assert res.prompt_tokens + res.new_tokens == 512  # the whole context, and no more
+
+
+def test_an_empty_prompt_starts_from_bos_and_says_so(capsys, stories_path, stories_model):
+    code, text, err = run(capsys, "generate", stories_path, "", "--original",
+                          "--max-new-tokens", "4", "--exact-length")
+    assert code == 0, err
+    assert "note: the prompt is empty: generating from the beginning-of-sequence token (id 1)" \
+        in err
+    assert re.search(r"\[4 new tokens in", text)
+
+    class NoBos(Chars):  # a tokenizer that gives nothing for "" and has no BOS token
+        eos_token_id = 1
+
+    res = generate(stories_model, NoBos(), "", max_new_tokens=3, exact_length=True)
+    assert res.prompt_tokens == 1 and res.new_tokens == 3 and "empty" in res.note
+
+
+def test_an_empty_prompt_without_any_start_token_is_refused(stories_model):
+    from binllm.evaluation.generate import EmptyPrompt
+
+    class Bare(Chars):
+        pad_token_id = eos_token_id = None
+
+    with pytest.raises(EmptyPrompt, match="pass some text"):
+        generate(stories_model, Bare(), "", max_new_tokens=3)

@@ -410,3 +410,123 @@ def test_closed_stdout_pipe_exits_quietly(monkeypatch, capsys):
             pipe.close()
     assert code == 141
     assert capsys.readouterr().err == ""
+
+
+# -- result files: checked before the work, usual permissions -------------------------------
+def _bad_reports(tmp_path: Path) -> list[tuple[Path, str]]:
+    (tmp_path / "a_file").write_text("x")
+    return [(tmp_path, "is a folder"),
+            (tmp_path / "a_file" / "r.json", "is a file, not a folder"),
+            (Path("/proc/binllm-report.json"), "cannot write in /proc")]
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_a_report_that_cannot_be_written_is_refused_before_the_model_is_built(
+        capsys, tmp_path, stories, data, monkeypatch, command):
+    _no_model_is_built(monkeypatch)
+    args = (["quantize", stories, "--method", "rtn-sign", *QUICK] if command == "quantize"
+            else ["eval", stories, "--datasets", "ptb"])
+    for report, needle in _bad_reports(tmp_path):
+        code, _, err = run_cli(capsys, *args, "--data-dir", data, "--report", report)
+        one_line_error(code, err, f"--report {report}", needle)
+
+
+def test_inspect_refuses_an_unwritable_report_before_reading_the_model(
+        capsys, tmp_path, saved_stories, monkeypatch):
+    import binllm.packed.saved_dir as saved_dir
+
+    def never(*a, **k):
+        raise AssertionError("the model was inspected before the refusal")
+
+    monkeypatch.setattr(saved_dir, "inspect_saved", never)
+    for report, needle in _bad_reports(tmp_path):
+        code, _, err = run_cli(capsys, "inspect", saved_stories, "--report", report)
+        one_line_error(code, err, f"--report {report}", needle)
+
+
+def test_symbolic_link_loops_are_reported_as_such(capsys, tmp_path, stories, data):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, _, err = run_cli(capsys, "eval", stories, "--datasets", "ptb", "--data-dir", data,
+                           "--report", loop)
+    one_line_error(code, err, f"--report {loop}", "loop of symbolic links")
+    code, _, err = run_cli(capsys, "eval", loop, "--datasets", "ptb")
+    one_line_error(code, err, f"MODEL {loop}", "loop of symbolic links")
+
+
+def test_inspect_of_a_config_that_is_no_json_object_is_one_line(capsys, tmp_path):
+    for text, kind in (("[1, 2]", "a list"), ("null", "null"), ("7", "a number")):
+        (tmp_path / "config.json").write_text(text)
+        code, _, err = run_cli(capsys, "inspect", tmp_path)
+        one_line_error(code, err, "config.json holds " + kind, "not a JSON object")
+
+
+def test_reports_and_atomic_files_get_the_usual_permissions(capsys, tmp_path, stories, data):
+    from binllm.atomic import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        code, _, err = run_cli(capsys, "eval", stories, "--datasets", "ptb", "--data-dir", data,
+                               "--max-windows", "1", "--report", tmp_path / "eval.json")
+        os.umask(0o027)
+        write_json_atomic(tmp_path / "group.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o640  # the umask decides
+
+
+# -- library messages name the argument, the command line its flag ---------------------------
+def test_library_errors_name_arguments_and_the_cli_names_flags(capsys, tmp_path, stories, data,
+                                                                stories_model):
+    from binllm.engine.checks import UnknownSkip, check_skip
+    from binllm.packed.output import OutputExists, check_output_dir
+
+    with pytest.raises(UnknownSkip) as e:
+        check_skip(stories_model, ("foo_proj",))
+    assert str(e.value).startswith("skip=foo_proj matches no linear") and "--" not in str(e.value)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(OutputExists) as e:
+        check_output_dir(tmp_path / "full")
+    assert "pass overwrite=True" in str(e.value) and "--" not in str(e.value)
+    code, _, err = quantize(capsys, stories, data, "--out", tmp_path / "full")
+    one_line_error(code, err, f"--out {tmp_path / 'full'} exists", "pass --overwrite to replace",
+                   "choose another --out")
+
+
+@pytest.mark.parametrize("library,cli", [
+    ("skip=down_projx matches no linear; drop names from skip=",
+     "--skip down_projx matches no linear; drop names from --skip"),
+    ("pass overwrite=True to replace it, or choose another out_dir=",
+     "pass --overwrite to replace it, or choose another --out"),
+    ("use feedback='none'", "use --feedback none"),
+    ("seqlen=4096 exceeds the context; use seqlen=512 or less, or a smaller seqlen=.",
+     "--seqlen 4096 exceeds the context; use --seqlen 512 or less, or a smaller --seqlen."),
+    ("method spec 'gptq:bits=2:layout=3' and bits='x'", "method spec 'gptq:bits=2:layout=3' and "
+     "bits='x'"),  # method arguments stay as written
+])
+def test_cli_message_turns_argument_names_into_flags(library, cli):
+    from binllm.cli.errors import cli_message
+
+    assert cli_message(library) == cli
+
+
+def test_a_broken_kernel_cache_warning_says_what_to_delete_and_where(tmp_path, monkeypatch):
+    import binllm.kernels.cpu as cpu
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker))
+    monkeypatch.delenv("BINLLM_KERNELS", raising=False)
+    cpu.extension.cache_clear()
+    try:
+        status = cpu.extension()
+    finally:
+        cpu.extension.cache_clear()  # the next caller loads from torch's usual cache again
+    assert not status.ok
+    assert f"TORCH_EXTENSIONS_DIR={blocker}" in status.reason
+    assert "delete the binllm_cpu_" in status.reason and "set TORCH_EXTENSIONS_DIR" in status.reason

@@ -90,7 +90,7 @@ def test_lm_eval_on_fp_and_binarized_model_matches_the_oracle(stories_model, sto
 
 
 def test_unknown_task_is_a_clear_error(stories_model, stories_tokenizer, task_dir):
-    with pytest.raises(ValueError, match="unknown lm-eval task.*--tasks-path"):
+    with pytest.raises(ValueError, match="unknown lm-eval task.*include_path="):
         lm_eval_tasks(stories_model, stories_tokenizer, ["no_such_task_xyz"],
                       include_path=str(task_dir[0]))
 

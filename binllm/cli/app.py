@@ -4,7 +4,8 @@ Each subcommand module has an `add_<name>(subparsers)` function that registers i
 sets `func`; the library does the work and returns report objects, the command modules print
 tables, show progress and write files. This module builds the parser (every option's help
 shows its default), checks the arguments before any work (`guards.check_args`) and maps the
-library's errors to one-line messages with exit status 2; Ctrl-C ends with one line and
+library's errors to one-line messages with exit status 2 (`errors.cli_message` puts the
+library's argument names, `skip=`, into flags, `--skip`); Ctrl-C ends with one line and
 status 130, a closed stdout pipe (`binllm methods | head`) quietly with 141.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 from .compare import add_compare
+from .errors import cli_message
 from .evaluate import add_eval, add_methods
 from .export import add_export
 from .guards import check_args
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         except BinllmError as e:
             # under torchrun rank 0 prints every rank's error; the others only when they lost it
             if os.environ.get("RANK", "0") == "0" or getattr(e, "lost_contact", False):
-                print(f"binllm: error: {e}", file=sys.stderr)
+                print(f"binllm: error: {cli_message(str(e))}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"\n{_interrupted(args)}", file=sys.stderr)

@@ -28,24 +28,38 @@ def parse_method_args(pairs: list[str], flag: str = "--method-arg",
 
 
 def model_context(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    """The model's context length in tokens (None when its config does not say)."""
+    from ..evaluation.perplexity import config_context
+
+    return config_context(model.config)
 
 
 def resolve_seqlen(model, seqlen: int | None) -> int:
     ctx = model_context(model)
     if seqlen is None:
         return min(2048, ctx) if ctx else 2048
+    check_seqlen(seqlen, ctx)
+    return seqlen
+
+
+def check_seqlen(seqlen: int, ctx: int | None) -> None:
+    """--seqlen: at least 2 tokens and within the model's context (when known)."""
     if seqlen < 2:
         raise CLIError(f"--seqlen {seqlen}: use at least 2 tokens")
     if ctx is not None and seqlen > ctx:
         raise CLIError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens; "
                        f"use --seqlen {ctx} or less")
-    return seqlen
+
+
+def check_model_path(path: str) -> None:
+    """MODEL names an existing local model directory or looks like a hub id."""
+    local = Path(path)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not local.exists() and not looks_like_hub_id:
+        raise CLIError(f"model {path!r} not found: pass a local model directory or a hub id "
+                       "such as meta-llama/Llama-2-7b-hf")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CLIError(f"{path} has no config.json: it is not a Hugging Face model directory")
 
 
 def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
@@ -54,12 +68,7 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not local.exists() and not looks_like_hub_id:
-        raise CLIError(f"model {path!r} not found: pass a local model directory or a hub id "
-                       "such as meta-llama/Llama-2-7b-hf")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise CLIError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    check_model_path(path)
 
     from safetensors import SafetensorError
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import CLIError, csv_list
+from .common import CLIError, check_model_path, check_seqlen, csv_list, window_count
+from .guards import check_output_folder
 
 
 def add_compare(sub) -> None:
@@ -31,7 +32,7 @@ def add_compare(sub) -> None:
     p.add_argument("--eval", default="wikitext2,ptb,c4", help="comma-separated datasets")
     p.add_argument("--eval-split", default="test", choices=["test", "validation"],
                    help="split the perplexities are measured on")
-    p.add_argument("--max-windows", type=int, default=None,
+    p.add_argument("--max-windows", type=window_count, default=None, metavar="N|all",
                    help="evaluate only the first N windows of each dataset (default: all)")
     p.add_argument("--data-dir", default=None,
                    help="folder laid out like ../shared/data "
@@ -43,17 +44,75 @@ def add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def cmd_compare(args) -> int:
-    from ..evaluation.compare import CompareError, Protocol, parse_method_specs, run_comparison
+def check_compare(args) -> list:
+    """Everything `binllm quantize` would refuse in a child, refused here before the FP model
+    is evaluated and before --out is made: specs, model, seqlen, datasets, --out itself."""
+    from ..evaluation.compare import CompareError, parse_method_specs
+    from ..evaluation.data import locate
 
     try:
         runs = parse_method_specs(args.methods)
     except CompareError as e:
-        raise CLIError(str(e)) from None
-    if args.nsamples < 1:
-        raise CLIError("--nsamples must be at least 1")
+        raise CLIError(f"--methods: {e}") from None
+    for run in runs:
+        check_run(run, args)
     if not csv_list(args.eval):
         raise CLIError("--eval is empty: name at least one dataset, e.g. wikitext2")
+    check_model_path(args.model)
+    if args.seqlen is not None:
+        check_seqlen(args.seqlen, _local_context(args.model))
+    locate(args.calib, args.calib_split, args.data_dir)  # DataError: one line
+    for name in csv_list(args.eval):
+        locate(name, args.eval_split, args.data_dir)
+    check_output_folder(args.out, "--out")
+    return runs
+
+
+def check_run(run, args) -> None:
+    """One method spec as `binllm quantize` would take it: method, arguments, engine keys."""
+    from ..engine.config import QuantizeConfig
+    from ..errors import BinllmError
+    from ..methods import get_method
+    from .quantize import parse_refine
+
+    engine = dict(run.engine)
+    choices = {"refine": ("none", "block"), "rotate": ("none", "hadamard")}
+    try:
+        for key, allowed in choices.items():
+            if engine.get(key, "none") not in allowed:
+                raise CLIError(f"{key}={engine[key]}: use {' or '.join(allowed)}")
+        pairs = [f"{k.removeprefix('refine_')}={v}" for k, v in run.engine
+                 if k.startswith("refine_")]
+        if pairs and engine.get("refine", "none") == "none":
+            first = next(k for k, _ in run.engine if k.startswith("refine_"))
+            raise CLIError(f"{first} needs refine=block in the same spec")
+        rotate = engine.get("rotate", "none")
+        config = QuantizeConfig(method=run.method, method_args=dict(run.args),
+                                block_size=args.block_size, percdamp=args.percdamp,
+                                refine=parse_refine(engine.get("refine", "none"), pairs),
+                                rotate=None if rotate == "none" else rotate)
+        get_method(config.method, config.method_args)
+    except BinllmError as e:
+        raise CLIError(f"method spec {run.label!r}: {e}") from None
+
+
+def _local_context(model: str) -> int | None:
+    """The context a local model's config.json declares (None for a hub id or no such key)."""
+    import json
+    from pathlib import Path
+
+    from ..evaluation.perplexity import config_context
+
+    try:
+        return config_context(json.loads((Path(model) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_compare(args) -> int:
+    from ..evaluation.compare import CompareError, Protocol, run_comparison
+
+    runs = check_compare(args)
     protocol = Protocol(model=args.model, calib=args.calib, calib_split=args.calib_split,
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         eval=tuple(csv_list(args.eval)), eval_split=args.eval_split,

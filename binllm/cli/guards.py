@@ -9,6 +9,7 @@ called by `common.load_model` and the commands that calibrate.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -29,6 +30,9 @@ def check_args(args) -> None:
         value = getattr(args, dest, None)
         if isinstance(value, str) and value:
             check_path_length(value, flag)
+            check_no_link_loop(value, flag)
+    if getattr(args, "report", None):
+        check_output_file(args.report, "--report")
     _check_numbers(args)
     resume = getattr(args, "resume_dir", None)
     if resume and Path(resume).exists() and not Path(resume).is_dir():
@@ -78,6 +82,73 @@ def check_path_length(value: str, flag: str) -> None:
                            f"the {limit} this filesystem allows for one name; use a shorter name")
 
 
+def check_no_link_loop(value: str, flag: str) -> None:
+    """Refuse a path whose symbolic links lead back to themselves (it names nothing)."""
+    try:
+        os.stat(value)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CLIError(f"{flag} {value}: a loop of symbolic links (a link that leads back "
+                           "to itself); fix or remove the link, or choose another path") from None
+    except ValueError:  # a NUL byte: left to the command's own checks
+        pass
+
+
+def check_output_file(value: str, flag: str) -> None:
+    """Refuse a result file that cannot be written, before any work: an existing folder, a
+    path below a file, a place without write permission (probed by creating a file, which
+    holds for root and read-only filesystems too). Used for --report and export's OUT."""
+    path = Path(value)
+    check_no_link_loop(value, flag)
+    if path.is_dir():
+        raise CLIError(f"{flag} {value} is a folder; name a file, e.g. "
+                       f"{path / 'report.json'}")
+    _check_writable_place(path, flag)
+
+
+def check_output_folder(value: str, flag: str) -> None:
+    """Refuse a results folder that cannot be made: an existing file, a path below a file, a
+    place without write permission."""
+    path = Path(value)
+    check_no_link_loop(value, flag)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {value} is a file, not a folder; name a folder (it is created "
+                       "if missing)")
+    if path.is_dir():
+        _probe_write(path, path, flag)
+    else:
+        _check_writable_place(path, flag)
+
+
+def _check_writable_place(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` is a folder where a file can be created."""
+    above = path.absolute().parent
+    while not _exists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise CLIError(f"{flag} {path}: {above} is a file, not a folder; choose a path inside "
+                       "a folder")
+    _probe_write(path, above, flag)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _probe_write(path: Path, folder: Path, flag: str) -> None:
+    from ..atomic import create_temp_file, temp_prefix
+
+    try:
+        create_temp_file(folder, temp_prefix(path, "tmp")).unlink()
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e}); choose "
+                       "a writable place") from None
+
+
 def check_device(device: str) -> None:
     import torch
 
@@ -124,22 +195,34 @@ def check_model_size(path: str, dtype: str = "auto", binllm_dir: bool = False) -
     from ..preflight import PreflightError, check_config_fits, safetensors_bytes
 
     local = Path(path)
-    cfg_file = local / "config.json"
-    if not cfg_file.is_file():
+    config = read_config(local)
+    if config is None:
         return
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise CLIError(f"{cfg_file} is not valid JSON; restore the model's config.json"
-                       ) from None
-    if not isinstance(config, dict):
-        raise CLIError(f"{cfg_file} does not hold a JSON object; restore the model's config.json")
     try:
         stored = safetensors_bytes(local)
         check_config_fits(config, path, stored_bytes=stored,
                           bytes_per_parameter=1 / 8 if binllm_dir else _dtype_bytes(dtype, config))
     except PreflightError as e:
         raise CLIError(str(e)) from None
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any] | None:
+    """The JSON object of MODEL/config.json (None when there is no such file); anything else
+    there (not JSON, a list, a number) is refused in one line."""
+    cfg_file = Path(model_dir) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise CLIError(f"{cfg_file} is not valid JSON; restore the model's config.json"
+                       ) from None
+    if not isinstance(config, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(config), "a number")
+        raise CLIError(f"{cfg_file} holds {kind}, not a JSON object; restore the model's "
+                       "config.json")
+    return config
 
 
 def check_calibration_memory(model, nsamples: int, seqlen: int, device: str,

@@ -78,7 +78,7 @@ def save_or_keep(args, model, qreport, tokenizer, journal, identity: dict[str, A
                        lock=False)
         return
     except (OSError, OutputError) as e:
-        failure = f"{type(e).__name__}: {e}" if not str(e).startswith("--out") else str(e)
+        failure = f"{type(e).__name__}: {e}" if not str(e).startswith("out=") else str(e)
     where, why = _keep_codes(args, model, qreport, journal, identity)
     if where is None:
         raise CLIError(f"saving {args.out} failed ({failure}); keeping the binarized layers "

@@ -6,8 +6,11 @@ function and print.
 
 from __future__ import annotations
 
+import sys
+
 from ..packed.output import is_binllm_dir
 from .common import CLIError, load_saved, write_json_atomic
+from .guards import read_config
 
 
 def _kib(n: float) -> str:
@@ -25,6 +28,7 @@ def add_inspect(sub) -> None:
 def cmd_inspect(args) -> int:
     from ..packed.saved_dir import inspect_saved
 
+    read_config(args.model)  # a config.json that is no JSON object: one line, not a traceback
     verified = None
     if args.verify:  # every check of binllm.load, the sha256 of each shard included
         from ..packed.checkpoint import verify_saved
@@ -121,6 +125,8 @@ def _generate(args) -> int:
     res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    device=args.device, exact_length=args.exact_length)
+    if res.note:
+        print(f"note: {res.note}", file=sys.stderr)
     print(res.text)
     print(f"\n[{res.new_tokens} new tokens in {res.seconds:.2f} s, "
           f"{res.tokens_per_s:.1f} tokens/s]")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..evaluation.perplexity import check_context
 from ..methods import get_method
 from ..methods.codes import per_weight
 from .checks import (NonFiniteWeights, UnknownSkip, binarized_names, check_finite, check_skip,
@@ -126,6 +127,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         raise UnsupportedArchitecture(
             f"the decoder layers at {path} of {type(model).__name__} hold no nn.Linear (GPT-2 "
             "style Conv1D projections are not supported), so there is nothing to binarize")
+    check_context(model, max((w.shape[-1] for w in calibration), default=0))
     refiner = None
     if config.refine is not None:
         if dist.world > 1:

@@ -70,9 +70,9 @@ def check_skip(model: nn.Module, skip: tuple[str, ...] | list[str]) -> None:
     unknown = [s for s in skip if not any(skip_matches(n, [s]) for n in names)]
     if unknown:
         short = names[-1].rpartition(".")[2] if names else ""
-        raise UnknownSkip(f"--skip {','.join(unknown)} matches no linear of "
+        raise UnknownSkip(f"skip={','.join(unknown)} matches no linear of "
                           f"{type(model).__name__}'s decoder layers; they are "
                           f"{', '.join(names)} (a name or its last part, e.g. {short})")
     if skip and names and all(skip_matches(n, list(skip)) for n in names):
-        raise ConfigError(f"--skip {','.join(skip)} leaves no linear to binarize (the decoder "
-                          f"layers hold {len(names)}); drop names from --skip")
+        raise ConfigError(f"skip={','.join(skip)} leaves no linear to binarize (the decoder "
+                          f"layers hold {len(names)}); drop names from skip=")

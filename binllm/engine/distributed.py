@@ -65,7 +65,7 @@ def window_share(n: int, rank: int, world: int) -> range:
     if world > n:
         raise DistributedError(
             f"{world} processes but only {n} calibration windows: every rank needs at least "
-            f"one; use --nsamples {world} or more, or --nproc_per_node {n} or fewer")
+            f"one; use nsamples={world} or more, or --nproc_per_node {n} or fewer")
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
@@ -152,7 +152,7 @@ class Distributed:
             raise DistributedError(
                 f"rank {self.rank} lost contact with the other ranks during {what} "
                 f"({_backend_reason(e)}); a rank died or timed out, see its output; rerun the same "
-                "command (with --resume-dir to keep finished layers)", lost_contact=True) from None
+                "command (with resume_dir= to keep finished layers)", lost_contact=True) from None
 
     def gather_objects(self, obj: Any, what: str) -> list[Any]:
         import torch.distributed as tdist

@@ -109,4 +109,4 @@ def inverse_cholesky(H: Tensor, percdamp: float = 0.01, retries: int = 4,
             percdamp *= 10
     raise HessianNotPositiveDefinite(
         f"{name or 'layer'}: the Hessian is not positive definite even with percdamp={percdamp:g}. "
-        "Use more calibration samples (--nsamples) or a larger --percdamp.")
+        "Use more calibration windows (nsamples=) or a larger percdamp=.")

@@ -82,17 +82,17 @@ class LayerJournal:
                 found = json.loads(manifest.read_text())
             except (OSError, ValueError) as e:
                 raise JournalMismatch(f"{manifest} is unreadable ({e}); delete the folder "
-                                      "or choose another --resume-dir") from None
+                                      "or choose another resume_dir=") from None
             diff = sorted(k for k in set(found) | set(self.identity)
                           if found.get(k) != self.identity.get(k))
             if diff:
                 raise JournalMismatch(
                     f"{self.path} holds layers of a different run ({', '.join(diff)} differ); "
                     "use the same model, method, arguments and calibration to resume, or "
-                    "choose a new --resume-dir")
+                    "choose a new resume_dir=")
         elif self.path.exists() and any(self.path.iterdir()):
             raise JournalMismatch(f"{self.path} is not empty and holds no {MANIFEST}; "
-                                  "choose an empty or new folder for --resume-dir")
+                                  "choose an empty or new folder for resume_dir=")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write(manifest, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=2)))

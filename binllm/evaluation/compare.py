@@ -102,7 +102,8 @@ def parse_method_specs(text: str) -> list[MethodRun]:
     """Comma-separated specs; each label may appear once."""
     runs = [parse_method_spec(s) for s in text.split(",") if s.strip()]
     if not runs:
-        raise CompareError("--methods is empty: name at least one method, e.g. billm,gptq:bits=2")
+        raise CompareError("the method list is empty: name at least one method, e.g. "
+                           "billm,gptq:bits=2")
     labels = [r.label for r in runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -244,15 +245,17 @@ def _load(path: Path, protocol: Protocol, fresh: bool) -> dict[str, Any]:
         return new
     try:
         old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, IsADirectoryError):  # not JSON, not UTF-8, a folder
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
         raise CompareError(f"{path} is not a results file of `binllm compare`; choose another "
-                           "--out, or pass --fresh to replace it") from None
+                           "out_dir=, or pass fresh=True to replace it") from None
     if old.get("protocol") != new["protocol"]:
         diff = sorted(k for k in set(new["protocol"]) | set(old.get("protocol") or {})
                       if (old.get("protocol") or {}).get(k) != new["protocol"].get(k))
         raise CompareError(f"{path} holds results of another protocol (differs in: "
-                           f"{', '.join(diff)}); pass --fresh to start over there, "
-                           "or choose another --out")
+                           f"{', '.join(diff)}); pass fresh=True to start over there, "
+                           "or choose another out_dir=")
     return old
 
 
@@ -265,9 +268,16 @@ def run_comparison(runs: list[MethodRun], protocol: Protocol, out_dir: str | os.
     `progress` gets a `Progress` event per stage; `launcher` replaces `python -m binllm`.
     """
     out = Path(out_dir)
-    (out / "reports").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"out_dir={out} is a file, not a folder; name a folder (it is created "
+                           "if missing)")
     path = out / "results.json"
     results = _load(path, protocol, fresh)
+    try:
+        (out / "reports").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareError(f"out_dir={out}: cannot create it ({e.strerror or e}); name a folder "
+                           "in a writable place") from None
     report = lambda *a, **k: progress and progress(Progress(*a, **k))  # noqa: E731
     done = {r["label"]: r for r in results["runs"]}
     ran, skipped = [], []

@@ -8,7 +8,8 @@
 | tinystories | tinystories/*.txt                            | "\\n" over stripped stories  |
 | a path      | any .txt (as is) or .jsonl ("\\n\\n" join)   |                              |
 
-The data directory is `data_dir`, else $BINLLM_DATA, else ./data, else ../shared/data.
+The data directory is `data_dir` (a folder, else a DataError), else $BINLLM_DATA, else ./data,
+else ../shared/data.
 Where a split is missing locally the loader falls back (train → validation → test) and says
 so in the returned `TextSource.note`; with the `datasets` package and network, the hub is
 used for named datasets that have no local file at all.
@@ -50,12 +51,30 @@ class TextSource:
     note: str = ""    # e.g. "train split not available; used validation"
 
 
+DATA_DIRS = ("data", "../shared/data")  # looked in after data_dir= and $BINLLM_DATA
+
+
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    for cand in (explicit, os.environ.get("BINLLM_DATA"), "data", "../shared/data"):
+    """The data directory: `explicit` (which must be a folder), else $BINLLM_DATA, ./data,
+    ../shared/data, the first that is a folder."""
+    if explicit:
+        if Path(explicit).is_dir():
+            return Path(explicit)
+        raise DataError(f"data_dir={explicit} is not a folder; pass a folder laid out like "
+                        "../shared/data (wikitext-2-raw/, ptb/, c4/, tinystories/)")
+    for cand in (os.environ.get("BINLLM_DATA"), *DATA_DIRS):
         if cand and Path(cand).is_dir():
             return Path(cand)
-    raise DataError("no data directory: pass --data-dir or set BINLLM_DATA to a folder laid out "
-                    "like ../shared/data (wikitext-2-raw/, ptb/, c4/, tinystories/)")
+    raise DataError(f"no data directory found (looked in {looked_in()}); pass data_dir= or set "
+                    "BINLLM_DATA to a folder laid out like ../shared/data (wikitext-2-raw/, "
+                    "ptb/, c4/, tinystories/)")
+
+
+def looked_in() -> str:
+    """Where data_dir() looks, for messages: $BINLLM_DATA and the default folders, absolute."""
+    env = os.environ.get("BINLLM_DATA")
+    places = [f"$BINLLM_DATA={env} (not a folder)" if env else "$BINLLM_DATA (not set)"]
+    return ", ".join(places + [os.path.abspath(c) for c in DATA_DIRS])
 
 
 def _named_file(root: Path, name: str, split: str) -> Path | None:
@@ -129,8 +148,20 @@ def _join(name: str, path: Path) -> tuple[tuple[str, ...], str]:
     return (), text
 
 
-def load_text(name: str, split: str = "test", root: str | os.PathLike | None = None) -> TextSource:
-    """The joined text of a named dataset's split, or of a user .txt/.jsonl file."""
+@dataclass(frozen=True)
+class Located:
+    """Where `load_text` reads a dataset's split: a local file, or the hub (path None)."""
+
+    path: Path | None
+    split: str         # the split read ("file" for a user file)
+    note: str = ""     # e.g. "ptb: train split not available locally; used validation"
+    missing: str = ""  # with path None: why no local file serves (for the hub's messages)
+
+
+def locate(name: str, split: str = "test", root: str | os.PathLike | None = None) -> Located:
+    """Where `load_text(name, split, root)` reads, without reading it: the checks of a
+    dataset name, a user file or a split, made before any work (`binllm compare` runs them
+    before its first method). A named dataset that only the hub has needs `datasets`."""
     path = Path(name)
     if name not in NAMED:
         if path.is_dir():
@@ -142,8 +173,7 @@ def load_text(name: str, split: str = "test", root: str | os.PathLike | None = N
                                 f"file or one of the named datasets {', '.join(NAMED)}")
             raise DataError(f"unknown dataset {name!r}: use one of {', '.join(NAMED)} "
                             "or the path of a .txt or .jsonl file")
-        docs, text = _join(path.suffix, path)
-        return TextSource(path.name, "file", str(path), docs, text)
+        return Located(path, "file")
     if split not in _FALLBACK:
         raise DataError(f"unknown split {split!r}: use train, validation or test")
     base = data_dir(root) if root or _has_local_dir() else None
@@ -154,11 +184,39 @@ def load_text(name: str, split: str = "test", root: str | os.PathLike | None = N
             if (name in ("c4", "tinystories") and split not in f.name
                     and _SPLIT_FILE[split] not in f.name):
                 note = f"{name}: one local file ({f.name}) serves every split"
-            if note:
-                log.warning(note)
-            docs, text = _join(name, f)
-            return TextSource(name, cand, str(f), docs, text, note)
-    return _from_hub(name, split)
+            return Located(f, cand, note)
+    if base is None:
+        missing = f"no data directory found (looked in {looked_in()})"
+    else:
+        missing = (f"{base} holds no file for its {split} split (nor a fallback split: looked "
+                   f"for {_expected(base, name, split)})")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DataError(f"{name}: {missing}, and the `datasets` package is not installed to "
+                        "fetch it from the hub; pass data_dir= pointing at a local copy") from None
+    return Located(None, split, missing=missing)
+
+
+def _expected(base: Path, name: str, split: str) -> str:
+    tag = _SPLIT_FILE[split]
+    return {"wikitext2": f"{base}/wikitext-2-raw/wiki.{tag}.raw",
+            "ptb": f"{base}/ptb/ptb.{tag}.txt", "c4": f"{base}/c4/*.jsonl",
+            "tinystories": f"{base}/tinystories/*.txt"}[name]
+
+
+def load_text(name: str, split: str = "test", root: str | os.PathLike | None = None) -> TextSource:
+    """The joined text of a named dataset's split, or of a user .txt/.jsonl file."""
+    where = locate(name, split, root)
+    if where.path is None:
+        return _from_hub(name, split, where.missing)
+    if where.split == "file":
+        docs, text = _join(where.path.suffix, where.path)
+        return TextSource(where.path.name, "file", str(where.path), docs, text)
+    if where.note:
+        log.warning(where.note)
+    docs, text = _join(name, where.path)
+    return TextSource(name, where.split, str(where.path), docs, text, where.note)
 
 
 def _has_local_dir() -> bool:
@@ -169,12 +227,9 @@ def _has_local_dir() -> bool:
         return False
 
 
-def _from_hub(name: str, split: str) -> TextSource:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{name}: no local file for split {split!r} and the `datasets` package "
-                        "is not installed; pass --data-dir pointing at a local copy") from None
+def _from_hub(name: str, split: str, missing: str) -> TextSource:
+    import datasets
+
     spec = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n\n"),
             "ptb": ("ptb_text_only", "penn_treebank", "sentence", " "),
             "c4": ("allenai/c4", "en", "text", " "),
@@ -182,9 +237,9 @@ def _from_hub(name: str, split: str) -> TextSource:
     try:
         ds = datasets.load_dataset(spec[0], spec[1], split=split)
     except (ConnectionError, OSError) as e:  # offline: the hub cannot be reached
-        raise DataError(f"{name}: no local file for split {split!r} (looked in --data-dir, "
-                        "$BINLLM_DATA, ./data and ../shared/data) and the hub cannot be reached "
-                        f"({type(e).__name__}); pass --data-dir pointing at a local copy") from None
+        raise DataError(f"{name}: {missing}, and the hub cannot be reached "
+                        f"({type(e).__name__}); pass data_dir= pointing at a local copy"
+                        ) from None
     rows = [r.strip() if name == "ptb" else r for r in ds[spec[2]]]
     return TextSource(name, split, f"hub:{spec[0]}", tuple(rows) if name == "c4" else (),
                       spec[3].join(rows))
@@ -236,7 +291,7 @@ def calibration_batches(source: TextSource, tokenizer, nsamples: int, seqlen: in
     if ids.shape[1] <= seqlen:
         raise DataError(f"{source.name} ({source.split}) has {ids.shape[1]} tokens, fewer than "
                         f"one calibration window of {seqlen}; use a larger dataset or a "
-                        "smaller --seqlen")
+                        "smaller seqlen=")
     out = []
     for _ in range(nsamples):
         start = rng.randint(0, ids.shape[1] - seqlen - 1)

@@ -3,7 +3,9 @@
 `generate(model, tokenizer, prompt)` runs transformers' `model.generate` (KV cache, greedy or
 sampled) under no_grad and returns the text with the wall time of that call alone: model
 loading, kernel-form derivation (done by the loaders) and tokenizer loading are outside it, so
-a packed model and its dense original are timed on the same work.
+a packed model and its dense original are timed on the same work. A prompt and
+`max_new_tokens` that do not fit the model's context together are refused (ContextError);
+an empty prompt starts from the beginning-of-sequence token, and `Generation.note` says so.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BinllmError
+from .perplexity import ContextError, config_context
+
+
+class EmptyPrompt(BinllmError, ValueError):
+    """An empty prompt and a tokenizer with no beginning-of-sequence token to start from."""
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -19,6 +28,7 @@ class Generation:
     prompt_tokens: int
     new_tokens: int
     seconds: float  # wall time of model.generate: the prompt's forward + every new token
+    note: str = ""  # e.g. that an empty prompt started from the beginning-of-sequence token
 
     @property
     def tokens_per_s(self) -> float:
@@ -32,7 +42,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
     max_new_tokens (no stop at the end-of-sequence token; for timing)."""
     import torch
 
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    ids, note = prompt_ids(tokenizer, prompt)
+    check_room(model, ids.shape[1], max_new_tokens)
+    ids = ids.to(device)
     torch.manual_seed(seed)
     sample: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
@@ -46,4 +58,37 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sample)
         seconds = time.perf_counter() - start
     return Generation(tokenizer.decode(out[0], skip_special_tokens=True), ids.shape[1],
-                      out.shape[1] - ids.shape[1], seconds)
+                      out.shape[1] - ids.shape[1], seconds, note)
+
+
+def prompt_ids(tokenizer: Any, prompt: str):
+    """(token ids (1, n), note): the prompt's ids; an empty one gives the beginning-of-sequence
+    token alone (the tokenizer's, else its end-of-text token, as GPT-2's tokenizers use it)."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, n)
+    if prompt and ids.shape[1] > 0:
+        return ids, ""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = getattr(tokenizer, "eos_token_id", None) if bos is None else bos
+    if bos is None:
+        raise EmptyPrompt("the prompt is empty and the tokenizer has no beginning-of-sequence "
+                          "token to start from; pass some text to continue")
+    return torch.tensor([[bos]]), ("the prompt is empty: generating from the "
+                                   f"beginning-of-sequence token (id {bos})")
+
+
+def check_room(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt and max_new_tokens beyond the context the model's config declares."""
+    ctx = config_context(getattr(model, "config", None))
+    if ctx is None:
+        return
+    if prompt_tokens >= ctx:
+        raise ContextError(f"the prompt is {prompt_tokens} tokens and the model's context is "
+                           f"{ctx}: nothing is left to generate; shorten the prompt to fewer "
+                           f"than {ctx} tokens")
+    if prompt_tokens + max_new_tokens > ctx:
+        raise ContextError(f"the prompt ({prompt_tokens} tokens) and max_new_tokens="
+                           f"{max_new_tokens} need {prompt_tokens + max_new_tokens} positions, "
+                           f"beyond the model's context of {ctx} tokens; use max_new_tokens="
+                           f"{ctx - prompt_tokens} or less")

@@ -15,7 +15,7 @@ def lm_eval_task_manager(tasks: list[str], include_path: str | None = None):
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; see `lm_eval ls tasks`, "
-                         "or point --tasks-path at a folder of task YAML files")
+                         "or point include_path= at a folder of task YAML files")
     return manager
 
 

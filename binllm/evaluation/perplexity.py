@@ -18,6 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import BinllmError
+from .data import DataError
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class ContextError(BinllmError, ValueError):
+    """A window or a generation longer than the model's context."""
+
+
+def config_context(config) -> int | None:
+    """The context length (tokens) a model config (object or dict) declares; None if none."""
+    for key in CONTEXT_KEYS:
+        v = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_context(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows of `seqlen` tokens beyond the context `model`'s config declares."""
+    ctx = config_context(getattr(model, "config", None))
+    if ctx is not None and seqlen > ctx:
+        raise ContextError(f"seqlen={seqlen} exceeds the model's context of {ctx} tokens; "
+                           f"use seqlen={ctx} or less")
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -33,8 +59,8 @@ def eval_windows(tokens: Tensor, seqlen: int, max_windows: int | None = None
     the first `max_windows` of them; and how many the full stream has."""
     total = tokens.numel() // seqlen
     if total == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
-                         f"window of {seqlen}; use a smaller --seqlen")
+        raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one "
+                         f"window of {seqlen}; use a smaller seqlen=")
     n = total if max_windows is None else min(total, max_windows)
     return tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen), total
 
@@ -58,6 +84,7 @@ def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, *, max_windows: in
                device: torch.device | str = "cpu", batch_size: int = 1,
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """GPTQ-convention perplexity of `model` on tokens (1, N)."""
+    check_context(model, seqlen)
     windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
     n = windows.shape[0]
     losses = []

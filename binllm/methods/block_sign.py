@@ -180,8 +180,8 @@ class BlockSign(Method):
         a, (rows, B) = self.args, W.shape
         U = ctx.U if ctx.feedback == "column" else None
         if ctx.feedback == "column" and U is None:
-            raise MethodArgumentError("feedback=column needs the layer's Hessian; calibrate or "
-                                      "use --feedback none")
+            raise MethodArgumentError("column feedback needs the layer's Hessian; calibrate or "
+                                      "use feedback='none'")
         mu, alpha, beta = self._init(W)
         A = None if U is None else torch.linalg.solve_triangular(  # U⁻¹, upper triangular
             U, torch.eye(B, device=W.device, dtype=U.dtype), upper=True)

@@ -89,13 +89,13 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
     limit = name_max(out)
     name_len = len(os.fsencode(out.name))
     if name_len + TEMP_SUFFIX_MAX > limit:
-        raise OutputError(f"--out name {out.name[:40]}… is {name_len} bytes; the atomic save adds "
+        raise OutputError(f"out= name {out.name[:40]}… is {name_len} bytes; the atomic save adds "
                           f"up to {TEMP_SUFFIX_MAX} for its temporary name and the filesystem "
                           f"allows {limit}: use a name of at most {limit - TEMP_SUFFIX_MAX}")
     path_max = _pathconf(where, "PC_PATH_MAX", 4096)
     full = len(os.fsencode(str(out.absolute()))) + TEMP_SUFFIX_MAX + LONGEST_INNER_NAME
     if full > path_max:
-        raise OutputError(f"--out {str(out)[:40]}… is too long: its files' paths would need "
+        raise OutputError(f"out={str(out)[:40]}… is too long: its files' paths would need "
                           f"{full} bytes, the filesystem allows {path_max}; choose a shorter path")
     resolved = out.resolve()
     for src in sources:
@@ -104,32 +104,32 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
         s = Path(src).resolve()
         if s == resolved or resolved in s.parents:
             what = "is" if s == resolved else "contains"
-            raise OutputError(f"--out {out} {what} the input model {src}; saving there would "
-                              "replace it: choose another --out")
+            raise OutputError(f"out={out} {what} the input model {src}; saving there would "
+                              "replace it: choose another out=")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
-            raise OutputExists(f"--out {out} exists and is not a directory; binllm replaces only "
-                               "its own output directories: choose another --out")
+            raise OutputExists(f"out={out} exists and is not a directory; binllm replaces only "
+                               "its own output directories: choose another out=")
         if any(out.iterdir()):
             if not overwrite:
-                raise OutputExists(f"--out {out} exists and is not empty; pass --overwrite to "
-                                   "replace a binllm output, or choose another --out")
+                raise OutputExists(f"out={out} exists and is not empty; pass overwrite=True to "
+                                   "replace a binllm output, or choose another out=")
             if not is_binllm_dir(out):
                 raise OutputExists(
-                    f"--out {out} is not a binllm output directory (no config.json with "
-                    f"quantization_config.quant_method \"{QUANT_METHOD}\"); --overwrite replaces "
-                    "only those or empty folders: choose another --out")
+                    f"out={out} is not a binllm output directory (no config.json with "
+                    f"quantization_config.quant_method \"{QUANT_METHOD}\"); overwrite=True "
+                    "replaces only those or empty folders: choose another out=")
     try:  # a real write, the only test that also holds for root and read-only filesystems
         probe = tempfile.mkdtemp(prefix=temp_prefix(out, "partial"), dir=where)
         os.rmdir(probe)
     except OSError as e:
-        raise OutputError(f"cannot write in {where} ({e.strerror or e}); choose an --out on a "
+        raise OutputError(f"cannot write in {where} ({e.strerror or e}); choose an out= on a "
                           "writable filesystem") from None
     if needed_bytes:
         free = shutil.disk_usage(where).free
         if free < needed_bytes:
-            raise OutputError(f"--out {out}: {where} has {_mib(free)} free, the packed model needs "
-                              f"at least {_mib(needed_bytes)}; free space or choose another --out")
+            raise OutputError(f"out={out}: {where} has {_mib(free)} free, the packed model needs "
+                              f"at least {_mib(needed_bytes)}; free space or choose another out=")
 
 
 def min_packed_bytes(model, binarized: Iterable[str]) -> int:
