@@ -79,8 +79,20 @@ def extension() -> ExtensionStatus:
     except Exception as e:  # no compiler, headers or ninja: the PyTorch path still works
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return ExtensionStatus(False, f"building the CPU kernels failed ({type(e).__name__}: "
-                                      f"{first})")
+                                      f"{first}); {cache_advice(f'binllm_cpu_{key}')}")
     return ExtensionStatus(True, avx512=avx)
+
+
+def cache_advice(name: str) -> str:
+    """What to do when the extension cache (torch's TORCH_EXTENSIONS_DIR) is the cause."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = env or get_default_build_root()
+    where = f"TORCH_EXTENSIONS_DIR={root}" if env else root
+    return (f"if the kernel cache is damaged or not writable, delete the {name} folder under "
+            f"{where} (it is rebuilt on the next run) or set TORCH_EXTENSIONS_DIR to a "
+            "writable folder; a missing compiler needs g++ and ninja")
 
 
 @functools.lru_cache(maxsize=None)
