@@ -146,6 +146,16 @@ def layout_codes(like, rows: int, cols: int, small_cols: int, g: torch.Generator
     def scaled(size: int) -> int:  # "whole row" group sizes follow the row length
         return cols if size >= small_cols else size
 
+    from binllm.methods.factor_codes import FactorCodes
+
+    if isinstance(like, FactorCodes):  # binary-factor at its default bits=1.0
+        from binllm.methods.binary_factor import rank_for_bits
+
+        r = rank_for_bits(rows, cols, 1.0)
+        return FactorCodes(torch.rand(rows, r, generator=g) > 0.5,
+                           torch.rand(cols, r, generator=g) > 0.5,
+                           to_storage(torch.rand(rows, generator=g) * 0.01),
+                           to_storage(torch.rand(cols, generator=g) + 0.5))
     if isinstance(like, UniformCodes):
         gs = scaled(like.groupsize)
         ng = -(-cols // gs)

@@ -31,6 +31,9 @@ MODEL = Path.home() / ".cache" / "binllm" / "smollm2-135m"
 SPECS = [f"{m}{suffix}" for m in ("q1_0", "block-sign", "arb-llm-rc", "arb-llm-x", "billm",
                                   "pbllm-10", "rtn-sign")
          for suffix in ("", ":refine=block", ":rotate=hadamard", ":rotate=hadamard:refine=block")]
+# below one bit: binary-factor at each stored-bits budget, its initialisation and refined
+SPECS += [f"binary-factor:bits={b}{suffix}" for b in ("0.55", "0.8", "1.0", "1.25")
+          for suffix in ("", ":refine=block")]
 
 
 def model_dir(path: Path) -> Path:

@@ -23,7 +23,10 @@ r = ⌊bits · rows · cols / (rows + cols)⌋ − 16: a 4096 × 4096 linear at 
    (Z = diag(m) · sign(Z): each row's magnitude m = mean |row|, the exact projection):
        A   = (W̃ B + ρ (Z_A − Λ_A)) (BᵀB + ρ I)⁻¹       B likewise with W̃ᵀ and A
        Z   = proj(factor + Λ),  Λ += factor − Z,      ρ grows by `rho_growth` per iteration
-   `admm_iters` times; sign(U) = sign(Z_A), sign(V) = sign(Z_B);
+   `admm_iters` times; sign(U) = sign(Z_A), sign(V) = sign(Z_B). The defaults (80
+   iterations, ρ from 0.02 growing by 1.08) were chosen on SmolLM2-135M's layer-10 q_proj and
+   down_proj at bits=1: relative ‖W − Ŵ‖² 0.33 and 0.42, against 0.37 and 0.46 with 40
+   iterations (0.05, ×1.15) and 0.30 for q_proj with 200 (0.01, ×1.04), at 2.5× the time;
 4. s_out, s_in by least squares on the layer's proxy loss tr((W − Ŵ) H (W − Ŵ)ᵀ) (H damped by
    1 % of its mean diagonal): each is a closed form given the other (s_out per row; s_in one
    cols × cols system), alternated `scale_iters` times from ADMM's magnitudes; every step
@@ -64,9 +67,9 @@ class BinaryFactorArgs:
     """
 
     bits: float = 1.0
-    admm_iters: int = 40
-    rho: float = 0.05
-    rho_growth: float = 1.15
+    admm_iters: int = 80
+    rho: float = 0.02
+    rho_growth: float = 1.08
     scale_iters: int = 4
     scale_dtype: ScaleDtype = "float16"
     seed: int = 0
@@ -109,6 +112,11 @@ def svd_factors(Wt: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tenso
     return A, B
 
 
+def _ridge(R: Tensor, G: Tensor) -> Tensor:
+    """R G⁻¹ (n, r) for G (r, r) symmetric positive definite (a Cholesky solve)."""
+    return torch.cholesky_solve(R.T, torch.linalg.cholesky(G)).T
+
+
 def admm_signs(Wt: Tensor, r: int, iters: int, rho: float, growth: float,
                gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(sign(U) (rows, r) bool, sign(V) (cols, r) bool, m_A (rows,), m_B (cols,)) with
@@ -119,8 +127,8 @@ def admm_signs(Wt: Tensor, r: int, iters: int, rho: float, growth: float,
     ZA, ZB = sign_magnitude(A), sign_magnitude(B)
     LA, LB = torch.zeros_like(A), torch.zeros_like(B)
     for _ in range(iters):
-        A = torch.linalg.solve(B.T @ B + rho * eye, (Wt @ B + rho * (ZA - LA)).T).T
-        B = torch.linalg.solve(A.T @ A + rho * eye, (Wt.T @ A + rho * (ZB - LB)).T).T
+        A = _ridge(Wt @ B + rho * (ZA - LA), B.T @ B + rho * eye)
+        B = _ridge(Wt.T @ A + rho * (ZB - LB), A.T @ A + rho * eye)
         ZA, ZB = sign_magnitude(A + LA), sign_magnitude(B + LB)
         LA += A - ZA
         LB += B - ZB
