@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..atomic import OutputLock, atomic_dir
 from ..packed.checkpoint import finish_dir, parameters_on_meta, report_qc, shard_metadata
 from ..packed.output import check_output_dir
+from ..packed.embedding import outside_layouts
 from ..packed.layers import BinaryLinear
 from ..packed.saved_dir import CheckpointError
 from ..packed.writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -50,6 +51,7 @@ from .binarize import QuantizeReport, binarize_model
 from .checks import refuse_non_finite
 from .config import QuantizeConfig
 from .distributed import Distributed, guard
+from .outside import quantize_outside
 from .walker import find_decoder_layers, outside_modules
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class SafetensorsCheckpoint:
         found = open_checkpoint(self.path, BadCheckpoint)
         if found is None:
             raise NotStreamable(f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}")
-        self.files = found
+        self.shards = found
         self.entries: dict[str, tuple[str, TensorEntry]] = found.entries  # key: (file, entry)
 
     def __contains__(self, key: str) -> bool:
@@ -145,7 +147,7 @@ def open_streaming(path: str | os.PathLike, dtype: str | torch.dtype | None = "a
     # before the skeleton: a config.json whose shape the files cannot back is refused here (the
     # layers are streamed, so the whole model need not fit in memory: no memory estimate)
     check_config_fits(config, str(path), bytes_per_parameter=None,
-                      stored_bytes=ckpt.files.total_bytes)
+                      stored_bytes=ckpt.shards.total_bytes)
     torch_dtype = resolve_dtype(config, ckpt, dtype)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
@@ -346,6 +348,9 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
     layers from the same checkpoint, rank 0 alone passes `out` (and the journal). Opening
     the output is agreed like every other step, so a refusal on rank 0 stops every rank.
     """
+    if config.lm_head != "keep":
+        load_outside(model, ckpt)  # the head is quantized with the embeddings, before the layers
+    outside = quantize_outside(model, config.embeddings, config.lm_head)
     with contextlib.ExitStack() as stack:
         writer = None
         with guard(dist, "output directory"):
@@ -363,14 +368,16 @@ def binarize_streaming(model: nn.Module, ckpt: SafetensorsCheckpoint, config: Qu
         stream = LayerStream(ckpt, writer, keep_packed)
         report = binarize_model(model, config, calibration, keep_codes=False, source=stream,
                                 dist=dist, **binarize_kwargs)
+        report.outside = outside
         if writer is not None or keep_packed:
             load_outside(model, ckpt)  # what the layers ran without: the head, the final norm
         if writer is not None:  # read back: tied tensors are told apart by their storage
             _write(writer, _outside_tensors(model)[1])
             if not keep_packed:
                 drop_outside(model)
-            files = writer.close(shard_metadata(stream.layouts))
-            finish_dir(tmp, model, report_qc(report), stream.layouts, files, tokenizer,
+            layouts = {**outside_layouts(model, find_decoder_layers(model)[0]), **stream.layouts}
+            files = writer.close(shard_metadata(layouts))
+            finish_dir(tmp, model, report_qc(report), layouts, files, tokenizer,
                        report.to_dict(), untie=False)
             log.info("streamed %d binarized linears to %s", len(stream.layouts), out)
     return report
