@@ -1,6 +1,10 @@
 """Export of saved binllm directories to other runtimes' formats (`binllm export`).
 
+target: where an export may be written (checked before any work) and `ExportError`;
 gguf_export: llama.cpp's GGUF for LLaMA models whose binarized linears are Q1_0 codes
-(`--method q1_0`), with the llama hyperparameters and q/k row permutation; gguf_vocab: the
-sentencepiece vocabulary GGUF's "llama" tokenizer needs. Needs the optional `gguf` package.
+(`--method q1_0`), read through the loader's checks (`packed.checkpoint.read_verified`), with
+the llama hyperparameters; gguf_tensors: Q1_0 blocks, the fallback types of linears Q1_0
+cannot hold, q/k row permutation, `general.file_type`; vocab, gguf_vocab, gguf_bpe: the
+tokenizer as GGUF holds it (sentencepiece "llama" or byte-level BPE "gpt2"). Needs the optional
+`gguf` package. May import packed, atomic and errors.
 """
