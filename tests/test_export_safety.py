@@ -22,8 +22,6 @@ gguf = pytest.importorskip("gguf")
 from conftest import one_line_error, run_cli  # noqa: E402
 from test_gguf_export import tiny_q1_0  # noqa: E402
 
-from binllm.export.gguf_export import export_gguf  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def saved(stories_tokenizer, tmp_path_factory):
@@ -79,7 +77,7 @@ def test_an_existing_output_needs_overwrite(q1c, tmp_path, capsys):
     assert not leftovers(tmp_path)
 
 
-def test_a_failed_write_leaves_the_previous_output(q1c, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_previous_output(q1c, tmp_path, monkeypatch, capsys):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"previous export")
 
@@ -87,9 +85,17 @@ def test_a_failed_write_leaves_the_previous_output(q1c, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
-    with pytest.raises(OSError, match="No space left"):
-        export_gguf(q1c, out, overwrite=True)
+    code, _, err = run_cli(capsys, "export", q1c, out, "--overwrite")
+    one_line_error(code, err, f"writing {out} failed (No space left on device)")
     assert out.read_bytes() == b"previous export" and not leftovers(tmp_path)
+
+
+def test_a_config_without_the_llama_sizes_is_refused(q1c, tmp_path, capsys):
+    cfg = json.loads((q1c / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (q1c / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "export", q1c, tmp_path / "m.gguf")
+    one_line_error(code, err, "config.json has no integer intermediate_size")
 
 
 # -- item 7: the loader's checks ------------------------------------------------------------

@@ -77,6 +77,11 @@ def _hparams(config: dict) -> dict[str, Any]:
     if kind not in ("default", "linear"):
         raise ExportError(f"rope type {kind!r} ({rope}) is not supported by the GGUF export "
                           "(default and linear only)")
+    missing = [k for k in ("num_attention_heads", "hidden_size", "intermediate_size",
+                           "num_hidden_layers", "vocab_size") if not isinstance(config.get(k), int)]
+    if missing:
+        raise ExportError(f"config.json has no integer {', '.join(missing)}; the GGUF header "
+                          "needs them: restore config.json or re-save the model")
     n_head = config["num_attention_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // n_head
     return {"n_embd": config["hidden_size"], "n_ff": config["intermediate_size"],
@@ -166,7 +171,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *,
         w.close()
         tmp.chmod(0o644)
 
-    atomic_write(out, write)
+    try:
+        atomic_write(out, write)
+    except OSError as e:  # disk full, filesystem turned read-only: the old OUT is untouched
+        raise ExportError(f"writing {out} failed ({e.strerror or e}); nothing was written: free "
+                          "space or choose another path") from None
     report.file_bytes = out.stat().st_size
     log.info("wrote %s (%s): %s", out, report.file_type, report.counts())
     return report
