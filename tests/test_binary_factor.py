@@ -226,6 +226,20 @@ def test_refinement_lowers_the_layer_loss_of_the_factors():
         assert torch.equal(codes.s_out, codes.s_out.half().float())
 
 
+def test_latent_magnitudes_are_the_least_squares_factors_along_the_stored_signs():
+    codes = factor_codes(rows=13, cols=37, rank=5, seed=4)
+    m = codes.latent_magnitudes(codes.dequantize())  # W is the codes' own: U* = S_U, V* = S_V
+    assert m["u"].shape == (13, 5) and m["v"].shape == (37, 5)
+    for f in ("u", "v"):
+        torch.testing.assert_close(m[f], torch.ones_like(m[f]), rtol=0, atol=2e-2)
+    flipped = codes.u.clone()
+    flipped[0, 0] = ~flipped[0, 0]
+    W = FactorCodes(flipped, codes.v, codes.s_out, codes.s_in).dequantize()
+    m = codes.latent_magnitudes(W)["u"]
+    assert float(m[0, 0]) == pytest.approx(1e-3)  # the fit wants the other sign: flips first
+    assert float(m[1:].min()) > 0.9
+
+
 # -- stories260K: save, load, inspect; the command line -------------------------------------
 def test_stories260k_saves_loads_and_inspects(capsys, stories_path, stories_tokenizer, tmp_path):
     from test_checkpoint import logits, quantize

@@ -62,6 +62,30 @@ class FactorCodes:
         SV = self.v.to(torch.float32) * 2 - 1  # (cols, r)
         return self.s_out[:, None] * (SU @ SV.T) * self.s_in[None, :]
 
+    def latent_magnitudes(self, W: Tensor) -> dict[str, Tensor]:
+        """Relative magnitudes (as `binllm.methods.trainable` seeds latent signs) of u (rows, r)
+        and v (cols, r) for the full-precision W (rows, cols): each factor's least-squares
+        real value given the other's signs and the scales, W' = diag(s_out)⁻¹ W diag(s_in)⁻¹,
+
+            U* = W' S_V (S_Vᵀ S_V)⁻¹,   V* = W'ᵀ S_U (S_Uᵀ S_U)⁻¹,
+
+        taken along the stored sign (S ⊙ U*, at least 1e-3: a sign the fit disagrees with is
+        the first to flip) and divided by its row's mean |U*|."""
+        SU = self.u.to(torch.float32) * 2 - 1
+        SV = self.v.to(torch.float32) * 2 - 1
+        inv_out = torch.where(self.s_out != 0, 1 / self.s_out, torch.zeros_like(self.s_out))
+        inv_in = torch.where(self.s_in != 0, 1 / self.s_in, torch.zeros_like(self.s_in))
+        Wp = W.to(torch.float32) * inv_out[:, None] * inv_in[None, :]  # (rows, cols)
+        eye = torch.eye(self.rank, device=W.device)
+
+        def along(S: Tensor, M: Tensor, S_other: Tensor) -> Tensor:  # (n, r)
+            G = S_other.T @ S_other + 1e-3 * S_other.shape[0] * eye
+            X = torch.linalg.solve(G, (M @ S_other).T).T  # least-squares factor
+            m = (S * X) / X.abs().mean(1, keepdim=True).clamp_min(1e-12)
+            return m.clamp_min(1e-3)
+
+        return {"u": along(SU, Wp, SV), "v": along(SV, Wp.T, SU)}
+
     def paper_bits(self) -> float:
         """Sign bits per weight, r·(rows + cols) / (rows·cols), as the binarization papers
         count a sign plane (the scales are not counted; `stored_bits` counts them)."""

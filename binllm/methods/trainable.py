@@ -14,9 +14,9 @@ rounded the fields to their storage precision.
 Learning rates are relative: a field's Adam step is `lr · mean|x₀|` of its initial value x₀,
 and latent weights start at S · |W| / mean_row|W| (W the full-precision weight), so one
 `sign_lr` step moves a latent weight by that fraction of its row's typical magnitude and the
-weights that flip first are the ones closest to zero. Sign planes not shaped like W (the
-factors of binary-factor, (rows, r) and (cols, r)) have no weight of their own: their latent
-weights start at S (magnitude 1, the edge of the straight-through clip).
+weights that flip first are the ones closest to zero. Codes whose sign planes are not shaped
+like W (the factors of binary-factor, (rows, r) and (cols, r)) say what plays |W|'s part:
+their `latent_magnitudes(W)` gives each plane's relative magnitudes.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class TrainableCodes:
             magnitude = _relative_magnitude(W.detach().to(torch.float32))  # (rows, cols)
             for f in type(codes).SIGN_FIELDS:
                 S = fields[f].to(torch.float32) * 2 - 1  # (..., rows, cols) ±1
-                m = magnitude if S.shape[-2:] == magnitude.shape else 1.0  # a factor's plane
+                m = magnitude if S.shape[-2:] == magnitude.shape else \
+                    codes.latent_magnitudes(W.detach())[f]  # a plane not shaped like W
                 self.latent[f] = (S * m).requires_grad_(True)
 
     def param_groups(self, lr: float, sign_lr: float) -> list[dict]:
