@@ -334,7 +334,7 @@ def test_progress_into_a_log_is_plain_lines(capsys, stories, data):
     assert [line.split(",")[0] for line in layer_lines] == [
         f"rtn-sign: {i}/5 layers" for i in range(1, 6)]
     assert [line.split(",")[0] for line in err.splitlines() if line.startswith("ppl ")] == [
-        "ppl tinystories: 2/2 windows"]
+        "ppl tinystories: 5/5 layers"]  # the binarized model is evaluated layer by layer
     assert "Loading weights" not in err
 
 

@@ -89,20 +89,24 @@ def evaluate_datasets(model, tokenizer, names: list[str], seqlen: int, args,
     """perplexity: the function (model, tokens, seqlen, max_windows=, device=, progress=)
     (default: a model with BinaryLinears layer by layer, each linear dequantized once per
     pass, `binllm.engine.stream_eval.packed_perplexity`; any other model whole,
-    `binllm.evaluation.perplexity.perplexity`)."""
+    `binllm.evaluation.perplexity.perplexity`). Progress counts layers on the layer-wise
+    path (every window finishes with the last layer), windows otherwise."""
     from ..evaluation.data import eval_tokens, load_text
+    unit = "window"
     if perplexity is None:
         from ..engine.stream_eval import has_binary_linears, packed_perplexity
         from ..evaluation.perplexity import perplexity as whole_model
 
-        perplexity = packed_perplexity if has_binary_linears(model) else whole_model
+        layerwise = has_binary_linears(model)
+        perplexity = packed_perplexity if layerwise else whole_model
+        unit = "layer" if layerwise else unit
     from .progress import Progress
 
     results = {}
     for name in names:
         source = load_text(name, args.eval_split, args.data_dir)
         tokens = eval_tokens(source, tokenizer, seqlen)
-        bar = Progress(f"ppl {name}", "window", quiet=args.quiet, every=None, leave=False)
+        bar = Progress(f"ppl {name}", unit, quiet=args.quiet, every=None, leave=False)
         res = perplexity(model, tokens, seqlen, max_windows=args.max_windows,
                          device=args.device, progress=bar.update)
         bar.close()

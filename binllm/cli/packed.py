@@ -50,7 +50,8 @@ def cmd_inspect(args) -> int:
           f"measured on disk ({agree} {info.codes_bits:.3f} by the codes' accounting), "
           f"{info.paper_bits:.3f} paper bits")
     print(f"  files {_kib(info.file_bytes)} vs fp16 {_kib(info.fp16_bytes)} "
-          f"({info.file_bytes / info.fp16_bytes:.3f}×); unchanged tensors {_kib(info.other_bytes)}")
+          f"({info.file_bytes / info.fp16_bytes:.3f}×), {info.file_bits:.3f} bits per parameter "
+          f"for the whole model; unchanged tensors {_kib(info.other_bytes)}")
     if verified is not None:
         print(f"  verified: {verified.summary()}")
     if args.report:

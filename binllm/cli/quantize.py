@@ -42,6 +42,11 @@ def add_quantize(sub) -> None:
     p.add_argument("--rotate", choices=["none", "hadamard"], default="none",
                    help="hadamard: fold the norms and rotate the residual stream by a seeded "
                         "randomized Hadamard matrix before quantizing (loads the model whole)")
+    for flag, what in (("--embeddings", "the input embedding table"),
+                       ("--lm-head", "the output layer")):
+        p.add_argument(flag, choices=["keep", "q8", "q4"], default="keep",
+                       help=f"{what}: keep as loaded, or round to 8 / 4 bits per weight (groups "
+                            "of 32, fp16 scales; a tied table with one option is stored once)")
     p.add_argument("--skip", default="",
                    help="comma-separated linear names to leave alone (e.g. down_proj)")
     p.add_argument("--eval", default="wikitext2,ptb,c4",
@@ -172,7 +177,8 @@ def _configure(args, dist) -> _Run:
                             block_size=args.block_size, percdamp=args.percdamp,
                             feedback=args.feedback, skip=tuple(csv_list(args.skip)),
                             refine=parse_refine(args.refine, args.refine_arg),
-                            rotate=None if args.rotate == "none" else args.rotate)
+                            rotate=None if args.rotate == "none" else args.rotate,
+                            embeddings=args.embeddings, lm_head=args.lm_head)
     method = get_method(config.method, config.method_args)  # fail fast on a bad argument
     if args.nsamples < 1:
         raise CLIError("--nsamples must be at least 1")

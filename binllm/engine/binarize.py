@@ -28,6 +28,7 @@ from .config import ConfigError, QuantizeConfig
 from .destination import CodesDestination
 from .distributed import Distributed, SingleProcess, report_dict
 from .journal import JournalMismatch, LayerJournal
+from .outside import OutsideReport, quantize_outside
 from .reconstruct import reconstruct
 from .refine import LayerRefiner, LayerRefineReport
 from .rotate import RotationReport, rotate_model
@@ -66,6 +67,7 @@ class QuantizeReport:
     codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
     refine: list[LayerRefineReport] = field(default_factory=list)  # per layer, with refine
     rotation: RotationReport | None = None  # with rotate
+    outside: OutsideReport | None = None  # embeddings / lm_head quantized
     notes: list[str] = field(default_factory=list)  # what the user should know about the run
 
     @property
@@ -84,6 +86,7 @@ class QuantizeReport:
                 **({"refine": [dataclasses.asdict(r) for r in self.refine]}
                    if self.refine else {}),
                 **({"rotation": dataclasses.asdict(self.rotation)} if self.rotation else {}),
+                **({"outside": self.outside.to_dict()} if self.outside else {}),
                 **({"notes": list(self.notes)} if self.notes else {})}
 
 
@@ -142,6 +145,8 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
             raise ConfigError("rotate needs the whole model in memory (the embeddings and "
                               "lm_head rotate with every layer); load it whole, not streamed")
         report.rotation = rotate_model(model)
+    if source is None:  # a streamed run quantizes them before writing them (binarize_streaming)
+        report.outside = quantize_outside(model, config.embeddings, config.lm_head)
     if not checked:
         with dist.guard("weight checks"):
             check_skip(model, config.skip)

@@ -59,6 +59,7 @@ class RefineConfig:
 
 
 ROTATIONS = ("hadamard",)
+OUTSIDE_OPTIONS = ("keep", "q8", "q4")  # embeddings / lm_head (`binllm.engine.outside`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class QuantizeConfig:
                  they are, as in the papers)
     rotate       "hadamard": fold the norms and rotate the residual stream before quantizing
                  (`binllm.engine.rotate`); None: the model as it is
+    embeddings   the input embeddings: "keep", "q8" or "q4" (`binllm.engine.outside`)
+    lm_head      the output layer: "keep", "q8" or "q4"
     """
 
     method: str
@@ -85,6 +88,8 @@ class QuantizeConfig:
     skip: tuple[str, ...] = ()
     refine: RefineConfig | None = None
     rotate: str | None = None
+    embeddings: str = "keep"
+    lm_head: str = "keep"
     version: ClassVar[int] = FORMAT_VERSION
 
     def __post_init__(self):
@@ -104,14 +109,19 @@ class QuantizeConfig:
                               f"{' or '.join(spec.cls.feedbacks)} only; leave feedback unset")
         if self.rotate not in (None, *ROTATIONS):
             raise ConfigError(f"rotate={self.rotate!r}: use {', '.join(ROTATIONS)} or None")
+        for name in ("embeddings", "lm_head"):
+            if getattr(self, name) not in OUTSIDE_OPTIONS:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use one of "
+                                  f"{', '.join(OUTSIDE_OPTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method_args"] = dict(self.method_args)
         d["skip"] = list(self.skip)
         d["version"] = self.version
-        for key in ("refine", "rotate"):  # unset: the dict of a plain run, as it always was
-            if d[key] is None:
+        for key, unset in (("refine", None), ("rotate", None), ("embeddings", "keep"),
+                           ("lm_head", "keep")):  # unset: absent, as in a plain run's dict
+            if d[key] == unset:
                 del d[key]
         return d
 

@@ -16,8 +16,9 @@ evaluated once the same way (`binllm eval`). `DIR/results.md` is the table and
 matplotlib when it is installed (`pip install "binllm[plot]"`).
 
 A method spec is `name[:key=value[:key=value…]]`; its label is the spec itself. The keys
-`refine`, `rotate` and `refine_<setting>` (`refine_epochs=4`) go to the engine (`--refine`,
-`--rotate`, `--refine-arg`) rather than to the method, so one table holds a method with and
+`refine`, `rotate`, `embeddings`, `lm_head` and `refine_<setting>` (`refine_epochs=4`) go to
+the engine (`--refine`, `--rotate`, `--embeddings`, `--lm-head`, `--refine-arg`) rather than
+to the method, so one table holds a method with and
 without them: `q1_0,q1_0:refine=block,q1_0:rotate=hadamard:refine=block`. Imports only
 `binllm.atomic` of binllm (the methods run in child processes).
 """
@@ -50,7 +51,8 @@ class CompareError(BinllmError, ValueError):
 
 
 # -- method specs --------------------------------------------------------------------------
-ENGINE_KEYS = ("refine", "rotate")  # spec keys for the engine, plus refine_<setting>
+# spec keys for the engine (`--refine`, `--lm-head` …), plus refine_<setting>
+ENGINE_KEYS = ("refine", "rotate", "embeddings", "lm_head")
 
 
 def _is_engine_key(key: str) -> bool:
@@ -60,7 +62,7 @@ def _is_engine_key(key: str) -> bool:
 @dataclass(frozen=True)
 class MethodRun:
     """One method of a comparison: a label, a registered name, its --method-arg pairs and
-    the engine options (refine, rotate, refine_<setting>)."""
+    the engine options (refine, rotate, embeddings, lm_head, refine_<setting>)."""
 
     label: str
     method: str
@@ -76,7 +78,7 @@ class MethodRun:
     def engine_argv(self) -> list[str]:
         argv = []
         for k, v in self.engine:
-            argv += ([f"--{k}", v] if k in ENGINE_KEYS
+            argv += ([f"--{k.replace('_', '-')}", v] if k in ENGINE_KEYS
                      else ["--refine-arg", f"{k.removeprefix('refine_')}={v}"])
         return argv
 

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ..atomic import OutputLock, atomic_dir
 from ..preflight import check_config_fits
-from .layers import BinaryLinear, replace_linears, set_cache_dequantized, set_kernels
+from .embedding import replace_packed, tied_heads
+from .layers import BinaryLinear, set_cache_dequantized, set_kernels
 from .layout import FORMAT_VERSION, PackedLayout, pack
 from .output import check_output_dir
 from .release import load_packed, return_freed_memory, warm_kernels
@@ -143,6 +144,8 @@ def finish_dir(tmp: Path, model: nn.Module, qc: dict[str, Any], layers: dict[str
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
     qc = {**qc, "modules_to_not_convert": [n for n in linears if n not in layers],
           "layers": {n: lay.to_dict() for n, lay in layers.items()}, "files": files}
+    if tied_heads(model):  # an lm_head computing from the packed embedding table
+        qc["tied_heads"] = tied_heads(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
@@ -215,6 +218,9 @@ def _collect_tensors(model: nn.Module, codes: dict[str, Any]):
         seen.add(ident(t))
         untie |= ident(t) in binarized
         tensors[key] = t.detach().cpu().contiguous()
+    for name, m in model.named_modules():  # packed already: a PackedEmbedding, a packed head
+        if isinstance(m, BinaryLinear) and name not in layers:
+            layers[name] = m.layout
     return tensors, layers, untie
 
 
@@ -310,7 +316,7 @@ def _skeleton(saved: SavedModel) -> tuple[nn.Module, Any]:
     del config.quantization_config  # build the plain architecture; BinaryLinears go in below
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)
-    replace_linears(model, saved.layouts, device="meta")
+    replace_packed(model, saved.layouts, saved.quantization.get("tied_heads"), device="meta")
     check_model_matches(saved, model)
     return model, quantization
 

@@ -38,7 +38,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import bind_save_pretrained, check_model_matches
 from .release import attach_sources, return_freed_memory, warm_kernels
-from .layers import replace_linears
+from .embedding import replace_packed
 from .layout import FORMAT_VERSION
 from .saved_dir import QUANT_METHOD, FormatVersionError, read_saved
 
@@ -71,7 +71,8 @@ class BinllmHfQuantizer(HfQuantizer):
         directory = (Path(checkpoint_files[0]).parent if checkpoint_files
                      else Path(model.config.name_or_path))
         saved = read_saved(directory, verify=True)  # what binllm.load checks, same errors
-        replace_linears(model, saved.layouts, device="meta")
+        replace_packed(model, saved.layouts, saved.quantization.get("tied_heads"),
+                       device="meta")
         check_model_matches(saved, model)
         self.binllm_saved = saved
         return model

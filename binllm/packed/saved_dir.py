@@ -218,10 +218,16 @@ class Inspection:
     def codes_bits(self) -> float:
         return per_weight(self.layers, "codes_bits")
 
+    @property
+    def file_bits(self) -> float:
+        """Bits of the whole files per model parameter (every tensor, headers included)."""
+        return self.file_bytes * 8 / max(self.fp16_bytes // 2, 1)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(stored_bits=self.stored_bits, paper_bits=self.paper_bits,
-                 codes_bits=self.codes_bits, size_vs_fp16=self.file_bytes / max(self.fp16_bytes, 1))
+                 codes_bits=self.codes_bits, file_bits=self.file_bits,
+                 size_vs_fp16=self.file_bytes / max(self.fp16_bytes, 1))
         return d
 
 

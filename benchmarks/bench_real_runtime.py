@@ -1,0 +1,203 @@
+"""A real model, whole: evaluation time, decode and prompt speed, file size (SmolLM2-135M).
+
+One run, one machine, one prompt, for each model:
+
+- **evaluation**: seconds of wikitext2 perplexity (first `--windows` windows of 2048 tokens)
+  as `binllm eval` computes it: the dense model whole, a packed model layer by layer with each
+  linear dequantized once per pass (`binllm.engine.stream_eval.packed_perplexity`); and, for
+  the first packed model, the whole-model forward with the kernels, window by window (the
+  path a plain `model(ids)` takes), on `--kernel-windows` windows.
+- **decode**: tokens/s of greedy generation, 128 new tokens after a 32-token prompt (KV
+  cache), at 1 and 2 threads;
+- **prompt**: tokens/s of one forward over a 512-token prompt, at 1 and 2 threads;
+- **size**: bytes of the model's files.
+
+Packed models are saved once into --work (`binllm quantize … --no-eval --out`, the
+benchmark protocol's calibration: 32 × 2048 tokens of wikitext2 validation) and reused.
+llama.cpp rows are added where `llama-cpp-python` is installed and a GGUF is given.
+
+    python benchmarks/bench_real_runtime.py [--methods q1_0,rtn-sign] [--windows 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, md_row, write_results  # noqa: E402
+from bench_real import MODEL, model_dir  # noqa: E402
+
+import torch  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 32, 128, 512
+
+
+def saved_model(model: Path, method: str, work: Path, extra: list[str]) -> Path:
+    """The packed directory of `method` (quantized once with the benchmark protocol)."""
+    tag = method + "".join(f"_{a.strip('-').replace('=', '-')}" for a in extra)
+    out = work / tag
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "binllm", "quantize", str(model), "--method", method,
+               "--calib", "wikitext2", "--calib-split", "validation", "--nsamples", "32",
+               "--seqlen", "2048", "--eval", "", "--out", str(out), "--data-dir", str(DATA),
+               *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def files_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir()
+               if p.suffix in (".safetensors", ".gguf", ".bin"))
+
+
+def eval_seconds(model, tokens, windows: int, layerwise: bool) -> tuple[float, float]:
+    """(seconds, perplexity) of the first `windows` windows of 2048 tokens."""
+    from binllm.engine.stream_eval import packed_perplexity
+    from binllm.evaluation.perplexity import perplexity
+
+    fn = packed_perplexity if layerwise else perplexity
+    t = time.perf_counter()
+    res = fn(model, tokens, 2048, max_windows=windows)
+    return time.perf_counter() - t, res.ppl
+
+
+def decode_tps(model, ids: torch.Tensor) -> float:
+    """Best of two: tokens/s of NEW_TOKENS greedy tokens after the prompt `ids` (1, 32)."""
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)
+        best = min(best, time.perf_counter() - t)
+    assert out.shape[1] == ids.shape[1] + NEW_TOKENS
+    return NEW_TOKENS / best
+
+
+def prompt_tps(model, ids: torch.Tensor) -> float:
+    """Best of two: tokens/s of one forward over `ids` (1, 512)."""
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(ids, use_cache=False)
+        best = min(best, time.perf_counter() - t)
+    return ids.shape[1] / best
+
+
+def speeds(model, tokens) -> dict:
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out[f"decode_tps_{threads}t"] = decode_tps(model, tokens[:, :PROMPT_TOKENS])
+        out[f"prompt_tps_{threads}t"] = prompt_tps(model, tokens[:, :PREFILL_TOKENS])
+    torch.set_num_threads(2)
+    return out
+
+
+def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows")
+        return []
+    rows = []
+    ids = tokens[0].tolist()
+    for g in ggufs:
+        row = {"model": f"llama.cpp {g.name}", "file_bytes": g.stat().st_size}
+        for threads in (1, 2):
+            llm = Llama(str(g), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[:PREFILL_TOKENS])
+            row[f"prompt_tps_{threads}t"] = PREFILL_TOKENS / (time.perf_counter() - t)
+            llm.reset()
+            llm.eval(ids[:PROMPT_TOKENS])
+            t = time.perf_counter()
+            for _ in range(NEW_TOKENS):
+                llm.eval([int(llm.sample(temp=0.0))])  # greedy
+            row[f"decode_tps_{threads}t"] = NEW_TOKENS / (time.perf_counter() - t)
+            del llm
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--methods", default="q1_0,rtn-sign",
+                    help="packed models, comma-separated; METHOD+--flag=value adds CLI flags")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/binllm/runtime")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--kernel-windows", type=int, default=4)
+    ap.add_argument("--gguf", type=Path, action="append", default=[],
+                    help="GGUF files for llama.cpp rows (repeatable)")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import binllm
+    from binllm.evaluation.data import eval_tokens, load_text
+
+    model_path = model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tokens = eval_tokens(load_text("wikitext2", "test", DATA), tok, 2048)
+    torch.set_num_threads(2)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        dense = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        row = {"model": f"dense {str(dtype).split('.')[-1]} torch",
+               "file_bytes": files_bytes(model_path)}
+        if dtype == torch.bfloat16:
+            row["eval_s"], row["ppl"] = eval_seconds(dense, tokens, args.windows, False)
+        row.update(speeds(dense, tokens))
+        rows.append(row)
+        print(row, flush=True)
+        del dense
+    for k, spec in enumerate(m for m in args.methods.split(",") if m):
+        method, *extra = spec.split("+")
+        path = saved_model(model_path, method, args.work, extra)
+        model = binllm.load(path, dtype=torch.bfloat16).eval()
+        row = {"model": f"binllm {spec}", "file_bytes": files_bytes(path)}
+        row["eval_s"], row["ppl"] = eval_seconds(model, tokens, args.windows, True)
+        if k == 0 and args.kernel_windows:
+            secs, _ = eval_seconds(model, tokens, args.kernel_windows, False)
+            row["eval_s_kernels_per_window"] = secs / args.kernel_windows
+        row.update(speeds(model, tokens))
+        rows.append(row)
+        print(row, flush=True)
+        del model
+    rows += llama_cpp_rows(args.gguf, tokens)
+    fp_eval = rows[0]["eval_s"]
+    md = ["# SmolLM2-135M whole-model runtime (one run, same machine)", "",
+          f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} new "
+          f"tokens after {PROMPT_TOKENS}; prompt: {PREFILL_TOKENS} tokens.", "",
+          md_row("model", "MiB", "eval s", "eval × FP", "ppl", "decode tok/s 1t", "2t",
+                 "prompt tok/s 1t", "2t"),
+          md_row(*["---"] * 9)]
+    for r in rows:
+        ev = r.get("eval_s")
+        md.append(md_row(r["model"], f"{r['file_bytes'] / 2**20:.1f}",
+                         f"{ev:.1f}" if ev else "", f"{ev / fp_eval:.2f}" if ev else "",
+                         f"{r['ppl']:.2f}" if "ppl" in r else "",
+                         *(f"{r.get(k, float('nan')):.1f}" for k in
+                           ("decode_tps_1t", "decode_tps_2t", "prompt_tps_1t", "prompt_tps_2t"))))
+    for r in rows:
+        per = r.get("eval_s_kernels_per_window")
+        if per:
+            md.append(f"\n{r['model']}: whole-model kernel forward {per:.2f} s per window "
+                      f"({args.windows} windows ≈ {per * args.windows:.0f} s).")
+    write_results("real_runtime", {"rows": rows, "windows": args.windows,
+                                   "torch": torch.__version__}, "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
