@@ -1,8 +1,9 @@
 """Data and evaluation: calibration and test text, perplexity, lm-eval.
 
 `data` loads the local datasets (WikiText-2, PTB, C4, TinyStories, or a .txt/.jsonl file) and
-cuts calibration and evaluation windows; `perplexity` is the GPTQ protocol; `harness` runs
+cuts calibration and evaluation windows; `perplexity` is the GPTQ protocol (windows beyond the
+model's context are refused); `generate` is timed text generation; `harness` runs
 lm-evaluation-harness tasks on an in-memory model; `compare` runs several methods on one
 protocol, each as a `python -m binllm` child process, and writes the comparison table and plot.
-Imports nothing else of binllm but `binllm.atomic`.
+Imports nothing else of binllm but `binllm.atomic` and `binllm.errors`.
 """
