@@ -504,6 +504,8 @@ def test_library_errors_name_arguments_and_the_cli_names_flags(capsys, tmp_path,
     ("pass overwrite=True to replace it, or choose another out_dir=",
      "pass --overwrite to replace it, or choose another --out"),
     ("use feedback='none'", "use --feedback none"),
+    ("checkpoint c.pt not found; drop resume= to start a new run",
+     "checkpoint c.pt not found; drop --resume to start a new run"),
     ("seqlen=4096 exceeds the context; use seqlen=512 or less, or a smaller seqlen=.",
      "--seqlen 4096 exceeds the context; use --seqlen 512 or less, or a smaller --seqlen."),
     ("method spec 'gptq:bits=2:layout=3' and bits='x'", "method spec 'gptq:bits=2:layout=3' and "

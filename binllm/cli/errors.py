@@ -15,7 +15,8 @@ ARGUMENT_FLAGS = {"skip": "--skip", "resume_dir": "--resume-dir", "out": "--out"
                   "out_dir": "--out", "overwrite": "--overwrite", "fresh": "--fresh",
                   "nsamples": "--nsamples", "percdamp": "--percdamp", "seqlen": "--seqlen",
                   "data_dir": "--data-dir", "include_path": "--tasks-path",
-                  "feedback": "--feedback", "max_new_tokens": "--max-new-tokens"}
+                  "feedback": "--feedback", "max_new_tokens": "--max-new-tokens",
+                  "resume": "--resume"}
 _ARGUMENT = re.compile(r"(?<![\w.:=-])(" + "|".join(ARGUMENT_FLAGS) + r")="
                        r"(?:(?P<true>True)\b|'(?P<quoted>[^'\s]*)'|(?P<value>[^\s;,)]+))?")
 

@@ -108,7 +108,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
 
 def _load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, config) -> dict:
     if not Path(path).is_file():
-        raise QATError(f"checkpoint {path} not found; drop --resume to start a new run")
+        raise QATError(f"checkpoint {path} not found; drop resume= to start a new run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: pickle/zip errors of many kinds
