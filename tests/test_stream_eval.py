@@ -151,3 +151,13 @@ def test_evaluate_datasets_takes_the_layerwise_path_for_binarized_models(monkeyp
     assert used == ["packed"] and packed["x"]["windows"] == 3
     evaluate_datasets(tiny_causal_lm("llama", num_hidden_layers=3), None, ["x"], 24, args)
     assert used == ["packed"]
+
+
+def test_layerwise_perplexity_refuses_windows_beyond_the_context():
+    from binllm.engine.stream_eval import packed_perplexity
+    from binllm.evaluation.perplexity import ContextError
+
+    model = _binarized()
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(ContextError, match=f"context of {ctx} tokens"):
+        packed_perplexity(model, torch.zeros(1, 2 * ctx + 2, dtype=torch.long), ctx + 1)

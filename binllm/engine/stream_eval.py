@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from ..packed.layers import BinaryLinear
-from ..evaluation.perplexity import Perplexity, eval_windows, from_losses, window_losses
+from ..evaluation.perplexity import (Perplexity, check_context, eval_windows, from_losses,
+                                      window_losses)
 from .walker import (move_outside_layers, to_device, calibration_context, capture_layer_inputs,
                      find_decoder_layers)
 
@@ -110,6 +111,7 @@ def layerwise_perplexity(model: nn.Module, source, tokens: Tensor, seqlen: int, 
     """GPTQ-convention perplexity of `model` on tokens (1, N), layer by layer, its decoder
     layers given by `source` (`StreamedLayers` or `ResidentLayers`).
     max_hidden_bytes: the hidden states held at once (windows beyond it: another pass)."""
+    check_context(model, seqlen)
     windows, total = eval_windows(tokens, seqlen, max_windows)  # (n, seqlen)
     batches = [windows[i:i + 1] for i in range(windows.shape[0])]  # (1, seqlen) each
     group = windows_per_pass(model, seqlen, max_hidden_bytes, device)
