@@ -79,7 +79,7 @@ def test_bits_outside_the_range_are_refused(bits):
 
 
 def test_column_feedback_is_refused_by_the_config():
-    with pytest.raises(ConfigError, match="binary-factor runs with feedback none only"):
+    with pytest.raises(ConfigError, match="binary-factor runs with feedback='none' only"):
         QuantizeConfig("binary-factor", feedback="column")
     QuantizeConfig("binary-factor", feedback="none")
     QuantizeConfig("q1_0", feedback="column")  # other methods keep every feedback
@@ -272,7 +272,7 @@ def test_the_command_line_refuses_bits_out_of_range_and_column_feedback(capsys, 
     one_line_error(code, err, "bits=0.3", "0.55 to 2.0")
     code, _, err = run_cli(capsys, "quantize", stories, "--method", "binary-factor",
                            "--feedback", "column", "--data-dir", data)
-    one_line_error(code, err, "column", "binary-factor runs with feedback none only")
+    one_line_error(code, err, "column", "binary-factor runs with --feedback none only")
 
 
 def test_compare_takes_binary_factor_specs():

@@ -105,8 +105,9 @@ class QuantizeConfig:
         spec = METHODS.get(self.method)
         if self.feedback is not None and spec is not None \
                 and self.feedback not in spec.cls.feedbacks:
-            raise ConfigError(f"feedback={self.feedback!r}: {self.method} runs with feedback "
-                              f"{' or '.join(spec.cls.feedbacks)} only; leave feedback unset")
+            allowed = " or ".join(f"feedback={f!r}" for f in spec.cls.feedbacks)
+            raise ConfigError(f"feedback={self.feedback!r}: {self.method} runs with {allowed} "
+                              "only; leave it unset")
         if self.rotate not in (None, *ROTATIONS):
             raise ConfigError(f"rotate={self.rotate!r}: use {', '.join(ROTATIONS)} or None")
         for name in ("embeddings", "lm_head"):
