@@ -72,6 +72,15 @@ def test_the_error_falls_as_the_bits_rise():
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
 
 
+def test_zero_weights_and_dead_input_channels_give_finite_codes():
+    W, H = correlated(rows=12, cols=40, seed=6)
+    H[3], H[:, 3] = 0, 0  # an input channel that is always zero
+    W[0] = 0
+    codes = codes_of(W, H, 1.0)
+    assert torch.isfinite(codes.dequantize()).all()
+    assert torch.equal(codes_of(torch.zeros(12, 40), H, 1.0).dequantize(), torch.zeros(12, 40))
+
+
 @pytest.mark.parametrize("bits", ["0.5", "2.5", "-1"])
 def test_bits_outside_the_range_are_refused(bits):
     with pytest.raises(MethodArgumentError, match=r"bits=.*0\.55 to 2\.0"):

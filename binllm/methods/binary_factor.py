@@ -122,7 +122,7 @@ def admm_signs(Wt: Tensor, r: int, iters: int, rho: float, growth: float,
     """(sign(U) (rows, r) bool, sign(V) (cols, r) bool, m_A (rows,), m_B (cols,)) with
     Wt ≈ diag(m_A) S_U S_Vᵀ diag(m_B): ADMM with sign × magnitude factors (module docstring)."""
     A, B = svd_factors(Wt, r, gen)
-    rho = rho * float((A * A).sum(0).mean())  # relative to the mean singular value
+    rho = rho * max(float((A * A).sum(0).mean()), 1e-20)  # relative to the mean σ (W = 0: tiny)
     eye = torch.eye(r, dtype=Wt.dtype, device=Wt.device)
     ZA, ZB = sign_magnitude(A), sign_magnitude(B)
     LA, LB = torch.zeros_like(A), torch.zeros_like(B)
@@ -165,7 +165,8 @@ class BinaryFactor(Method):
     needs_hessian = True
     needs_gram = True  # a heavy solve per linear (SVD, ADMM, a cols × cols system)
     unrefined_note = ("binary-factor ran without refinement: its codes are the ADMM "
-                      "initialisation alone; add --refine block to train them")
+                      "initialisation alone; block-wise refinement (--refine block, "
+                      "QuantizeConfig(refine=RefineConfig())) trains them")
 
     def __init__(self, args: BinaryFactorArgs):
         lo, hi = BITS_RANGE
