@@ -115,19 +115,22 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
 
     impl "avx512" uses the AVX-512 loop where it was compiled, "portable" the plain C++ loop.
     """
-    if len(stages_of(form)) > 1:  # a ChainForm: its stages in turn, t fp32 in between
-        for stage in stages_of(form):
-            x = form_matmul(stage, x, impl)
-        return x
     reason = fast_path_reason(form, x)
     if reason is not None:
         _warn_once(reason)
         return form_matmul_torch(form, x)
     x = x.float().contiguous()
+    for stage in stages_of(form):  # a ChainForm's stages in turn (t stays fp32 in between)
+        x = _compiled(stage, x, impl)
+    return x
+
+
+def _compiled(form: KernelForm, x: Tensor, impl: str) -> Tensor:
+    """y (N, rows) of one KernelForm by the compiled kernels, x (N, cols) fp32 contiguous."""
     if x.shape[0] > GEMV_MAX:
         return _dense_chunks(form, x)
     if x.shape[0] > SMALL_BATCH:
-        return torch.cat([form_matmul(form, x[i:i + SMALL_BATCH], impl)
+        return torch.cat([_compiled(form, x[i:i + SMALL_BATCH], impl)
                           for i in range(0, x.shape[0], SMALL_BATCH)])
     ops = torch.ops.binllm_cpu
     y = torch.zeros(x.shape[0], form.rows)
