@@ -81,7 +81,9 @@ def _hparams(config: dict) -> dict[str, Any]:
                            "num_hidden_layers", "vocab_size") if not isinstance(config.get(k), int)]
     if missing:
         raise ExportError(f"config.json has no integer {', '.join(missing)}; the GGUF header "
-                          "needs them: restore config.json or re-save the model")
+                          "needs every one of hidden_size, intermediate_size, "
+                          "num_attention_heads, num_hidden_layers and vocab_size: restore "
+                          "config.json or re-save the model")
     n_head = config["num_attention_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // n_head
     return {"n_embd": config["hidden_size"], "n_ff": config["intermediate_size"],
