@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 from conftest import SHARED, one_line_error, random_windows, run_cli, tiny_causal_lm  # noqa: E402
 from test_gguf_export import decode_q1_0, hf_permute, llama_cpp_logits  # noqa: E402
 
-from binllm.export.gguf_export import export_gguf  # noqa: E402
+from binllm.export.gguf_export import ExportError, export_gguf  # noqa: E402
 from binllm.export.gguf_tensors import file_type  # noqa: E402
 from binllm.export.gguf_vocab import VocabError, read_vocab  # noqa: E402
 
@@ -135,6 +136,21 @@ def test_a_wordpiece_vocabulary_is_refused(tmp_path):
         {"model": {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}}}))
     with pytest.raises(VocabError, match="WordPiece tokenizer that is neither"):
         read_vocab(tmp_path)
+
+
+@pytest.mark.parametrize("embeddings, lm_head, message", [
+    ("q8", "keep", "model.embed_tokens is stored as uniform codes (--embeddings q8)"),
+    ("keep", "q4", "lm_head is stored as uniform codes (--lm-head q4)")])
+def test_quantized_embeddings_or_lm_head_are_refused_naming_the_flag(stories_tokenizer, tmp_path,
+                                                                    embeddings, lm_head, message):
+    model = tiny_causal_lm("llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+                           tie_word_embeddings=False)
+    report = binarize_model(model, QuantizeConfig(method="q1_0", embeddings=embeddings,
+                                                  lm_head=lm_head), random_windows(2, 16))
+    out = save_binarized(model, report, stories_tokenizer, tmp_path / "m")
+    with pytest.raises(ExportError, match=rf"{re.escape(message)}.*quantize with "
+                       rf"{'--embeddings' if embeddings != 'keep' else '--lm-head'} keep"):
+        export_gguf(out, tmp_path / "m.gguf")
 
 
 # -- tensors Q1_0 cannot hold ---------------------------------------------------------------

@@ -133,6 +133,12 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *,
     hp = _hparams(saved.config)
     method = saved.quantization.get("method", "these")
     for name, layout in saved.layouts.items():
+        flag = _outside_flag(name)
+        if flag:  # an embedding table or lm_head stored as codes (--embeddings / --lm-head)
+            raise ExportError(f"{name} is stored as {layout.format} codes ({flag} "
+                              f"q{layout.params.get('bits', '?')}); the GGUF export writes "
+                              f"the embeddings and the lm_head as kept tensors only: quantize "
+                              f"with {flag} keep")
         why = q1_0_problem(layout, method)
         if why:
             raise ExportError(f"{name}: {why}; {NEEDED}")
@@ -181,6 +187,12 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *,
     report.file_bytes = out.stat().st_size
     log.info("wrote %s (%s): %s", out, report.file_type, report.counts())
     return report
+
+
+def _outside_flag(module: str) -> str | None:
+    """The quantize flag that stored `module` as codes, if it lies outside the decoder layers."""
+    leaf = module.rsplit(".", 1)[-1]
+    return {"embed_tokens": "--embeddings", "lm_head": "--lm-head"}.get(leaf)
 
 
 def _write_metadata(gguf, w, saved, hp: dict, vocab: Vocab) -> None:
