@@ -18,7 +18,7 @@ from binllm.engine.reconstruct import reconstruct
 from binllm.kernels import cpu, form_matmul
 from binllm.kernels.form import ChainForm, form_dense, form_matmul_torch, kernel_form
 from binllm.methods import MethodArgumentError, get_method
-from binllm.methods.binary_factor import fit_scales, rank_for_bits
+from binllm.methods.binary_factor import fit_scales, rank_for_bits, sign_sweep
 from binllm.methods.factor_codes import FactorCodes, factor_bits
 from binllm.packed.layers import BinaryLinear
 from binllm.packed.layout import pack, unpack
@@ -109,6 +109,26 @@ def test_the_initialisation_beats_random_signs_with_the_same_scale_fit():
         s_out, s_in = fit_scales(W, SU @ SV.T, Hd, torch.ones(64), 4)
         random = s_out[:, None] * (SU @ SV.T) * s_in[None, :]
         assert init < 0.85 * proxy_loss(W, random, H)
+
+
+def test_a_sign_sweep_never_raises_the_error_and_picks_the_best_sign_at_rank_one():
+    g = torch.Generator().manual_seed(7)
+    Wt = torch.randn(9, 14, generator=g)
+    m, m_other = torch.rand(9, generator=g) + 0.1, torch.rand(14, generator=g) + 0.1
+
+    def err(S, So):
+        return float((Wt - m[:, None] * (S @ (So * m_other[:, None]).T)).pow(2).sum())
+
+    S = torch.randint(0, 2, (9, 4), generator=g).float() * 2 - 1
+    So = torch.randint(0, 2, (14, 4), generator=g).float() * 2 - 1
+    before = err(S, So)
+    after = err(sign_sweep(Wt, S.clone(), So, m, m_other), So)
+    assert after <= before
+    S1 = -torch.ones(9, 1)  # rank one: every row's best sign, by trying both
+    So1 = torch.randint(0, 2, (14, 1), generator=g).float() * 2 - 1
+    best = torch.tensor([[min((-1.0, 1.0), key=lambda s: float(
+        (Wt[i] - m[i] * s * So1[:, 0] * m_other).pow(2).sum()))] for i in range(9)])
+    assert torch.equal(sign_sweep(Wt, S1, So1, m, m_other), best)
 
 
 def test_the_scale_fit_equals_a_naive_least_squares():
