@@ -280,3 +280,56 @@ def test_result_files_get_the_usual_permissions(tmp_path, fake):
         os.umask(old)
     for path in (res.results_path, res.markdown_path):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_other_inputs_under_the_same_settings_are_refused(tmp_path, fake, shared):
+    """Same settings, another data directory or another model behind the same path: the
+    results would mix under one column, so the rerun is refused naming what changed."""
+    import shutil
+
+    launcher, _ = fake
+    data = tmp_path / "data"
+    shutil.copytree(shared / "data" / "wikitext-2-raw", data / "wikitext-2-raw")
+    model = tmp_path / "model"
+    shutil.copytree(shared / "models" / "stories260K", model)
+    proto = Protocol(str(model), calib="wikitext2", calib_split="validation", nsamples=4,
+                     seqlen=32, eval=("wikitext2",), max_windows=3, data_dir=str(data))
+    runs = parse_method_specs("rtn-sign")
+    run_comparison(runs, proto, tmp_path / "out", launcher=launcher, plot=False)
+    test_file = next((data / "wikitext-2-raw").rglob("*test*"))
+    test_file.write_text(test_file.read_text()[:-100])  # another wikitext2 test text
+    with pytest.raises(CompareError, match=r"differs in: inputs \(data wikitext2:test\)"):
+        run_comparison(runs, proto, tmp_path / "out", launcher=launcher, plot=False)
+    shutil.copytree(shared / "data" / "wikitext-2-raw", data / "wikitext-2-raw",
+                    dirs_exist_ok=True)
+    (model / "config.json").write_text((model / "config.json").read_text().replace(
+        '"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06'))  # another model, same path
+    with pytest.raises(CompareError, match=r"differs in: inputs \(model "):
+        run_comparison(runs, proto, tmp_path / "out", launcher=launcher, plot=False)
+
+
+def test_results_recorded_before_inputs_were_fingerprinted_still_resume(tmp_path, fake):
+    import json
+
+    launcher, calls = fake
+    runs = parse_method_specs("rtn-sign")
+    run_comparison(runs, PROTOCOL, tmp_path, launcher=launcher, plot=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    del results["protocol"]["inputs"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    n = len(_calls(calls))
+    run_comparison(runs, PROTOCOL, tmp_path, launcher=launcher, plot=False)
+    assert len(_calls(calls)) == n  # nothing ran again
+
+
+def test_an_out_inside_the_model_directory_is_refused(tmp_path, fake, shared):
+    import shutil
+
+    launcher, calls = fake
+    model = tmp_path / "model"
+    shutil.copytree(shared / "models" / "stories260K", model)
+    proto = Protocol(str(model), calib="wikitext2", nsamples=4, seqlen=32, eval=("wikitext2",))
+    for out in (model, model / "cmp"):
+        with pytest.raises(CompareError, match="inside the model directory"):
+            run_comparison(parse_method_specs("rtn-sign"), proto, out, launcher=launcher)
+    assert not (model / "cmp").exists() and not _calls(calls)

@@ -25,7 +25,6 @@ without them: `q1_0,q1_0:refine=block,q1_0:rotate=hadamard:refine=block`. Import
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -39,128 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write, write_json_atomic
-from ..errors import BinllmError
+from .compare_spec import (ENGINE_KEYS, CompareError, MethodRun, Protocol,  # noqa: F401
+                           parse_method_spec, parse_method_specs)
 
 RESULTS_VERSION = 1
 DEFAULT_LAUNCHER = (sys.executable, "-m", "binllm")
 _TQDM = re.compile(r"^\s*(?P<desc>[^:|]+):\s+(?:\d+%\|[^|]*\|\s*)?(?P<k>\d+)/(?P<n>\d+)")
-
-
-class CompareError(BinllmError, ValueError):
-    """A bad method spec, or an output directory holding results of another protocol."""
-
-
-# -- method specs --------------------------------------------------------------------------
-# spec keys for the engine (`--refine`, `--lm-head` …), plus refine_<setting>
-ENGINE_KEYS = ("refine", "rotate", "embeddings", "lm_head")
-
-
-def _is_engine_key(key: str) -> bool:
-    return key in ENGINE_KEYS or key.startswith("refine_")
-
-
-@dataclass(frozen=True)
-class MethodRun:
-    """One method of a comparison: a label, a registered name, its --method-arg pairs and
-    the engine options (refine, rotate, embeddings, lm_head, refine_<setting>)."""
-
-    label: str
-    method: str
-    args: tuple[tuple[str, str], ...] = ()
-    engine: tuple[tuple[str, str], ...] = ()
-
-    def key(self) -> dict[str, Any]:
-        key = {"method": self.method, "method_args": dict(self.args)}
-        if self.engine:  # a plain run's key stays as it is (earlier results still match)
-            key["engine"] = dict(self.engine)
-        return key
-
-    def engine_argv(self) -> list[str]:
-        argv = []
-        for k, v in self.engine:
-            argv += ([f"--{k.replace('_', '-')}", v] if k in ENGINE_KEYS
-                     else ["--refine-arg", f"{k.removeprefix('refine_')}={v}"])
-        return argv
-
-
-def parse_method_spec(spec: str, label: str | None = None) -> MethodRun:
-    """`name:key=value:key=value` → MethodRun (label: the spec, unless given)."""
-    name, *pairs = [p.strip() for p in spec.strip().split(":")]
-    if not name:
-        raise CompareError(f"method spec {spec!r}: start with a method name, e.g. gptq:bits=2")
-    args = []
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise CompareError(f"method spec {spec!r}: {pair!r} is not key=value "
-                               "(write name:key=value:key=value, e.g. gptq:bits=2:groupsize=128)")
-        args.append((key.strip(), value.strip()))
-    engine = tuple((k, v) for k, v in args if _is_engine_key(k))
-    return MethodRun(label or spec.strip(), name,
-                     tuple((k, v) for k, v in args if not _is_engine_key(k)), engine)
-
-
-def parse_method_specs(text: str) -> list[MethodRun]:
-    """Comma-separated specs; each label may appear once."""
-    runs = [parse_method_spec(s) for s in text.split(",") if s.strip()]
-    if not runs:
-        raise CompareError("the method list is empty: name at least one method, e.g. "
-                           "billm,gptq:bits=2")
-    labels = [r.label for r in runs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise CompareError(f"method spec(s) {', '.join(dup)} given twice")
-    return runs
-
-
-# -- protocol ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Protocol:
-    """What every method shares: model, calibration windows, evaluation streams, loop settings.
-
-    `device` is not part of the identity that resuming checks; everything else is.
-    """
-
-    model: str
-    calib: str = "c4"
-    calib_split: str = "train"
-    nsamples: int = 128
-    seqlen: int | None = None
-    seed: int = 0
-    eval: tuple[str, ...] = ("wikitext2", "ptb", "c4")
-    eval_split: str = "test"
-    max_windows: int | None = None
-    block_size: int = 128
-    percdamp: float = 0.01
-    data_dir: str | None = None
-    device: str = "cpu"
-
-    def identity(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("device")
-        d["eval"] = list(self.eval)
-        return d
-
-    def _common(self) -> list[str]:
-        out = ["--eval-split", self.eval_split, "--device", self.device]
-        for flag, value in (("--seqlen", self.seqlen), ("--max-windows", self.max_windows),
-                            ("--data-dir", self.data_dir)):
-            if value is not None:
-                out += [flag, str(value)]
-        return out
-
-    def quantize_argv(self, run: MethodRun, report: Path) -> list[str]:
-        argv = ["quantize", self.model, "--method", run.method]
-        for k, v in run.args:
-            argv += ["--method-arg", f"{k}={v}"]
-        return argv + run.engine_argv() + ["--calib", self.calib, "--calib-split", self.calib_split,
-                       "--nsamples", str(self.nsamples), "--seed", str(self.seed),
-                       "--block-size", str(self.block_size), "--percdamp", str(self.percdamp),
-                       "--eval", ",".join(self.eval), *self._common(), "--report", str(report)]
-
-    def eval_argv(self, report: Path) -> list[str]:
-        return ["eval", self.model, "--datasets", ",".join(self.eval), *self._common(),
-                "--report", str(report)]
 
 
 # -- running -------------------------------------------------------------------------------
@@ -252,13 +135,26 @@ def _load(path: Path, protocol: Protocol, fresh: bool) -> dict[str, Any]:
     if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
         raise CompareError(f"{path} is not a results file of `binllm compare`; choose another "
                            "out_dir=, or pass fresh=True to replace it") from None
-    if old.get("protocol") != new["protocol"]:
-        diff = sorted(k for k in set(new["protocol"]) | set(old.get("protocol") or {})
-                      if (old.get("protocol") or {}).get(k) != new["protocol"].get(k))
+    was, now = dict(old.get("protocol") or {}), new["protocol"]
+    was.setdefault("inputs", now["inputs"])  # results from before inputs were recorded
+    if was != now:
+        diff = sorted(k for k in set(now) | set(was) if was.get(k) != now.get(k))
+        if "inputs" in diff:  # name what changed: the model, or which data file
+            diff.remove("inputs")
+            diff += [f"inputs ({k})" for k in _changed(was["inputs"], now["inputs"])]
         raise CompareError(f"{path} holds results of another protocol (differs in: "
                            f"{', '.join(diff)}); pass fresh=True to start over there, "
                            "or choose another out_dir=")
+    old["protocol"] = now
     return old
+
+
+def _changed(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The model and the "dataset:split" entries whose fingerprints differ."""
+    out = ["model " + (now["model"].get("path") or now["model"].get("hub", ""))
+           ] if was.get("model") != now.get("model") else []
+    wd, nd = was.get("data") or {}, now.get("data") or {}
+    return out + [f"data {k}" for k in sorted(set(wd) | set(nd)) if wd.get(k) != nd.get(k)]
 
 
 def run_comparison(runs: list[MethodRun], protocol: Protocol, out_dir: str | os.PathLike, *,
@@ -273,6 +169,11 @@ def run_comparison(runs: list[MethodRun], protocol: Protocol, out_dir: str | os.
     if out.exists() and not out.is_dir():
         raise CompareError(f"out_dir={out} is a file, not a folder; name a folder (it is created "
                            "if missing)")
+    model = Path(protocol.model)
+    if model.is_dir() and (out.resolve() == model.resolve()
+                           or model.resolve() in out.resolve().parents):
+        raise CompareError(f"out_dir={out} is inside the model directory {model}; a comparison "
+                           "never writes there: choose a folder outside it")
     path = out / "results.json"
     results = _load(path, protocol, fresh)
     try:
