@@ -113,3 +113,23 @@ def test_saved_model_stores_the_tied_table_once_and_computes_the_same(
     tokens = eval_tokens(load_text("tinystories", "test", None), tok, 64)
     ppl = perplexity(model, tokens, 64, max_windows=2).ppl
     assert ppl == pytest.approx(report["perplexity"]["tinystories"]["ppl"], rel=1e-6)
+
+
+def test_layerwise_evaluation_unpacks_the_tied_table_once_per_pass(monkeypatch):
+    """The whole-model forward dequantizes the table at every window (prompt-sized inputs go
+    the dense way); layer by layer, the tail holds it once, with the same perplexity."""
+    from binllm.engine.stream_eval import packed_perplexity
+    from binllm.evaluation.perplexity import perplexity
+
+    model = tiny_causal_lm("llama", num_hidden_layers=2, tie_word_embeddings=True).eval()
+    quantize_outside(model, "q8", "q8")
+    tokens = torch.randint(0, 256, (1, 4 * 24), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = PackedEmbedding.dequantize
+    monkeypatch.setattr(PackedEmbedding, "dequantize", lambda self: calls.append(1) or real(self))
+    want = perplexity(model, tokens, 24)
+    assert len(calls) == 4
+    calls.clear()
+    got = packed_perplexity(model, tokens, 24)
+    assert len(calls) == 1 and got.ppl == want.ppl
+    assert model.lm_head._dense is None  # released after the pass

@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..packed.embedding import TiedHead
 from ..packed.layers import BinaryLinear
 from ..evaluation.perplexity import (Perplexity, check_context, eval_windows, from_losses,
                                       window_losses)
 from .walker import (move_outside_layers, to_device, calibration_context, capture_layer_inputs,
-                     find_decoder_layers)
+                     find_decoder_layers, outside_modules)
 
 
 class _Replay(nn.Module):
@@ -172,12 +173,18 @@ def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
     for j in range(len(layers)):
         layers[j] = _Replay(last if j == len(layers) - 1 else None, as_tuple, current)
     moved = move_outside_layers(model, layers, device)
+    held = [m for m in outside_modules(model, layers) if hasattr(m, "hold_dense")]
+    held += [m for m in model.modules() if isinstance(m, TiedHead)]  # no tensors of its own
+    for m in held:  # a packed lm_head: unpacked once for every window, not once per window
+        m.hold_dense(True)
     losses = []
     try:
         for current[0], ids in enumerate(batches):
             ids = ids.to(device)
             losses.append(window_losses(model(ids, use_cache=False).logits, ids))
     finally:
+        for m in held:
+            m.hold_dense(False)
         for j, module in enumerate(real):
             layers[j] = module
         move_outside_layers(model, layers, "cpu", only=moved)

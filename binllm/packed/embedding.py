@@ -96,12 +96,23 @@ class TiedHead(nn.Module):
         super().__init__()
         self.__dict__["table"] = embedding  # a reference, not a submodule: stored once
         self.in_features, self.out_features = embedding.in_features, embedding.out_features
+        self._dense_held = False
+        self._dense: Tensor | None = None
+
+    def hold_dense(self, enabled: bool) -> None:
+        """While enabled, E is dequantized once (to the input's dtype) and kept: the
+        evaluation of many windows unpacks the table once (as `BinaryLinear.hold_dense`)."""
+        self._dense_held, self._dense = enabled, None
 
     @property
     def layout(self):
         return self.table.layout
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._dense_held:
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = self.table.dequantize().to(device=x.device, dtype=x.dtype)
+            return F.linear(x, self._dense)
         tokens = x.numel() // self.in_features
         if tokens >= DENSE_TOKENS or not self.table.kernels:
             return F.linear(x, self.table.dequantize().to(device=x.device, dtype=x.dtype))
