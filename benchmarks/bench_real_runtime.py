@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, md_row, write_results  # noqa: E402
+from _common import DATA, generation_speed, md_row, write_results  # noqa: E402
 from bench_real import MODEL, model_dir  # noqa: E402
 
 import torch  # noqa: E402
@@ -68,19 +68,6 @@ def eval_seconds(model, tokens, windows: int, layerwise: bool) -> tuple[float, f
     return time.perf_counter() - t, res.ppl
 
 
-def decode_tps(model, ids: torch.Tensor) -> float:
-    """Best of two: tokens/s of NEW_TOKENS greedy tokens after the prompt `ids` (1, 32)."""
-    best = float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=0)
-        best = min(best, time.perf_counter() - t)
-    assert out.shape[1] == ids.shape[1] + NEW_TOKENS
-    return NEW_TOKENS / best
-
-
 def prompt_tps(model, ids: torch.Tensor) -> float:
     """Best of two: tokens/s of one forward over `ids` (1, 512)."""
     best = float("inf")
@@ -96,7 +83,8 @@ def speeds(model, tokens) -> dict:
     out = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        out[f"decode_tps_{threads}t"] = decode_tps(model, tokens[:, :PROMPT_TOKENS])
+        out[f"decode_tps_{threads}t"] = generation_speed(model, tokens[:, :PROMPT_TOKENS],
+                                                       NEW_TOKENS, repeats=2)
         out[f"prompt_tps_{threads}t"] = prompt_tps(model, tokens[:, :PREFILL_TOKENS])
     torch.set_num_threads(2)
     return out
