@@ -5,11 +5,13 @@ skip names), `hessian` (H = 2/N ΣXᵀX, damping, the Cholesky factor of H⁻¹)
 (the one GPTQ-style reconstruction loop every method runs through), `walker` (finding decoder
 layers and linears, capturing layer inputs, one layer on the device at a time), `binarize`
 (`binarize_model`: the layer loop, reports), `destination` (where finished codes go),
-`refine` (block-wise refinement against the FP layer), `rotate` and `hadamard` (the residual
+`refine` (block-wise refinement against the FP layer), `outside` (the embeddings and lm_head
+as q8 / q4 codes), `rotate` and `hadamard` (the residual
 stream rotation folded into the weights), `journal` (resume: finished layers' codes kept on
 disk), `distributed` (torchrun ranks and their one-process stand-in), `stream` and
 `stream_eval` (a safetensors checkpoint binarized, or evaluated, with one decoder layer in
-memory at a time), `memory` (what calibration holds at once).
+memory at a time; a binarized model evaluated layer by layer, each linear unpacked once),
+`memory` (what calibration holds at once).
 
 May import `binllm.methods`, `binllm.packed` (the journal's and the stream's packed layers),
 `binllm.evaluation` (the streamed perplexity's window losses), `binllm.preflight`,

@@ -4,6 +4,8 @@
 float casts) and the `CodesFormat` contract, importing no format; `formats` registers the
 stored tensors of each codes type on top of them; `layout` is the per-linear `PackedLayout`
 record of config.json with `pack`/`unpack` through the registry. `layers` is `BinaryLinear`,
+`embedding` the packed embedding table (`PackedEmbedding`) and the lm_head tied to it
+(`TiedHead`),
 `checkpoint` saves and loads whole directories (atomically; `release` and `source` let a
 loaded layer hold its kernel form alone, its codes read back from the shard on demand),
 `writer` writes their shards tensor by tensor, `saved_dir` reads and verifies them, `output`
