@@ -90,31 +90,11 @@ def speeds(model, tokens) -> dict:
     return out
 
 
-def _llama(path: Path, threads: int):
-    """llama.cpp's model without extra buffer types (its AMX repacking stops with SIGILL on
-    some VMs; the plain CPU kernels are what every machine runs)."""
-    import llama_cpp
-    from llama_cpp import llama_cpp as bindings
-
-    default = bindings.llama_model_default_params
-
-    def plain():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = plain
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, n_batch=512,
-                               verbose=False)
-    finally:
-        bindings.llama_model_default_params = default
-
-
 def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
     """Decode and prompt tokens/s of each GGUF in llama.cpp, greedy, same token ids."""
     try:
         import llama_cpp  # noqa: F401
+        from binllm.export.llama_runtime import llama_cpp_model
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp rows")
         return []
@@ -123,7 +103,7 @@ def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
     for g in ggufs:
         row = {"model": f"llama.cpp {g.name}", "file_bytes": g.stat().st_size}
         for threads in (1, 2):
-            llm = _llama(g, threads)
+            llm = llama_cpp_model(g, n_ctx=2048, n_threads=threads, n_batch=512)
             best_prompt = best_decode = float("inf")
             for _ in range(2):
                 llm.reset()

@@ -174,26 +174,12 @@ def test_rows_that_are_not_whole_q1_0_blocks_go_as_exact_f16(stories_tokenizer, 
 
 # -- llama.cpp itself (optional: llama-cpp-python compiles from source) -------------------------
 def llama_cpp_logits(path, ids):
-    """llama.cpp's logits of `ids` (and the Llama), computed by ggml's plain CPU kernels: no
-    extra buffer types (AMX tiles, repacked weights), which a -DGGML_NATIVE build picks where
-    the CPU lists AMX even when the kernel does not let a process use it (SIGILL in VMs)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from llama_cpp import llama as high_level
+    """llama.cpp's logits of `ids` (and the Llama), on ggml's plain CPU kernels
+    (`binllm.export.llama_runtime.llama_cpp_model`)."""
+    pytest.importorskip("llama_cpp")
+    from binllm.export.llama_runtime import llama_cpp_model
 
-    bindings = high_level.llama_cpp  # where Llama takes its model parameters' defaults from
-    default = bindings.llama_model_default_params
-
-    def plain_kernels():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = plain_kernels
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False,
-                              n_threads=2)
-    finally:
-        bindings.llama_model_default_params = default
+    llm = llama_cpp_model(path, n_ctx=128, logits_all=True, n_threads=2)
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)]), llm
 

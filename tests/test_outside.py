@@ -132,4 +132,4 @@ def test_layerwise_evaluation_unpacks_the_tied_table_once_per_pass(monkeypatch):
     calls.clear()
     got = packed_perplexity(model, tokens, 24)
     assert len(calls) == 1 and got.ppl == want.ppl
-    assert model.lm_head._dense is None  # released after the pass
+    assert model.model.embed_tokens._dense is None  # released after the pass

@@ -176,3 +176,17 @@ def test_every_registered_method_packs_losslessly(name):
     layout, tensors = pack(rec.codes)
     assert torch.equal(unpack(layout, tensors).dequantize(), rec.Q)
     assert disk_bits(tensors) == rec.codes.stored_bits()
+
+
+@pytest.mark.parametrize("nbits,per_row", [(4, 6), (4, 3), (8, 5), (3, 5), (1, 16)])
+def test_unpack_uint_rows_equals_unpacking_everything_then_indexing(nbits, per_row):
+    """Oracle: the whole stream unpacked, then the rows picked (whole-byte rows or not)."""
+    from binllm.packed.packing import unpack_uint_rows
+
+    rows = 7
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 2 ** nbits, (rows * per_row,), generator=gen)
+    packed = pack_uint(values, nbits)
+    ids = torch.tensor([6, 0, 3, 3])
+    want = unpack_uint(packed, rows * per_row, nbits).view(rows, per_row)[ids]
+    assert torch.equal(unpack_uint_rows(packed, rows, per_row, nbits, ids), want)

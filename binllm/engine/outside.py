@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..methods import get_method
 from ..packed.embedding import PackedEmbedding, TiedHead
-from ..packed.layers import BinaryLinear
+from ..packed.layers import BinaryLinear, set_submodule
 from .config import ConfigError
 from .reconstruct import reconstruct
 
@@ -83,29 +83,21 @@ def quantize_outside(model: nn.Module, embeddings: str = "keep",
         codes = rtn_uniform(emb.weight, OUTSIDE_BITS[embeddings])
         packed_emb = PackedEmbedding.from_codes_like(codes, emb).to(emb.weight.device)
         _put(model, names[id(emb)], packed_emb, report)
-    if lm_head != "keep":
-        if report.tied:
-            new = TiedHead(packed_emb)
-        else:
-            codes = rtn_uniform(head.weight, OUTSIDE_BITS[lm_head])
-            new = BinaryLinear.from_codes(codes, head.bias).to(head.weight.device)
-            report.stored_bits[names[id(head)]] = new.stored_bits()
-            report.parameters[names[id(head)]] = head.weight.numel()
-        _set(model, names[id(head)], new)
+    if lm_head != "keep" and report.tied:  # no tensors of its own: nothing to count
+        set_submodule(model, names[id(head)], TiedHead(packed_emb))
+    elif lm_head != "keep":
+        codes = rtn_uniform(head.weight, OUTSIDE_BITS[lm_head])
+        _put(model, names[id(head)],
+             BinaryLinear.from_codes(codes, head.bias).to(head.weight.device), report)
     log.info("outside the layers: embeddings %s, lm_head %s%s", embeddings, lm_head,
              " (one table)" if report.tied else "")
     return report
 
 
 def _put(model: nn.Module, name: str, module: BinaryLinear, report: OutsideReport) -> None:
-    _set(model, name, module)
+    set_submodule(model, name, module)
     report.stored_bits[name] = module.stored_bits()
     report.parameters[name] = module.in_features * module.out_features
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:

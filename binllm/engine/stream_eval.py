@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..packed.embedding import TiedHead
 from ..packed.layers import BinaryLinear
 from ..evaluation.perplexity import (Perplexity, check_context, eval_windows, from_losses,
                                       window_losses)
@@ -173,9 +172,9 @@ def _tail_losses(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor],
     for j in range(len(layers)):
         layers[j] = _Replay(last if j == len(layers) - 1 else None, as_tuple, current)
     moved = move_outside_layers(model, layers, device)
-    held = [m for m in outside_modules(model, layers) if hasattr(m, "hold_dense")]
-    held += [m for m in model.modules() if isinstance(m, TiedHead)]  # no tensors of its own
-    for m in held:  # a packed lm_head: unpacked once for every window, not once per window
+    # a packed lm_head, or the packed table a TiedHead reads: unpacked once for every window
+    held = [m for m in outside_modules(model, layers) if isinstance(m, BinaryLinear)]
+    for m in held:
         m.hold_dense(True)
     losses = []
     try:

@@ -144,8 +144,9 @@ def finish_dir(tmp: Path, model: nn.Module, qc: dict[str, Any], layers: dict[str
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, BinaryLinear))]
     qc = {**qc, "modules_to_not_convert": [n for n in linears if n not in layers],
           "layers": {n: lay.to_dict() for n, lay in layers.items()}, "files": files}
-    if tied_heads(model):  # an lm_head computing from the packed embedding table
-        qc["tied_heads"] = tied_heads(model)
+    tied = tied_heads(model)  # an lm_head computing from the packed embedding table
+    if tied:
+        qc["tied_heads"] = tied
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)

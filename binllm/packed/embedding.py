@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import form_linear
-from ..methods.codes import UniformCodes
-from .layers import BinaryLinear
-from .packing import PackingError, unpack_uint
+from .layers import BinaryLinear, replace_linears, set_submodule
+from .formats import uniform_rows
+from .packing import PackingError
 
 # inputs of at least this many tokens go through the dequantized table (one unpack, then a
 # dense matmul); fewer (decode) through the kernels
@@ -55,19 +55,9 @@ class PackedEmbedding(BinaryLinear):
     def rows(self, ids: Tensor) -> Tensor:
         """E[ids] (n, hidden) fp32 for distinct ids (n,): only those rows are unpacked."""
         lay = self.layout
-        bits, cols = int(lay.params.get("bits", 0)), self.in_features
-        if lay.format != "uniform" or cols * bits % 8:
-            return self.dequantize()[ids]
-        gs = int(lay.params["groupsize"])
-        ng = -(-cols // gs)
-        t = self.packed()
-        q = t["q"].view(self.out_features, cols * bits // 8)[ids]
-        zero = unpack_uint(t["zero"], self.out_features * ng, bits).view(-1, ng)[ids]
-        codes = UniformCodes(q=unpack_uint(q.reshape(-1), ids.numel() * cols, bits)
-                             .view(-1, cols), scale=t["scale"][ids].float(), zero=zero.float(),
-                             bits=bits, groupsize=gs, scale_dtype=lay.params.get(
-                                 "scale_dtype", "float16"))
-        return codes.dequantize()
+        codes = None if lay.format != "uniform" else uniform_rows(
+            self.packed(), self.out_features, self.in_features, lay.params, ids)
+        return self.dequantize()[ids] if codes is None else codes.dequantize()
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
@@ -96,23 +86,14 @@ class TiedHead(nn.Module):
         super().__init__()
         self.__dict__["table"] = embedding  # a reference, not a submodule: stored once
         self.in_features, self.out_features = embedding.in_features, embedding.out_features
-        self._dense_held = False
-        self._dense: Tensor | None = None
-
-    def hold_dense(self, enabled: bool) -> None:
-        """While enabled, E is dequantized once (to the input's dtype) and kept: the
-        evaluation of many windows unpacks the table once (as `BinaryLinear.hold_dense`)."""
-        self._dense_held, self._dense = enabled, None
 
     @property
     def layout(self):
         return self.table.layout
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._dense_held:
-            if self._dense is None or self._dense.dtype != x.dtype:
-                self._dense = self.table.dequantize().to(device=x.device, dtype=x.dtype)
-            return F.linear(x, self._dense)
+        if self.table.dense_held:  # the table held dense (`hold_dense`): one unpack for many calls
+            return self.table.dense_linear(x)
         tokens = x.numel() // self.in_features
         if tokens >= DENSE_TOKENS or not self.table.kernels:
             return F.linear(x, self.table.dequantize().to(device=x.device, dtype=x.dtype))
@@ -138,8 +119,7 @@ def tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
         if not isinstance(emb, PackedEmbedding):
             raise PackingError(f"quantization_config ties {head} to {table}, which is a "
                              f"{type(emb).__name__}, not a packed embedding")
-        parent, _, child = head.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, TiedHead(emb))
+        set_submodule(model, head, TiedHead(emb))
 
 
 def outside_layouts(model: nn.Module, inside: str) -> dict:
@@ -154,8 +134,6 @@ def replace_packed(model: nn.Module, layouts: dict, tied: dict[str, str] | None 
     """Swap in empty packed modules for the names in `layouts` (an nn.Embedding becomes a
     PackedEmbedding, an nn.Linear a BinaryLinear: `replace_linears`), then the TiedHeads of
     `tied` ({lm_head name: embedding name}, quantization_config's `tied_heads`)."""
-    from .layers import replace_linears
-
     embeddings = {}
     for name, layout in layouts.items():
         try:
@@ -170,8 +148,7 @@ def replace_packed(model: nn.Module, layouts: dict, tied: dict[str, str] | None 
                                    f"stores ({layout.out_features}, {layout.in_features})")
             embeddings[name] = PackedEmbedding(layout, device=device, dtype=old.weight.dtype)
     for name, module in embeddings.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        set_submodule(model, name, module)
     replace_linears(model, {n: lay for n, lay in layouts.items() if n not in embeddings},
                     device=device)
     tie_heads(model, tied or {})

@@ -67,6 +67,7 @@ from .packing import (
     to_exact,
     unpack_bits,
     unpack_uint,
+    unpack_uint_rows,
 )
 
 
@@ -284,6 +285,19 @@ def _uniform_unpack(t: Mapping[str, Tensor], rows: int, cols: int,
     return UniformCodes(q=unpack_uint(t["q"], rows * cols, b).view(rows, cols),
                         scale=t["scale"].float(),
                         zero=unpack_uint(t["zero"], rows * ng, b).view(rows, ng).float(),
+                        bits=b, groupsize=gs, scale_dtype=scale_dtype_name(p))
+
+
+def uniform_rows(t: Mapping[str, Tensor], rows: int, cols: int, p: Mapping[str, Any],
+                 ids: Tensor) -> UniformCodes | None:
+    """The UniformCodes of rows `ids` (n,) alone, the other rows' levels left packed; None
+    unless a row's levels are whole bytes (cols · bits a multiple of 8)."""
+    b, gs = int(p["bits"]), int(p["groupsize"])
+    if cols * b % 8:
+        return None
+    zero = unpack_uint_rows(t["zero"], rows, _ceil_div(cols, gs), b, ids)
+    return UniformCodes(q=unpack_uint_rows(t["q"], rows, cols, b, ids),
+                        scale=t["scale"][ids].float(), zero=zero.float(),
                         bits=b, groupsize=gs, scale_dtype=scale_dtype_name(p))
 
 

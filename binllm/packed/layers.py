@@ -189,6 +189,17 @@ class BinaryLinear(nn.Module):
         Disabling drops that weight; the kernel form and the buffers are left as they are."""
         self._dense_held, self._dense = enabled, None
 
+    @property
+    def dense_held(self) -> bool:
+        return self._dense_held
+
+    def dense_linear(self, x: Tensor) -> Tensor:
+        """F.linear(x, Ŵ, bias) with Ŵ dequantized once and kept (while `hold_dense`)."""
+        W = self._dense
+        if W is None or W.dtype != x.dtype or W.device != x.device:
+            W = self._dense = self.dequantize().to(dtype=x.dtype).to(x.device)
+        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
     def clear_cache(self) -> None:
         self._cached = None
         self._form = None
@@ -202,7 +213,7 @@ class BinaryLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dense_held:
-            return self._dense_forward(x)
+            return self.dense_linear(x)
         direct = layer_kernel(self, x)  # a kernel reading the packed buffers (LAYER_KERNELS)
         if direct is not None:
             if self._released:
@@ -215,12 +226,6 @@ class BinaryLinear(nn.Module):
         if self._released and self._reads_buffers():
             self._restore()  # the reference forward dequantizes at every call
         return F.linear(x, self.weight_for(x.dtype), bias)
-
-    def _dense_forward(self, x: Tensor) -> Tensor:
-        W = self._dense
-        if W is None or W.dtype != x.dtype or W.device != x.device:
-            W = self._dense = self.dequantize().to(dtype=x.dtype).to(x.device)
-        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
 
     def _apply(self, fn, recurse: bool = True):
         """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
@@ -262,6 +267,12 @@ class BinaryLinear(nn.Module):
                 f"bits/weight={self.layout.stored_bits() / n:.3f}, "
                 f"kernels={self.kernels}, cache_dequantized={self.cache_dequantized}"
                 + (", packed=released" if self._released else ""))
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` below `root` (its parent must exist)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,

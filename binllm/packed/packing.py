@@ -169,6 +169,15 @@ def unpack_uint(packed: Tensor, n: int, nbits: int) -> Tensor:
     return (bits << shifts).sum(dim=1, dtype=torch.uint8)
 
 
+def unpack_uint_rows(packed: Tensor, rows: int, per_row: int, nbits: int, ids: Tensor) -> Tensor:
+    """Rows `ids` (n,) of a `pack_uint` stream of rows × per_row values, as uint8 (n, per_row).
+    Where a row is whole bytes only those bytes are unpacked; otherwise the whole stream."""
+    if per_row * nbits % 8:
+        return unpack_uint(packed, rows * per_row, nbits).view(rows, per_row)[ids]
+    picked = packed.view(rows, per_row * nbits // 8)[ids].reshape(-1)  # (n · row bytes,)
+    return unpack_uint(picked, ids.numel() * per_row, nbits).view(-1, per_row)
+
+
 def to_exact(x: Tensor, name: str, dtype: torch.dtype = FLOAT_DTYPE) -> Tensor:
     """x as `dtype`, refusing values that `dtype` does not hold exactly."""
     h = x.to(dtype, copy=True)  # a copy also for fp32: the packed tensors own their memory
