@@ -73,24 +73,26 @@ def check_run(run, args) -> None:
     from ..engine.config import QuantizeConfig
     from ..errors import BinllmError
     from ..methods import get_method
-    from .quantize import parse_refine
+    from .quantize import parse_distill, parse_refine
 
     engine = dict(run.engine)
-    choices = {"refine": ("none", "block"), "rotate": ("none", "hadamard")}
+    stages = {"refine": ("block", parse_refine), "distill": ("logits", parse_distill)}
     try:
-        for key, allowed in choices.items():
+        for key, allowed in {"rotate": ("none", "hadamard"),
+                             **{k: ("none", on) for k, (on, _) in stages.items()}}.items():
             if engine.get(key, "none") not in allowed:
                 raise CLIError(f"{key}={engine[key]}: use {' or '.join(allowed)}")
-        pairs = [f"{k.removeprefix('refine_')}={v}" for k, v in run.engine
-                 if k.startswith("refine_")]
-        if pairs and engine.get("refine", "none") == "none":
-            first = next(k for k, _ in run.engine if k.startswith("refine_"))
-            raise CLIError(f"{first} needs refine=block in the same spec")
+        configs = {}
+        for stage, (on, parse) in stages.items():
+            pairs = [(k, f"{k.removeprefix(stage + '_')}={v}") for k, v in run.engine
+                     if k.startswith(f"{stage}_")]
+            if pairs and engine.get(stage, "none") == "none":
+                raise CLIError(f"{pairs[0][0]} needs {stage}={on} in the same spec")
+            configs[stage] = parse(engine.get(stage, "none"), [p for _, p in pairs])
         rotate = engine.get("rotate", "none")
         config = QuantizeConfig(method=run.method, method_args=dict(run.args),
                                 block_size=args.block_size, percdamp=args.percdamp,
-                                refine=parse_refine(engine.get("refine", "none"), pairs),
-                                rotate=None if rotate == "none" else rotate)
+                                rotate=None if rotate == "none" else rotate, **configs)
         get_method(config.method, config.method_args)
     except BinllmError as e:
         raise CLIError(f"method spec {run.label!r}: {e}") from None

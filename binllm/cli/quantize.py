@@ -39,6 +39,12 @@ def add_quantize(sub) -> None:
                         "and latent signs against the full-precision layer (beyond the papers)")
     p.add_argument("--refine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="refinement setting, repeatable: epochs, lr, sign_lr, windows, loss")
+    p.add_argument("--distill", choices=["none", "logits"], default="none",
+                   help="logits: once every layer is quantized, train all scales and means "
+                        "against the full-precision model's next-token distribution on the "
+                        "calibration windows (beyond the papers; loads the model whole)")
+    p.add_argument("--distill-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="distillation setting, repeatable: epochs, lr, sign_lr, topk, windows")
     p.add_argument("--rotate", choices=["none", "hadamard"], default="none",
                    help="hadamard: fold the norms and rotate the residual stream by a seeded "
                         "randomized Hadamard matrix before quantizing (loads the model whole)")
@@ -76,25 +82,37 @@ def cmd_quantize(args) -> int:
 
 def parse_refine(mode: str, pairs: list[str]):
     """The RefineConfig of --refine/--refine-arg (None for --refine none)."""
-    import dataclasses
-
     from ..engine.config import RefineConfig
+
+    return _stage_config(RefineConfig, "--refine", "block", mode, pairs)
+
+
+def parse_distill(mode: str, pairs: list[str]):
+    """The DistillConfig of --distill/--distill-arg (None for --distill none)."""
+    from ..engine.config import DistillConfig
+
+    return _stage_config(DistillConfig, "--distill", "logits", mode, pairs)
+
+
+def _stage_config(cls, flag: str, on: str, mode: str, pairs: list[str]):
+    """cls(**settings) of an optional stage's flag and its `FLAG-arg KEY=VALUE` pairs."""
+    import dataclasses
 
     if mode == "none":
         if pairs:
-            raise CLIError("--refine-arg needs --refine block")
+            raise CLIError(f"{flag}-arg needs {flag} {on}")
         return None
-    types = {f.name: f.type for f in dataclasses.fields(RefineConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     values = {}
-    for key, value in parse_method_args(pairs, "--refine-arg", "epochs=4").items():
+    for key, value in parse_method_args(pairs, f"{flag}-arg", "epochs=4").items():
         if key not in types:
-            raise CLIError(f"--refine-arg {key}: unknown; use {', '.join(types)}")
+            raise CLIError(f"{flag}-arg {key}: unknown; use {', '.join(types)}")
         try:
             values[key] = (value if types[key] in (str, "str") else
                            int(value) if types[key] in (int, "int") else float(value))
         except ValueError:
-            raise CLIError(f"--refine-arg {key}={value}: not a number") from None
-    return RefineConfig(**values)
+            raise CLIError(f"{flag}-arg {key}={value}: not a number") from None
+    return cls(**values)
 
 
 @dataclass
@@ -177,6 +195,7 @@ def _configure(args, dist) -> _Run:
                             block_size=args.block_size, percdamp=args.percdamp,
                             feedback=args.feedback, skip=tuple(csv_list(args.skip)),
                             refine=parse_refine(args.refine, args.refine_arg),
+                            distill=parse_distill(args.distill, args.distill_arg),
                             rotate=None if args.rotate == "none" else args.rotate,
                             embeddings=args.embeddings, lm_head=args.lm_head)
     method = get_method(config.method, config.method_args)  # fail fast on a bad argument
@@ -187,10 +206,10 @@ def _configure(args, dist) -> _Run:
 
 def _open_model(run: _Run) -> None:
     """A local safetensors checkpoint is streamed layer by layer (on every rank under
-    torchrun, each reading its own copy of a layer); anything else, or a rotated run, is
-    loaded whole."""
+    torchrun, each reading its own copy of a layer); anything else, or a rotated or distilled
+    run, is loaded whole."""
     args = run.args
-    if not run.config.rotate:
+    if not run.config.rotate and run.config.distill is None:
         run.streamed = open_streamed(
             args, tail=run.main and args.compare_fp and bool(run.eval_names))
     if run.streamed:

@@ -3,12 +3,14 @@
 The layer loop reads as the references' loop does: capture the layer's inputs (the walker),
 accumulate each linear's H, solve each linear (`reconstruct`), optionally refine the layer
 (`LayerRefiner`), hand the codes on (`CodesDestination`), and let the walker run the layer
-to build the next layer's inputs. One process and torchrun take the same path: one process
-is `SingleProcess()`, whose collectives return their input.
+to build the next layer's inputs; optionally, once every layer is done, distil all codes'
+scales against the FP model's logits (`distill_codes`). One process and torchrun take the
+same path: one process is `SingleProcess()`, whose collectives return their input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -26,6 +28,7 @@ from .checks import (NonFiniteWeights, UnknownSkip, binarized_names, check_finit
                      linear_names, refuse_non_finite, skip_matches)
 from .config import ConfigError, QuantizeConfig
 from .destination import CodesDestination
+from .distill import DistillReport, TeacherTargets, distill_codes, teacher_targets
 from .distributed import Distributed, SingleProcess, report_dict
 from .journal import JournalMismatch, LayerJournal
 from .outside import OutsideReport, quantize_outside
@@ -67,6 +70,7 @@ class QuantizeReport:
     codes: dict[str, Any] = field(default_factory=dict, repr=False)  # name -> layer codes
     refine: list[LayerRefineReport] = field(default_factory=list)  # per layer, with refine
     rotation: RotationReport | None = None  # with rotate
+    distill: DistillReport | None = None  # with distill
     outside: OutsideReport | None = None  # embeddings / lm_head quantized
     notes: list[str] = field(default_factory=list)  # what the user should know about the run
 
@@ -86,6 +90,7 @@ class QuantizeReport:
                 **({"refine": [dataclasses.asdict(r) for r in self.refine]}
                    if self.refine else {}),
                 **({"rotation": dataclasses.asdict(self.rotation)} if self.rotation else {}),
+                **({"distill": dataclasses.asdict(self.distill)} if self.distill else {}),
                 **({"outside": self.outside.to_dict()} if self.outside else {}),
                 **({"notes": list(self.notes)} if self.notes else {})}
 
@@ -140,6 +145,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     elif method.unrefined_note:  # codes meant to be trained, run without refinement
         report.notes.append(method.unrefined_note)
         log.warning("%s", method.unrefined_note)
+    targets = _teacher(model, config, calibration, device, dist, source, keep_codes)
     if config.rotate is not None:
         if source is not None:
             raise ConfigError("rotate needs the whole model in memory (the embeddings and "
@@ -167,9 +173,37 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
             del inputs  # the walker alone holds them while it runs the layer
     finally:
         run.dest.flush()
+    if targets is not None:
+        with _on(model, device):
+            report.codes, report.distill = distill_codes(model, report.codes, calibration,
+                                                         targets, config.distill, device)
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = dist.max_over_ranks(peak_memory_mb(device))
     return report
+
+
+def _teacher(model: nn.Module, config: QuantizeConfig, calibration: list[Tensor], device,
+             dist, source, keep_codes: bool) -> list[TeacherTargets] | None:
+    """With config.distill: the FP model's top-k on the calibration windows, taken before
+    anything is quantized (or rotated); the whole model must be in this one process."""
+    if config.distill is None:
+        return None
+    if source is not None or dist.world > 1 or not keep_codes:
+        raise ConfigError("distill trains the whole model at once: load it whole (not "
+                          "streamed), in one process (not torchrun)")
+    with _on(model, device):
+        return teacher_targets(model, calibration, config.distill.topk, device)
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device):
+    """The whole model on `device` inside the block, back where it was after."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 @dataclass

@@ -58,6 +58,43 @@ class RefineConfig:
             raise ConfigError(f"refine loss={self.loss!r}: use {' or '.join(REFINE_LOSSES)}")
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation of every linear's scales against the FP model's logits, after the layer
+    loop (`binllm.engine.distill`).
+
+    epochs    passes over the calibration windows (Adam, cosine schedule, one window a step)
+    lr        Adam step of scales and means, relative to each field's mean |value|
+    sign_lr   Adam step of latent signs (0: signs fixed, the scales-only stage)
+    topk      the teacher's most likely tokens per position that the KL is taken over
+    windows   calibration windows trained on (0: all of them)
+    autocast  "bfloat16": the training steps' matmuls in bf16; "float32"
+    """
+
+    epochs: int = 2
+    lr: float = 2e-3
+    sign_lr: float = 0.0
+    topk: int = 64
+    windows: int = 0
+    autocast: str = "bfloat16"
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"distill epochs={self.epochs}: use at least 1")
+        for name in ("lr", "sign_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
+                raise ConfigError(f"distill {name}={v}: use a relative step in [0, 1), "
+                                  "e.g. 2e-3")
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise ConfigError(f"distill topk={self.topk}: use a positive count, e.g. 64")
+        if not isinstance(self.windows, int) or self.windows < 0:
+            raise ConfigError(f"distill windows={self.windows}: use 0 (all) or a positive "
+                              "count")
+        if self.autocast not in ("bfloat16", "float32"):
+            raise ConfigError(f"distill autocast={self.autocast!r}: use bfloat16 or float32")
+
+
 ROTATIONS = ("hadamard",)
 OUTSIDE_OPTIONS = ("keep", "q8", "q4")  # embeddings / lm_head (`binllm.engine.outside`)
 
@@ -74,6 +111,8 @@ class QuantizeConfig:
     skip         names (or name suffixes) of linears inside decoder layers to leave alone
     refine       block-wise refinement of each layer's codes (None: the method's codes as
                  they are, as in the papers)
+    distill      distillation of every linear's scales against the FP model's logits after
+                 the layer loop (None: none; beyond the papers)
     rotate       "hadamard": fold the norms and rotate the residual stream before quantizing
                  (`binllm.engine.rotate`); None: the model as it is
     embeddings   the input embeddings: "keep", "q8" or "q4" (`binllm.engine.outside`)
@@ -87,6 +126,7 @@ class QuantizeConfig:
     feedback: str | None = None
     skip: tuple[str, ...] = ()
     refine: RefineConfig | None = None
+    distill: DistillConfig | None = None
     rotate: str | None = None
     embeddings: str = "keep"
     lm_head: str = "keep"
@@ -120,8 +160,9 @@ class QuantizeConfig:
         d["method_args"] = dict(self.method_args)
         d["skip"] = list(self.skip)
         d["version"] = self.version
-        for key, unset in (("refine", None), ("rotate", None), ("embeddings", "keep"),
-                           ("lm_head", "keep")):  # unset: absent, as in a plain run's dict
+        # unset: absent, as in a plain run's dict
+        for key, unset in (("refine", None), ("distill", None), ("rotate", None),
+                           ("embeddings", "keep"), ("lm_head", "keep")):
             if d[key] == unset:
                 del d[key]
         return d
@@ -137,4 +178,6 @@ class QuantizeConfig:
         kw["skip"] = tuple(kw.get("skip", ()))
         if kw.get("refine") is not None:
             kw["refine"] = RefineConfig(**kw["refine"])
+        if kw.get("distill") is not None:
+            kw["distill"] = DistillConfig(**kw["distill"])
         return cls(**kw)

@@ -1,6 +1,7 @@
 """`binllm compare`'s inputs: method specs (`name:key=value:…`) and the shared protocol.
 
-A spec's keys go to the method (`--method-arg`) or, for `ENGINE_KEYS` and `refine_<setting>`,
+A spec's keys go to the method (`--method-arg`) or, for `ENGINE_KEYS` and `<stage>_<setting>`
+(`refine_epochs`, `distill_lr`),
 to the engine; the protocol is what every method shares, and its `identity()` (settings and
 input fingerprints) is what resuming a comparison checks.
 """
@@ -20,18 +21,24 @@ class CompareError(BinllmError, ValueError):
 
 
 # -- method specs --------------------------------------------------------------------------
-# spec keys for the engine (`--refine`, `--lm-head` …), plus refine_<setting>
-ENGINE_KEYS = ("refine", "rotate", "embeddings", "lm_head")
+# spec keys for the engine (`--refine`, `--lm-head` …), plus <stage>_<setting> of a stage
+ENGINE_KEYS = ("refine", "distill", "rotate", "embeddings", "lm_head")
+STAGES = ("refine", "distill")  # refine_epochs=4 → --refine-arg epochs=4
+
+
+def _stage_of(key: str) -> str | None:
+    """The stage whose setting `key` is (refine_epochs → refine), None for other keys."""
+    return next((s for s in STAGES if key.startswith(f"{s}_")), None)
 
 
 def _is_engine_key(key: str) -> bool:
-    return key in ENGINE_KEYS or key.startswith("refine_")
+    return key in ENGINE_KEYS or _stage_of(key) is not None
 
 
 @dataclass(frozen=True)
 class MethodRun:
     """One method of a comparison: a label, a registered name, its --method-arg pairs and
-    the engine options (refine, rotate, embeddings, lm_head, refine_<setting>)."""
+    the engine options (refine, distill, rotate, embeddings, lm_head, <stage>_<setting>)."""
 
     label: str
     method: str
@@ -47,8 +54,9 @@ class MethodRun:
     def engine_argv(self) -> list[str]:
         argv = []
         for k, v in self.engine:
+            stage = _stage_of(k)
             argv += ([f"--{k.replace('_', '-')}", v] if k in ENGINE_KEYS
-                     else ["--refine-arg", f"{k.removeprefix('refine_')}={v}"])
+                     else [f"--{stage}-arg", f"{k.removeprefix(stage + '_')}={v}"])
         return argv
 
 
