@@ -134,3 +134,69 @@ def test_cpu_kernels_split_wide_layers_into_column_passes():
             x = inputs(N, 3300)
             for impl in cpu.IMPLS:
                 check(cpu.form_matmul(form, x, impl), x, Q)
+
+
+# -- prefill of bf16 inputs: F.linear(x, Ŵ.to(torch.bfloat16)), the reference forward ---------
+BF16_METHODS = ["q1_0", "rtn-sign", "arb-llm-rc", "billm", "pbllm", "gptq"]
+
+
+def check_bf16(y, x, W):
+    """y ≈ F.linear(x, W.bfloat16()) for bf16 x: to one bf16 step of the output (the fp32 sums
+    may differ in order) and half a step of the weights (a weight rebuilt in fp32 with another
+    round-off may round to the neighbouring bf16); nearly every entry equal."""
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x, W.bfloat16()).float()
+    bound = 2 ** -7 * ref.abs() + 2 ** -9 * (x.float().abs() @ W.abs().T) + 1e-30
+    err = (y.float() - ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+    assert (y.float() == ref).float().mean() >= 0.9
+
+
+@needs_extension
+@pytest.mark.parametrize("impl", list(cpu.IMPLS))
+@pytest.mark.parametrize("name", BF16_METHODS)
+def test_bf16_prefill_is_f_linear_of_the_bf16_weight(name, impl, monkeypatch):
+    """Rows rebuilt in bf16 in chunks of 24 (chunks start inside a 16-row tile), odd shapes;
+    the fp32 prefill of the same input stays exact."""
+    monkeypatch.setattr(cpu, "ROW_CHUNK", 24)
+    for rows, cols, block in SHAPES:
+        W, H = layer(rows, cols)
+        codes = reconstruct(W, H, get_method(name), block_size=block).codes
+        form, Q = kernel_form(codes), codes.dequantize()
+        for N in (cpu.GEMV_MAX + 1, 70):
+            x = inputs(N, cols)
+            check_bf16(cpu.form_matmul(form, x.bfloat16(), impl), x.bfloat16(), Q)
+            check(cpu.form_matmul(form, x, impl), x, Q)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", list(HAND_BUILT))
+def test_bf16_prefill_on_hand_built_codes(kind, monkeypatch):
+    """Every codes type; a ChainForm (binary-factor) keeps the fp32 path for bf16 x too."""
+    monkeypatch.setattr(cpu, "ROW_CHUNK", 16)
+    codes = HAND_BUILT[kind]()
+    form, Q = kernel_form(codes), codes.dequantize()
+    x = inputs(cpu.GEMV_MAX + 8, codes.shape[1]).bfloat16()
+    for impl in cpu.IMPLS:
+        y = cpu.form_matmul(form, x, impl)
+        if kind.startswith("factor"):
+            assert torch.equal(y, cpu.form_matmul(form, x.float(), impl))
+        else:
+            check_bf16(y, x, Q)
+
+
+@needs_extension
+def test_bf16_model_prefill_matches_the_reference_forward():
+    """A BinaryLinear held in bf16 (batch × prompt inputs) against its dequantizing forward."""
+    from packed_codes import binary_codes
+
+    codes = binary_codes(rows=67, cols=515, block=128, orders=(2, 2, 1, 1), n_salient=2,
+                         mean=False, beta=True, seed=4)
+    layer_ = BinaryLinear.from_codes(codes).to(torch.bfloat16)
+    x = inputs(2 * 40, 515).bfloat16()
+    y = layer_(x.reshape(2, 40, 515))
+    set_kernels(torch.nn.Sequential(layer_), False)
+    ref = layer_(x.reshape(2, 40, 515))
+    assert y.shape == ref.shape == (2, 40, 67) and y.dtype == ref.dtype == torch.bfloat16
+    check_bf16(y.reshape(80, 67), x, layer_.weight_for(torch.float32))
+    assert (y == ref).float().mean() >= 0.9

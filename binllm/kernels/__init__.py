@@ -15,10 +15,10 @@ from .form import KernelForm, form_matmul_torch, kernel_form
 
 
 def form_matmul(form: KernelForm, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols) by the first kernel of
-    `binllm.kernels.backends.FORM_KERNELS` that applies: the compiled CPU kernels for CPU
-    tensors (`binllm.kernels.cpu`), the Triton kernel for CUDA tensors where Triton is
-    installed (`binllm.kernels.triton_form`), the pure-PyTorch form elsewhere."""
+    """y = x Ŵᵀ (N, rows) fp32 (bf16 from the CPU's bf16 prefill path) for x (N, cols) by the
+    first kernel of `binllm.kernels.backends.FORM_KERNELS` that applies: the compiled CPU
+    kernels for CPU tensors (`binllm.kernels.cpu`), the Triton kernel for CUDA tensors where
+    Triton is installed (`binllm.kernels.triton_form`), the pure-PyTorch form elsewhere."""
     return form_kernel(form, x).matmul(form, x)
 
 

@@ -7,8 +7,9 @@ each tried in registration order, the first whose `applies` is true computing y:
   layer; `matmul` returns y = layer(x), bias included). A layer whose packed buffers were
   released reads them back before such a kernel runs.
 - `FORM_KERNELS`: kernels of the kernel form (`binllm.kernels.form`; target = the form;
-  `matmul` returns y = x Ŵᵀ (N, rows) fp32 for x (N, cols)). The last entry applies to
-  every input, so there always is one.
+  `matmul` returns y = x Ŵᵀ (N, rows) fp32 for x (N, cols); the CPU kernels return bf16 for
+  a bf16 prefill, F.linear's own rounding). The last entry applies to every input, so there
+  always is one.
 
 Adding a backend is one entry in one of the tuples. Heavy modules (Triton, the compiled CPU
 extension) are imported when their kernel first runs, not here.

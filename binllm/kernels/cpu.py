@@ -1,6 +1,7 @@
 """CPU forward of the kernel form: compiled kernels that read only the packed bit planes.
 
-`form_matmul(form, x)` computes y = x Ŵᵀ (N, rows) fp32 for x (N, cols):
+`form_matmul(form, x)` computes y = x Ŵᵀ (N, rows) for x (N, cols), fp32 (bf16 on the bf16
+prefill path):
 
 - N ≤ GEMV_MAX (decode, small batches): `torch.ops.binllm_cpu.bitpart` per BitPart on up
   to SMALL_BATCH inputs per call, a lookup-table GEMV over the bit planes (per x version and
@@ -9,9 +10,19 @@
   nibbles with `vpermps`, 16 rows × 8 columns per two permutes; elsewhere a portable C++
   loop of the same lookups), plus `sparse` for PB-LLM's salient weights. Nothing is
   dequantized.
-- N > GEMV_MAX (prefill): each part's weight is rebuilt ROW_CHUNK rows at a time into one
-  reusable buffer (`bitpart_dense`) and multiplied by the dense GEMM; the sparse part is a CSR
-  matmul.
+- N > GEMV_MAX (prefill), x fp32 (or fp16): each part's weight is rebuilt ROW_CHUNK rows at a
+  time into one reusable fp32 buffer (`bitpart_dense`, per x version) and multiplied by the
+  fp32 GEMM; the sparse part is a CSR matmul.
+- N > GEMV_MAX, x bf16 (a model held in bf16): y (bf16) is F.linear(x, Ŵ.to(torch.bfloat16)),
+  the reference forward's product (to bf16 round-off: its fp32 sums may be ordered otherwise),
+  computed by a bf16 GEMM (AMX where the CPU has it, through oneDNN): ROW_CHUNK rows of every
+  part are rebuilt side by side into one bf16 buffer (`bitpart_dense_bf16`: the x versions'
+  column scales applied, the sum in fp32 rounded once to bf16, round to nearest even as torch
+  rounds; PB-LLM's salient levels written over their positions), x's columns gathered to match
+  (`columns_bf16`, or x itself where the columns are in order), and one bf16 GEMM per chunk
+  writes y's columns. A ChainForm (binary-factor) stays on
+  the fp32 path: its t between the stages is not a bf16 product of Ŵ, and rounding t would add
+  an error the reference does not have.
 - Where the extension cannot run (no compiler, not a CPU tensor, gradients wanted, or
   BINLLM_KERNELS=torch), the pure-PyTorch `form_matmul_torch` computes the same product and a
   one-time warning (logging) says why.
@@ -111,16 +122,22 @@ def fast_path_reason(form: KernelForm, x: Tensor) -> str | None:
 
 
 def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
-    """y = x Ŵᵀ (N, rows) fp32 for x (N, cols), reading only the form (see module docstring).
+    """y = x Ŵᵀ (N, rows) for x (N, cols), reading only the form (see module docstring): fp32,
+    or bf16 where a bf16 x takes the bf16 prefill path (F.linear's own rounding).
 
-    impl "avx512" uses the AVX-512 loop where it was compiled, "portable" the plain C++ loop.
+    impl "avx512" uses the AVX-512 loops where they were compiled, "portable" the plain C++
+    loops (of the GEMV and of the bf16 rebuild).
     """
     reason = fast_path_reason(form, x)
     if reason is not None:
         _warn_once(reason)
         return form_matmul_torch(form, x)
+    stages = stages_of(form)
+    if (x.dtype == torch.bfloat16 and x.shape[0] > GEMV_MAX and len(stages) == 1
+            and (form.sparse is None or len(form.parts) == 1)):  # a sparse part: PB-LLM's form
+        return _dense_chunks_bf16(form, x.contiguous(), impl)
     x = x.float().contiguous()
-    for stage in stages_of(form):  # a ChainForm's stages in turn (t stays fp32 in between)
+    for stage in stages:  # a ChainForm's stages in turn (t stays fp32 in between)
         x = _compiled(stage, x, impl)
     return x
 
@@ -167,3 +184,68 @@ def _dense_chunks(form: KernelForm, x: Tensor) -> Tensor:
                                           (form.rows, form.cols), check_invariants=False)
         y += (csr @ x.T).T
     return y
+
+
+def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
+    """Prefill of a bf16 x (N, cols): y = F.linear(x, Ŵ.to(torch.bfloat16)) (N, rows) bf16.
+
+    ROW_CHUNK rows of every part are rebuilt side by side into one bf16 buffer
+    (`bitpart_dense_bf16`: the x versions' column scales applied, summed in fp32, rounded once
+    to bf16 as Ŵ.to(torch.bfloat16) rounds), and each chunk is one bf16 GEMM (AMX where the CPU
+    has it) with the parts' x columns side by side (`columns_bf16`; x itself where the one
+    part's columns are x's in order), accumulated in fp32 and rounded once, as F.linear is, into
+    y's columns. A sparse part (PB-LLM: one BitPart over all columns) replaces the binary value
+    under each salient weight, so its level scale·(q − zero) is written into the buffer.
+    """
+    ops = torch.ops.binllm_cpu
+    N, K = x.shape[0], sum(part.width for part in form.parts)
+    if _in_order(form):
+        xs = x
+    else:
+        xs = torch.empty(N, K, dtype=torch.bfloat16)  # every part's x columns, side by side
+        c0 = 0
+        for part in form.parts:
+            ops.columns_bf16(x, part.perm, xs[:, c0:c0 + part.width])
+            c0 += part.width
+    buf = torch.empty(min(ROW_CHUNK, form.rows), K, dtype=torch.bfloat16)
+    salient = _salient_entries(form, K)
+    no_scale = torch.empty(0)
+    y = torch.empty(N, form.rows, dtype=torch.bfloat16)
+    for r0 in range(0, form.rows, ROW_CHUNK):
+        n = min(ROW_CHUNK, form.rows - r0)
+        c0 = 0
+        for part in form.parts:
+            scale = no_scale if part.scale is None else part.scale
+            ops.bitpart_dense_bf16(part.planes, part.terms, part.cptr, part.cidx, part.fac,
+                                   part.coef, part.seg, scale, r0,
+                                   buf[:n, c0:c0 + part.width], IMPLS[impl])
+            c0 += part.width
+        if salient is not None:
+            at, level = salient
+            k = slice(int(form.sparse.rowptr[r0]), int(form.sparse.rowptr[r0 + n]))
+            buf.view(-1)[at[k] - r0 * K] = level[k]
+        torch.mm(xs, buf[:n].T, out=y[:, r0:r0 + n])  # y's row stride is the GEMM's ldc
+    return y
+
+
+def _in_order(form: KernelForm) -> bool:
+    """Whether the form is one part over x's columns in order, unpadded (q1_0, rtn-sign,
+    GPTQ and PB-LLM with whole-byte groups): its GEMM operand is x itself."""
+    if len(form.parts) != 1 or form.parts[0].width != form.cols:
+        return False
+    return torch.equal(form.parts[0].perm, torch.arange(form.cols))
+
+
+def _salient_entries(form: KernelForm, K: int) -> tuple[Tensor, Tensor] | None:
+    """The sparse part's entries as (flat index r·K + buffer column, bf16 level) in CSR order,
+    for the one BitPart whose columns fill the buffer (K wide); None without a sparse part."""
+    sp = form.sparse
+    if sp is None:
+        return None
+    perm = form.parts[0].perm
+    column = torch.full((form.cols,), -1, dtype=torch.long)  # buffer column of each x column
+    column[perm[perm >= 0]] = torch.nonzero(perm >= 0).flatten()
+    r = torch.repeat_interleave(torch.arange(form.rows), sp.rowptr.diff())
+    c = sp.col.long()
+    level = sp.scale[r] * (sp.q.float() - sp.zero[r])  # = value + sub: the weight itself
+    return r * K + column[c], level.to(torch.bfloat16)
