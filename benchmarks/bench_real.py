@@ -1,4 +1,5 @@
-"""Quality per stored bit on a real model: SmolLM2-135M-Instruct, plain, refined, rotated.
+"""Quality per stored bit on a real model: SmolLM2-135M-Instruct, plain, refined, rotated,
+distilled.
 
 The protocol of the refinement issue: calibration 32 × 2048 tokens of wikitext2 validation
 (seed 0), perplexity on wikitext2 and c4 test, first 40 windows of 2048 tokens each. Every
@@ -27,10 +28,11 @@ from _common import DATA, OUT, SHARED  # noqa: E402
 
 MAKE_HF = SHARED / "models" / "smollm2-135m" / "make_hf.py"
 MODEL = Path.home() / ".cache" / "binllm" / "smollm2-135m"
-# each method plain, refined, rotated, both; the 1-bit layouts first
+# each method plain, refined, rotated, both, and both then distilled; the 1-bit layouts first
 SPECS = [f"{m}{suffix}" for m in ("q1_0", "block-sign", "arb-llm-rc", "arb-llm-x", "billm",
                                   "pbllm-10", "rtn-sign")
-         for suffix in ("", ":refine=block", ":rotate=hadamard", ":rotate=hadamard:refine=block")]
+         for suffix in ("", ":refine=block", ":rotate=hadamard", ":rotate=hadamard:refine=block",
+                        ":rotate=hadamard:refine=block:distill=logits")]
 # below one bit: binary-factor at each stored-bits budget, its initialisation and refined
 SPECS += [f"binary-factor:bits={b}{suffix}" for b in ("0.55", "0.8", "1.0", "1.25")
           for suffix in ("", ":refine=block")]

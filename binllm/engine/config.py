@@ -72,7 +72,7 @@ class DistillConfig:
     """
 
     epochs: int = 2
-    lr: float = 2e-3
+    lr: float = 5e-3
     sign_lr: float = 0.0
     topk: int = 64
     windows: int = 0
@@ -85,7 +85,7 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
                 raise ConfigError(f"distill {name}={v}: use a relative step in [0, 1), "
-                                  "e.g. 2e-3")
+                                  "e.g. 5e-3")
         if not isinstance(self.topk, int) or self.topk < 1:
             raise ConfigError(f"distill topk={self.topk}: use a positive count, e.g. 64")
         if not isinstance(self.windows, int) or self.windows < 0:
