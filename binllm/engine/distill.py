@@ -112,24 +112,29 @@ def distill_codes(model: nn.Module, codes: dict[str, Any], windows: list[Tensor]
     order = torch.Generator().manual_seed(0)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                               enabled=config.autocast == "bfloat16")
-    model.requires_grad_(False)
-    with torch.enable_grad():
-        for epoch in range(config.epochs):
-            total = 0.0
-            for j in torch.randperm(len(windows), generator=order).tolist():
-                weights = {f"{nm}.weight": t.weight().to(device, dtypes[nm])
-                           for nm, t in train.items()}
-                with autocast:
-                    logits = _logits(model, windows[j].to(device), weights)
-                loss = topk_kl(logits, targets[j])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item()
-                del logits, loss, weights
-            log.info("distill epoch %d/%d: loss %.4f", epoch + 1, config.epochs,
-                     total / len(windows))
+    wanted = {name: p.requires_grad for name, p in params.items()}
+    model.requires_grad_(False)  # only the codes' fields are trained
+    try:
+        with torch.enable_grad():
+            for epoch in range(config.epochs):
+                total = 0.0
+                for j in torch.randperm(len(windows), generator=order).tolist():
+                    weights = {f"{nm}.weight": t.weight().to(device, dtypes[nm])
+                               for nm, t in train.items()}
+                    with autocast:
+                        logits = _logits(model, windows[j].to(device), weights)
+                    loss = topk_kl(logits, targets[j])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += loss.item()
+                    del logits, loss, weights
+                log.info("distill epoch %d/%d: loss %.4f", epoch + 1, config.epochs,
+                         total / len(windows))
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(wanted[name])
     distilled = {nm: t.codes() for nm, t in train.items()}
     after = _loss(model, {nm: c.dequantize() for nm, c in distilled.items()}, dtypes,
                   windows, targets, device)
