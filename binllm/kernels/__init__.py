@@ -3,14 +3,17 @@
 Every kernel here is a pure function of a layer's packed codes and its input, tested against
 the plain path `codes.dequantize() @ x`. May import `binllm.methods` (codes types) and
 `binllm.packed.packing` (bit primitives); `binllm.packed.layers` dispatches to it. Which kernel
-runs is a registry (`binllm.kernels.backends`): adding a kernel is one entry there.
+runs is a registry (`binllm.kernels.backends`): adding a kernel is one entry there. At decode
+a layer calls the `form_decoder` it bound at its first call: the chosen kernel's forward with
+the dispatch below decided once.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .backends import FORM_KERNELS, LAYER_KERNELS, KernelBackend, form_kernel, layer_kernel
+from .backends import (FORM_KERNELS, LAYER_KERNELS, DecoderFn, KernelBackend, form_decoder,
+                       form_kernel, layer_kernel)
 from .form import KernelForm, form_matmul_torch, kernel_form
 
 
@@ -30,4 +33,5 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 
 
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
-           "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel"]
+           "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
+           "DecoderFn", "form_decoder"]

@@ -9,7 +9,10 @@ prefill path):
   round-off; AVX-512: a 16-row tile's bytes of one plane column index two tables by their
   nibbles with `vpermps`, 16 rows × 8 columns per two permutes; elsewhere a portable C++
   loop of the same lookups), plus `sparse` for PB-LLM's salient weights. Nothing is
-  dequantized.
+  dequantized. A layer's decode step skips the Python around these calls: its `Decoder`,
+  bound once per form, makes one `form_gemv` call per stage, which reads x in its own dtype,
+  runs every part (the same loops, the same fp32 sums) and returns y rounded to x's dtype with
+  the bias added.
 - N > GEMV_MAX (prefill), x fp32 (or fp16): each part's weight is rebuilt ROW_CHUNK rows at a
   time into one reusable fp32 buffer (`bitpart_dense`, per x version) and multiplied by the
   fp32 GEMM; the sparse part is a CSR matmul.
@@ -140,6 +143,58 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
     for stage in stages:  # a ChainForm's stages in turn (t stays fp32 in between)
         x = _compiled(stage, x, impl)
     return x
+
+
+class Decoder:
+    """`form_linear(form, x, bias)` of one form at decode, in one compiled call per stage.
+
+    Built once per form (a layer binds it at its first kernel-form forward, through
+    `binllm.kernels.form_decoder`): the parts' tensors are laid out as `form_gemv`'s arguments
+    here, so a call only checks that it computes x and makes that call. `decoder(x, bias)`
+    returns y (..., rows) in x's dtype for x (..., cols) fp32, bf16 or fp16 on the CPU with at
+    most GEMV_MAX rows and no gradient wanted, and None for any other input (the registry's
+    path computes it). `form_gemv` reads x in its own dtype, adds every part's product into
+    one fp32 sum per SMALL_BATCH rows (the loops of `_compiled`), rounds it once to x's dtype
+    and adds the bias there: bit for bit `form_matmul(form, x).to(x.dtype) + bias`. A
+    ChainForm's stages run in turn, t kept fp32 between them.
+    """
+
+    DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
+
+    def __init__(self, form: KernelForm, impl: str = "avx512"):
+        self.cols, self.max_numel = form.cols, GEMV_MAX * form.cols
+        self.impl = IMPLS[impl]
+        self.stages = tuple(_gemv_args(stage) for stage in stages_of(form))
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor | None:
+        if (not x.is_cpu or x.dtype not in self.DTYPES or x.shape[-1] != self.cols
+                or x.numel() > self.max_numel
+                or (torch.is_grad_enabled()
+                    and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            return None  # another device or dtype, a prefill, a backward: the registry's path
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        gemv, dtype = torch.ops.binllm_cpu.form_gemv.default, x.dtype
+        for rows, parts, sparse, groupsize in self.stages[:-1]:
+            x = gemv(x, rows, parts, sparse, groupsize, None, torch.float32, self.impl)
+        rows, parts, sparse, groupsize = self.stages[-1]
+        return gemv(x, rows, parts, sparse, groupsize, bias, dtype, self.impl)
+
+
+def decoder(form: KernelForm) -> Decoder | None:
+    """The form's `Decoder` where the compiled kernels are usable, else None."""
+    return Decoder(form) if extension().ok else None
+
+
+def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:
+    """rows, parts, sparse, groupsize: one KernelForm as `form_gemv` takes it."""
+    no_scale = torch.empty(0)  # the op's "no column scales"
+    parts = [t for part in form.parts
+             for t in (part.perm, no_scale if part.scale is None else part.scale, part.planes,
+                       part.terms, part.cptr, part.cidx, part.fac, part.coef, part.seg)]
+    sp = form.sparse
+    sparse = [] if sp is None else [sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub]
+    return form.rows, parts, sparse, 0 if sp is None else sp.groupsize
 
 
 def _compiled(form: KernelForm, x: Tensor, impl: str) -> Tensor:

@@ -28,9 +28,17 @@
 //   16 columns per step, one masked add per plane term), 1: portable (8 columns of a byte).
 // columns_bf16(x, perm, out): out[n, j] = x[n, perm[j]] (0 where perm[j] < 0), x (N, cols) bf16,
 //   out (N, P) bf16 (row stride >= P): a part's x columns, the other operand of that GEMM.
+// form_gemv(x, rows, parts, sparse, groupsize, bias, dtype, impl) -> y: a whole KernelForm at
+//   decode (binllm/kernels/cpu.py's Decoder): x (..., cols) fp32, bf16 or fp16 (any N; read in
+//   fp32, exactly), parts 9 tensors per BitPart (bitpart's perm ... seg, scale (0,) for none),
+//   sparse none or sparse's 6 (rowptr ... sub); per SMALL_BATCH inputs the parts then the
+//   sparse part add into one fp32 sum from 0 (bitpart's and sparse's loops: cpu.py's _compiled),
+//   rounded once to dtype and, with a bias (rows,) of dtype, + bias rounded again: y (..., rows)
+//   of dtype equals form_matmul(x).to(dtype) + bias bit for bit.
 // Every loop reads only the packed planes; row tiles are split over torch's intra-op threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -40,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -71,19 +80,27 @@ struct Part {
   }
 };
 
-// tab[n, v, g, i] = sum of xv[n, v, 4 g + l] over the bits l of i
+// tab[n, v, g, i] = sum of xv[n, v, 4 g + l] over the bits l of i, added from 0 in the order
+// of l (AVX-512: entry i in lane i, x[l] added where bit l of i is set: the same sums)
 void build_tables(const float* xv, int64_t NV, int64_t P, float* tab) {
   const int64_t G = P / 4;
   at::parallel_for(0, NV * G, 4096, [&](int64_t a, int64_t b) {
     for (int64_t q = a; q < b; ++q) {
       const float* x = xv + (q / G) * P + (q % G) * 4;
       float* t = tab + q * 16;
+#ifdef __AVX512F__
+      __m512 s = _mm512_setzero_ps();
+      const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+      for (int l = 0; l < 4; ++l) s = _mm512_mask_add_ps(s, bit[l], s, _mm512_set1_ps(x[l]));
+      _mm512_storeu_ps(t, s);
+#else
       for (int i = 0; i < 16; ++i) {
         float s = 0.f;
         for (int l = 0; l < 4; ++l)
           if (i >> l & 1) s += x[l];
         t[i] = s;
       }
+#endif
     }
   });
 }
@@ -241,12 +258,11 @@ void check_part(const at::Tensor& planes, const at::Tensor& terms, const at::Ten
     check(ci[k] >= 0 && ci[k] < coef.size(0), "cidx outside coef");
 }
 
-// xv (N, V, P), gathered and scaled
-std::vector<float> inputs(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
-                          int64_t V) {
-  const int64_t N = x.size(0), cols = x.size(1), P = perm.size(0);
+// xv (N, V, P) of x (N, cols), gathered and scaled
+std::vector<float> inputs(const float* xp, int64_t N, int64_t cols, const at::Tensor& perm,
+                          const at::Tensor& scale, int64_t V) {
+  const int64_t P = perm.size(0);
   std::vector<float> xv(N * V * P, 0.f);
-  const float* xp = x.data_ptr<float>();
   const int64_t* pp = perm.data_ptr<int64_t>();
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
   for (int64_t n = 0; n < N; ++n)
@@ -261,22 +277,28 @@ std::vector<float> inputs(const at::Tensor& x, const at::Tensor& perm, const at:
   return xv;
 }
 
-void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
-             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
-             const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
-             const at::Tensor& seg, at::Tensor y, int64_t impl) {
-  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
-  check(perm.scalar_type() == at::kLong && perm.is_contiguous(), "perm (P,) int64");
+// the checks of one BitPart's tensors (bitpart's arguments after x)
+void check_bitpart(const at::Tensor& perm, const at::Tensor& scale, const at::Tensor& planes,
+                   const at::Tensor& terms, const at::Tensor& cptr, const at::Tensor& cidx,
+                   const at::Tensor& fac, const at::Tensor& coef, const at::Tensor& seg) {
+  check(perm.dim() == 1 && perm.scalar_type() == at::kLong && perm.is_contiguous(),
+        "perm (P,) int64");
   check_part(planes, terms, cptr, cidx, fac, coef, seg);
-  const int64_t N = x.size(0), P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
-  const int64_t V = scale.numel() ? scale.size(0) : 1;
+  const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
   check(!scale.numel() || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                           scale.size(1) == P), "scale (V, P) f32");
+                           scale.dim() == 2 && scale.size(1) == P), "scale (V, P) f32");
   check(P % 8 == 0 && planes.size(2) * 8 == P && planes.size(0) * TILE >= rows &&
             seg.data_ptr<int64_t>()[nseg] == P / 8, "inconsistent part shapes");
-  check(y.scalar_type() == at::kFloat && y.is_contiguous() && y.size(0) == N &&
-            y.size(1) == rows, "y (N, rows) f32");
-  const std::vector<float> xv = inputs(x, perm, scale, V);
+}
+
+// y (N, rows) += the BitPart's product with x (N, cols), both fp32 contiguous (parts checked)
+void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& perm,
+                  const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
+                  const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,
+                  const at::Tensor& coef, const at::Tensor& seg, float* out, int64_t impl) {
+  const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
+  const int64_t V = scale.numel() ? scale.size(0) : 1;
+  const std::vector<float> xv = inputs(x, N, cols, perm, scale, V);
   std::vector<float> tab(N * V * (P / 4) * 16), sums(N * V * nseg);
   build_tables(xv.data(), N * V, P, tab.data());
   const int64_t* sg = seg.data_ptr<int64_t>();
@@ -290,7 +312,6 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
                cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
                coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
                planes.size(2), planes.size(1), terms.size(0), nseg};
-  float* out = y.data_ptr<float>();
   const int64_t tiles = (rows + TILE - 1) / TILE;
   // at least ~256k weight-terms per task: small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * p.T * N));
@@ -305,6 +326,18 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
       tiles_generic(p, out, i0, i1);
     });
   }
+}
+
+void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
+             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+             const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+             const at::Tensor& seg, at::Tensor y, int64_t impl) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+  check_bitpart(perm, scale, planes, terms, cptr, cidx, fac, coef, seg);
+  check(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 &&
+            y.size(0) == x.size(0) && y.size(1) == coef.size(2), "y (N, rows) f32");
+  bitpart_rows(x.data_ptr<float>(), x.size(0), x.size(1), perm, scale, planes, terms, cptr, cidx,
+               fac, coef, seg, y.data_ptr<float>(), impl);
 }
 
 void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
@@ -565,20 +598,27 @@ void sparse_rows_avx512(const float* xp, int64_t cols, const int64_t* rp, const 
 }
 #endif
 
-template <typename I>
-void sparse_typed(const at::Tensor& x, const at::Tensor& rowptr, const I* cp,
-                  const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-                  const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
-  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+// the checks of a SparsePart's tensors (sparse's arguments after x, before y)
+void check_sparse(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& q,
+                  const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& sub,
+                  int64_t groupsize) {
+  check(col.is_contiguous() && (col.scalar_type() == at::kInt || col.scalar_type() == at::kUInt16),
+        "col (n,) int32 or uint16");
   check(rowptr.scalar_type() == at::kLong && q.scalar_type() == at::kByte &&
-            sub.is_contiguous() && groupsize > 0, "sparse part dtypes");
-  const int64_t N = x.size(0), cols = x.size(1), rows = rowptr.size(0) - 1, ng = sub.size(1);
-  check(y.size(0) == N && y.size(1) == rows && y.is_contiguous(), "y (N, rows) f32");
-  const float *xp = x.data_ptr<float>(), *sc = scale.data_ptr<float>(),
-              *ze = zero.data_ptr<float>(), *sb = sub.data_ptr<float>();
+            sub.is_contiguous() && sub.dim() == 2 && groupsize > 0, "sparse part dtypes");
+}
+
+// y (N, rows) += the SparsePart's product with x (N, cols), both fp32 contiguous (checked)
+template <typename I>
+void sparse_typed(const float* xp, int64_t N, int64_t cols, const at::Tensor& rowptr,
+                  const I* cp, const at::Tensor& q, const at::Tensor& scale,
+                  const at::Tensor& zero, const at::Tensor& sub, int64_t groupsize, float* out,
+                  int64_t impl) {
+  const int64_t rows = rowptr.size(0) - 1, ng = sub.size(1);
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(),
+              *sb = sub.data_ptr<float>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  float* out = y.data_ptr<float>();
   const int64_t nnz = rp[rows];  // at least ~64k entries per task: small layers stay serial
   const int64_t grain = std::max<int64_t>(64, rows * 65536 / std::max<int64_t>(1, nnz * N));
   int shift = -1;  // groupsize = 2^shift: the group by a shift, else by a float division
@@ -605,16 +645,113 @@ void sparse_typed(const at::Tensor& x, const at::Tensor& rowptr, const I* cp,
   });
 }
 
+void sparse_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& rowptr,
+                 const at::Tensor& col, const at::Tensor& q, const at::Tensor& scale,
+                 const at::Tensor& zero, const at::Tensor& sub, int64_t groupsize, float* y,
+                 int64_t impl) {
+  if (col.scalar_type() == at::kInt)
+    sparse_typed(x, N, cols, rowptr, col.data_ptr<int32_t>(), q, scale, zero, sub, groupsize, y,
+                 impl);
+  else
+    sparse_typed(x, N, cols, rowptr, static_cast<const uint16_t*>(col.data_ptr()), q, scale, zero,
+                 sub, groupsize, y, impl);
+}
+
 void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
             const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
             const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl) {
-  check(col.is_contiguous() && (col.scalar_type() == at::kInt || col.scalar_type() == at::kUInt16),
-        "col (n,) int32 or uint16");
-  if (col.scalar_type() == at::kInt)
-    sparse_typed(x, rowptr, col.data_ptr<int32_t>(), q, scale, zero, sub, groupsize, y, impl);
-  else
-    sparse_typed(x, rowptr, static_cast<const uint16_t*>(col.data_ptr()), q, scale, zero, sub,
-                 groupsize, y, impl);
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+  check_sparse(rowptr, col, q, scale, zero, sub, groupsize);
+  check(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == x.size(0) &&
+            y.size(1) == rowptr.size(0) - 1 && y.is_contiguous(), "y (N, rows) f32");
+  sparse_rows(x.data_ptr<float>(), x.size(0), x.size(1), rowptr, col, q, scale, zero, sub,
+              groupsize, y.data_ptr<float>(), impl);
+}
+
+// -- the decode forward: every part of a form on x in its own dtype, y rounded once ----------
+constexpr int64_t SMALL_BATCH = 8;  // inputs per GEMV pass (binllm/kernels/cpu.py SMALL_BATCH)
+constexpr int64_t BITPART_ARGS = 9;  // perm, scale, planes, terms, cptr, cidx, fac, coef, seg
+constexpr int64_t SPARSE_ARGS = 6;   // rowptr, col, q, scale, zero, sub
+
+bool float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// x[0 .. n) in fp32 (exact), held in buf
+template <typename T>
+const float* to_float(const T* x, int64_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+  return buf.data();
+}
+
+// out[i] = acc[i] rounded to T (as y.to(T) rounds), then + bias[i % rows] rounded to T (as a T
+// addition rounds: in fp32, once)
+template <typename T>
+void store(const float* acc, int64_t n, int64_t rows, const T* bias, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = static_cast<T>(acc[i]);
+    out[i] = bias ? static_cast<T>(static_cast<float>(v) + static_cast<float>(bias[i % rows])) : v;
+  }
+}
+
+at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
+                     at::TensorList sparse, int64_t groupsize,
+                     const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t impl) {
+  check(x.dim() >= 1 && float_type(x.scalar_type()) && float_type(dtype),
+        "x (..., cols) and y fp32, bf16 or fp16");
+  check(parts.size() % BITPART_ARGS == 0 &&
+            (sparse.empty() || static_cast<int64_t>(sparse.size()) == SPARSE_ARGS),
+        "parts: 9 tensors per BitPart, sparse: none or 6");
+  const int64_t cols = x.size(-1), N = cols ? x.numel() / cols : 0;
+  for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
+    const at::Tensor* a = parts.data() + i;
+    check_bitpart(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
+    check(a[7].size(2) == rows, "a part's rows are not y's");
+  }
+  if (!sparse.empty()) {
+    check_sparse(sparse[0], sparse[1], sparse[2], sparse[3], sparse[4], sparse[5], groupsize);
+    check(sparse[0].size(0) == rows + 1, "the sparse part's rows are not y's");
+  }
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  check(!b || (b->scalar_type() == dtype && b->dim() == 1 && b->size(0) == rows &&
+               b->is_contiguous()), "bias (rows,) in y's dtype");
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = rows;
+  at::Tensor y = at::empty(shape, x.options().dtype(dtype));
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> xf, acc(std::min(N, SMALL_BATCH) * rows);
+  for (int64_t n0 = 0; n0 < N; n0 += SMALL_BATCH) {  // the sums of cpu.py's _compiled
+    const int64_t n = std::min(SMALL_BATCH, N - n0);
+    const float* xp = x.scalar_type() == at::kFloat ? xc.data_ptr<float>() + n0 * cols :
+        x.scalar_type() == at::kBFloat16 ? to_float(xc.data_ptr<at::BFloat16>() + n0 * cols,
+                                                    n * cols, xf) :
+        to_float(xc.data_ptr<at::Half>() + n0 * cols, n * cols, xf);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
+      const at::Tensor* a = parts.data() + i;
+      bitpart_rows(xp, n, cols, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], acc.data(),
+                   impl);
+    }
+    if (!sparse.empty())
+      sparse_rows(xp, n, cols, sparse[0], sparse[1], sparse[2], sparse[3], sparse[4], sparse[5],
+                  groupsize, acc.data(), impl);
+    const int64_t first = n0 * rows, count = n * rows;  // y's entries of these inputs
+    switch (dtype) {
+      case at::kFloat:
+        store(acc.data(), count, rows, b ? b->data_ptr<float>() : nullptr,
+              y.data_ptr<float>() + first);
+        break;
+      case at::kBFloat16:
+        store(acc.data(), count, rows, b ? b->data_ptr<at::BFloat16>() : nullptr,
+              y.data_ptr<at::BFloat16>() + first);
+        break;
+      default:
+        store(acc.data(), count, rows, b ? b->data_ptr<at::Half>() : nullptr,
+              y.data_ptr<at::Half>() + first);
+    }
+  }
+  return y;
 }
 
 bool has_avx512() {
@@ -637,6 +774,8 @@ TORCH_LIBRARY(binllm_cpu, m) {
   m.def("columns_bf16(Tensor x, Tensor perm, Tensor(a!) out) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
         "Tensor sub, int groupsize, Tensor(a!) y, int impl) -> ()");
+  m.def("form_gemv(Tensor x, int rows, Tensor[] parts, Tensor[] sparse, int groupsize, "
+        "Tensor? bias, ScalarType dtype, int impl) -> Tensor");
   m.def("has_avx512() -> bool", has_avx512);
 }
 
@@ -646,4 +785,5 @@ TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
   m.impl("bitpart_dense_bf16", bitpart_dense_bf16);
   m.impl("columns_bf16", columns_bf16);
   m.impl("sparse", sparse);
+  m.impl("form_gemv", form_gemv);
 }

@@ -6,7 +6,10 @@ the on-disk keys and `.to(device)` moves them. Three forwards, chosen per layer:
 - kernels (the default): the codes' kernel form (`binllm.kernels.form`, bit planes and
   coefficients, derived once from the buffers on the first forward) and the fast kernels of
   `binllm.kernels` compute y = x Ŵᵀ + b from the bits; no dequantized weight is kept, and y
-  equals the reference to fp32 round-off.
+  equals the reference to fp32 round-off. The first call binds the chosen kernel's decoder
+  (`binllm.kernels.form_decoder`); later calls go to it first, so a decode step (CPU, at most
+  `GEMV_MAX` rows) is one compiled call with no dispatch in Python, and whatever it declines
+  takes the registry's path.
 - reference (`kernels=False`): W = unpack(layout, buffers).dequantize(), the codes' own
   dequantize() as in calibration, then F.linear(x, W.to(x.dtype), bias), at every call: bit for
   bit the calibrated fake-quantized model.
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import form_linear, layer_kernel
+from ..kernels import DecoderFn, form_decoder, form_linear, layer_kernel
 from ..kernels.form import KernelForm, kernel_form
 from .layout import PackedLayout, pack, unpack
 from .packing import PackingError
@@ -62,6 +65,7 @@ class BinaryLinear(nn.Module):
         self.kernels = kernels
         self._cached: Tensor | None = None
         self._form: KernelForm | None = None
+        self._decode: DecoderFn | None = None  # the form's decoder, bound at its first forward
         self._dense_held = False        # hold_dense: Ŵ dequantized once, kept while held
         self._dense: Tensor | None = None
         self._source: PackedSource | None = None  # where the packed tensors can be read back
@@ -202,7 +206,7 @@ class BinaryLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._cached = None
-        self._form = None
+        self._form = self._decode = None
 
     def kernel_form(self) -> KernelForm:
         """The codes' kernel form, derived from the buffers once (dropped when they change)."""
@@ -214,15 +218,24 @@ class BinaryLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._dense_held:
             return self.dense_linear(x)
+        if self._decode is not None and self.kernels and not self.cache_dequantized:
+            # decode: one compiled call, or None (the bias read as nn.Module does, with no
+            # detour through __getattr__)
+            y = self._decode(x, self._parameters["bias"])
+            if y is not None:
+                return y
         direct = layer_kernel(self, x)  # a kernel reading the packed buffers (LAYER_KERNELS)
         if direct is not None:
             if self._released:
                 self._restore()  # that kernel reads the packed bits: they replace the form
-                self._form = None
+                self._form = self._decode = None
             return direct.matmul(self, x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernels and not self.cache_dequantized:
-            return form_linear(self.kernel_form(), x, bias)
+            form = self.kernel_form()
+            if self._decode is None:
+                self._decode = form_decoder(form, x)  # for x's device, bound once
+            return form_linear(form, x, bias)
         if self._released and self._reads_buffers():
             self._restore()  # the reference forward dequantizes at every call
         return F.linear(x, self.weight_for(x.dtype), bias)
@@ -243,6 +256,7 @@ class BinaryLinear(nn.Module):
                 self._buffers[name] = buf.to(device)
         if self._form is not None:
             self._form = self._form.to(device)
+        self._decode = None  # bound again, to the moved form, at the next forward
         if self._released:
             self._home = device
         return self
