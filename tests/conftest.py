@@ -62,6 +62,24 @@ def run_cli(capsys, *argv, quiet: bool = True) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def quantize_and_reload(capsys, tmp_path, stories_path, data, *flags) -> tuple[dict, dict]:
+    """(quantize's report, eval's report): stories260K quantized by q1_0 with `flags`, saved
+    to tmp_path / "q" and evaluated there on tinystories (4 windows of 64), then that saved
+    directory evaluated again by `binllm eval` under the same settings."""
+    import json
+
+    out, rep, rep2 = tmp_path / "q", tmp_path / "r.json", tmp_path / "e.json"
+    common = ["--seqlen", "64", "--max-windows", "4", "--data-dir", data]
+    code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
+                           "--calib", "tinystories", "--nsamples", "4", "--eval", "tinystories",
+                           *flags, "--out", str(out), "--report", str(rep), *common)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", str(out), "--datasets", "tinystories",
+                           "--report", str(rep2), *common)
+    assert code == 0, err
+    return json.loads(rep.read_text()), json.loads(rep2.read_text())
+
+
 def one_line_error(code: int, err: str, *needles: str) -> str:
     """Exit code 2; stderr ends with exactly one `binllm: error: …` line (progress bars and
     warnings may precede it) holding every needle, and no traceback. Returns the line."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_llama
+from conftest import quantize_and_reload, run_cli, tiny_llama
 
 from binllm.engine.binarize import binarize_model
 from binllm.engine.config import ConfigError, DistillConfig, QuantizeConfig, RefineConfig
@@ -116,21 +115,11 @@ def test_distill_is_refused_under_torchrun_and_on_a_streamed_model_in_one_line()
 
 def test_a_distilled_model_saves_reloads_and_evaluates_to_the_same_perplexity(
         capsys, tmp_path, stories_path, data):
-    out, rep, rep2 = tmp_path / "q", tmp_path / "r.json", tmp_path / "e.json"
-    common = ["--seqlen", "64", "--max-windows", "4", "--data-dir", data]
-    code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
-                           "--calib", "tinystories", "--nsamples", "4", "--eval", "tinystories",
-                           "--distill", "logits", "--distill-arg", "epochs=2",
-                           "--distill-arg", "topk=16", "--out", str(out), "--report", str(rep),
-                           *common)
-    assert code == 0, err
-    first = json.loads(rep.read_text())
+    first, again = quantize_and_reload(capsys, tmp_path, stories_path, data,
+                                       "--distill", "logits", "--distill-arg", "epochs=2",
+                                       "--distill-arg", "topk=16")
     assert first["quantization"]["config"]["distill"]["topk"] == 16
     assert first["quantization"]["distill"]["steps"] == 2 * 4
-    code, _, err = run_cli(capsys, "eval", str(out), "--datasets", "tinystories",
-                           "--report", str(rep2), *common)
-    assert code == 0, err
-    again = json.loads(rep2.read_text())
     assert again["perplexity"]["tinystories"]["ppl"] == first["perplexity"]["tinystories"]["ppl"]
 
 

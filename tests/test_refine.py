@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli, tiny_llama
+from conftest import quantize_and_reload, run_cli, tiny_llama
 
 from binllm.engine.binarize import binarize_model
 from binllm.engine.config import ConfigError, QuantizeConfig, RefineConfig
@@ -98,24 +98,10 @@ def test_refine_is_refused_under_torchrun_in_one_line():
 
 def test_a_refined_model_saves_reloads_and_evaluates_to_the_same_perplexity(
         capsys, tmp_path, stories_path, data):
-    out = tmp_path / "q"
-    rep = tmp_path / "r.json"
-    common = ["--seqlen", "64", "--max-windows", "4", "--data-dir", data]
-    code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
-                           "--calib", "tinystories", "--nsamples", "4", "--eval", "tinystories",
-                           "--refine", "block", "--refine-arg", "epochs=1",
-                           "--out", str(out), "--report", str(rep), *common)
-    assert code == 0, err
-    import json
-
-    first = json.loads(rep.read_text())
+    first, again = quantize_and_reload(capsys, tmp_path, stories_path, data,
+                                       "--refine", "block", "--refine-arg", "epochs=1")
     assert len(first["quantization"]["refine"]) == 5
     assert first["quantization"]["config"]["refine"]["epochs"] == 1
-    rep2 = tmp_path / "e.json"
-    code, _, err = run_cli(capsys, "eval", str(out), "--datasets", "tinystories",
-                           "--report", str(rep2), *common)
-    assert code == 0, err
-    again = json.loads(rep2.read_text())
     assert again["perplexity"]["tinystories"]["ppl"] == first["perplexity"]["tinystories"]["ppl"]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_causal_lm
+from conftest import quantize_and_reload, tiny_causal_lm
 
 from binllm.engine.hadamard import hadamard, rotation
 from binllm.engine.rotate import CannotRotate, rotate_model
@@ -85,18 +85,9 @@ def test_families_that_cannot_be_folded_are_refused_in_one_line(family):
 
 def test_a_rotated_quantized_model_saves_and_reloads_to_the_same_perplexity(
         capsys, tmp_path, stories_path, data):
-    out, rep, rep2 = tmp_path / "q", tmp_path / "r.json", tmp_path / "e.json"
-    common = ["--seqlen", "64", "--max-windows", "4", "--data-dir", data]
-    code, _, err = run_cli(capsys, "quantize", str(stories_path), "--method", "q1_0",
-                           "--calib", "tinystories", "--nsamples", "4", "--eval", "tinystories",
-                           "--rotate", "hadamard", "--out", str(out), "--report", str(rep),
-                           *common)
-    assert code == 0, err
-    first = json.loads(rep.read_text())
+    first, again = quantize_and_reload(capsys, tmp_path, stories_path, data,
+                                       "--rotate", "hadamard")
     assert first["quantization"]["rotation"]["untied"]
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    code, _, err = run_cli(capsys, "eval", str(out), "--datasets", "tinystories",
-                           "--report", str(rep2), *common)
-    assert code == 0, err
-    again = json.loads(rep2.read_text())["perplexity"]["tinystories"]["ppl"]
-    assert again == first["perplexity"]["tinystories"]["ppl"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert again["perplexity"]["tinystories"]["ppl"] == first["perplexity"]["tinystories"]["ppl"]

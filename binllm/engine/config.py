@@ -43,17 +43,7 @@ class RefineConfig:
     autocast: str = "bfloat16"
 
     def __post_init__(self):
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"refine epochs={self.epochs}: use at least 1")
-        for name in ("lr", "sign_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
-                raise ConfigError(f"refine {name}={v}: use a relative step in [0, 1), "
-                                  "e.g. 1e-2")
-        if not isinstance(self.windows, int) or self.windows < 0:
-            raise ConfigError(f"refine windows={self.windows}: use 0 (all) or a positive count")
-        if self.autocast not in ("bfloat16", "float32"):
-            raise ConfigError(f"refine autocast={self.autocast!r}: use bfloat16 or float32")
+        _check_training(self, "refine", "1e-2")
         if self.loss not in REFINE_LOSSES:
             raise ConfigError(f"refine loss={self.loss!r}: use {' or '.join(REFINE_LOSSES)}")
 
@@ -79,20 +69,25 @@ class DistillConfig:
     autocast: str = "bfloat16"
 
     def __post_init__(self):
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"distill epochs={self.epochs}: use at least 1")
-        for name in ("lr", "sign_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
-                raise ConfigError(f"distill {name}={v}: use a relative step in [0, 1), "
-                                  "e.g. 5e-3")
+        _check_training(self, "distill", "5e-3")
         if not isinstance(self.topk, int) or self.topk < 1:
             raise ConfigError(f"distill topk={self.topk}: use a positive count, e.g. 64")
-        if not isinstance(self.windows, int) or self.windows < 0:
-            raise ConfigError(f"distill windows={self.windows}: use 0 (all) or a positive "
-                              "count")
-        if self.autocast not in ("bfloat16", "float32"):
-            raise ConfigError(f"distill autocast={self.autocast!r}: use bfloat16 or float32")
+
+
+def _check_training(c, stage: str, example_lr: str) -> None:
+    """The settings a training stage's config shares (epochs, lr, sign_lr, windows,
+    autocast), each refused in one line that names the stage."""
+    if not isinstance(c.epochs, int) or c.epochs < 1:
+        raise ConfigError(f"{stage} epochs={c.epochs}: use at least 1")
+    for name in ("lr", "sign_lr"):
+        v = getattr(c, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
+            raise ConfigError(f"{stage} {name}={v}: use a relative step in [0, 1), "
+                              f"e.g. {example_lr}")
+    if not isinstance(c.windows, int) or c.windows < 0:
+        raise ConfigError(f"{stage} windows={c.windows}: use 0 (all) or a positive count")
+    if c.autocast not in ("bfloat16", "float32"):
+        raise ConfigError(f"{stage} autocast={c.autocast!r}: use bfloat16 or float32")
 
 
 ROTATIONS = ("hadamard",)
