@@ -10,7 +10,8 @@ from conftest import quantize_and_reload, run_cli, tiny_llama
 
 from binllm.engine.binarize import binarize_model
 from binllm.engine.config import ConfigError, DistillConfig, QuantizeConfig, RefineConfig
-from binllm.engine.distill import TeacherTargets, teacher_targets, topk_kl
+from binllm.engine.distill import (TeacherTargets, distill_windows, teacher_samples,
+                                  teacher_targets, topk_kl)
 
 FAST = DistillConfig(epochs=3, lr=1e-2, topk=32)
 
@@ -64,6 +65,51 @@ def test_distillation_lowers_the_kl_on_held_out_windows(method, stories_model):
         plain, stories_model, held, 32)
 
 
+def test_sampled_text_is_ancestral_sampling_of_the_full_forward(stories_model):
+    ids = teacher_samples(stories_model, 3, 12, seed=5, batch=2)
+    assert ids.shape == (3, 12)
+    # naive oracle: the whole prefix run again at every step, same generator
+    g = torch.Generator().manual_seed(5)
+    vocab = stories_model.config.vocab_size
+    naive = []
+    with torch.no_grad():
+        for n in (2, 1):
+            seq = torch.randint(vocab, (n, 1), generator=g)
+            while seq.shape[1] < 12:
+                probs = stories_model(seq).logits[:, -1].float().softmax(-1)
+                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], dim=1)
+            naive.append(seq)
+    assert torch.equal(ids, torch.cat(naive))
+    assert not torch.equal(ids, teacher_samples(stories_model, 3, 12, seed=6))
+
+
+@pytest.mark.parametrize("data", ["calib", "sampled", "both"])
+def test_distill_windows_hold_the_calibration_tokens_or_as_many_sampled(data, stories_model):
+    batches = calibration(n=4, vocab=stories_model.config.vocab_size)  # 4 x (1, 64)
+    windows = distill_windows(stories_model, batches,
+                              DistillConfig(data=data, sample_len=16))
+    calib = batches if data != "sampled" else []
+    sampled = windows[len(calib):]
+    assert all(torch.equal(a, b) for a, b in zip(windows, calib))
+    if data == "calib":
+        assert len(windows) == 4
+    else:  # 256 tokens in sequences of 16, four to a window
+        assert [w.shape for w in sampled] == [(4, 16)] * 4
+        assert torch.equal(torch.cat(sampled), teacher_samples(stories_model, 16, 16))
+
+
+def test_distillation_on_sampled_text_lowers_the_kl_on_held_out_windows(stories_model):
+    vocab = stories_model.config.vocab_size
+    batches, held = calibration(n=8, vocab=vocab), calibration(n=4, vocab=vocab, seed=1)
+    plain, distilled = copy.deepcopy(stories_model), copy.deepcopy(stories_model)
+    binarize_model(plain, QuantizeConfig("q1_0"), batches)
+    config = DistillConfig(epochs=3, lr=1e-2, topk=32, data="sampled", sample_len=32)
+    report = binarize_model(distilled, QuantizeConfig("q1_0", distill=config), batches)
+    assert report.distill.kept and report.distill.steps == 3 * 8
+    assert held_out_kl(distilled, stories_model, held, 32) < held_out_kl(
+        plain, stories_model, held, 32)
+
+
 def test_the_stored_codes_are_the_distilled_weights_and_bits_do_not_change():
     batches = calibration()
     plain = binarize_model(tiny_llama(), QuantizeConfig("q1_0"), batches)
@@ -93,7 +139,8 @@ def test_a_diverging_distillation_is_discarded_for_the_codes_before_it():
 
 def test_distill_settings_are_checked_and_kept_in_the_config():
     for bad, match in (({"epochs": 0}, "epochs"), ({"lr": 1.5}, "lr"), ({"topk": 0}, "topk"),
-                       ({"windows": -1}, "windows"), ({"autocast": "fp8"}, "autocast")):
+                       ({"windows": -1}, "windows"), ({"autocast": "fp8"}, "autocast"),
+                       ({"data": "c4"}, "data"), ({"sample_len": 1}, "sample_len")):
         with pytest.raises(ConfigError, match=match):
             DistillConfig(**bad)
     c = QuantizeConfig("q1_0", distill=DistillConfig(epochs=3, topk=16))

@@ -28,7 +28,8 @@ from .checks import (NonFiniteWeights, UnknownSkip, binarized_names, check_finit
                      linear_names, refuse_non_finite, skip_matches)
 from .config import ConfigError, QuantizeConfig
 from .destination import CodesDestination
-from .distill import DistillReport, TeacherTargets, distill_codes, teacher_targets
+from .distill import (DistillReport, TeacherTargets, distill_codes, distill_windows,
+                      teacher_targets)
 from .distributed import Distributed, SingleProcess, report_dict
 from .journal import JournalMismatch, LayerJournal
 from .outside import OutsideReport, quantize_outside
@@ -145,7 +146,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     elif method.unrefined_note:  # codes meant to be trained, run without refinement
         report.notes.append(method.unrefined_note)
         log.warning("%s", method.unrefined_note)
-    targets = _teacher(model, config, calibration, device, dist, source, keep_codes)
+    teacher = _teacher(model, config, calibration, device, dist, source, keep_codes)
     if config.rotate is not None:
         if source is not None:
             raise ConfigError("rotate needs the whole model in memory (the embeddings and "
@@ -173,26 +174,28 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
             del inputs  # the walker alone holds them while it runs the layer
     finally:
         run.dest.flush()
-    if targets is not None:
+    if teacher is not None:
         with _on(model, device):
-            report.codes, report.distill = distill_codes(model, report.codes, calibration,
-                                                         targets, config.distill, device)
+            report.codes, report.distill = distill_codes(model, report.codes, *teacher,
+                                                         config.distill, device)
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = dist.max_over_ranks(peak_memory_mb(device))
     return report
 
 
 def _teacher(model: nn.Module, config: QuantizeConfig, calibration: list[Tensor], device,
-             dist, source, keep_codes: bool) -> list[TeacherTargets] | None:
-    """With config.distill: the FP model's top-k on the calibration windows, taken before
-    anything is quantized (or rotated); the whole model must be in this one process."""
+             dist, source, keep_codes: bool) -> tuple[list[Tensor], list[TeacherTargets]] | None:
+    """With config.distill: the windows distillation trains on (`distill_windows`) and the
+    FP model's top-k on them, taken before anything is quantized (or rotated); the whole
+    model must be in this one process."""
     if config.distill is None:
         return None
     if source is not None or dist.world > 1 or not keep_codes:
         raise ConfigError("distill trains the whole model at once: load it whole (not "
                           "streamed), in one process (not torchrun)")
     with _on(model, device):
-        return teacher_targets(model, calibration, config.distill.topk, device)
+        windows = distill_windows(model, calibration, config.distill, device=device)
+        return windows, teacher_targets(model, windows, config.distill.topk, device)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ class ConfigError(BinllmError, ValueError):
 
 
 REFINE_LOSSES = ("mse", "token")
+DISTILL_DATA = ("calib", "sampled", "both")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class DistillConfig:
     topk      the teacher's most likely tokens per position that the KL is taken over
     windows   calibration windows trained on (0: all of them)
     autocast  "bfloat16": the training steps' matmuls in bf16; "float32"
+    data      the text trained on: "calib", the calibration windows; "sampled", as many
+              tokens sampled from the FP model itself (`teacher_samples`, in sequences of
+              sample_len tokens); "both", the two together
+    sample_len  tokens per sampled sequence (at most the calibration windows' length)
     """
 
     epochs: int = 2
@@ -67,11 +72,18 @@ class DistillConfig:
     topk: int = 64
     windows: int = 0
     autocast: str = "bfloat16"
+    data: str = "calib"
+    sample_len: int = 512
 
     def __post_init__(self):
         _check_training(self, "distill", "5e-3")
         if not isinstance(self.topk, int) or self.topk < 1:
             raise ConfigError(f"distill topk={self.topk}: use a positive count, e.g. 64")
+        if self.data not in DISTILL_DATA:
+            raise ConfigError(f"distill data={self.data!r}: use {', '.join(DISTILL_DATA)}")
+        if not isinstance(self.sample_len, int) or self.sample_len < 2:
+            raise ConfigError(f"distill sample_len={self.sample_len}: use at least 2 tokens, "
+                              "e.g. 512")
 
 
 def _check_training(c, stage: str, example_lr: str) -> None:

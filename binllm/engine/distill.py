@@ -21,6 +21,7 @@ with the scales rounded to their storage precision, is not higher than before.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -75,6 +76,53 @@ def teacher_targets(model: nn.Module, windows: list[Tensor], k: int,
                                       tokens=idx.int().cpu()))
             del logits
     return out
+
+
+def teacher_samples(model: nn.Module, n: int, seqlen: int, seed: int = 0, batch: int = 32,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """(n, seqlen) token ids sampled from `model`: the first token uniform over the
+    vocabulary, every next one drawn from the model's full next-token distribution
+    (temperature 1), with the key/value cache of the model's own generation path.
+
+    This is LLM-QAT's data-free distillation text: what the model itself says, so the
+    training it feeds is not fitted to one corpus.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    # transformers 5 names the key/value cache `cache`, earlier versions `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
+    out = []
+    with torch.no_grad():
+        for b in range(0, n, batch):
+            ids = torch.randint(vocab, (min(batch, n - b), 1), generator=g)
+            step = model(ids.to(device), use_cache=True)
+            for _ in range(seqlen - 1):
+                probs = step.logits[:, -1].float().softmax(-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=g)  # (batch, 1)
+                ids = torch.cat([ids, nxt], dim=1)
+                step = model(nxt.to(device), use_cache=True, **{key: getattr(step, key)})
+            out.append(ids)
+            del step
+    return torch.cat(out)
+
+
+def distill_windows(model: nn.Module, calibration: list[Tensor], config: DistillConfig,
+                    seed: int = 0, device: torch.device | str = "cpu") -> list[Tensor]:
+    """The windows (batch, seqlen) distillation trains on, by config.data: the calibration
+    windows, text sampled from `model` with as many tokens (sequences of sample_len tokens,
+    capped at the calibration length, grouped so that a window holds as many tokens as a
+    calibration window), or both."""
+    if config.data == "calib":
+        return list(calibration)
+    seqlen = max(w.shape[-1] for w in calibration)
+    length = min(config.sample_len, seqlen)
+    n = sum(w.numel() for w in calibration) // length
+    t0 = time.perf_counter()
+    sampled = list(teacher_samples(model, n, length, seed, device=device).split(seqlen // length))
+    log.info("distill: sampled %d sequences of %d tokens from the FP model in %.1f s",
+             n, length, time.perf_counter() - t0)
+    return sampled if config.data == "sampled" else list(calibration) + sampled
 
 
 def topk_kl(logits: Tensor, target: TeacherTargets) -> Tensor:
