@@ -2,7 +2,8 @@
 
 Loads a binllm directory (e.g. `binllm quantize SmolLM2 --method q1_0 --rotate hadamard
 --refine block --out DIR` with the bench_real protocol), takes the FP model's top-k on the
-protocol's calibration windows (32 × 2048 tokens of wikitext2 validation, seed 0), runs
+protocol's calibration windows (32 × 2048 tokens of wikitext2 validation, seed 0) or on text
+sampled from it (`data=sampled`), runs
 `binllm.engine.distill.distill_codes` with the given settings on the packed model's codes,
 and prints the report and the perplexities (wikitext2, c4 test, first 40 windows). This is
 how the `--distill` defaults in docs/methods.md were chosen; the result is what
@@ -57,7 +58,7 @@ def main() -> int:
 
     import binllm
     from binllm.engine.config import DistillConfig
-    from binllm.engine.distill import distill_codes, teacher_targets
+    from binllm.engine.distill import distill_codes, distill_windows, teacher_targets
     from binllm.evaluation.data import calibration_batches, eval_tokens, load_text
     from binllm.evaluation.perplexity import perplexity
 
@@ -68,7 +69,8 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.fp)
     calib = calibration_batches(load_text("wikitext2", "validation", DATA), tok, 32, 2048, 0)
     fp = AutoModelForCausalLM.from_pretrained(args.fp, dtype=torch.bfloat16)
-    targets = teacher_targets(fp, calib, config.topk)
+    windows = distill_windows(fp, calib, config)
+    targets = teacher_targets(fp, windows, config.topk)
     del fp
     model = binllm.load(args.saved, kernels=False)
     codes = dense_copy(model)
@@ -81,7 +83,7 @@ def main() -> int:
     if args.base:
         out["before"] = ppl()
     t0 = time.perf_counter()
-    _, report = distill_codes(model, codes, calib, targets, config)
+    _, report = distill_codes(model, codes, windows, targets, config)
     out.update(distill=dataclasses.asdict(report), seconds=time.perf_counter() - t0,
                after=ppl())
     print(json.dumps(out, indent=1))
