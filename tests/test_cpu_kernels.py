@@ -210,7 +210,7 @@ def decoded(layer_, x):
     """layer_(x) with its decoder bound (the first call binds it) and taking x."""
     with torch.no_grad():
         layer_(x)
-        assert isinstance(layer_._decode, cpu.Decoder)
+        assert isinstance(layer_._decode, cpu.extension().module.Decoder)
         y = layer_._decode(x, layer_.bias)
         assert y is not None
         assert torch.equal(layer_(x), y)
@@ -276,9 +276,9 @@ def test_decoder_equals_form_matmul_with_either_impl(impl):
             x = inputs(N, codes.shape[1])
             ref = cpu.form_matmul(form, x, impl)
             for dtype in DTYPES:
-                y = cpu.Decoder(form, impl)(x.to(dtype), None)
+                y = cpu.bind_decoder(form, impl)(x.to(dtype), None)
                 assert torch.equal(y, cpu.form_matmul(form, x.to(dtype), impl).to(dtype))
-            assert torch.equal(cpu.Decoder(form, impl)(x, None), ref)
+            assert torch.equal(cpu.bind_decoder(form, impl)(x, None), ref)
 
 
 @needs_extension
@@ -340,6 +340,8 @@ def test_decoder_follows_the_form_and_the_layers_settings():
     x = inputs(1, cols)
     decoded(layer_, x)
     twin = copy.deepcopy(layer_)
+    assert twin._decode is None
+    decoded(twin, x)
     planes = twin._decode.stages[0][1][2]
     assert planes.data_ptr() == twin.kernel_form().parts[0].planes.data_ptr()
     assert planes.data_ptr() != layer_.kernel_form().parts[0].planes.data_ptr()
@@ -364,7 +366,7 @@ def test_form_decoder_follows_the_registry(monkeypatch):
     codes = HAND_BUILT["pb-8bit"]()
     form, x = kernel_form(codes), inputs(1, codes.shape[1])
     if cpu.extension().ok:
-        assert isinstance(form_decoder(form, x), cpu.Decoder)
+        assert isinstance(form_decoder(form, x), cpu.extension().module.Decoder)
     monkeypatch.setattr(cpu, "extension", lambda: cpu.ExtensionStatus(False, "no compiler here"))
     assert form_decoder(form, x) is backends.declines
     layer_ = BinaryLinear.from_codes(codes)

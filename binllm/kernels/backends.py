@@ -12,7 +12,7 @@ each tried in registration order, the first whose `applies` is true computing y:
   always is one. An entry may also have a `decoder(form)`: the form's forward with this
   kernel's decisions made once (`form_decoder`). A layer binds it at its first call and tries
   it first at every later one: at decode a product is so small that the dispatch around it
-  costs as much as the kernel (`binllm.kernels.cpu.Decoder`). `decoder(x, bias)` returns
+  costs as much as the kernel (`binllm.kernels.cpu.bind_decoder`). `decoder(x, bias)` returns
   `binllm.kernels.form_linear(form, x, bias.to(x.dtype))` bit for bit for the inputs it
   computes and None for the others, which go through the registry; it computes only inputs
   on its entry's device, so the entries' `applies` decide by the device (and target) alone.

@@ -9,10 +9,11 @@ prefill path):
   round-off; AVX-512: a 16-row tile's bytes of one plane column index two tables by their
   nibbles with `vpermps`, 16 rows × 8 columns per two permutes; elsewhere a portable C++
   loop of the same lookups), plus `sparse` for PB-LLM's salient weights. Nothing is
-  dequantized. A layer's decode step skips the Python around these calls: its `Decoder`,
-  bound once per form, makes one `form_gemv` call per stage, which reads x in its own dtype,
-  runs every part (the same loops, the same fp32 sums) and returns y rounded to x's dtype with
-  the bias added.
+  dequantized. A layer's decode step skips the Python around these calls: its decoder
+  (`bind_decoder`, the compiled module's `Decoder`, built once per form with the form's
+  tensors checked then) is called from Python directly and runs `form_gemv` per stage, which
+  reads x in its own dtype, runs every part (the same loops, the same fp32 sums) and returns y
+  rounded to x's dtype with the bias added.
 - N > GEMV_MAX (prefill), x fp32 (or fp16): each part's weight is rebuilt ROW_CHUNK rows at a
   time into one reusable fp32 buffer (`bitpart_dense`, per x version) and multiplied by the
   fp32 GEMM; the sparse part is a CSR matmul.
@@ -30,9 +31,9 @@ prefill path):
   BINLLM_KERNELS=torch), the pure-PyTorch `form_matmul_torch` computes the same product and a
   one-time warning (logging) says why.
 
-The extension (`cpu_kernels.cpp`) is built on first use with torch.utils.cpp_extension (-O3
--march=native, about 10 s) into torch's extension cache, keyed by the source and this CPU's
-flags, and reused afterwards.
+The extension (`cpu_kernels.cpp`: the torch ops and a Python module with the `Decoder`
+class) is built on first use with torch.utils.cpp_extension (-O3 -march=native, about 25 s)
+into torch's extension cache, keyed by the source and this CPU's flags, and reused afterwards.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,6 +67,7 @@ class ExtensionStatus:
     ok: bool
     reason: str = ""     # why the extension is not usable
     avx512: bool = False  # compiled with AVX-512 (else only the portable loop)
+    module: Any = None    # the compiled module (its Python classes: Decoder)
 
 
 def _cpu_flags() -> str:
@@ -86,15 +89,15 @@ def extension() -> ExtensionStatus:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"binllm_cpu_{key}", sources=[str(SOURCE)], is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name=f"binllm_cpu_{key}", sources=[str(SOURCE)], is_python_module=True,
+                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)
         avx = bool(torch.ops.binllm_cpu.has_avx512())
     except Exception as e:  # no compiler, headers or ninja: the PyTorch path still works
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return ExtensionStatus(False, f"building the CPU kernels failed ({type(e).__name__}: "
                                       f"{first}); {cache_advice(f'binllm_cpu_{key}')}")
-    return ExtensionStatus(True, avx512=avx)
+    return ExtensionStatus(True, avx512=avx, module=module)
 
 
 def cache_advice(name: str) -> str:
@@ -145,45 +148,30 @@ def form_matmul(form: KernelForm, x: Tensor, impl: str = "avx512") -> Tensor:
     return x
 
 
-class Decoder:
-    """`form_linear(form, x, bias)` of one form at decode, in one compiled call per stage.
+def bind_decoder(form: KernelForm, impl: str = "avx512"):
+    """`form_linear(form, x, bias)` of one form at decode, in one compiled call.
 
     Built once per form (a layer binds it at its first kernel-form forward, through
-    `binllm.kernels.form_decoder`): the parts' tensors are laid out as `form_gemv`'s arguments
-    here, so a call only checks that it computes x and makes that call. `decoder(x, bias)`
-    returns y (..., rows) in x's dtype for x (..., cols) fp32, bf16 or fp16 on the CPU with at
-    most GEMV_MAX rows and no gradient wanted, and None for any other input (the registry's
-    path computes it). `form_gemv` reads x in its own dtype, adds every part's product into
-    one fp32 sum per SMALL_BATCH rows (the loops of `_compiled`), rounds it once to x's dtype
-    and adds the bias there: bit for bit `form_matmul(form, x).to(x.dtype) + bias`. A
-    ChainForm's stages run in turn, t kept fp32 between them.
+    `binllm.kernels.form_decoder`): the compiled module's `Decoder` holds the parts' tensors as
+    `form_gemv`'s arguments (`stages`: rows, parts, sparse, groupsize per stage), checked once,
+    so a call goes from Python straight to the kernels. `decoder(x, bias)` returns y (..., rows)
+    in x's dtype for x (..., cols) fp32, bf16 or fp16 on the CPU with at most GEMV_MAX rows and
+    no gradient wanted, and None for any other input (the registry's path computes it): each
+    stage is `form_gemv` (x read in its own dtype, every part's product added into one fp32
+    sum per SMALL_BATCH rows, the loops of `_compiled`), the last rounded once to x's dtype with
+    the bias (rounded to x's dtype first) added there: bit for bit
+    `form_matmul(form, x).to(x.dtype) + bias.to(x.dtype)`. A ChainForm's stages run in turn,
+    t kept fp32 between them.
     """
-
-    DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
-
-    def __init__(self, form: KernelForm, impl: str = "avx512"):
-        self.cols, self.max_numel = form.cols, GEMV_MAX * form.cols
-        self.impl = IMPLS[impl]
-        self.stages = tuple(_gemv_args(stage) for stage in stages_of(form))
-
-    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor | None:
-        if (not x.is_cpu or x.dtype not in self.DTYPES or x.shape[-1] != self.cols
-                or x.numel() > self.max_numel
-                or (torch.is_grad_enabled()
-                    and (x.requires_grad or (bias is not None and bias.requires_grad)))):
-            return None  # another device or dtype, a prefill, a backward: the registry's path
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        gemv, dtype = torch.ops.binllm_cpu.form_gemv.default, x.dtype
-        for rows, parts, sparse, groupsize in self.stages[:-1]:
-            x = gemv(x, rows, parts, sparse, groupsize, None, torch.float32, self.impl)
-        rows, parts, sparse, groupsize = self.stages[-1]
-        return gemv(x, rows, parts, sparse, groupsize, bias, dtype, self.impl)
+    stages = [_gemv_args(stage) for stage in stages_of(form)]
+    decoder = extension().module.Decoder(stages, form.cols, GEMV_MAX * form.cols, IMPLS[impl])
+    decoder.stages = tuple(stages)
+    return decoder
 
 
-def decoder(form: KernelForm) -> Decoder | None:
+def decoder(form: KernelForm):
     """The form's `Decoder` where the compiled kernels are usable, else None."""
-    return Decoder(form) if extension().ok else None
+    return bind_decoder(form) if extension().ok else None
 
 
 def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:

@@ -12,7 +12,9 @@
 //   seg (nseg + 1,) int64 byte offsets, y (N, rows) fp32.
 //   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
 //   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
-//   in the 16 lanes: one byte load per row, two permutes of a 16-entry table), 1: portable.
+//   in the 16 lanes: one byte load per row, two permutes of a 16-entry table; four partial
+//   sums for one or two inputs), 1: portable. x is read in place where the part's columns are
+//   x's in order with no scales.
 // sparse(x, rowptr, col, q, scale, zero, sub, groupsize, y, impl): col uint16 or int32
 //   y[n, r] += sum_k (scale[r] * (q_k - zero[r]) - sub[r, col_k / groupsize]) * x[n, col_k]
 //   (AVX-512: 16 entries at once, x and sub gathered; col / groupsize by a shift, or in fp32
@@ -29,12 +31,14 @@
 // columns_bf16(x, perm, out): out[n, j] = x[n, perm[j]] (0 where perm[j] < 0), x (N, cols) bf16,
 //   out (N, P) bf16 (row stride >= P): a part's x columns, the other operand of that GEMM.
 // form_gemv(x, rows, parts, sparse, groupsize, bias, dtype, impl) -> y: a whole KernelForm at
-//   decode (binllm/kernels/cpu.py's Decoder): x (..., cols) fp32, bf16 or fp16 (any N; read in
+//   decode: x (..., cols) fp32, bf16 or fp16 (any N; read in
 //   fp32, exactly), parts 9 tensors per BitPart (bitpart's perm ... seg, scale (0,) for none),
 //   sparse none or sparse's 6 (rowptr ... sub); per SMALL_BATCH inputs the parts then the
 //   sparse part add into one fp32 sum from 0 (bitpart's and sparse's loops: cpu.py's _compiled),
 //   rounded once to dtype and, with a bias (rows,) of dtype, + bias rounded again: y (..., rows)
 //   of dtype equals form_matmul(x).to(dtype) + bias bit for bit.
+// Decoder (a Python class, the module's only binding): form_gemv of one form's stages, the
+//   form checked once when it is built, each call straight from Python (binllm/kernels/cpu.py).
 // Every loop reads only the packed planes; row tiles are split over torch's intra-op threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,6 +46,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,6 +59,8 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+namespace py = pybind11;
 
 namespace {
 
@@ -153,7 +161,31 @@ inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t
   for (int n = 0; n < N; ++n) tb[n] = p.table(n, v);
   __m512 acc2[N];
   for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
-  for (int64_t b = b0; b < b1; ++b) {
+  int64_t b = b0;
+  if constexpr (N <= 2) {  // few inputs: two more sums, so that the adds' latency is hidden
+    __m512 acc3[N], acc4[N];
+    for (int n = 0; n < N; ++n) acc3[n] = acc4[n] = _mm512_setzero_ps();
+    for (; b + 2 <= b1; b += 2) {
+      __m512i lo = bytes16(q1 + b * TILE), lo2 = bytes16(q1 + (b + 1) * TILE);
+      if (AND) {
+        lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
+        lo2 = _mm512_and_si512(lo2, bytes16(q2 + (b + 1) * TILE));
+      }
+      const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
+      for (int n = 0; n < N; ++n) {
+        const float* t = tb[n] + 32 * b;
+        acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+        acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+        acc3[n] = _mm512_add_ps(acc3[n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
+        acc4[n] = _mm512_add_ps(acc4[n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      acc[n] = _mm512_add_ps(acc[n], acc3[n]);
+      acc2[n] = _mm512_add_ps(acc2[n], acc4[n]);
+    }
+  }
+  for (; b < b1; ++b) {
     __m512i lo = bytes16(q1 + b * TILE);
     if (AND) lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
     const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
@@ -277,6 +309,25 @@ std::vector<float> inputs(const float* xp, int64_t N, int64_t cols, const at::Te
   return xv;
 }
 
+// the sum of x[0 .. n) in double (n a multiple of 8; impl 0: AVX-512, 16 partial sums)
+double segment_sum(const float* x, int64_t n, int64_t impl) {
+  double s = 0;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  if (impl == 0) {
+    __m512d a = _mm512_setzero_pd(), b = _mm512_setzero_pd();
+    for (; j + 16 <= n; j += 16) {
+      a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_loadu_ps(x + j)));
+      b = _mm512_add_pd(b, _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8)));
+    }
+    for (; j + 8 <= n; j += 8) a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_loadu_ps(x + j)));
+    s = _mm512_reduce_add_pd(_mm512_add_pd(a, b));
+  }
+#endif
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
 // the checks of one BitPart's tensors (bitpart's arguments after x)
 void check_bitpart(const at::Tensor& perm, const at::Tensor& scale, const at::Tensor& planes,
                    const at::Tensor& terms, const at::Tensor& cptr, const at::Tensor& cidx,
@@ -298,16 +349,19 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
                   const at::Tensor& coef, const at::Tensor& seg, float* out, int64_t impl) {
   const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
   const int64_t V = scale.numel() ? scale.size(0) : 1;
-  const std::vector<float> xv = inputs(x, N, cols, perm, scale, V);
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  bool plain = V == 1 && !scale.numel() && P == cols;  // x itself: its columns in order
+  for (int64_t j = 0; plain && j < P; ++j) plain = pp[j] == j;
+  std::vector<float> gathered;
+  if (!plain) gathered = inputs(x, N, cols, perm, scale, V);
+  const float* xv = plain ? x : gathered.data();
   std::vector<float> tab(N * V * (P / 4) * 16), sums(N * V * nseg);
-  build_tables(xv.data(), N * V, P, tab.data());
+  build_tables(xv, N * V, P, tab.data());
   const int64_t* sg = seg.data_ptr<int64_t>();
   for (int64_t nv = 0; nv < N * V; ++nv)
-    for (int64_t s = 0; s < nseg; ++s) {
-      double a = 0;  // once per call: exact enough and cheap
-      for (int64_t j = sg[s] * 8; j < sg[s + 1] * 8; ++j) a += xv[nv * P + j];
-      sums[nv * nseg + s] = static_cast<float>(a);
-    }
+    for (int64_t s = 0; s < nseg; ++s)  // once per call: exact enough and cheap
+      sums[nv * nseg + s] = static_cast<float>(
+          segment_sum(xv + nv * P + sg[s] * 8, (sg[s + 1] - sg[s]) * 8, impl));
   Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
                cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
                coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
@@ -695,15 +749,11 @@ void store(const float* acc, int64_t n, int64_t rows, const T* bias, T* out) {
   }
 }
 
-at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
-                     at::TensorList sparse, int64_t groupsize,
-                     const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t impl) {
-  check(x.dim() >= 1 && float_type(x.scalar_type()) && float_type(dtype),
-        "x (..., cols) and y fp32, bf16 or fp16");
+// the checks of one form's tensors as form_gemv takes them (x's width not included)
+void check_form(int64_t rows, at::TensorList parts, at::TensorList sparse, int64_t groupsize) {
   check(parts.size() % BITPART_ARGS == 0 &&
             (sparse.empty() || static_cast<int64_t>(sparse.size()) == SPARSE_ARGS),
         "parts: 9 tensors per BitPart, sparse: none or 6");
-  const int64_t cols = x.size(-1), N = cols ? x.numel() / cols : 0;
   for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
     const at::Tensor* a = parts.data() + i;
     check_bitpart(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
@@ -713,9 +763,13 @@ at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
     check_sparse(sparse[0], sparse[1], sparse[2], sparse[3], sparse[4], sparse[5], groupsize);
     check(sparse[0].size(0) == rows + 1, "the sparse part's rows are not y's");
   }
-  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
-  check(!b || (b->scalar_type() == dtype && b->dim() == 1 && b->size(0) == rows &&
-               b->is_contiguous()), "bias (rows,) in y's dtype");
+}
+
+// form_gemv after its checks: x (..., cols) fp32, bf16 or fp16, bias (rows,) of dtype or null
+at::Tensor gemv_checked(const at::Tensor& x, int64_t rows, at::TensorList parts,
+                        at::TensorList sparse, int64_t groupsize, const at::Tensor* b,
+                        at::ScalarType dtype, int64_t impl) {
+  const int64_t cols = x.size(-1), N = cols ? x.numel() / cols : 0;
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = rows;
   at::Tensor y = at::empty(shape, x.options().dtype(dtype));
@@ -754,6 +808,78 @@ at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
   return y;
 }
 
+at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
+                     at::TensorList sparse, int64_t groupsize,
+                     const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t impl) {
+  check(x.dim() >= 1 && float_type(x.scalar_type()) && float_type(dtype),
+        "x (..., cols) and y fp32, bf16 or fp16");
+  check_form(rows, parts, sparse, groupsize);
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  check(!b || (b->scalar_type() == dtype && b->dim() == 1 && b->size(0) == rows &&
+               b->is_contiguous()), "bias (rows,) in y's dtype");
+  return gemv_checked(x, rows, parts, sparse, groupsize, b, dtype, impl);
+}
+
+// -- Decoder: form_gemv of one form (its stages in turn), checked once, called from Python ---
+// Decoder(stages, cols, max_numel, impl), stages [(rows, parts, sparse, groupsize)]:
+// decoder(x, bias) is form_gemv of each stage in turn (fp32 between stages, the last in x's
+// dtype with the bias rounded to it first) for x (..., cols) fp32, bf16 or fp16 on the CPU of
+// at most max_numel elements, no gradient wanted; None for any other input. The form's tensors
+// are checked when it is built, so a call checks only x and the bias (binllm/kernels/cpu.py).
+class Decoder {
+ public:
+  struct Stage {
+    int64_t rows;
+    std::vector<at::Tensor> parts, sparse;
+    int64_t groupsize;
+  };
+
+  Decoder(std::vector<std::tuple<int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                 int64_t>> stages, int64_t cols, int64_t max_numel, int64_t impl)
+      : cols_(cols), max_numel_(max_numel), impl_(impl) {
+    check(!stages.empty(), "a form has at least one stage");
+    int64_t width = cols;
+    for (auto& [rows, parts, sparse, groupsize] : stages) {
+      check_form(rows, parts, sparse, groupsize);
+      for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
+        const at::Tensor& perm = parts[i];
+        check(perm.numel() == 0 || perm.max().item<int64_t>() < width, "perm outside x");
+      }
+      stages_.push_back({rows, std::move(parts), std::move(sparse), groupsize});
+      width = rows;
+    }
+  }
+
+  py::object operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias) const {
+    const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+    if (!x.device().is_cpu() || !float_type(x.scalar_type()) || x.dim() < 1 ||
+        x.size(-1) != cols_ || x.numel() > max_numel_ || x.is_sparse() ||
+        (at::GradMode::is_enabled() && (x.requires_grad() || (b && b->requires_grad()))))
+      return py::none();  // another device or dtype, a prefill, a backward: the registry's path
+    const Stage& last = stages_.back();
+    at::Tensor cast;
+    if (b) {
+      if (!b->device().is_cpu() || b->dim() != 1 || b->size(0) != last.rows)
+        return py::none();
+      if (b->scalar_type() != x.scalar_type() || !b->is_contiguous()) {
+        cast = b->to(x.scalar_type()).contiguous();
+        b = &cast;
+      }
+    }
+    at::Tensor t = x;
+    for (size_t i = 0; i + 1 < stages_.size(); ++i) {
+      const Stage& s = stages_[i];
+      t = gemv_checked(t, s.rows, s.parts, s.sparse, s.groupsize, nullptr, at::kFloat, impl_);
+    }
+    return py::cast(gemv_checked(t, last.rows, last.parts, last.sparse, last.groupsize, b,
+                                 x.scalar_type(), impl_));
+  }
+
+ private:
+  int64_t cols_, max_numel_, impl_;
+  std::vector<Stage> stages_;
+};
+
 bool has_avx512() {
 #ifdef __AVX512F__
   return true;
@@ -786,4 +912,12 @@ TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
   m.impl("columns_bf16", columns_bf16);
   m.impl("sparse", sparse);
   m.impl("form_gemv", form_gemv);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Decoder>(m, "Decoder", py::dynamic_attr())
+      .def(py::init<std::vector<std::tuple<int64_t, std::vector<at::Tensor>,
+                                           std::vector<at::Tensor>, int64_t>>,
+                    int64_t, int64_t, int64_t>())
+      .def("__call__", &Decoder::operator(), py::arg("x"), py::arg("bias") = py::none());
 }

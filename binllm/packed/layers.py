@@ -240,6 +240,12 @@ class BinaryLinear(nn.Module):
             self._restore()  # the reference forward dequantizes at every call
         return F.linear(x, self.weight_for(x.dtype), bias)
 
+    def __getstate__(self):
+        """The module's state without its bound decoder (compiled, not copyable): a copy or a
+        pickle binds its own at its first forward."""
+        state = super().__getstate__()
+        return {**state, "_decode": None}
+
     def _apply(self, fn, recurse: bool = True):
         """Packed buffers follow device moves but keep their dtype (fp16 or fp32 scales stay so
         under model.half() / .to(torch.bfloat16), so the codes never change); the kernel form
