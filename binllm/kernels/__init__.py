@@ -25,6 +25,16 @@ def form_matmul(form: KernelForm, x: Tensor) -> Tensor:
     return form_kernel(form, x).matmul(form, x)
 
 
+def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
+                    x: Tensor) -> Tensor | None:
+    """F.linear(x, Ŵ) for 8-bit UniformCodes read in place from their packed tensors (q, scale,
+    zero) by the compiled CPU kernel, or None where it does not compute x
+    (`binllm.kernels.cpu.uniform8_linear`)."""
+    from . import cpu  # compiled on first use
+
+    return cpu.uniform8_linear(q, scale, zero, groupsize, x)
+
+
 def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, Ŵ, bias) for x (..., cols) of any float dtype, computed from the form."""
     y = form_matmul(form, x.reshape(-1, form.cols)).to(x.dtype)
@@ -34,4 +44,4 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
            "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
-           "DecoderFn", "form_decoder"]
+           "DecoderFn", "form_decoder", "uniform8_linear"]

@@ -174,6 +174,23 @@ def decoder(form: KernelForm):
     return bind_decoder(form) if extension().ok else None
 
 
+def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: Tensor,
+                    impl: str = "avx512") -> Tensor | None:
+    """F.linear(x, Ŵ) (..., rows) in x's dtype for 8-bit UniformCodes read in place from their
+    packed tensors: q (rows · cols,) uint8, scale (rows, groups) fp16 or fp32, zero
+    (rows · groups,) uint8, Ŵ = scale · (q − zero) in fp32 as `UniformCodes.dequantize`
+    computes it, each product summed in fp32 and y rounded once to x's dtype (no kernel form,
+    no dequantized table). None where the compiled kernels do not compute it: another device,
+    gradients wanted, no extension (`fast_path_reason`)."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) \
+            or not extension().ok:
+        return None
+    cols = x.shape[-1]
+    y = torch.ops.binllm_cpu.uniform8_gemv(x.reshape(-1, cols), q, scale, zero, groupsize,
+                                           IMPLS[impl])
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:
     """rows, parts, sparse, groupsize: one KernelForm as `form_gemv` takes it."""
     no_scale = torch.empty(0)  # the op's "no column scales"

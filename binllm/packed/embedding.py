@@ -9,6 +9,9 @@ hidden · bits is a multiple of 8; other layouts dequantize the table).
 `TiedHead` is the output layer of a model whose lm_head shares that table (tied embeddings):
 y = x Eᵀ from the embedding's codes, with no tensors of its own, so the table is stored once.
 It holds the embedding by reference, not as a submodule: the state dict names the table once.
+At decode an 8-bit (q8) table is read in place from its packed bytes
+(`binllm.kernels.uniform8_linear`), other tables through their kernel form; a prompt of
+DENSE_TOKENS or more goes through the dequantized table.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import form_linear
+from ..kernels import form_linear, uniform8_linear
 from .layers import BinaryLinear, replace_linears, set_submodule
 from .formats import uniform_rows
 from .packing import PackingError
@@ -97,7 +100,17 @@ class TiedHead(nn.Module):
         tokens = x.numel() // self.in_features
         if tokens >= DENSE_TOKENS or not self.table.kernels:
             return F.linear(x, self.table.dequantize().to(device=x.device, dtype=x.dtype))
-        return form_linear(self.table.kernel_form(), x)
+        y = self.in_place(x)
+        return form_linear(self.table.kernel_form(), x) if y is None else y
+
+    def in_place(self, x: Tensor) -> Tensor | None:
+        """x Eᵀ from the table's packed bytes where its codes are 8-bit uniform (q8) and a
+        compiled kernel computes x (`binllm.kernels.uniform8_linear`), else None."""
+        lay = self.table.layout
+        if lay.format != "uniform" or int(lay.params["bits"]) != 8:
+            return None
+        t = self.table.packed()
+        return uniform8_linear(t["q"], t["scale"], t["zero"], int(lay.params["groupsize"]), x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied"
