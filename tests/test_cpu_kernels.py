@@ -13,6 +13,7 @@ from test_kernel_form import layer
 from binllm.engine.reconstruct import reconstruct
 from binllm.kernels import cpu
 from binllm.kernels.form import kernel_form
+from binllm.kernels.form_ref import stages_of
 from binllm.methods import METHODS, get_method
 from binllm.packed.layers import BinaryLinear, set_kernels
 
@@ -183,6 +184,35 @@ def test_bf16_prefill_on_hand_built_codes(kind, monkeypatch):
             assert torch.equal(y, cpu.form_matmul(form, x.float(), impl))
         else:
             check_bf16(y, x, Q)
+
+
+def rebuilt_bf16(part, r0, n, impl):
+    """Rows [r0, r0 + n) of a part rebuilt in bf16 into a column slice of a wider buffer."""
+    buf = torch.full((n, part.width + 24), 7.0, dtype=torch.bfloat16)
+    no_scale = torch.empty(0)
+    torch.ops.binllm_cpu.bitpart_dense_bf16(
+        part.planes, part.terms, part.cptr, part.cidx, part.fac, part.coef, part.seg,
+        no_scale if part.scale is None else part.scale, r0, buf[:, 8:8 + part.width],
+        cpu.IMPLS[impl])
+    assert bool((buf[:, :8] == 7).all() and (buf[:, 8 + part.width:] == 7).all())
+    return buf[:, 8:8 + part.width]
+
+
+@needs_extension
+@pytest.mark.parametrize("name", list(METHODS))
+def test_bf16_rebuild_is_the_same_bits_with_either_impl(name):
+    """AVX-512's rebuild (a blend of two bf16 values per row and segment for one-plane forms
+    such as q1_0 and rtn-sign, masked adds otherwise) writes the portable loop's bits: odd
+    widths, segments of 1 to 16 bytes, row ranges starting inside a tile."""
+    for rows, cols, block in SHAPES + [(40, 203, 8), (21, 96, 32)]:
+        W, H = layer(rows, cols)
+        codes = reconstruct(W, H, get_method(name), block_size=block).codes
+        for stage in stages_of(kernel_form(codes)):
+            for part in stage.parts:
+                for r0, n in ((0, stage.rows), (stage.rows // 3, stage.rows - stage.rows // 3)):
+                    if n:
+                        assert torch.equal(rebuilt_bf16(part, r0, n, "avx512"),
+                                           rebuilt_bf16(part, r0, n, "portable"))
 
 
 @needs_extension

@@ -503,6 +503,9 @@ void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const
     cb.push_back(static_cast<int64_t>(cst.size()));
     vb.push_back(static_cast<int64_t>(live.size()));
   }
+  // one plane term (or one AND of two), one x version, no column scales (q1_0, rtn-sign):
+  // a row's weights in a segment are bf16(base) or bf16(base + c)
+  const bool two_valued = V == 1 && !sc && live.size() == 1;
   at::parallel_for(0, n, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, P * T)),
                    [&](int64_t a, int64_t b) {
     std::vector<float> base(V), c(live.size());  // of the current row and segment
@@ -531,6 +534,23 @@ void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const
         for (size_t k = 0; k < live.size(); ++k) p.coefs(live[k], s, r, 1, &c[k]);
         int64_t bb = p.seg[s];
 #ifdef __AVX512F__
+        if (impl == 0 && two_valued) {  // each weight one of two bf16 values: a blend by the bits
+          const float unset = 0.f + base[0], set = 0.f + (base[0] + c[0]);  // the loops' sums
+          const __m512i lo = _mm512_set1_epi16(static_cast<int16_t>(bf16_bits(unset)));
+          const __m512i hi = _mm512_set1_epi16(static_cast<int16_t>(bf16_bits(set)));
+          for (; bb < p.seg[s + 1]; bb += 4) {  // 32 columns (fewer at the segment's end)
+            const int64_t nb = std::min<int64_t>(4, p.seg[s + 1] - bb);
+            uint32_t m = 0;
+            for (int64_t k = 0; k < nb; ++k) {
+              const int64_t* tt = p.terms + 3 * live[0];
+              unsigned byte = tb[(tt[0] * PB + bb + k) * TILE];
+              if (tt[1] >= 0) byte &= tb[(tt[1] * PB + bb + k) * TILE];
+              m |= byte << (8 * k);
+            }
+            const __mmask32 lim = nb == 4 ? 0xFFFFFFFFu : (1u << (8 * nb)) - 1u;
+            _mm512_mask_storeu_epi16(w + 8 * bb, lim, _mm512_mask_blend_epi16(m, lo, hi));
+          }
+        }
         if (impl == 0) {
           for (; bb + 4 <= p.seg[s + 1]; bb += 4) {  // 32 columns: two registers of 16
             __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
