@@ -291,9 +291,7 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
 def _in_order(form: KernelForm) -> bool:
     """Whether the form is one part over x's columns in order, unpadded (q1_0, rtn-sign,
     GPTQ and PB-LLM with whole-byte groups): its GEMM operand is x itself."""
-    if len(form.parts) != 1 or form.parts[0].width != form.cols:
-        return False
-    return torch.equal(form.parts[0].perm, torch.arange(form.cols))
+    return len(form.parts) == 1 and form.parts[0].width == form.cols and form.parts[0].in_order
 
 
 def _salient_entries(form: KernelForm, K: int) -> tuple[Tensor, Tensor] | None:

@@ -44,6 +44,7 @@ class BitPart:
     cidx: Tensor
     fac: Tensor
     coef: Tensor
+    in_order: bool = False  # perm is 0 … width − 1: the part's columns are x's first, in order
 
     @property
     def width(self) -> int:
@@ -217,7 +218,8 @@ class PartBuilder:
                               device=self.device),
             fac=torch.tensor([f for k in keys for f in sums[k].values()], dtype=torch.float32,
                              device=self.device),
-            coef=coef)
+            coef=coef,
+            in_order=torch.equal(self.perm.cpu(), torch.arange(self.perm.shape[0])))
 
 
 __all__ = ["CHUNK", "FACTORS", "BitPart", "SparsePart", "KernelForm", "ChainForm", "PartBuilder",
