@@ -447,6 +447,29 @@ def test_uniform8_in_place_equals_the_dequantized_product(impl):
 
 
 @needs_extension
+@pytest.mark.parametrize("impl", list(cpu.IMPLS))
+def test_uniform8_rebuild_is_the_dequantized_table_in_bf16(impl):
+    """Rows rebuilt in bf16 are UniformCodes.dequantize().to(torch.bfloat16) bit for bit: odd
+    widths, ragged groups, fp16/fp32 scales, row ranges, a column slice of a wider buffer; and
+    the bf16 prompt path is F.linear of that weight."""
+    for rows, cols, gs, sd in ((1, 8, 8, "float16"), (37, 75, 32, "float16"),
+                               (19, 200, 7, "float32")):
+        codes, t = uniform8(rows, cols, gs, sd)
+        ref = codes.dequantize().to(torch.bfloat16)
+        for r0, n in ((0, rows), (rows // 3, rows - rows // 3)):
+            buf = torch.full((n, cols + 5), 3.0, dtype=torch.bfloat16)
+            torch.ops.binllm_cpu.uniform8_dense_bf16(t["q"], t["scale"], t["zero"], gs, r0,
+                                                     buf[:, 2:2 + cols], cpu.IMPLS[impl])
+            assert torch.equal(buf[:, 2:2 + cols], ref[r0:r0 + n])
+            assert bool((buf[:, :2] == 3).all() and (buf[:, 2 + cols:] == 3).all())
+        x = inputs(40, cols).bfloat16().reshape(2, 20, cols)
+        y = cpu.uniform8_linear_bf16(t["q"], t["scale"], t["zero"], gs, x, impl)
+        assert y.shape == (2, 20, rows)
+        check_bf16(y.reshape(40, rows), x.reshape(40, cols), codes.dequantize())
+        assert cpu.uniform8_linear_bf16(t["q"], t["scale"], t["zero"], gs, x.float()) is None
+
+
+@needs_extension
 def test_uniform8_declines_gradients_and_the_tied_head_reads_the_table_in_place():
     """Gradients wanted: None (the form's path). A q8 TiedHead at decode computes through the
     in-place kernel, never building the table's kernel form; a q4 table keeps the form."""
@@ -468,3 +491,12 @@ def test_uniform8_declines_gradients_and_the_tied_head_reads_the_table_in_place(
             y = head(x)
         check(y.reshape(-1, E.shape[0]), x.reshape(-1, E.shape[1]), Eq)
         assert (head.table._form is None) == (bits == 8)
+        prompt = inputs(DENSE_TOKENS + 3, E.shape[1]).bfloat16()  # a bf16 prompt
+        with torch.no_grad():
+            y = head(prompt)
+            if bits == 8:  # rows rebuilt in bf16, never the whole fp32 table
+                head.table.dequantize = None
+                assert torch.equal(head(prompt), y)
+                del head.table.dequantize
+        check_bf16(y, prompt, Eq)
+        assert torch.equal(head(prompt.float()), F.linear(prompt.float(), Eq))

@@ -35,6 +35,16 @@ def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
     return cpu.uniform8_linear(q, scale, zero, groupsize, x)
 
 
+def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
+                         x: Tensor) -> Tensor | None:
+    """F.linear(x, Ŵ.to(torch.bfloat16)) for a bf16 prompt x and 8-bit UniformCodes read in
+    place (rows rebuilt in bf16, bf16 GEMM), or None where the compiled kernels do not compute
+    x (`binllm.kernels.cpu.uniform8_linear_bf16`)."""
+    from . import cpu  # compiled on first use
+
+    return cpu.uniform8_linear_bf16(q, scale, zero, groupsize, x)
+
+
 def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, Ŵ, bias) for x (..., cols) of any float dtype, computed from the form."""
     y = form_matmul(form, x.reshape(-1, form.cols)).to(x.dtype)
@@ -44,4 +54,5 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
            "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
-           "DecoderFn", "form_decoder", "uniform8_linear"]
+           "DecoderFn", "form_decoder", "uniform8_linear",
+           "uniform8_linear_bf16"]

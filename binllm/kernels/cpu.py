@@ -191,6 +191,28 @@ def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: T
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
+def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: Tensor,
+                         impl: str = "avx512") -> Tensor | None:
+    """F.linear(x, Ŵ.to(torch.bfloat16)) (..., rows) bf16 for bf16 x and the 8-bit UniformCodes
+    of `uniform8_linear`: ROW_CHUNK rows of Ŵ at a time rebuilt into one bf16 buffer
+    (`uniform8_dense_bf16`, Ŵ.to(torch.bfloat16)'s bits) and multiplied by the bf16 GEMM into
+    y's columns, as `_dense_chunks_bf16` does (no dequantized fp32 table). None for other x
+    (another dtype or device, gradients wanted) or without the extension."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" \
+            or (x.requires_grad and torch.is_grad_enabled()) or not extension().ok:
+        return None
+    rows, cols = scale.shape[0], x.shape[-1]
+    xs = x.reshape(-1, cols).contiguous()
+    buf = torch.empty(min(ROW_CHUNK, rows), cols, dtype=torch.bfloat16)
+    y = torch.empty(xs.shape[0], rows, dtype=torch.bfloat16)
+    for r0 in range(0, rows, ROW_CHUNK):
+        n = min(ROW_CHUNK, rows - r0)
+        torch.ops.binllm_cpu.uniform8_dense_bf16(q, scale, zero, groupsize, r0, buf[:n],
+                                                 IMPLS[impl])
+        torch.mm(xs, buf[:n].T, out=y[:, r0:r0 + n])
+    return y.reshape(*x.shape[:-1], rows)
+
+
 def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:
     """rows, parts, sparse, groupsize: one KernelForm as `form_gemv` takes it."""
     no_scale = torch.empty(0)  # the op's "no column scales"

@@ -42,6 +42,9 @@
 //   x (N, cols) f32, bf16 or f16, q (rows * cols,) uint8, scale (rows, groups) f16 or f32,
 //   zero (rows * groups,) uint8 (the packed tensors); per group the exact levels q - zero times
 //   x summed in fp32, times the scale (impl 0: AVX-512, one input four rows at a time).
+// uniform8_dense_bf16(q, scale, zero, groupsize, r0, out, impl): out (n, cols) bf16 = rows
+//   [r0, r0 + n) of scale (q - zero), rounded as UniformCodes.dequantize().to(torch.bfloat16)
+//   rounds them (the prompt path of a bf16 model's q8 output layer; row stride >= cols).
 // Decoder (a Python class, the module's only binding): form_gemv of one form's stages, the
 //   form checked once when it is built, each call straight from Python (binllm/kernels/cpu.py).
 // Every loop reads only the packed planes; row tiles are split over torch's intra-op threads.
@@ -923,6 +926,43 @@ at::Tensor uniform8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Ten
   return y;
 }
 
+// out (n, cols) bf16 = rows [r0, r0 + n) of w = scale * (q - zero) rounded to bf16 as
+// UniformCodes.dequantize().to(torch.bfloat16) rounds them (out's row stride may exceed cols)
+void uniform8_dense_bf16(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                         int64_t groupsize, int64_t r0, at::Tensor out, int64_t impl) {
+  check(out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.stride(1) == 1 &&
+            (out.size(0) <= 1 || out.stride(0) >= out.size(1)), "out (n, cols) bf16");
+  const int64_t n = out.size(0), cols = out.size(1), ld = out.stride(0);
+  const int64_t ng = check_uniform8(q, scale, zero, cols, groupsize);
+  check(r0 >= 0 && r0 + n <= scale.size(0), "rows outside the codes");
+  const uint8_t *qp = q.data_ptr<uint8_t>(), *ze = zero.data_ptr<uint8_t>();
+  const void* sc = scale.data_ptr();
+  const bool half = scale.scalar_type() == at::kHalf;
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, cols)),
+                   [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t r = r0 + i;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float s = scale_at(sc, half, r * ng + g), z = static_cast<float>(ze[r * ng + g]);
+        const int64_t end = std::min(cols, (g + 1) * groupsize);
+        int64_t j = g * groupsize;
+#ifdef __AVX512F__
+        if (impl == 0)
+          for (; j < end; j += 16) {
+            const __mmask16 m = mask16(end - j);
+            const __m512 w = _mm512_mul_ps(_mm512_set1_ps(s), levels16(qp + r * cols + j, m,
+                                                                       _mm512_set1_ps(z)));
+            _mm256_mask_storeu_epi16(o + i * ld + j, m, bf16_bits16(w));
+          }
+#endif
+        for (; j < end; ++j)
+          o[i * ld + j] = bf16_bits(s * (static_cast<float>(qp[r * cols + j]) - z));
+      }
+    }
+  });
+}
+
 // -- the decode forward: every part of a form on x in its own dtype, y rounded once ----------
 constexpr int64_t SMALL_BATCH = 8;  // inputs per GEMV pass (binllm/kernels/cpu.py SMALL_BATCH)
 constexpr int64_t BITPART_ARGS = 9;  // perm, scale, planes, terms, cptr, cidx, fac, coef, seg
@@ -1105,6 +1145,8 @@ TORCH_LIBRARY(binllm_cpu, m) {
         "Tensor? bias, ScalarType dtype, int impl) -> Tensor");
   m.def("uniform8_gemv(Tensor x, Tensor q, Tensor scale, Tensor zero, int groupsize, int impl) "
         "-> Tensor");
+  m.def("uniform8_dense_bf16(Tensor q, Tensor scale, Tensor zero, int groupsize, int r0, "
+        "Tensor(a!) out, int impl) -> ()");
   m.def("has_avx512() -> bool", has_avx512);
 }
 
@@ -1116,6 +1158,7 @@ TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
   m.impl("sparse", sparse);
   m.impl("form_gemv", form_gemv);
   m.impl("uniform8_gemv", uniform8_gemv);
+  m.impl("uniform8_dense_bf16", uniform8_dense_bf16);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -9,9 +9,10 @@ hidden · bits is a multiple of 8; other layouts dequantize the table).
 `TiedHead` is the output layer of a model whose lm_head shares that table (tied embeddings):
 y = x Eᵀ from the embedding's codes, with no tensors of its own, so the table is stored once.
 It holds the embedding by reference, not as a submodule: the state dict names the table once.
-At decode an 8-bit (q8) table is read in place from its packed bytes
-(`binllm.kernels.uniform8_linear`), other tables through their kernel form; a prompt of
-DENSE_TOKENS or more goes through the dequantized table.
+An 8-bit (q8) table is read in place from its packed bytes: at decode by a GEMV
+(`binllm.kernels.uniform8_linear`), a bf16 prompt of DENSE_TOKENS or more by rows rebuilt in
+bf16 and the bf16 GEMM (`binllm.kernels.uniform8_linear_bf16`); other tables compute decode
+through their kernel form and a prompt through the dequantized table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import form_linear, uniform8_linear
+from ..kernels import form_linear, uniform8_linear, uniform8_linear_bf16
 from .layers import BinaryLinear, replace_linears, set_submodule
 from .formats import uniform_rows
 from .packing import PackingError
@@ -97,20 +98,27 @@ class TiedHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.table.dense_held:  # the table held dense (`hold_dense`): one unpack for many calls
             return self.table.dense_linear(x)
+        y = self.in_place(x) if self.table.kernels else None
+        if y is not None:
+            return y
         tokens = x.numel() // self.in_features
         if tokens >= DENSE_TOKENS or not self.table.kernels:
             return F.linear(x, self.table.dequantize().to(device=x.device, dtype=x.dtype))
-        y = self.in_place(x)
-        return form_linear(self.table.kernel_form(), x) if y is None else y
+        return form_linear(self.table.kernel_form(), x)
 
     def in_place(self, x: Tensor) -> Tensor | None:
         """x Eᵀ from the table's packed bytes where its codes are 8-bit uniform (q8) and a
-        compiled kernel computes x (`binllm.kernels.uniform8_linear`), else None."""
+        compiled kernel computes x, else None: fewer than DENSE_TOKENS tokens by the GEMV
+        (`binllm.kernels.uniform8_linear`), a bf16 prompt by rows rebuilt in bf16 and the bf16
+        GEMM (`binllm.kernels.uniform8_linear_bf16`: F.linear(x, E.to(torch.bfloat16)))."""
         lay = self.table.layout
         if lay.format != "uniform" or int(lay.params["bits"]) != 8:
             return None
         t = self.table.packed()
-        return uniform8_linear(t["q"], t["scale"], t["zero"], int(lay.params["groupsize"]), x)
+        args = t["q"], t["scale"], t["zero"], int(lay.params["groupsize"]), x
+        if x.numel() // self.in_features < DENSE_TOKENS:
+            return uniform8_linear(*args)
+        return uniform8_linear_bf16(*args)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied"
