@@ -160,6 +160,7 @@ def test_bf16_prefill_is_f_linear_of_the_bf16_weight(name, impl, monkeypatch):
     """Rows rebuilt in bf16 in chunks of 24 (chunks start inside a 16-row tile), odd shapes;
     the fp32 prefill of the same input stays exact."""
     monkeypatch.setattr(cpu, "ROW_CHUNK", 24)
+    monkeypatch.setattr(cpu, "BF16_CHUNK_BYTES", 0)
     for rows, cols, block in SHAPES:
         W, H = layer(rows, cols)
         codes = reconstruct(W, H, get_method(name), block_size=block).codes
@@ -175,6 +176,7 @@ def test_bf16_prefill_is_f_linear_of_the_bf16_weight(name, impl, monkeypatch):
 def test_bf16_prefill_on_hand_built_codes(kind, monkeypatch):
     """Every codes type; a ChainForm (binary-factor) keeps the fp32 path for bf16 x too."""
     monkeypatch.setattr(cpu, "ROW_CHUNK", 16)
+    monkeypatch.setattr(cpu, "BF16_CHUNK_BYTES", 0)
     codes = HAND_BUILT[kind]()
     form, Q = kernel_form(codes), codes.dequantize()
     x = inputs(cpu.GEMV_MAX + 8, codes.shape[1]).bfloat16()

@@ -19,14 +19,15 @@ prefill path):
   fp32 GEMM; the sparse part is a CSR matmul.
 - N > GEMV_MAX, x bf16 (a model held in bf16): y (bf16) is F.linear(x, Ŵ.to(torch.bfloat16)),
   the reference forward's product (to bf16 round-off: its fp32 sums may be ordered otherwise),
-  computed by a bf16 GEMM (AMX where the CPU has it, through oneDNN): ROW_CHUNK rows of every
-  part are rebuilt side by side into one bf16 buffer (`bitpart_dense_bf16`: the x versions'
-  column scales applied, the sum in fp32 rounded once to bf16, round to nearest even as torch
-  rounds; PB-LLM's salient levels written over their positions), x's columns gathered to match
+  computed by a bf16 GEMM (AMX where the CPU has it, through oneDNN): `bf16_chunk_rows` rows
+  (a buffer of up to BF16_CHUNK_BYTES, at least ROW_CHUNK rows) of every part are rebuilt side
+  by side into one bf16 buffer (`bitpart_dense_bf16`: the x versions' column scales applied,
+  the sum in fp32 rounded once to bf16, round to nearest even as torch rounds; PB-LLM's
+  salient levels written over their positions), x's columns gathered to match
   (`columns_bf16`, or x itself where the columns are in order), and one bf16 GEMM per chunk
-  writes y's columns. A ChainForm (binary-factor) stays on
-  the fp32 path: its t between the stages is not a bf16 product of Ŵ, and rounding t would add
-  an error the reference does not have.
+  writes y's columns. A ChainForm (binary-factor) stays on the fp32 path: its t between the
+  stages is not a bf16 product of Ŵ, and rounding t would add an error the reference does not
+  have.
 - Where the extension cannot run (no compiler, not a CPU tensor, gradients wanted, or
   BINLLM_KERNELS=torch), the pure-PyTorch `form_matmul_torch` computes the same product and a
   one-time warning (logging) says why.
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 SMALL_BATCH = 8    # inputs per bit-plane GEMV call (the kernel's widest batch tile)
 GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); beyond: dense GEMM
-ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path
+ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path (at least, for bf16)
+BF16_CHUNK_BYTES = 2 << 20  # bf16 prefill: a chunk's rows fill up to this many buffer bytes
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 IMPLS = {"avx512": 0, "portable": 1}
 
@@ -194,7 +196,7 @@ def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: T
 def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: Tensor,
                          impl: str = "avx512") -> Tensor | None:
     """F.linear(x, Ŵ.to(torch.bfloat16)) (..., rows) bf16 for bf16 x and the 8-bit UniformCodes
-    of `uniform8_linear`: ROW_CHUNK rows of Ŵ at a time rebuilt into one bf16 buffer
+    of `uniform8_linear`: `bf16_chunk_rows` rows of Ŵ at a time rebuilt into one bf16 buffer
     (`uniform8_dense_bf16`, Ŵ.to(torch.bfloat16)'s bits) and multiplied by the bf16 GEMM into
     y's columns, as `_dense_chunks_bf16` does (no dequantized fp32 table). None for other x
     (another dtype or device, gradients wanted) or without the extension."""
@@ -203,14 +205,22 @@ def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
         return None
     rows, cols = scale.shape[0], x.shape[-1]
     xs = x.reshape(-1, cols).contiguous()
-    buf = torch.empty(min(ROW_CHUNK, rows), cols, dtype=torch.bfloat16)
+    chunk = bf16_chunk_rows(cols)
+    buf = torch.empty(min(chunk, rows), cols, dtype=torch.bfloat16)
     y = torch.empty(xs.shape[0], rows, dtype=torch.bfloat16)
-    for r0 in range(0, rows, ROW_CHUNK):
-        n = min(ROW_CHUNK, rows - r0)
+    for r0 in range(0, rows, chunk):
+        n = min(chunk, rows - r0)
         torch.ops.binllm_cpu.uniform8_dense_bf16(q, scale, zero, groupsize, r0, buf[:n],
                                                  IMPLS[impl])
         torch.mm(xs, buf[:n].T, out=y[:, r0:r0 + n])
     return y.reshape(*x.shape[:-1], rows)
+
+
+def bf16_chunk_rows(K: int) -> int:
+    """Rows rebuilt at a time on the bf16 prefill path for a buffer K columns wide: at least
+    ROW_CHUNK, more while the buffer stays within BF16_CHUNK_BYTES (an L2's worth), so that a
+    small layer is one GEMM writing y whole (a GEMM into a column slice of y is slower)."""
+    return max(ROW_CHUNK, BF16_CHUNK_BYTES // (2 * K))
 
 
 def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:
@@ -271,7 +281,7 @@ def _dense_chunks(form: KernelForm, x: Tensor) -> Tensor:
 def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
     """Prefill of a bf16 x (N, cols): y = F.linear(x, Ŵ.to(torch.bfloat16)) (N, rows) bf16.
 
-    ROW_CHUNK rows of every part are rebuilt side by side into one bf16 buffer
+    `bf16_chunk_rows` rows of every part are rebuilt side by side into one bf16 buffer
     (`bitpart_dense_bf16`: the x versions' column scales applied, summed in fp32, rounded once
     to bf16 as Ŵ.to(torch.bfloat16) rounds), and each chunk is one bf16 GEMM (AMX where the CPU
     has it) with the parts' x columns side by side (`columns_bf16`; x itself where the one
@@ -289,12 +299,13 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
         for part in form.parts:
             ops.columns_bf16(x, part.perm, xs[:, c0:c0 + part.width])
             c0 += part.width
-    buf = torch.empty(min(ROW_CHUNK, form.rows), K, dtype=torch.bfloat16)
+    chunk = bf16_chunk_rows(K)
+    buf = torch.empty(min(chunk, form.rows), K, dtype=torch.bfloat16)
     salient = _salient_entries(form, K)
     no_scale = torch.empty(0)
     y = torch.empty(N, form.rows, dtype=torch.bfloat16)
-    for r0 in range(0, form.rows, ROW_CHUNK):
-        n = min(ROW_CHUNK, form.rows - r0)
+    for r0 in range(0, form.rows, chunk):
+        n = min(chunk, form.rows - r0)
         c0 = 0
         for part in form.parts:
             scale = no_scale if part.scale is None else part.scale
