@@ -98,6 +98,14 @@ def test_distill_windows_hold_the_calibration_tokens_or_as_many_sampled(data, st
         assert torch.equal(torch.cat(sampled), teacher_samples(stories_model, 16, 16))
 
 
+def test_distill_windows_caps_the_calibration_and_samples_as_many_tokens(stories_model):
+    batches = calibration(n=4, vocab=stories_model.config.vocab_size)  # 4 x (1, 64)
+    windows = distill_windows(stories_model, batches,
+                              DistillConfig(data="both", windows=2, sample_len=64))
+    assert len(windows) == 4 and torch.equal(windows[1], batches[1])
+    assert [w.shape for w in windows[2:]] == [(1, 64)] * 2
+
+
 def test_distillation_on_sampled_text_lowers_the_kl_on_held_out_windows(stories_model):
     vocab = stories_model.config.vocab_size
     batches, held = calibration(n=8, vocab=vocab), calibration(n=4, vocab=vocab, seed=1)

@@ -146,6 +146,10 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     elif method.unrefined_note:  # codes meant to be trained, run without refinement
         report.notes.append(method.unrefined_note)
         log.warning("%s", method.unrefined_note)
+    if not checked:
+        with dist.guard("weight checks"):
+            check_skip(model, config.skip)
+            check_finite(model)
     teacher = _teacher(model, config, calibration, device, dist, source, keep_codes)
     if config.rotate is not None:
         if source is not None:
@@ -154,10 +158,6 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
         report.rotation = rotate_model(model)
     if source is None:  # a streamed run quantizes them before writing them (binarize_streaming)
         report.outside = quantize_outside(model, config.embeddings, config.lm_head)
-    if not checked:
-        with dist.guard("weight checks"):
-            check_skip(model, config.skip)
-            check_finite(model)
     per_linear = (source is not None and dist.world == 1 and journal is None and not keep_codes
                   and refiner is None)
     run = _Run(method, config, report, dist, device, refiner,

@@ -54,11 +54,12 @@ class DistillConfig:
     """Distillation of every linear's scales against the FP model's logits, after the layer
     loop (`binllm.engine.distill`).
 
-    epochs    passes over the calibration windows (Adam, cosine schedule, one window a step)
+    epochs    passes over the training windows (Adam, cosine schedule, one window a step)
     lr        Adam step of scales and means, relative to each field's mean |value|
     sign_lr   Adam step of latent signs (0: signs fixed, the scales-only stage)
     topk      the teacher's most likely tokens per position that the KL is taken over
-    windows   calibration windows trained on (0: all of them)
+    windows   calibration windows trained on (0: all of them); sampled text holds as many
+              tokens as these
     autocast  "bfloat16": the training steps' matmuls in bf16; "float32"
     data      the text trained on: "calib", the calibration windows; "sampled", as many
               tokens sampled from the FP model itself (`teacher_samples`, in sequences of

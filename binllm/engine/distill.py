@@ -2,7 +2,8 @@
 
 After every decoder layer is quantized (and refined block by block), the continuous
 quantization parameters of all linears at once (their codes' scales and means; latent signs
-with sign_lr > 0) are trained to minimise, over the calibration windows,
+with sign_lr > 0) are trained to minimise, over the training windows (`distill_windows`: the
+calibration windows, text sampled from the FP model, or both),
 
     KL(q ‖ p_Q) = Σ_tokens Σ_{v ∈ top-k} q_v (log q_v − log p_Q,v) / tokens
 
@@ -84,12 +85,13 @@ def teacher_samples(model: nn.Module, n: int, seqlen: int, seed: int = 0, batch:
     vocabulary, every next one drawn from the model's full next-token distribution
     (temperature 1), with the key/value cache of the model's own generation path.
 
-    This is LLM-QAT's data-free distillation text: what the model itself says, so the
-    training it feeds is not fitted to one corpus.
+    This follows LLM-QAT's data-free distillation (which takes the most likely token for the
+    first few steps): what the model itself says, so the training it feeds is not fitted to
+    one corpus.
     """
     g = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().weight.shape[0]
-    # transformers 5 names the key/value cache `cache`, earlier versions `past_key_values`
+    # transformers >= 5 names the key/value cache `cache`, transformers < 5 `past_key_values`
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
         "past_key_values"
     out = []
@@ -109,12 +111,13 @@ def teacher_samples(model: nn.Module, n: int, seqlen: int, seed: int = 0, batch:
 
 def distill_windows(model: nn.Module, calibration: list[Tensor], config: DistillConfig,
                     seed: int = 0, device: torch.device | str = "cpu") -> list[Tensor]:
-    """The windows (batch, seqlen) distillation trains on, by config.data: the calibration
-    windows, text sampled from `model` with as many tokens (sequences of sample_len tokens,
-    capped at the calibration length, grouped so that a window holds as many tokens as a
-    calibration window), or both."""
+    """The windows (batch, seqlen) distillation trains on, by config.data: the first
+    config.windows calibration windows (0: all), text sampled from `model` with as many
+    tokens (sequences of sample_len tokens, capped at the calibration length, grouped so that
+    a window holds at most as many tokens as a calibration window), or both."""
+    calibration = list(calibration[:config.windows or None])
     if config.data == "calib":
-        return list(calibration)
+        return calibration
     seqlen = max(w.shape[-1] for w in calibration)
     length = min(config.sample_len, seqlen)
     n = sum(w.numel() for w in calibration) // length
@@ -122,7 +125,7 @@ def distill_windows(model: nn.Module, calibration: list[Tensor], config: Distill
     sampled = list(teacher_samples(model, n, length, seed, device=device).split(seqlen // length))
     log.info("distill: sampled %d sequences of %d tokens from the FP model in %.1f s",
              n, length, time.perf_counter() - t0)
-    return sampled if config.data == "sampled" else list(calibration) + sampled
+    return sampled if config.data == "sampled" else calibration + sampled
 
 
 def topk_kl(logits: Tensor, target: TeacherTargets) -> Tensor:
@@ -143,8 +146,6 @@ def distill_codes(model: nn.Module, codes: dict[str, Any], windows: list[Tensor]
     get the kept codes' weights on return. Returns (codes to keep, report).
     """
     t0 = time.perf_counter()
-    n = config.windows or len(windows)
-    windows, targets = windows[:n], targets[:n]
     params = dict(model.named_parameters())
     dtypes = {name: params[f"{name}.weight"].dtype for name in codes}
     train = {name: TrainableCodes(c, params[f"{name}.weight"].detach(),
