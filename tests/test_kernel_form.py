@@ -77,6 +77,19 @@ def test_form_layout_billm_planes_and_permutation():
     assert torch.equal(got[:, sal.perm >= 0], codes.signs[0][:, idx][:, sal.perm >= 0])
 
 
+def test_form_records_whether_a_part_reads_x_in_order():
+    """q1_0 (one part over x's columns in order) is in order; BiLLM's parts (columns gathered
+    by class, padded with −1) and a q1_0 part padded past x's width are not."""
+    W, H = layer(9, 256)
+    (part,) = kernel_form(reconstruct(W, H, get_method("q1_0"), block_size=128).codes).parts
+    assert part.in_order and torch.equal(part.perm, torch.arange(256))
+    W, H = layer(9, 77)
+    (part,) = kernel_form(reconstruct(W, H, get_method("q1_0"), block_size=128).codes).parts
+    assert not part.in_order and part.width > 77 and bool((part.perm[77:] < 0).all())
+    for part in kernel_form(HAND_BUILT["billm-like"]()).parts:
+        assert not part.in_order and not torch.equal(part.perm, torch.arange(part.width))
+
+
 def test_form_shares_coefficients_that_are_exact_multiples():
     """ARB-RC: −α, 2α, α, −2α of one (group, order) are one stored array with factors; GPTQ's
     2^k·s likewise; zero coefficients (no mean) leave no term."""

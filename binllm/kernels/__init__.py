@@ -3,9 +3,13 @@
 Every kernel here is a pure function of a layer's packed codes and its input, tested against
 the plain path `codes.dequantize() @ x`. May import `binllm.methods` (codes types) and
 `binllm.packed.packing` (bit primitives); `binllm.packed.layers` dispatches to it. Which kernel
-runs is a registry (`binllm.kernels.backends`): adding a kernel is one entry there. At decode
-a layer calls the `form_decoder` it bound at its first call: the chosen kernel's forward with
-the dispatch below decided once.
+computes a kernel form is a registry (`binllm.kernels.backends`): adding a kernel of the form
+is one entry there. At decode a layer calls the `form_decoder` it bound at its first call: the
+chosen kernel's forward with the dispatch below decided once. Outside the registry,
+`uniform8_linear` and `uniform8_linear_bf16` (8-bit UniformCodes read in place: a q8 table as
+the output layer) are called directly by `binllm.packed.embedding`'s TiedHead; they are CPU
+kernels only, with no CUDA or Triton counterpart (elsewhere they return None and the head takes
+the kernel form's path).
 """
 
 from __future__ import annotations

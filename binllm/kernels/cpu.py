@@ -1,4 +1,6 @@
-"""CPU forward of the kernel form: compiled kernels that read only the packed bit planes.
+"""CPU forward of packed layers by compiled kernels: the kernel form's products, read from its
+packed bit planes (nothing dequantized), and 8-bit UniformCodes read in place from their packed
+bytes (`uniform8_linear`, `uniform8_linear_bf16`: a q8 table as the output layer).
 
 `form_matmul(form, x)` computes y = x Ŵᵀ (N, rows) for x (N, cols), fp32 (bf16 on the bf16
 prefill path):
@@ -13,7 +15,10 @@ prefill path):
   (`bind_decoder`, the compiled module's `Decoder`, built once per form with the form's
   tensors checked then) is called from Python directly and runs `form_gemv` per stage, which
   reads x in its own dtype, runs every part (the same loops, the same fp32 sums) and returns y
-  rounded to x's dtype with the bias added.
+  rounded to x's dtype with the bias added. The fp32 sums are grouped by the loop that runs
+  them: AVX-512 and portable loops, and AVX-512 for 1–2 inputs (four partial sums per lookup)
+  and 3–8 (two), add in different orders, so these results agree to fp32 round-off, not bit
+  for bit; one loop on the same inputs gives the same bits.
 - N > GEMV_MAX (prefill), x fp32 (or fp16): each part's weight is rebuilt ROW_CHUNK rows at a
   time into one reusable fp32 buffer (`bitpart_dense`, per x version) and multiplied by the
   fp32 GEMM; the sparse part is a CSR matmul.
@@ -32,9 +37,13 @@ prefill path):
   BINLLM_KERNELS=torch), the pure-PyTorch `form_matmul_torch` computes the same product and a
   one-time warning (logging) says why.
 
-The extension (`cpu_kernels.cpp`: the torch ops and a Python module with the `Decoder`
-class) is built on first use with torch.utils.cpp_extension (-O3 -march=native, about 25 s)
-into torch's extension cache, keyed by the source and this CPU's flags, and reused afterwards.
+The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
+weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_uniform8.cpp` the 8-bit codes read in
+place, `cpu_ops.cpp` form_gemv, the `Decoder` class and the ops' registration; their shared
+declarations in `cpu_kernels.h`) is one module, built on first use with
+torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
+by every source's bytes, the header's and this CPU's flags (a changed file builds anew), and
+reused afterwards.
 """
 
 from __future__ import annotations
@@ -60,7 +69,9 @@ SMALL_BATCH = 8    # inputs per bit-plane GEMV call (the kernel's widest batch t
 GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); beyond: dense GEMM
 ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path (at least, for bf16)
 BF16_CHUNK_BYTES = 2 << 20  # bf16 prefill: a chunk's rows fill up to this many buffer bytes
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp")
+                for name in ("gemv", "sparse", "prefill", "uniform8", "ops"))
+HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 IMPLS = {"avx512": 0, "portable": 1}
 
 
@@ -87,11 +98,12 @@ def extension() -> ExtensionStatus:
     """Load the compiled kernels (building them on first use); the status says whether."""
     if os.environ.get("BINLLM_KERNELS", "").lower() == "torch":
         return ExtensionStatus(False, "BINLLM_KERNELS=torch")
-    key = hashlib.sha1(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
+    key = build_key()
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name=f"binllm_cpu_{key}", sources=[str(SOURCE)], is_python_module=True,
+        module = load(name=f"binllm_cpu_{key}", sources=[str(s) for s in SOURCES],
+                      is_python_module=True,
                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                       extra_ldflags=["-fopenmp"], verbose=False)
         avx = bool(torch.ops.binllm_cpu.has_avx512())
@@ -100,6 +112,17 @@ def extension() -> ExtensionStatus:
         return ExtensionStatus(False, f"building the CPU kernels failed ({type(e).__name__}: "
                                       f"{first}); {cache_advice(f'binllm_cpu_{key}')}")
     return ExtensionStatus(True, avx512=avx, module=module)
+
+
+def build_key() -> str:
+    """The extension's cache key: a hash of each source's name and bytes, the header's, and this
+    CPU's flags (-march=native), so that any changed file is a new build of its own."""
+    h = hashlib.sha1()
+    for path in (*SOURCES, HEADER):
+        data = path.read_bytes()
+        h.update(f"{path.name}:{len(data)}:".encode() + data)
+    h.update(_cpu_flags().encode())
+    return h.hexdigest()[:12]
 
 
 def cache_advice(name: str) -> str:
@@ -155,8 +178,9 @@ def bind_decoder(form: KernelForm, impl: str = "avx512"):
 
     Built once per form (a layer binds it at its first kernel-form forward, through
     `binllm.kernels.form_decoder`): the compiled module's `Decoder` holds the parts' tensors as
-    `form_gemv`'s arguments (`stages`: rows, parts, sparse, groupsize per stage), checked once,
-    so a call goes from Python straight to the kernels. `decoder(x, bias)` returns y (..., rows)
+    `form_gemv`'s arguments (`stages`: rows, parts, sparse, groupsize and the parts' in_order
+    flags per stage), checked once, so a call goes from Python straight to the kernels.
+    `decoder(x, bias)` returns y (..., rows)
     in x's dtype for x (..., cols) fp32, bf16 or fp16 on the CPU with at most GEMV_MAX rows and
     no gradient wanted, and None for any other input (the registry's path computes it): each
     stage is `form_gemv` (x read in its own dtype, every part's product added into one fp32
@@ -182,9 +206,10 @@ def uniform8_linear(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int, x: T
     packed tensors: q (rows · cols,) uint8, scale (rows, groups) fp16 or fp32, zero
     (rows · groups,) uint8, Ŵ = scale · (q − zero) in fp32 as `UniformCodes.dequantize`
     computes it, each product summed in fp32 and y rounded once to x's dtype (no kernel form,
-    no dequantized table). None where the compiled kernels do not compute it: another device,
-    gradients wanted, no extension (`fast_path_reason`)."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) \
+    no dequantized table). None where the compiled kernels do not compute it: x neither fp32,
+    bf16 nor fp16 (fp64), another device, gradients wanted, or no extension."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) \
             or not extension().ok:
         return None
     cols = x.shape[-1]
@@ -223,15 +248,17 @@ def bf16_chunk_rows(K: int) -> int:
     return max(ROW_CHUNK, BF16_CHUNK_BYTES // (2 * K))
 
 
-def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int]:
-    """rows, parts, sparse, groupsize: one KernelForm as `form_gemv` takes it."""
+def _gemv_args(form: KernelForm) -> tuple[int, list[Tensor], list[Tensor], int, list[int]]:
+    """rows, parts, sparse, groupsize, in_order: one KernelForm as `form_gemv` takes it (in_order:
+    each BitPart's flag, 1 where its columns are x's in order, so that x is read in place)."""
     no_scale = torch.empty(0)  # the op's "no column scales"
     parts = [t for part in form.parts
              for t in (part.perm, no_scale if part.scale is None else part.scale, part.planes,
                        part.terms, part.cptr, part.cidx, part.fac, part.coef, part.seg)]
     sp = form.sparse
     sparse = [] if sp is None else [sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub]
-    return form.rows, parts, sparse, 0 if sp is None else sp.groupsize
+    return (form.rows, parts, sparse, 0 if sp is None else sp.groupsize,
+            [int(part.in_order) for part in form.parts])
 
 
 def _compiled(form: KernelForm, x: Tensor, impl: str) -> Tensor:
@@ -247,7 +274,7 @@ def _compiled(form: KernelForm, x: Tensor, impl: str) -> Tensor:
     for part in form.parts:
         scale = no_scale if part.scale is None else part.scale
         ops.bitpart(x, part.perm, scale, part.planes, part.terms, part.cptr, part.cidx,
-                    part.fac, part.coef, part.seg, y, IMPLS[impl])
+                    part.fac, part.coef, part.seg, y, IMPLS[impl], part.in_order)
     if form.sparse is not None:
         sp = form.sparse
         ops.sparse(x, sp.rowptr, sp.col, sp.q, sp.scale, sp.zero, sp.sub, sp.groupsize, y,

@@ -108,7 +108,8 @@ class TiedHead(nn.Module):
 
     def in_place(self, x: Tensor) -> Tensor | None:
         """x Eᵀ from the table's packed bytes where its codes are 8-bit uniform (q8) and a
-        compiled kernel computes x, else None: fewer than DENSE_TOKENS tokens by the GEMV
+        compiled kernel computes x (CPU, fp32, bf16 or fp16, no gradient wanted), else None
+        (the caller's form or dense path): fewer than DENSE_TOKENS tokens by the GEMV
         (`binllm.kernels.uniform8_linear`), a bf16 prompt by rows rebuilt in bf16 and the bf16
         GEMM (`binllm.kernels.uniform8_linear_bf16`: F.linear(x, E.to(torch.bfloat16)))."""
         lay = self.table.layout

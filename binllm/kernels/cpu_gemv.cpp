@@ -1,0 +1,333 @@
+// The bit-plane GEMV of one BitPart (binllm/kernels/form.py's kernel form), the decode path:
+//
+// bitpart(x, perm, scale, planes, terms, cptr, cidx, fac, coef, seg, y, impl, in_order):
+//   xv[n, v, j] = x[n, perm[j]] * scale[v, j]   (0 where perm[j] < 0; scale empty: V = 1, ones)
+//   y[n, r] += sum_t sum_s C_t[s, r] * sum_{j in s} B_t[r, j] * xv[n, v_t, j]
+//   B_t = plane p_t AND plane p2_t (p2_t < 0: plane p_t; p_t < 0: all ones, the segment sum)
+//   C_t = sum_{k in [cptr[t], cptr[t+1])} fac[k] * coef[cidx[k]]
+//   x (N, cols) fp32, perm (P,) int64, scale (V, P) fp32 or (0,),
+//   planes (ceil(rows/16), NP, P/8, 16) uint8: [i, k, b, q] = byte b of row 16 i + q of plane k
+//   (bit l of byte b = column 8 b + l), terms (T, 3) int64 (p, p2, v), cptr (T + 1,) int64,
+//   cidx (nnz,) int64, fac (nnz,) fp32, coef (C, nseg, rows) fp16 or fp32,
+//   seg (nseg + 1,) int64 byte offsets, y (N, rows) fp32.
+//   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
+//   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
+//   in the 16 lanes: one byte load per row, two permutes of a 16-entry table; four partial
+//   sums for one or two inputs, two for 3 to 8), 1: portable (one sum). These group the fp32
+//   sums differently, so AVX-512 and portable results, and AVX-512 results of 1-2 and of 3-8
+//   inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
+//   0 .. P - 1) with P = cols and no scales: x is read in place, not gathered.
+// Every loop reads only the packed planes (nothing dequantized); row tiles are split over
+// torch's intra-op threads.
+#include "cpu_kernels.h"
+
+namespace binllm_cpu {
+namespace {
+
+// tab[n, v, g, i] = sum of xv[n, v, 4 g + l] over the bits l of i, added from 0 in the order
+// of l (AVX-512: entry i in lane i, x[l] added where bit l of i is set: the same sums)
+void build_tables(const float* xv, int64_t NV, int64_t P, float* tab) {
+  const int64_t G = P / 4;
+  at::parallel_for(0, NV * G, 4096, [&](int64_t a, int64_t b) {
+    for (int64_t q = a; q < b; ++q) {
+      const float* x = xv + (q / G) * P + (q % G) * 4;
+      float* t = tab + q * 16;
+#ifdef __AVX512F__
+      __m512 s = _mm512_setzero_ps();
+      const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+      for (int l = 0; l < 4; ++l) s = _mm512_mask_add_ps(s, bit[l], s, _mm512_set1_ps(x[l]));
+      _mm512_storeu_ps(t, s);
+#else
+      for (int i = 0; i < 16; ++i) {
+        float s = 0.f;
+        for (int l = 0; l < 4; ++l)
+          if (i >> l & 1) s += x[l];
+        t[i] = s;
+      }
+#endif
+    }
+  });
+}
+
+// portable: the same lookups, the 16 rows of a tile in an inner loop (vectorisable)
+void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = i * TILE, nr = std::min<int64_t>(TILE, p.rows - r);
+    for (int64_t n = 0; n < p.N; ++n) {
+      float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
+      for (int64_t s = 0; s < p.nseg; ++s) {
+        if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+        const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
+        for (int64_t t = 0; t < p.T; ++t) {
+          const int64_t* tm = p.terms + 3 * t;
+          if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+          p.coefs(t, s, r, nr, c);
+          if (tm[0] < 0) {
+            const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
+            for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
+            continue;
+          }
+          const uint8_t* pa = p.tile(i, tm[0]);
+          const uint8_t* pb = tm[1] >= 0 ? p.tile(i, tm[1]) : pa;
+          const float* tb = p.table(n, tm[2]);
+          for (int q = 0; q < TILE; ++q) acc[q] = 0.f;
+          for (int64_t b = b0; b < b1; ++b)
+            for (int q = 0; q < TILE; ++q) {
+              const unsigned byte = pa[b * TILE + q] & pb[b * TILE + q];
+              acc[q] += tb[32 * b + (byte & 15u)] + tb[32 * b + 16 + (byte >> 4)];
+            }
+          for (int q = 0; q < TILE; ++q) tot[q] += c[q] * acc[q];
+        }
+      }
+      for (int64_t q = 0; q < nr; ++q) y[n * p.rows + r + q] += tot[q];
+    }
+  }
+}
+
+#ifdef __AVX512F__
+inline __m512i bytes16(const uint8_t* b) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+}
+
+// sum over the segment's bytes [b0, b1) of the table lookups of B's 16 rows, N inputs
+template <int N, bool AND>
+inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t v, int64_t b0,
+                    int64_t b1, __m512* acc) {
+  const float* tb[N];
+  for (int n = 0; n < N; ++n) tb[n] = p.table(n, v);
+  __m512 acc2[N];
+  for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
+  int64_t b = b0;
+  if constexpr (N <= 2) {  // few inputs: two more sums, so that the adds' latency is hidden
+    __m512 acc3[N], acc4[N];
+    for (int n = 0; n < N; ++n) acc3[n] = acc4[n] = _mm512_setzero_ps();
+    for (; b + 2 <= b1; b += 2) {
+      __m512i lo = bytes16(q1 + b * TILE), lo2 = bytes16(q1 + (b + 1) * TILE);
+      if (AND) {
+        lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
+        lo2 = _mm512_and_si512(lo2, bytes16(q2 + (b + 1) * TILE));
+      }
+      const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
+      for (int n = 0; n < N; ++n) {
+        const float* t = tb[n] + 32 * b;
+        acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+        acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+        acc3[n] = _mm512_add_ps(acc3[n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
+        acc4[n] = _mm512_add_ps(acc4[n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      acc[n] = _mm512_add_ps(acc[n], acc3[n]);
+      acc2[n] = _mm512_add_ps(acc2[n], acc4[n]);
+    }
+  }
+  for (; b < b1; ++b) {
+    __m512i lo = bytes16(q1 + b * TILE);
+    if (AND) lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
+    const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
+    for (int n = 0; n < N; ++n) {
+      const float* t = tb[n] + 32 * b;
+      acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+      acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+    }
+  }
+  for (int n = 0; n < N; ++n) acc[n] = _mm512_add_ps(acc[n], acc2[n]);
+}
+
+// C_t[s, r .. r + 16) (lanes outside m: 0)
+inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m) {
+  __m512 c = _mm512_setzero_ps();
+  for (int64_t k = p.cptr[t]; k < p.cptr[t + 1]; ++k) {
+    const int64_t at = (p.cidx[k] * p.nseg + s) * p.rows + r;
+    const __m512 a = p.half ?
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p.coef) + at)) :
+        _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.coef) + at);
+    c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
+  }
+  return c;
+}
+
+template <int N>
+void tile_lut(const Part& p, float* y, int64_t i) {
+  const int64_t r = i * TILE;
+  const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(TILE, p.rows - r)) - 1u);
+  __m512 tot[N], acc[N];
+  for (int n = 0; n < N; ++n) tot[n] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int64_t* tm = p.terms + 3 * t;
+      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+      const __m512 c = coef16(p, t, s, r, m);
+      if (tm[0] < 0) {  // constant term: the segment sum
+        for (int n = 0; n < N; ++n)
+          tot[n] = _mm512_fmadd_ps(
+              c, _mm512_set1_ps(p.sums[(n * p.V + tm[2]) * p.nseg + s]), tot[n]);
+        continue;
+      }
+      if (tm[1] >= 0)
+        lookups<N, true>(p, p.tile(i, tm[0]), p.tile(i, tm[1]), tm[2], b0, b1, acc);
+      else
+        lookups<N, false>(p, p.tile(i, tm[0]), nullptr, tm[2], b0, b1, acc);
+      for (int n = 0; n < N; ++n) tot[n] = _mm512_fmadd_ps(c, acc[n], tot[n]);
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    float* o = y + n * p.rows + r;
+    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), tot[n]));
+  }
+}
+
+template <int N>
+void tiles_avx512(const Part& p, float* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) tile_lut<N>(p, y, i);
+}
+
+bool tiles_avx512_dispatch(const Part& p, float* y, int64_t i0, int64_t i1) {
+  switch (p.N) {
+    case 1: tiles_avx512<1>(p, y, i0, i1); return true;
+    case 2: tiles_avx512<2>(p, y, i0, i1); return true;
+    case 3: tiles_avx512<3>(p, y, i0, i1); return true;
+    case 4: tiles_avx512<4>(p, y, i0, i1); return true;
+    case 5: tiles_avx512<5>(p, y, i0, i1); return true;
+    case 6: tiles_avx512<6>(p, y, i0, i1); return true;
+    case 7: tiles_avx512<7>(p, y, i0, i1); return true;
+    case 8: tiles_avx512<8>(p, y, i0, i1); return true;
+    default: return false;
+  }
+}
+#endif
+
+// xv (N, V, P) of x (N, cols), gathered and scaled
+std::vector<float> inputs(const float* xp, int64_t N, int64_t cols, const at::Tensor& perm,
+                          const at::Tensor& scale, int64_t V) {
+  const int64_t P = perm.size(0);
+  std::vector<float> xv(N * V * P, 0.f);
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t v = 0; v < V; ++v) {
+      float* o = xv.data() + (n * V + v) * P;
+      for (int64_t j = 0; j < P; ++j) {
+        const int64_t c = pp[j];
+        check(c < cols, "perm outside x");
+        if (c >= 0) o[j] = sp ? xp[n * cols + c] * sp[v * P + j] : xp[n * cols + c];
+      }
+    }
+  return xv;
+}
+
+// the sum of x[0 .. n) in double (n a multiple of 8; impl 0: AVX-512, 16 partial sums)
+double segment_sum(const float* x, int64_t n, int64_t impl) {
+  double s = 0;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  if (impl == 0) {
+    __m512d a = _mm512_setzero_pd(), b = _mm512_setzero_pd();
+    for (; j + 16 <= n; j += 16) {
+      a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_loadu_ps(x + j)));
+      b = _mm512_add_pd(b, _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8)));
+    }
+    for (; j + 8 <= n; j += 8) a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_loadu_ps(x + j)));
+    s = _mm512_reduce_add_pd(_mm512_add_pd(a, b));
+  }
+#endif
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+}  // namespace
+
+void check_part(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                const at::Tensor& seg) {
+  check(planes.dim() == 4 && planes.size(3) == TILE && planes.scalar_type() == at::kByte &&
+            planes.is_contiguous(), "planes (ceil(rows/16), NP, P/8, 16) uint8");
+  check(terms.dim() == 2 && terms.size(1) == 3 && terms.scalar_type() == at::kLong &&
+            terms.is_contiguous(), "terms (T, 3) int64");
+  check(cptr.scalar_type() == at::kLong && cptr.is_contiguous() &&
+            cptr.numel() == terms.size(0) + 1 && cidx.scalar_type() == at::kLong &&
+            cidx.is_contiguous() && fac.scalar_type() == at::kFloat && fac.is_contiguous() &&
+            fac.numel() == cidx.numel(), "cptr (T + 1,) int64, cidx (nnz,) int64, fac f32");
+  check(coef.dim() == 3 && (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kHalf) &&
+            coef.is_contiguous(), "coef (C, nseg, rows) f32 or f16");
+  check(seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.size(0) == coef.size(1) + 1,
+        "seg (nseg + 1,) int64");
+  const int64_t *tm = terms.data_ptr<int64_t>(), *cp = cptr.data_ptr<int64_t>(),
+                *ci = cidx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < terms.size(0); ++t)
+    check(tm[3 * t] < planes.size(1) && tm[3 * t + 1] < planes.size(1) &&
+              (tm[3 * t] >= 0 || tm[3 * t + 1] < 0) && cp[t] >= 0 && cp[t] <= cp[t + 1] &&
+              cp[t + 1] <= cidx.numel(), "terms outside the planes or entries");
+  for (int64_t k = 0; k < cidx.numel(); ++k)
+    check(ci[k] >= 0 && ci[k] < coef.size(0), "cidx outside coef");
+}
+
+// the checks of one BitPart's tensors (bitpart's arguments after x)
+void check_bitpart(const at::Tensor& perm, const at::Tensor& scale, const at::Tensor& planes,
+                   const at::Tensor& terms, const at::Tensor& cptr, const at::Tensor& cidx,
+                   const at::Tensor& fac, const at::Tensor& coef, const at::Tensor& seg) {
+  check(perm.dim() == 1 && perm.scalar_type() == at::kLong && perm.is_contiguous(),
+        "perm (P,) int64");
+  check_part(planes, terms, cptr, cidx, fac, coef, seg);
+  const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
+  check(!scale.numel() || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                           scale.dim() == 2 && scale.size(1) == P), "scale (V, P) f32");
+  check(P % 8 == 0 && planes.size(2) * 8 == P && planes.size(0) * TILE >= rows &&
+            seg.data_ptr<int64_t>()[nseg] == P / 8, "inconsistent part shapes");
+}
+
+// y (N, rows) += the BitPart's product with x (N, cols), both fp32 contiguous (parts checked);
+// in_order: perm is 0 .. P - 1 (BitPart.in_order, recorded when the part is built)
+void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& perm,
+                  const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
+                  const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,
+                  const at::Tensor& coef, const at::Tensor& seg, bool in_order, float* out,
+                  int64_t impl) {
+  const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
+  const int64_t V = scale.numel() ? scale.size(0) : 1;
+  const bool plain = in_order && V == 1 && !scale.numel() && P == cols;  // x itself
+  std::vector<float> gathered;
+  if (!plain) gathered = inputs(x, N, cols, perm, scale, V);
+  const float* xv = plain ? x : gathered.data();
+  std::vector<float> tab(N * V * (P / 4) * 16), sums(N * V * nseg);
+  build_tables(xv, N * V, P, tab.data());
+  const int64_t* sg = seg.data_ptr<int64_t>();
+  for (int64_t nv = 0; nv < N * V; ++nv)
+    for (int64_t s = 0; s < nseg; ++s)  // once per call: exact enough and cheap
+      sums[nv * nseg + s] = static_cast<float>(
+          segment_sum(xv + nv * P + sg[s] * 8, (sg[s + 1] - sg[s]) * 8, impl));
+  Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
+               cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
+               coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
+               planes.size(2), planes.size(1), terms.size(0), nseg};
+  const int64_t tiles = (rows + TILE - 1) / TILE;
+  // at least ~256k weight-terms per task: small layers stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * p.T * N));
+  // passes over byte columns whose tables (128 B per byte, input and version) fit in ~384 KiB
+  const int64_t chunk = std::max<int64_t>(16, 3072 / (N * V));
+  for (p.bl = 0; p.bl < p.PB; p.bl += chunk) {
+    p.bh = std::min(p.PB, p.bl + chunk);
+    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+#ifdef __AVX512F__
+      if (impl == 0 && tiles_avx512_dispatch(p, out, i0, i1)) return;
+#endif
+      tiles_generic(p, out, i0, i1);
+    });
+  }
+}
+
+void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
+             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+             const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+             const at::Tensor& seg, at::Tensor y, int64_t impl, bool in_order) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (N, cols) f32");
+  check_bitpart(perm, scale, planes, terms, cptr, cidx, fac, coef, seg);
+  check(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 &&
+            y.size(0) == x.size(0) && y.size(1) == coef.size(2), "y (N, rows) f32");
+  bitpart_rows(x.data_ptr<float>(), x.size(0), x.size(1), perm, scale, planes, terms, cptr, cidx,
+               fac, coef, seg, in_order, y.data_ptr<float>(), impl);
+}
+
+}  // namespace binllm_cpu

@@ -1,0 +1,116 @@
+// The shared declarations of binllm's CPU kernels (binllm/kernels/cpu.py builds the .cpp files
+// beside this one into one extension, torch.ops.binllm_cpu and a Python module):
+//   cpu_gemv.cpp      the bit-plane lookup-table GEMV of a BitPart (decode, small batches)
+//   cpu_sparse.cpp    PB-LLM's salient weights (a SparsePart's CSR product)
+//   cpu_prefill.cpp   the prefill rebuilds of a BitPart's rows (fp32, bf16) and x's columns
+//   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
+//   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
+// Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
+// the bf16 rounding, and the functions one file calls in another.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace binllm_cpu {
+
+constexpr int64_t TILE = 16;  // rows of a plane tile: [i, k, b, q] = byte b of row 16 i + q
+
+inline void check(bool ok, const char* what) { TORCH_CHECK(ok, "binllm_cpu: ", what); }
+
+struct Part {
+  const float* tab;   // (N, V, P/4, 16) subset sums
+  const float* sums;  // (N, V, nseg) segment sums
+  const uint8_t* planes; const int64_t* terms; const int64_t* cptr; const int64_t* cidx;
+  const float* fac; const void* coef; bool half;
+  const int64_t* seg;
+  int64_t N, V, P, rows, PB, NP, T, nseg;
+  int64_t bl = 0, bh = 0;  // this pass's byte columns [bl, bh): the tables of a pass stay in L2
+  const uint8_t* tile(int64_t i, int64_t k) const { return planes + ((i * NP + k) * PB) * TILE; }
+  const float* table(int64_t n, int64_t v) const { return tab + (n * V + v) * (P / 4) * 16; }
+  // C_t[s, r .. r + nr)
+  void coefs(int64_t t, int64_t s, int64_t r, int64_t nr, float* c) const {
+    for (int64_t q = 0; q < nr; ++q) c[q] = 0.f;
+    for (int64_t k = cptr[t]; k < cptr[t + 1]; ++k) {
+      const int64_t at = (cidx[k] * nseg + s) * rows + r;
+      for (int64_t q = 0; q < nr; ++q)
+        c[q] += fac[k] * (half ? static_cast<float>(static_cast<const c10::Half*>(coef)[at + q])
+                               : static_cast<const float*>(coef)[at + q]);
+    }
+  }
+};
+
+// fp32 -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float)'s rounding
+inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }
+
+#ifdef __AVX512F__
+// the same rounding for 16 floats at once (integer ops: no AVX512-BF16 flush of denormals)
+inline __m256i bf16_bits16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i bias = _mm512_add_epi32(
+      _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+// -- cpu_gemv.cpp ---------------------------------------------------------------------------
+void check_part(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                const at::Tensor& seg);
+void check_bitpart(const at::Tensor& perm, const at::Tensor& scale, const at::Tensor& planes,
+                   const at::Tensor& terms, const at::Tensor& cptr, const at::Tensor& cidx,
+                   const at::Tensor& fac, const at::Tensor& coef, const at::Tensor& seg);
+void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& perm,
+                  const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
+                  const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,
+                  const at::Tensor& coef, const at::Tensor& seg, bool in_order, float* out,
+                  int64_t impl);
+void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
+             const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+             const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+             const at::Tensor& seg, at::Tensor y, int64_t impl, bool in_order);
+
+// -- cpu_sparse.cpp -------------------------------------------------------------------------
+void check_sparse(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& q,
+                  const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& sub,
+                  int64_t groupsize);
+void sparse_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& rowptr,
+                 const at::Tensor& col, const at::Tensor& q, const at::Tensor& scale,
+                 const at::Tensor& zero, const at::Tensor& sub, int64_t groupsize, float* y,
+                 int64_t impl);
+void sparse(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+            const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+            const at::Tensor& sub, int64_t groupsize, at::Tensor y, int64_t impl);
+
+// -- cpu_prefill.cpp ------------------------------------------------------------------------
+void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                   const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                   const at::Tensor& seg, int64_t v, int64_t r0, at::Tensor out);
+void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
+                        const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
+                        const at::Tensor& seg, const at::Tensor& scale, int64_t r0,
+                        at::Tensor out, int64_t impl);
+void columns_bf16(const at::Tensor& x, const at::Tensor& perm, at::Tensor out);
+
+// -- cpu_uniform8.cpp -----------------------------------------------------------------------
+at::Tensor uniform8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                         const at::Tensor& zero, int64_t groupsize, int64_t impl);
+void uniform8_dense_bf16(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                         int64_t groupsize, int64_t r0, at::Tensor out, int64_t impl);
+
+}  // namespace binllm_cpu
