@@ -33,6 +33,9 @@ SPECS = [f"{m}{suffix}" for m in ("q1_0", "block-sign", "arb-llm-rc", "arb-llm-x
                                   "pbllm-10", "rtn-sign")
          for suffix in ("", ":refine=block", ":rotate=hadamard", ":rotate=hadamard:refine=block",
                         ":rotate=hadamard:refine=block:distill=logits")]
+# the best 1-bit configuration: distillation on the calibration and on text sampled from the FP
+# model (docs/methods.md, "--distill logits")
+SPECS += ["q1_0:rotate=hadamard:refine=block:distill=logits:distill_data=both"]
 # below one bit: binary-factor at each stored-bits budget, its initialisation and refined
 SPECS += [f"binary-factor:bits={b}{suffix}" for b in ("0.55", "0.8", "1.0", "1.25")
           for suffix in ("", ":refine=block")]
