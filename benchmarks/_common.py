@@ -74,14 +74,22 @@ def stories_inputs(nsamples: int, seqlen: int):
     return tok, calib, test, tok(PROMPT, return_tensors="pt").input_ids
 
 
-def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
-    """Best tokens/s of greedy generation of exactly `new_tokens` tokens."""
+def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3,
+                     loop: str = "transformers") -> float:
+    """Best tokens/s of greedy generation of exactly `new_tokens` tokens by transformers'
+    `generate` (loop "transformers") or binllm's lean decode loop ("lean")."""
+    from binllm.runtime import lean_generate
+
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0)
+            if loop == "lean":
+                out = lean_generate(model, ids, new_tokens)
+            else:
+                out = model.generate(ids, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=0)
         best = min(best, time.perf_counter() - t)
         assert out.shape[1] == ids.shape[1] + new_tokens
     return new_tokens / best

@@ -8,7 +8,9 @@ One run, one machine, one prompt, for each model:
   the first packed model, the whole-model forward with the kernels, window by window (the
   path a plain `model(ids)` takes), on `--kernel-windows` windows.
 - **decode**: tokens/s of greedy generation, 128 new tokens after a 32-token prompt (KV
-  cache), at 1 and 2 threads;
+  cache), at 1 and 2 threads, by binllm's lean decode loop (`binllm.runtime`, what
+  `binllm generate` runs for the LLaMA family) and by transformers' `generate`, for every
+  torch model (dense or packed), so each is compared with the best dense path;
 - **prompt**: tokens/s of one forward over a 512-token prompt, at 1 and 2 threads;
 - **size**: bytes of the model's files.
 
@@ -83,11 +85,19 @@ def speeds(model, tokens) -> dict:
     out = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        out[f"decode_tps_{threads}t"] = generation_speed(model, tokens[:, :PROMPT_TOKENS],
-                                                       NEW_TOKENS, repeats=2)
+        for loop, key in (("lean", "decode_tps"), ("transformers", "decode_tps_hf")):
+            out[f"{key}_{threads}t"] = generation_speed(model, tokens[:, :PROMPT_TOKENS],
+                                                        NEW_TOKENS, repeats=2, loop=loop)
         out[f"prompt_tps_{threads}t"] = prompt_tps(model, tokens[:, :PREFILL_TOKENS])
     torch.set_num_threads(2)
     return out
+
+
+def decode_cell(row: dict, threads: int) -> str:
+    """Decode tokens/s of the lean loop, transformers' in brackets where measured."""
+    cell = f"{row.get(f'decode_tps_{threads}t', float('nan')):.1f}"
+    hf = row.get(f"decode_tps_hf_{threads}t")
+    return cell if hf is None else f"{cell} ({hf:.1f})"
 
 
 def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
@@ -173,6 +183,8 @@ def main() -> int:
     md = ["# SmolLM2-135M whole-model runtime (one run, same machine)", "",
           f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} new "
           f"tokens after {PROMPT_TOKENS}; prompt: {PREFILL_TOKENS} tokens.", "",
+          "Decode: binllm's lean loop (llama.cpp: its own); in brackets transformers' "
+          "`generate` on the same model.", "",
           md_row("model", "MiB", "eval s", "eval × FP", "ppl", "decode tok/s 1t", "2t",
                  "prompt tok/s 1t", "2t"),
           md_row(*["---"] * 9)]
@@ -181,8 +193,9 @@ def main() -> int:
         md.append(md_row(r["model"], f"{r['file_bytes'] / 2**20:.1f}",
                          f"{ev:.1f}" if ev else "", f"{ev / fp_eval:.2f}" if ev else "",
                          f"{r['ppl']:.2f}" if "ppl" in r else "",
+                         *(decode_cell(r, t) for t in (1, 2)),
                          *(f"{r.get(k, float('nan')):.1f}" for k in
-                           ("decode_tps_1t", "decode_tps_2t", "prompt_tps_1t", "prompt_tps_2t"))))
+                           ("prompt_tps_1t", "prompt_tps_2t"))))
     for r in rows:
         per = r.get("eval_s_kernels_per_window")
         if per:

@@ -74,7 +74,7 @@ def test_cli_generates_with_the_dense_original_the_same_way(capsys, stories_path
     code, text, _ = run(capsys, "generate", stories_path, "Once upon a time", "--original",
                         "--max-new-tokens", "5", "--exact-length", "--threads", "1")
     assert code == 0 and text.startswith("Once upon a time")
-    assert re.search(r"\[5 new tokens in [\d.]+ s, [\d.]+ tokens/s\]", text)
+    assert re.search(r"\[5 new tokens in [\d.]+ s, [\d.]+ tokens/s, lean loop\]", text)
     assert torch.get_num_threads() == threads  # restored for in-process callers
 
 

@@ -82,6 +82,9 @@ def add_generate(sub) -> None:
                         "small as stories260K runs fastest on 1, more only add waits")
     p.add_argument("--exact-length", action="store_true",
                    help="generate exactly --max-new-tokens (no stop at end of text; timing)")
+    p.add_argument("--loop", default="auto", choices=["auto", "lean", "transformers"],
+                   help="what runs the tokens: binllm's lean decode loop (LLaMA, Mistral, "
+                        "Qwen2), transformers' generate, or auto (lean where it applies)")
     p.add_argument("--original", action="store_true",
                    help="MODEL is an ordinary (dense) Hugging Face model, e.g. the original a "
                         "binllm directory was made from: generate with it the same way")
@@ -125,10 +128,10 @@ def _generate(args) -> int:
     model.to(args.device)
     res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   device=args.device, exact_length=args.exact_length)
+                   device=args.device, exact_length=args.exact_length, loop=args.loop)
     if res.note:
         print(f"note: {res.note}", file=sys.stderr)
     print(res.text)
     print(f"\n[{res.new_tokens} new tokens in {res.seconds:.2f} s, "
-          f"{res.tokens_per_s:.1f} tokens/s]")
+          f"{res.tokens_per_s:.1f} tokens/s, {res.loop} loop]")
     return 0

@@ -7,5 +7,6 @@ lm-evaluation-harness tasks on an in-memory model; `compare` runs several method
 protocol, each as a `python -m binllm` child process, and writes the comparison table and plot;
 `compare_spec` parses its method specs and holds the protocol, `fingerprint` identifies its
 inputs (model files, data files) so that a rerun on other inputs is refused.
-Imports nothing else of binllm but `binllm.atomic` and `binllm.errors`.
+Imports nothing else of binllm but `binllm.runtime` (generate's lean decode loop),
+`binllm.atomic` and `binllm.errors`.
 """

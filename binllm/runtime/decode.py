@@ -1,0 +1,155 @@
+"""A lean decode loop for the LLaMA family: the model's own modules, a preallocated cache.
+
+At batch 1 a small model spends as long per token in transformers' generation machinery (cache
+objects, mask construction, logits processors, per-layer keyword plumbing) as in its weights:
+on SmolLM2-135M about 11 ms against 7 ms for its 210 packed linears. `LeanDecoder` computes
+the same function as the model's forward with none of that work: it calls the model's own
+embedding, linears (packed or dense), activation and lm_head, applies its RMSNorm weights and
+its rotary embedding's cos/sin (computed once for every position the run needs), and keeps the
+keys and values in one preallocated tensor per layer. Attention is
+`F.scaled_dot_product_attention` with grouped heads, causal over the prompt, unmasked for a
+single new token (it sees every cached position).
+
+Only families whose decoder layer is exactly that (pre-norm RMSNorm, rotary q/k, grouped-query
+attention, gated MLP; no q/k norms, sliding windows or logit soft-capping) are taken:
+`FAMILIES`; `unsupported(model)` says why another model is not, and `generate` then runs
+transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FAMILIES = ("llama", "mistral", "qwen2")
+_ROPE_BY_LENGTH = ("dynamic", "longrope")  # cos/sin that depend on the sequence length
+
+
+def unsupported(model: Any, max_len: int = 0) -> str | None:
+    """Why `LeanDecoder` cannot run `model` over `max_len` positions (None: it can)."""
+    cfg = getattr(model, "config", None)
+    family = getattr(cfg, "model_type", None)
+    if family not in FAMILIES:
+        return f"model type {family!r} is not one of {', '.join(FAMILIES)}"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model has no embed_tokens / layers / norm / rotary_emb"
+    window = getattr(cfg, "sliding_window", None)
+    windowed = family == "mistral" or getattr(cfg, "use_sliding_window", False)
+    if windowed and window and max_len > window:
+        return f"{max_len} positions exceed its sliding attention window ({window})"
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", rope.get("type")) in _ROPE_BY_LENGTH:
+        return f"its rotary embedding ({rope.get('rope_type', rope.get('type'))}) depends on " \
+               "the sequence length"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1 splits its linears"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
+                hasattr(attn, "q_norm") or \
+                not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "a decoder layer is not attention (q/k/v/o) + gated MLP"
+    return None
+
+
+def rms_norm(norm: Any, x: Tensor) -> Tensor:
+    """The model's RMSNorm (weight · x / rms(x), statistics in fp32, as its forward does)."""
+    y = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+    return norm.weight * y
+
+
+class LeanDecoder:
+    """Runs `model` token by token for one sequence of at most `max_len` positions."""
+
+    def __init__(self, model: Any, max_len: int):
+        reason = unsupported(model, max_len)
+        if reason:
+            raise ValueError(f"LeanDecoder cannot run this model: {reason}")
+        cfg, inner = model.config, model.model
+        self.model, self.inner, self.max_len = model, inner, max_len
+        attn = inner.layers[0].self_attn
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        weight = inner.norm.weight
+        dtype, device = weight.dtype, weight.device
+        cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device),
+                                    torch.arange(max_len, device=device)[None])
+        half = self.head_dim // 2
+        # rotate_half(q) · sin == roll(q, half) · sin with sin's first half negated
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
+        self.length = 0  # positions cached
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        """Logits (vocab,) after the tokens `ids` (1, n) appended to the sequence so far."""
+        p, n = self.length, ids.shape[1]
+        if p + n > self.max_len:
+            raise ValueError(f"{p + n} positions exceed this decoder's max_len={self.max_len}")
+        h = self.inner.embed_tokens(ids)  # (1, n, d)
+        rope = self.cos[p:p + n], self.sin[p:p + n]  # (n, head_dim)
+        for i, layer in enumerate(self.inner.layers):
+            h = h + self.attention(layer.self_attn, rms_norm(layer.input_layernorm, h), i, rope)
+            x = rms_norm(layer.post_attention_layernorm, h)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        self.length = p + n
+        return self.model.lm_head(rms_norm(self.inner.norm, h[:, -1:]))[0, -1]
+
+    def attention(self, attn: Any, x: Tensor, i: int, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """o_proj of grouped-query attention of x (1, n, d) over the cache and x itself."""
+        p, n, hd = self.length, x.shape[1], self.head_dim
+        q = self.rotate(attn.q_proj(x).view(1, n, self.heads, hd).transpose(1, 2), rope)
+        k = self.rotate(attn.k_proj(x).view(1, n, self.kv_heads, hd).transpose(1, 2), rope)
+        v = attn.v_proj(x).view(1, n, self.kv_heads, hd).transpose(1, 2)
+        self.keys[i][:, :, p:p + n] = k
+        self.values[i][:, :, p:p + n] = v
+        K, V = self.keys[i][:, :, :p + n], self.values[i][:, :, :p + n]  # (1, kv, p+n, hd)
+        mask = None
+        if n > 1:  # position p+j sees positions ≤ p+j
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.heads != self.kv_heads)
+        return attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * hd))
+
+    def rotate(self, t: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """The rotary embedding of t (1, heads, n, head_dim) at the current positions."""
+        cos, sin = rope
+        return t * cos + t.roll(self.head_dim // 2, -1) * sin
+
+
+def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                  top_p: float = 1.0, eos: set[int] | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """ids (1, n + new): the prompt ids (1, n) continued by up to max_new_tokens tokens, greedy
+    at temperature 0, else sampled (temperature, nucleus top_p); stops after a token in `eos`."""
+    decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens)
+    out = [ids[0]]
+    step = ids
+    for _ in range(max_new_tokens):
+        token = pick(decoder(step), temperature, top_p, generator)
+        out.append(token.view(1))
+        if eos and int(token) in eos:
+            break
+        step = token.view(1, 1)
+    return torch.cat(out)[None]
+
+
+def pick(logits: Tensor, temperature: float, top_p: float,
+         generator: torch.Generator | None) -> Tensor:
+    """The next token from logits (vocab,): argmax at temperature 0, else a draw from the
+    softmax at that temperature restricted to the smallest set of tokens whose probability
+    reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax()
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tail beyond top_p
+        probs = probs.scatter(-1, order[drop], 0.0)
+    return torch.multinomial(probs, 1, generator=generator)[0]

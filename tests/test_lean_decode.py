@@ -1,0 +1,120 @@
+"""The lean decode loop (`binllm.runtime`): the model's own function, token by token.
+
+Oracles: transformers' forward over the whole sequence (logits at every step) and its
+`generate` (greedy tokens), on tiny models of each family the loop takes, a packed model
+computing through the kernels, and the real stories260K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from test_checkpoint import quantize, tiny_biased_llama
+
+import binllm
+from binllm.evaluation.generate import LoopError, generate, pick_loop
+from binllm.packed.checkpoint import save_binarized
+from binllm.runtime import LeanDecoder, lean_generate, unsupported
+from binllm.runtime.decode import pick
+
+
+def hf_greedy(model, ids, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_logits_equal_the_models_forward_at_every_step(family):
+    model = tiny_causal_lm(family, vocab_size=128)
+    ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits[0]  # (11, vocab)
+        dec = LeanDecoder(model, 16)
+        steps = [dec(ids[:, :6]), dec(ids[:, 6:7]), dec(ids[:, 7:8]), dec(ids[:, 8:11])]
+    for got, at in zip(steps, (5, 6, 7, 10)):
+        torch.testing.assert_close(got, full[at], atol=1e-5, rtol=1e-5)
+    assert dec.length == 11
+
+
+def test_greedy_tokens_equal_transformers_generate_on_the_real_stories260K(stories_model):
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    assert torch.equal(lean_generate(stories_model, ids, 24), hf_greedy(stories_model, ids, 24))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    model = tiny_biased_llama()
+    path = save_binarized(model, quantize(model, "billm", 96), None,
+                          tmp_path_factory.mktemp("lean") / "model")
+    return binllm.load(path)
+
+
+def test_a_packed_model_through_the_kernels_decodes_as_transformers_does(packed):
+    ids = torch.tensor([[3, 17, 40, 2]])
+    assert torch.equal(lean_generate(packed, ids, 12), hf_greedy(packed, ids, 12))
+
+
+def test_a_bf16_model_keeps_the_forward_to_bf16_round_off():
+    model = tiny_causal_lm("llama", vocab_size=128).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits[0].float()
+        dec = LeanDecoder(model, 9)
+        got = [dec(ids[:, :8]).float(), dec(ids[:, 8:]).float()]
+    scale = full.abs().max()
+    assert (got[0] - full[7]).abs().max() <= 0.02 * scale
+    assert (got[1] - full[8]).abs().max() <= 0.02 * scale
+
+
+def test_generation_stops_after_an_end_token_and_never_runs_past_max_len():
+    model = tiny_causal_lm("llama", vocab_size=128)
+    ids = torch.tensor([[5, 6, 7]])
+    free = lean_generate(model, ids, 6)
+    new = free[0, 3:].tolist()
+    stop = new[2]  # the third new token ends the run (or an earlier one equal to it)
+    out = lean_generate(model, ids, 6, eos={stop})
+    assert torch.equal(out, free[:, :3 + new.index(stop) + 1])
+    dec = LeanDecoder(model, 4)
+    dec(ids)
+    dec(ids[:, :1])
+    with pytest.raises(ValueError, match="exceed this decoder's max_len=4"):
+        dec(ids[:, :1])
+
+
+def test_families_the_loop_does_not_take_are_named_with_the_reason():
+    for family in ("qwen3", "gemma", "phi3", "opt", "gpt_neox"):
+        assert "is not one of llama, mistral, qwen2" in unsupported(tiny_causal_lm(family))
+    windowed = tiny_causal_lm("mistral", sliding_window=8)
+    assert unsupported(windowed, 8) is None
+    assert "exceed its sliding attention window (8)" in unsupported(windowed, 9)
+    with pytest.raises(ValueError, match="sliding attention window"):
+        LeanDecoder(windowed, 9)
+
+
+def test_generate_picks_the_loop_and_refuses_lean_where_it_cannot_run(stories_tokenizer):
+    llama, gemma = tiny_causal_lm("llama", vocab_size=32000), tiny_causal_lm("gemma",
+                                                                           vocab_size=32000)
+    assert generate(llama, stories_tokenizer, "Once", max_new_tokens=3).loop == "lean"
+    res = generate(gemma, stories_tokenizer, "Once", max_new_tokens=3, exact_length=True)
+    assert res.loop == "transformers" and res.new_tokens == 3
+    forced = generate(llama, stories_tokenizer, "Once", max_new_tokens=3, loop="transformers")
+    assert forced.loop == "transformers"
+    with pytest.raises(LoopError, match="cannot run this model: model type 'gemma'.*"
+                                        "use loop='transformers'"):
+        pick_loop(gemma, "lean", 8)
+    with pytest.raises(LoopError, match="loop='fast': use one of auto, lean, transformers"):
+        pick_loop(llama, "fast", 8)
+
+
+def test_sampling_draws_only_inside_top_p_and_repeats_with_the_seed():
+    logits = torch.tensor([4.0, 3.0, 0.0, -1.0, 2.5])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(pick(logits, 1.0, 0.75, g)) for _ in range(200)}
+    p = torch.softmax(logits, -1)  # 0.61, 0.22, … : the top two reach 0.75
+    assert p[0] < 0.75 <= p[0] + p[1] and draws == {0, 1}
+    assert int(pick(logits, 0.0, 1.0, None)) == 0  # greedy
+    a = [int(pick(logits, 2.0, 1.0, torch.Generator().manual_seed(3))) for _ in range(5)]
+    assert len(set(a)) == 1  # the same seed, the same draw
+    full = {int(pick(logits, 5.0, 1.0, g)) for _ in range(400)}
+    assert full == {0, 1, 2, 3, 4}
