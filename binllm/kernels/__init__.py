@@ -9,7 +9,9 @@ chosen kernel's forward with the dispatch below decided once. Outside the regist
 `uniform8_linear` and `uniform8_linear_bf16` (8-bit UniformCodes read in place: a q8 table as
 the output layer) are called directly by `binllm.packed.embedding`'s TiedHead; they are CPU
 kernels only, with no CUDA or Triton counterpart (elsewhere they return None and the head takes
-the kernel form's path).
+the kernel form's path). `rms_norm` and `decode_attention` (`binllm.kernels.decode_ops`) are the
+lean decode loop's fused glue: RMSNorm, and rotary embedding, cache write and attention of one
+token, each one compiled CPU call (None where it does not apply: the caller's torch ops run).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from .backends import (FORM_KERNELS, LAYER_KERNELS, DecoderFn, KernelBackend, form_decoder,
                        form_kernel, layer_kernel)
+from .decode_ops import decode_attention, rms_norm
 from .form import KernelForm, form_matmul_torch, kernel_form
 
 
@@ -59,4 +62,4 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
            "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
            "DecoderFn", "form_decoder", "uniform8_linear",
-           "uniform8_linear_bf16"]
+           "uniform8_linear_bf16", "rms_norm", "decode_attention"]

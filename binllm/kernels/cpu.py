@@ -39,11 +39,11 @@ prefill path):
 
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
 weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_uniform8.cpp` the 8-bit codes read in
-place, `cpu_ops.cpp` form_gemv, the `Decoder` class and the ops' registration; their shared
-declarations in `cpu_kernels.h`) is one module, built on first use with
-torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
-by every source's bytes, the header's and this CPU's flags (a changed file builds anew), and
-reused afterwards.
+place, `cpu_decode.cpp` the lean decode loop's fused glue (`binllm.kernels.decode_ops`),
+`cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
+`cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension (-O3
+-march=native) into torch's extension cache under a name keyed by every source's bytes, the
+header's and this CPU's flags (a changed file builds anew), and reused afterwards.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); b
 ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path (at least, for bf16)
 BF16_CHUNK_BYTES = 2 << 20  # bf16 prefill: a chunk's rows fill up to this many buffer bytes
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp")
-                for name in ("gemv", "sparse", "prefill", "uniform8", "ops"))
+                for name in ("gemv", "sparse", "prefill", "uniform8", "decode", "ops"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 IMPLS = {"avx512": 0, "portable": 1}
 

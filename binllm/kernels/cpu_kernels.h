@@ -4,6 +4,7 @@
 //   cpu_sparse.cpp    PB-LLM's salient weights (a SparsePart's CSR product)
 //   cpu_prefill.cpp   the prefill rebuilds of a BitPart's rows (fp32, bf16) and x's columns
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
+//   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
 // Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
 // the bf16 rounding, and the functions one file calls in another.
@@ -112,5 +113,11 @@ at::Tensor uniform8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Ten
                          const at::Tensor& zero, int64_t groupsize, int64_t impl);
 void uniform8_dense_bf16(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                          int64_t groupsize, int64_t r0, at::Tensor out, int64_t impl);
+
+// -- cpu_decode.cpp -------------------------------------------------------------------------
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t impl);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                            at::Tensor v_cache, int64_t pos, double scale, int64_t impl);
 
 }  // namespace binllm_cpu

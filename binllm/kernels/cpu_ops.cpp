@@ -9,8 +9,11 @@
 //   and sparse's loops: cpu.py's _compiled), rounded once to dtype and, with a bias (rows,) of
 //   dtype, + bias rounded again: y (..., rows) of dtype equals form_matmul(x).to(dtype) + bias
 //   bit for bit.
-// Decoder (a Python class, the module's only binding): form_gemv of one form's stages, the
-//   form checked once when it is built, each call straight from Python (binllm/kernels/cpu.py).
+// Decoder (a Python class): form_gemv of one form's stages, the form checked once when it is
+//   built, each call straight from Python (binllm/kernels/cpu.py).
+// rms_norm, decode_attention (Python functions, cpu_decode.cpp): the lean decode loop's glue,
+//   bound with pybind11 rather than registered as ops, for the lower per-call overhead
+//   (binllm/kernels/decode_ops.py).
 // has_avx512() -> bool: whether the loops were compiled with AVX-512.
 #include "cpu_kernels.h"
 
@@ -243,4 +246,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Decoder>(m, "Decoder", py::dynamic_attr())
       .def(py::init<Decoder::Stages, int64_t, int64_t, int64_t>())
       .def("__call__", &Decoder::operator(), py::arg("x"), py::arg("bias") = py::none());
+  m.def("rms_norm", &binllm_cpu::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("impl") = 0);
+  m.def("decode_attention", &binllm_cpu::decode_attention, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("pos"), py::arg("scale"), py::arg("impl") = 0);
 }

@@ -1,0 +1,52 @@
+"""The fused glue of a lean single-token decode loop (`binllm.runtime.decode`): the small torch
+ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`).
+
+At batch 1 a small model's RMSNorm is ~8 torch ops and its rotary embedding, cache write and
+attention a dozen more, each a few microseconds of dispatch around little arithmetic; here each
+is one call of a pybind11 function of the compiled module (less per-call overhead than a
+torch.ops dispatch). Each returns None where the compiled kernels do not compute its input (no
+extension, another device, gradients wanted, a dtype other than fp32, bf16 or fp16, or mixed
+dtypes), and the caller then runs its torch ops; a bad shape raises the extension's error. The
+compiled functions decide the None themselves, so a loop that holds `extension().module` may
+call `module.rms_norm(x, weight, eps)` and `module.decode_attention(...)` directly (the same
+results, a Python call less).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .cpu import IMPLS, extension
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: str = "avx512") -> Tensor | None:
+    """transformers' LlamaRMSNorm.forward for x (..., d) and weight (d,) of x's dtype: per row
+    t = x · rsqrt(mean(x²) + eps) computed in fp32 and rounded to x's dtype, then weight · t
+    computed in fp32 and rounded once. mean's fp32 sum is grouped otherwise than torch's, so a
+    bf16 or fp16 t may round the other way (one ulp; y then within two); fp32 agrees to
+    round-off. None where the compiled kernel does not compute it (module docstring); rows run
+    on one thread at decode, on torch's threads for many rows."""
+    status = extension()
+    return status.module.rms_norm(x, weight, eps, IMPLS[impl]) if status.ok else None
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                     k_cache: Tensor, v_cache: Tensor, pos: int, scale: float,
+                     impl: str = "avx512") -> Tensor | None:
+    """One new token's attention with its rotary embedding and cache write, in one call.
+
+    q (1, 1, H·hd), k and v (1, 1, KV·hd) (the projections' outputs), cos and sin (hd,) at
+    position pos (transformers' convention: rotated t = t·cos + rotate_half(t)·sin, each
+    product and the sum rounded to the dtype as torch's ops round them), k_cache and v_cache
+    (1, KV, max_len, hd) contiguous, H a multiple of KV, 0 ≤ pos < max_len, every tensor of one
+    dtype. The rotated k and v are written into k_cache[0, :, pos] and v_cache[0, :, pos];
+    returns out (1, 1, H·hd) whose head h (kv head h // (H / KV)) is
+    softmax(scale · q_h K[0..pos]ᵀ) V[0..pos], computed in fp32 and rounded once (SDPA with
+    enable_gqa to fp32 round-off). None where the compiled kernel does not compute it (module
+    docstring); heads run on torch's threads only for a long cache.
+    """
+    status = extension()
+    if not status.ok:
+        return None
+    return status.module.decode_attention(q, k, v, cos, sin, k_cache, v_cache, pos, scale,
+                                          IMPLS[impl])
