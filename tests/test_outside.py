@@ -68,6 +68,8 @@ def test_lookup_unpacks_only_the_rows_it_needs(monkeypatch):
     monkeypatch.setattr(PackedEmbedding, "dequantize", lambda self: pytest.fail("unpacked all"))
     ids = torch.tensor([[49, 0, 17], [17, 17, 2]])
     assert torch.equal(emb(ids), full[ids])
+    one = torch.tensor([[17]])  # a decode step: its one row
+    assert emb(one).shape == (1, 1, 64) and torch.equal(emb(one), full[one])
     monkeypatch.undo()
     odd = PackedEmbedding.from_codes_like(rtn_uniform(E[:, :33], 4), torch.nn.Embedding(50, 33))
     assert torch.equal(odd(ids), odd.dequantize()[ids])

@@ -65,6 +65,8 @@ class PackedEmbedding(BinaryLinear):
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
+        if flat.numel() == 1:  # a decode step: its one row, no deduplication
+            return self.rows(flat).to(self.dtype).reshape(*ids.shape, self.in_features)
         distinct, inverse = torch.unique(flat, return_inverse=True)
         E = self.rows(distinct).to(self.dtype)  # (n, hidden)
         return E[inverse].reshape(*ids.shape, self.in_features)

@@ -8,7 +8,10 @@ embedding, linears (packed or dense), activation and lm_head, applies its RMSNor
 its rotary embedding's cos/sin (computed once for every position the run needs), and keeps the
 keys and values in one preallocated tensor per layer. Attention is
 `F.scaled_dot_product_attention` with grouped heads, causal over the prompt, unmasked for a
-single new token (it sees every cached position).
+single new token (it sees every cached position). On the CPU the glue between the linears is
+fused where the compiled kernels compute it (`binllm.kernels.rms_norm`, and for one new token
+`binllm.kernels.decode_attention`: rotary embedding, cache write and attention in one call),
+else it runs as the torch ops below.
 
 Only families whose decoder layer is exactly that (pre-norm RMSNorm, rotary q/k, grouped-query
 attention, gated MLP; no q/k norms, sliding windows or logit soft-capping) are taken:
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..kernels import decode_attention, rms_norm
 
 FAMILIES = ("llama", "mistral", "qwen2")
 _ROPE_BY_LENGTH = ("dynamic", "longrope")  # cos/sin that depend on the sequence length
@@ -56,10 +61,13 @@ def unsupported(model: Any, max_len: int = 0) -> str | None:
     return None
 
 
-def rms_norm(norm: Any, x: Tensor) -> Tensor:
+def norm(module: Any, x: Tensor) -> Tensor:
     """The model's RMSNorm (weight · x / rms(x), statistics in fp32, as its forward does)."""
-    y = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
-    return norm.weight * y
+    y = rms_norm(x, module.weight, module.variance_epsilon)  # fused, or None
+    if y is not None:
+        return y
+    y = F.rms_norm(x.float(), x.shape[-1:], eps=module.variance_epsilon).to(x.dtype)
+    return module.weight * y
 
 
 class LeanDecoder:
@@ -79,8 +87,9 @@ class LeanDecoder:
         cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device),
                                     torch.arange(max_len, device=device)[None])
         half = self.head_dim // 2
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
         # rotate_half(q) · sin == roll(q, half) · sin with sin's first half negated
-        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)
+        self.sin_rolled = torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)
         shape = (1, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
@@ -92,21 +101,27 @@ class LeanDecoder:
         if p + n > self.max_len:
             raise ValueError(f"{p + n} positions exceed this decoder's max_len={self.max_len}")
         h = self.inner.embed_tokens(ids)  # (1, n, d)
-        rope = self.cos[p:p + n], self.sin[p:p + n]  # (n, head_dim)
         for i, layer in enumerate(self.inner.layers):
-            h = h + self.attention(layer.self_attn, rms_norm(layer.input_layernorm, h), i, rope)
-            x = rms_norm(layer.post_attention_layernorm, h)
+            h = h + self.attention(layer.self_attn, norm(layer.input_layernorm, h), i)
+            x = norm(layer.post_attention_layernorm, h)
             mlp = layer.mlp
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         self.length = p + n
-        return self.model.lm_head(rms_norm(self.inner.norm, h[:, -1:]))[0, -1]
+        return self.model.lm_head(norm(self.inner.norm, h[:, -1:]))[0, -1]
 
-    def attention(self, attn: Any, x: Tensor, i: int, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def attention(self, attn: Any, x: Tensor, i: int) -> Tensor:
         """o_proj of grouped-query attention of x (1, n, d) over the cache and x itself."""
         p, n, hd = self.length, x.shape[1], self.head_dim
-        q = self.rotate(attn.q_proj(x).view(1, n, self.heads, hd).transpose(1, 2), rope)
-        k = self.rotate(attn.k_proj(x).view(1, n, self.kv_heads, hd).transpose(1, 2), rope)
-        v = attn.v_proj(x).view(1, n, self.kv_heads, hd).transpose(1, 2)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)  # (1, n, heads · hd)
+        if n == 1:
+            o = decode_attention(q, k, v, self.cos[p], self.sin[p], self.keys[i],
+                                 self.values[i], p, self.scale)  # fused, or None
+            if o is not None:
+                return attn.o_proj(o)
+        rope = self.cos[p:p + n], self.sin_rolled[p:p + n]  # (n, head_dim)
+        q = self.rotate(q.view(1, n, self.heads, hd).transpose(1, 2), rope)
+        k = self.rotate(k.view(1, n, self.kv_heads, hd).transpose(1, 2), rope)
+        v = v.view(1, n, self.kv_heads, hd).transpose(1, 2)
         self.keys[i][:, :, p:p + n] = k
         self.values[i][:, :, p:p + n] = v
         K, V = self.keys[i][:, :, :p + n], self.values[i][:, :, :p + n]  # (1, kv, p+n, hd)
@@ -118,7 +133,8 @@ class LeanDecoder:
         return attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * hd))
 
     def rotate(self, t: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """The rotary embedding of t (1, heads, n, head_dim) at the current positions."""
+        """The rotary embedding of t (1, heads, n, head_dim) at the positions of `rope`
+        (cos, sin with its first half negated)."""
         cos, sin = rope
         return t * cos + t.roll(self.head_dim // 2, -1) * sin
 
