@@ -53,6 +53,23 @@ def test_uniform8_in_place_equals_the_dequantized_product(impl):
 
 @needs_extension
 @pytest.mark.parametrize("impl", list(cpu.IMPLS))
+def test_uniform8_one_input_over_whole_groups_equals_the_dequantized_product(impl):
+    """One input over whole 16-, 32-, 64- and 128-column groups (the AVX-512 loop's unrolled
+    steps, its zero points folded out, four rows at a time and the rest one at a time), fp16
+    and fp32 scales, fp32 and bf16 x: y = x Ŵᵀ to fp32 round-off."""
+    for rows, cols, gs, sd in ((7, 48, 16, "float16"), (11, 576, 32, "float16"),
+                               (9, 96, 32, "float32"), (6, 192, 64, "float32"),
+                               (5, 384, 128, "float16")):
+        codes, t = uniform8(rows, cols, gs, sd)
+        Q = codes.dequantize()
+        for x in (inputs(1, cols), inputs(1, cols).bfloat16().float()):
+            y = cpu.uniform8_linear(t["q"], t["scale"], t["zero"], gs, x, impl)
+            assert y.shape == (1, rows)
+            check(y, x, Q)
+
+
+@needs_extension
+@pytest.mark.parametrize("impl", list(cpu.IMPLS))
 def test_uniform8_rebuild_is_the_dequantized_table_in_bf16(impl):
     """Rows rebuilt in bf16 are UniformCodes.dequantize().to(torch.bfloat16) bit for bit: odd
     widths, ragged groups, fp16/fp32 scales, row ranges, a column slice of a wider buffer; and

@@ -4,8 +4,9 @@
 // uniform8_gemv(x, q, scale, zero, groupsize, impl) -> y (N, rows) f32:
 //   y[n, r] = sum_j scale[r, g] (q[r, j] - zero[r, g]) x[n, j], g = j / groupsize;
 //   x (N, cols) f32, bf16 or f16, q (rows * cols,) uint8, scale (rows, groups) f16 or f32,
-//   zero (rows * groups,) uint8 (the packed tensors); per group the exact levels q - zero times
-//   x summed in fp32, times the scale (impl 0: AVX-512, one input four rows at a time).
+//   zero (rows * groups,) uint8 (the packed tensors); per group the levels times x summed in
+//   fp32, times the scale (impl 0: AVX-512; one input four rows at a time, its zero points
+//   folded out of the columns' loop, more inputs one row at a time).
 // uniform8_dense_bf16(q, scale, zero, groupsize, r0, out, impl): out (n, cols) bf16 = rows
 //   [r0, r0 + n) of scale (q - zero), rounded as UniformCodes.dequantize().to(torch.bfloat16)
 //   rounds them (the prompt path of a bf16 model's q8 output layer; row stride >= cols).
@@ -38,33 +39,45 @@ inline float scale_at(const void* sc, bool half, int64_t i) {
 }
 
 #ifdef __AVX512F__
-// scale[r, 0 .. ng) and zero[r, 0 .. ng) of R rows from r in fp32, into s and z (R * ng each)
-template <int R>
-void group_params(const void* sc, bool half, const uint8_t* ze, int64_t ng, int64_t r, float* s,
-                  float* z) {
-  for (int i = 0; i < R; ++i)
-    for (int64_t g = 0; g < ng; g += 16) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, ng - g)) - 1u);
-      const int64_t at = (r + i) * ng + g;
-      const __m512 sv = half ?
-          _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(sc) + at)) :
-          _mm512_maskz_loadu_ps(m, static_cast<const float*>(sc) + at);
-      _mm512_mask_storeu_ps(s + i * ng + g, m, sv);
-      _mm512_mask_storeu_ps(z + i * ng + g, m,
-                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, ze + at))));
-    }
-}
-
-// q - zero of 16 columns of a row, in fp32 (exact: integers in [-255, 255])
-inline __m512 levels16(const uint8_t* q, __mmask16 m, __m512 z) {
-  return _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q))), z);
-}
-
 inline __mmask16 mask16(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFFu) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
+// 16 bytes from p in fp32 (masked: the bytes of m, 0 elsewhere)
+inline __m512 bytes16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 bytes16(const uint8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// scale[r, 0 .. ng) in fp32, f16 or f32 scales (masked: the groups of m, 0 elsewhere)
+inline __m512 scales16(const void* sc, bool half, int64_t at, __mmask16 m) {
+  return half ?
+      _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(sc) + at)) :
+      _mm512_maskz_loadu_ps(m, static_cast<const float*>(sc) + at);
+}
+
+// scale[r, 0 .. ng) and zero[r, 0 .. ng) of row r in fp32, into s and z (ng each)
+void group_params(const void* sc, bool half, const uint8_t* ze, int64_t ng, int64_t r, float* s,
+                  float* z) {
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 m = mask16(ng - g);
+    _mm512_mask_storeu_ps(s + g, m, scales16(sc, half, r * ng + g, m));
+    _mm512_mask_storeu_ps(z + g, m, bytes16(ze + r * ng + g, m));
+  }
+}
+
+// q - zero of 16 columns of a row, in fp32 (exact: integers in [-255, 255])
+inline __m512 levels16(const uint8_t* q, __mmask16 m, __m512 z) {
+  return _mm512_sub_ps(bytes16(q, m), z);
+}
+
+constexpr int64_t AHEAD = 8;  // rows ahead whose bytes are prefetched while a row computes
+
 // y[n, r] for N inputs, 16 columns a step: per group the sum of (q - zero) x, times its scale
+// (the bytes of row r + AHEAD prefetched, a 64-byte line per 64 columns)
 template <int N>
 void uniform8_row(const float* x, int64_t cols, const uint8_t* q, const float* s, const float* z,
                   int64_t ng, int64_t gs, float* y, int64_t rows, int64_t r) {
@@ -76,6 +89,8 @@ void uniform8_row(const float* x, int64_t cols, const uint8_t* q, const float* s
     for (int n = 0; n < N; ++n) t[n] = _mm512_setzero_ps();
     const int64_t end = std::min(cols, (g + 1) * gs);
     for (int64_t j = g * gs; j < end; j += 16) {
+      if (j % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(q + (r + AHEAD) * cols + j), _MM_HINT_T0);
       const __mmask16 m = mask16(end - j);
       const __m512 d = levels16(q + r * cols + j, m, zv);
       for (int n = 0; n < N; ++n)
@@ -87,48 +102,124 @@ void uniform8_row(const float* x, int64_t cols, const uint8_t* q, const float* s
   for (int n = 0; n < N; ++n) y[n * rows + r] = _mm512_reduce_add_ps(acc[n]);
 }
 
-// y[0, r .. r + 4) for one input: four rows' sums side by side (their latencies overlap)
-void uniform8_rows4(const float* x, int64_t cols, const uint8_t* q, const float* s,
-                    const float* z, int64_t ng, int64_t gs, float* y, int64_t r) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  const uint8_t *q0 = q + r * cols, *q1 = q0 + cols, *q2 = q1 + cols, *q3 = q2 + cols;
-  for (int64_t g = 0; g < ng; ++g) {
-    const __m512 z0 = _mm512_set1_ps(z[g]), z1 = _mm512_set1_ps(z[ng + g]),
-                 z2 = _mm512_set1_ps(z[2 * ng + g]), z3 = _mm512_set1_ps(z[3 * ng + g]);
-    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    const int64_t end = std::min(cols, (g + 1) * gs);
-    for (int64_t j = g * gs; j < end; j += 16) {
-      const __mmask16 m = mask16(end - j);
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + j);
-      t0 = _mm512_fmadd_ps(levels16(q0 + j, m, z0), xv, t0);
-      t1 = _mm512_fmadd_ps(levels16(q1 + j, m, z1), xv, t1);
-      t2 = _mm512_fmadd_ps(levels16(q2 + j, m, z2), xv, t2);
-      t3 = _mm512_fmadd_ps(levels16(q3 + j, m, z3), xv, t3);
-    }
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[g]), t0, a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[ng + g]), t1, a1);
-    a2 = _mm512_fmadd_ps(_mm512_set1_ps(s[2 * ng + g]), t2, a2);
-    a3 = _mm512_fmadd_ps(_mm512_set1_ps(s[3 * ng + g]), t3, a3);
-  }
-  y[r] = _mm512_reduce_add_ps(a0);
-  y[r + 1] = _mm512_reduce_add_ps(a1);
-  y[r + 2] = _mm512_reduce_add_ps(a2);
-  y[r + 3] = _mm512_reduce_add_ps(a3);
+// the sums of 4 vectors a[0 .. 4), into y[0 .. 4)
+inline void store_sums4(const __m512* a, float* y) {
+  // 256-bit halves added (a0 a1 side by side, a2 a3), then one 128-bit block per vector, then
+  // the block's four lanes: lane 4 i holds a[i]'s sum
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44),
+                                  _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44),
+                                  _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88),
+                           _mm512_shuffle_f32x4(t0, t1, 0xDD));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+  _mm_storeu_ps(y, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, u)));
 }
 
+// y[0, r .. r + 4) for one input, four rows side by side (their latencies overlap), the zero
+// point folded out of the columns' loop:
+//   sum_g s_g sum_{j in g} (q_j - z_g) x_j = sum_g s_g sum_{j in g} q_j x_j - sum_g s_g z_g X_g
+// with X_g = sum_{j in g} x_j (xg, once per call): a 16-column step is a widen, a convert and
+// one FMA per row, and a row's zero points are one vector product (the start of its sum).
+// The bytes of the rows AHEAD below are prefetched, a 64-byte line per 64 columns.
+// C > 0: every group is C full 16-column steps (groupsize 16 C, cols a multiple of it), a
+// group's steps unrolled; C = 0: any groupsize, a masked step for a group's last columns.
+// sbuf: room for the rows' scales in fp32 (4 ng), where they are f16.
+template <int C>
+void uniform8_rows4_x1(const float* x, const float* xg, int64_t cols, const uint8_t* q,
+                       const void* sc, bool half, const uint8_t* ze, int64_t ng, int64_t gs,
+                       float* sbuf, float* y, int64_t r) {
+  constexpr int R = 4;
+  __m512 a[R];
+  const uint8_t* qr[R];
+  const float* s = half ? sbuf : static_cast<const float*>(sc) + r * ng;
+  for (int i = 0; i < R; ++i) a[i] = _mm512_setzero_ps(), qr[i] = q + (r + i) * cols;
+  for (int64_t g = 0; g < ng; g += 16) {  // (the rows innermost: a stays in registers)
+    const __mmask16 m = mask16(ng - g);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, xg + g);
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r + i) * ng + g;
+      const __m512 sv = scales16(sc, half, at, m);
+      if (half) _mm512_mask_storeu_ps(sbuf + i * ng + g, m, sv);
+      a[i] = _mm512_fnmadd_ps(_mm512_mul_ps(sv, bytes16(ze + at, m)), xv, a[i]);
+    }
+  }
+  const auto prefetch = [&](int64_t j) {
+    for (int i = 0; i < R; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(qr[i] + AHEAD * cols + j), _MM_HINT_T0);
+  };
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 t[R];
+    if constexpr (C > 0) {
+      constexpr int64_t every = C >= 4 ? 1 : 4 / C;  // groups per 64 columns
+      const int64_t j0 = g * 16 * C;
+      if (g % every == 0)
+        for (int c = 0; c < C; c += 4) prefetch(j0 + 16 * c);
+      const __m512 x0 = _mm512_loadu_ps(x + j0);
+      for (int i = 0; i < R; ++i) t[i] = _mm512_mul_ps(bytes16(qr[i] + j0), x0);
+      for (int c = 1; c < C; ++c) {
+        const __m512 xv = _mm512_loadu_ps(x + j0 + 16 * c);
+        for (int i = 0; i < R; ++i)
+          t[i] = _mm512_fmadd_ps(bytes16(qr[i] + j0 + 16 * c), xv, t[i]);
+      }
+    } else {
+      for (int i = 0; i < R; ++i) t[i] = _mm512_setzero_ps();
+      const int64_t end = std::min(cols, (g + 1) * gs);
+      int64_t j = g * gs;
+      for (; j + 16 <= end; j += 16) {
+        if (j % 64 == 0) prefetch(j);
+        const __m512 xv = _mm512_loadu_ps(x + j);
+        for (int i = 0; i < R; ++i) t[i] = _mm512_fmadd_ps(bytes16(qr[i] + j), xv, t[i]);
+      }
+      if (j < end) {
+        if (j % 64 == 0) prefetch(j);
+        const __mmask16 m = mask16(end - j);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + j);
+        for (int i = 0; i < R; ++i) t[i] = _mm512_fmadd_ps(bytes16(qr[i] + j, m), xv, t[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      a[i] = _mm512_fmadd_ps(_mm512_set1_ps(s[i * ng + g]), t[i], a[i]);
+  }
+  store_sums4(a, y + r);
+}
+
+// rows from r four at a time while four are left (r: then the first row left)
+template <int C>
+void uniform8_x1(const float* x, const float* xg, int64_t cols, const uint8_t* q, const void* sc,
+                 bool half, const uint8_t* ze, int64_t ng, int64_t gs, float* sbuf, float* y,
+                 int64_t& r, int64_t r1) {
+  for (; r + 4 <= r1; r += 4)
+    uniform8_rows4_x1<C>(x, xg, cols, q, sc, half, ze, ng, gs, sbuf, y, r);
+}
+
+// rows [r0, r1): one input four rows at a time (then the rest one at a time), more inputs one
+// row at a time
 template <int N>
 void uniform8_rows_avx512(const float* x, int64_t cols, const uint8_t* q, const void* sc,
                           bool half, const uint8_t* ze, int64_t ng, int64_t gs, float* y,
                           int64_t rows, int64_t r0, int64_t r1) {
-  std::vector<float> s(4 * ng), z(4 * ng);
+  std::vector<float> s(4 * ng), z(ng), xg(ng);
   int64_t r = r0;
-  if (N == 1)
-    for (; r + 4 <= r1; r += 4) {
-      group_params<4>(sc, half, ze, ng, r, s.data(), z.data());
-      uniform8_rows4(x, cols, q, s.data(), z.data(), ng, gs, y, r);
+  if (N == 1) {
+    for (int64_t g = 0; g < ng; ++g) {  // X_g, summed in fp64 and rounded once
+      double t = 0.;
+      for (int64_t j = g * gs; j < std::min(cols, (g + 1) * gs); ++j) t += x[j];
+      xg[g] = static_cast<float>(t);
     }
+    const float* X = xg.data();
+    float* sb = s.data();
+    switch (cols % gs == 0 && gs % 16 == 0 ? gs / 16 : 0) {
+      case 1: uniform8_x1<1>(x, X, cols, q, sc, half, ze, ng, gs, sb, y, r, r1); break;
+      case 2: uniform8_x1<2>(x, X, cols, q, sc, half, ze, ng, gs, sb, y, r, r1); break;
+      case 4: uniform8_x1<4>(x, X, cols, q, sc, half, ze, ng, gs, sb, y, r, r1); break;
+      case 8: uniform8_x1<8>(x, X, cols, q, sc, half, ze, ng, gs, sb, y, r, r1); break;
+      default: uniform8_x1<0>(x, X, cols, q, sc, half, ze, ng, gs, sb, y, r, r1);
+    }
+  }
   for (; r < r1; ++r) {
-    group_params<1>(sc, half, ze, ng, r, s.data(), z.data());
+    group_params(sc, half, ze, ng, r, s.data(), z.data());
     uniform8_row<N>(x, cols, q, s.data(), z.data(), ng, gs, y, rows, r);
   }
 }
@@ -137,7 +228,8 @@ void uniform8_rows_avx512(const float* x, int64_t cols, const uint8_t* q, const 
 // y[n, r] = sum_j w[r, j] x[n, j] for rows [r0, r1), w = scale * (q - zero) (UniformCodes'
 // weight), in fp32 as sum_g scale[r, g] * sum_{j in g} (q[r, j] - zero[r, g]) x[n, j]: q - zero
 // is exact, so y is the product to fp32 round-off (x (N, cols) f32, N <= SMALL_BATCH_U8)
-// (AVX-512: one input four rows at a time, more inputs one row at a time)
+// (AVX-512: one input four rows at a time as sum_g scale (sum q x - zero X_g), also fp32
+// round-off; more inputs one row at a time)
 void uniform8_rows(const float* x, int64_t N, int64_t cols, const uint8_t* q, const void* sc,
                    bool half, const uint8_t* ze, int64_t ng, int64_t gs, float* y, int64_t rows,
                    int64_t r0, int64_t r1, int64_t impl) {
