@@ -80,6 +80,7 @@ def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3
     `generate` (loop "transformers") or binllm's lean decode loop ("lean")."""
     from binllm.runtime import lean_generate
 
+    assert loop in ("lean", "transformers"), loop
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()

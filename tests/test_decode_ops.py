@@ -115,8 +115,9 @@ def test_bad_shapes_are_refused_with_a_clear_error():
     args = dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=kc, v_cache=vc, pos=2, scale=0.125)
     for change, message in (
             (dict(q=torch.randn(1, 1, 5 * 64)), "H a multiple of the caches' KV heads"),
-            (dict(pos=8), r"pos outside the caches' \[0, max_len\)"),
-            (dict(pos=-1), r"pos outside the caches' \[0, max_len\)"),
+            (dict(q=torch.randn(1, 2, 9 * 64)), "one token"),
+            (dict(pos=8), r"pos 8 outside the caches' \[0, max_len\) = \[0, 8\)"),
+            (dict(pos=-1), r"pos -1 outside the caches' \[0, max_len\)"),
             (dict(cos=cos[:32], sin=sin[:32]), r"cos and sin \(hd,\)"),
             (dict(k=k[..., :64]), r"k and v \(1, 1, KV \* hd\)"),
             (dict(k_cache=kc.transpose(2, 3)), "k_cache and v_cache"),

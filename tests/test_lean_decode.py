@@ -14,7 +14,8 @@ from test_checkpoint import quantize, tiny_biased_llama
 import binllm
 from binllm.evaluation.generate import LoopError, generate, pick_loop
 from binllm.packed.checkpoint import save_binarized
-from binllm.runtime import LeanDecoder, lean_generate, unsupported
+import binllm.kernels.cpu as cpu
+from binllm.runtime import DecodeError, LeanDecoder, lean_generate, unsupported
 from binllm.runtime.decode import pick
 
 
@@ -35,6 +36,23 @@ def test_logits_equal_the_models_forward_at_every_step(family):
     for got, at in zip(steps, (5, 6, 7, 10)):
         torch.testing.assert_close(got, full[at], atol=1e-5, rtol=1e-5)
     assert dec.length == 11
+    assert torch.equal(lean_generate(model, ids[:, :4], 10), hf_greedy(model, ids[:, :4], 10))
+
+
+def test_the_fused_glue_computes_what_the_torch_ops_compute(monkeypatch):
+    import binllm.runtime.decode as decode
+
+    model = tiny_causal_lm("llama", vocab_size=128, head_dim=32)  # head_dim ≠ hidden / heads
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    fused, calls = decode.decode_attention, []
+    monkeypatch.setattr(decode, "decode_attention",
+                        lambda *a: calls.append(1) or fused(*a))
+    got = lean_generate(model, ids, 8)
+    if cpu.extension().ok:
+        assert len(calls) == 7 * 2  # every new token after the first, every layer
+    monkeypatch.setattr(decode, "decode_attention", lambda *a: None)
+    monkeypatch.setattr(decode, "rms_norm", lambda *a: None)
+    assert torch.equal(got, lean_generate(model, ids, 8))
 
 
 def test_greedy_tokens_equal_transformers_generate_on_the_real_stories260K(stories_model):
@@ -81,8 +99,11 @@ def test_generation_stops_after_an_end_token_and_never_runs_past_max_len():
     dec = LeanDecoder(model, 4)
     dec(ids)
     dec(ids[:, :1])
-    with pytest.raises(ValueError, match="exceed this decoder's max_len=4"):
+    with pytest.raises(DecodeError, match="exceed this decoder's max_len=4; build it with "
+                                          "max_len=5 or more"):
         dec(ids[:, :1])
+    banned = lean_generate(model, ids, 6, banned={stop})
+    assert banned.shape[1] == 9 and stop not in banned[0, 3:].tolist()
 
 
 def test_families_the_loop_does_not_take_are_named_with_the_reason():
@@ -91,8 +112,17 @@ def test_families_the_loop_does_not_take_are_named_with_the_reason():
     windowed = tiny_causal_lm("mistral", sliding_window=8)
     assert unsupported(windowed, 8) is None
     assert "exceed its sliding attention window (8)" in unsupported(windowed, 9)
-    with pytest.raises(ValueError, match="sliding attention window"):
+    with pytest.raises(DecodeError, match="sliding attention window.*loop='transformers'"):
         LeanDecoder(windowed, 9)
+    qwen = tiny_causal_lm("qwen2", use_sliding_window=True, sliding_window=8,
+                          max_window_layers=2)  # every layer full attention
+    assert unsupported(qwen, 9) is None
+    dynamic = tiny_causal_lm("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                       "rope_theta": 10000.0})
+    assert "(dynamic) depends on the sequence length" in unsupported(dynamic)
+    partial = tiny_causal_lm("llama")  # a rotary embedding over half of each head
+    partial.model.rotary_emb.inv_freq = partial.model.rotary_emb.inv_freq[:4]
+    assert "partial rotary" in unsupported(partial)
 
 
 def test_generate_picks_the_loop_and_refuses_lean_where_it_cannot_run(stories_tokenizer):
@@ -108,6 +138,20 @@ def test_generate_picks_the_loop_and_refuses_lean_where_it_cannot_run(stories_to
         pick_loop(gemma, "lean", 8)
     with pytest.raises(LoopError, match="loop='fast': use one of auto, lean, transformers"):
         pick_loop(llama, "fast", 8)
+    with pytest.raises(LoopError, match=r"top_p=0: use a probability in \(0, 1\]"):
+        generate(llama, stories_tokenizer, "Once", max_new_tokens=3, top_p=0)
+
+
+def test_generation_settings_the_loop_does_not_apply_go_to_transformers():
+    model = tiny_causal_lm("llama", vocab_size=128)
+    model.generation_config.repetition_penalty = 1.5
+    assert pick_loop(model, "auto", 8) == "transformers"
+    with pytest.raises(LoopError, match="generation config sets repetition_penalty=1.5"):
+        pick_loop(model, "lean", 8)
+    model.generation_config.repetition_penalty = None
+    model.generation_config.min_p = 0.1  # a sampling setting: greedy decoding ignores it
+    assert pick_loop(model, "auto", 8, sampling=False) == "lean"
+    assert pick_loop(model, "auto", 8, sampling=True) == "transformers"
 
 
 def test_sampling_draws_only_inside_top_p_and_repeats_with_the_seed():
@@ -121,3 +165,6 @@ def test_sampling_draws_only_inside_top_p_and_repeats_with_the_seed():
     assert len(set(a)) == 1  # the same seed, the same draw
     full = {int(pick(logits, 5.0, 1.0, g)) for _ in range(400)}
     assert full == {0, 1, 2, 3, 4}
+    top2 = {int(pick(logits, 5.0, 1.0, g, top_k=2)) for _ in range(200)}
+    assert top2 == {0, 1}  # the two largest logits
+    assert {int(pick(logits, 1.0, 1e-9, g)) for _ in range(20)} == {0}  # the most likely kept

@@ -5,9 +5,12 @@ no_grad and returns the text with the wall time of the generation alone: model l
 kernel-form derivation (done by the loaders) and tokenizer loading are outside it, so a packed
 model and its dense original are timed on the same work. `loop` picks what runs the tokens:
 `lean` is `binllm.runtime.LeanDecoder` (the model's own modules, a preallocated cache, none of
-transformers' generation machinery: the same greedy tokens, about twice the speed on a small
-model), `transformers` is `model.generate`, `auto` (the default) is lean where the model's
-family is one it takes (`binllm.runtime.unsupported`), else transformers. A prompt and
+transformers' generation machinery: the model's logits to round-off, greedy or sampled with
+temperature, top-k and top-p as transformers does), `transformers` is `model.generate`, `auto`
+(the default) is lean where the model's family is one the loop takes
+(`binllm.runtime.unsupported`) and its generation config sets nothing else that changes the
+logits (a repetition penalty, banned words, …; `unapplied_settings`), else transformers.
+`exact_length` bans the end-of-sequence tokens, as transformers' `min_new_tokens` does. A prompt and
 `max_new_tokens` that do not fit the model's context together are refused (ContextError);
 an empty prompt starts from the beginning-of-sequence token, and `Generation.note` says so.
 """
@@ -23,6 +26,15 @@ from ..runtime import lean_generate, unsupported
 from .perplexity import ContextError, config_context
 
 LOOPS = ("auto", "lean", "transformers")
+# generation-config settings transformers' generate applies and the lean loop does not: always,
+# and only when sampling (each with the value that leaves the logits unchanged)
+APPLIED_ALWAYS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                  "suppress_tokens": None, "begin_suppress_tokens": None,
+                  "sequence_bias": None, "forced_bos_token_id": None,
+                  "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+                  "min_length": 0, "min_new_tokens": None}
+APPLIED_SAMPLING = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+TOP_K = 50  # transformers' top_k when sampling and the generation config sets none
 
 
 class EmptyPrompt(BinllmError, ValueError):
@@ -30,7 +42,7 @@ class EmptyPrompt(BinllmError, ValueError):
 
 
 class LoopError(BinllmError, ValueError):
-    """A decode loop that does not exist or cannot run the model."""
+    """A decode loop that does not exist or cannot run the model, or a bad sampling setting."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +70,20 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
     ids, note = prompt_ids(tokenizer, prompt)
     check_room(model, ids.shape[1], max_new_tokens)
     ids = ids.to(device)
-    loop = pick_loop(model, loop, ids.shape[1] + max_new_tokens)
+    if not 0 < top_p <= 1:
+        raise LoopError(f"top_p={top_p}: use a probability in (0, 1]")
+    loop = pick_loop(model, loop, ids.shape[1] + max_new_tokens, temperature > 0)
     torch.manual_seed(seed)
     if loop == "lean":
-        eos = None if exact_length else eos_ids(model, tokenizer)
+        eos = eos_ids(model)
+        top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
         gen = torch.Generator(device=ids.device).manual_seed(seed)
         with torch.no_grad():
             start = time.perf_counter()
             out = lean_generate(model, ids, max_new_tokens, temperature=temperature,
-                                top_p=top_p, eos=eos, generator=gen)
+                                top_p=top_p, top_k=TOP_K if top_k is None else top_k,
+                                eos=None if exact_length else eos,
+                                banned=eos if exact_length else None, generator=gen)
             seconds = time.perf_counter() - start
         return Generation(tokenizer.decode(out[0], skip_special_tokens=True), ids.shape[1],
                           out.shape[1] - ids.shape[1], seconds, note, loop)
@@ -85,23 +102,34 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
                       out.shape[1] - ids.shape[1], seconds, note, loop)
 
 
-def pick_loop(model: Any, loop: str, positions: int) -> str:
-    """"lean" or "transformers" for `loop` (auto: lean where the model's family allows)."""
+def pick_loop(model: Any, loop: str, positions: int, sampling: bool = False) -> str:
+    """"lean" or "transformers" for `loop` (auto: lean where the model's family and its
+    generation config allow)."""
     if loop not in LOOPS:
         raise LoopError(f"loop={loop!r}: use one of {', '.join(LOOPS)}")
-    reason = unsupported(model, positions) if loop != "transformers" else None
+    reason = None
+    if loop != "transformers":
+        reason = unsupported(model, positions) or unapplied_settings(model, sampling)
     if loop == "lean" and reason:
         raise LoopError(f"the lean decode loop cannot run this model: {reason}; use "
                         "loop='transformers' (or 'auto')")
     return "transformers" if loop == "transformers" or reason else "lean"
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def unapplied_settings(model: Any, sampling: bool) -> str | None:
+    """The model's generation-config settings that transformers' generate applies to the
+    logits and the lean loop does not (None: there are none)."""
+    config = getattr(model, "generation_config", None)
+    checked = {**APPLIED_ALWAYS, **(APPLIED_SAMPLING if sampling else {})}
+    found = [f"{k}={getattr(config, k)!r}" for k, neutral in checked.items()
+             if getattr(config, k, None) not in (None, neutral)]
+    return f"its generation config sets {', '.join(found)}" if found else None
+
+
+def eos_ids(model: Any) -> set[int]:
     """The token ids that end generation, as transformers' generate stops on them: the
-    model's generation config's end-of-sequence ids, else the tokenizer's."""
+    model's generation config's end-of-sequence ids."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(tokenizer, "eos_token_id", None)
     if ids is None:
         return set()
     return {int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}

@@ -334,9 +334,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         "decode_attention: cos and sin (hd,) with hd (the caches' last dimension) even");
   check(KV > 0 && k.numel() == KV * hd && v.numel() == KV * hd,
         "decode_attention: k and v (1, 1, KV * hd) for the caches' KV heads of hd values");
-  check(q.dim() >= 1 && q.numel() > 0 && q.numel() % (KV * hd) == 0,
-        "decode_attention: q (1, 1, H * hd) with H a multiple of the caches' KV heads");
-  check(pos >= 0 && pos < L, "decode_attention: pos outside the caches' [0, max_len)");
+  check(q.dim() >= 1 && q.numel() > 0 && q.numel() == q.size(-1) && q.numel() % (KV * hd) == 0,
+        "decode_attention: q (1, 1, H * hd), one token, with H a multiple of the caches' KV "
+        "heads");
+  TORCH_CHECK(pos >= 0 && pos < L, "binllm_cpu: decode_attention: pos ", pos,
+              " outside the caches' [0, max_len) = [0, ", L, ")");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
                    cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());

@@ -76,6 +76,14 @@ inline __m512 levels16(const uint8_t* q, __mmask16 m, __m512 z) {
 
 constexpr int64_t AHEAD = 8;  // rows ahead whose bytes are prefetched while a row computes
 
+// A prefetch of the byte `offset` past p. The address is formed as an integer: near the
+// table's end it may lie past the allocation, which a prefetch never faults on, and integer
+// arithmetic keeps that well defined where a pointer past the end would not be.
+inline void prefetch_at(const uint8_t* p, int64_t offset) {
+  const auto at = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(offset);
+  _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+}
+
 // y[n, r] for N inputs, 16 columns a step: per group the sum of (q - zero) x, times its scale
 // (the bytes of row r + AHEAD prefetched, a 64-byte line per 64 columns)
 template <int N>
@@ -90,7 +98,7 @@ void uniform8_row(const float* x, int64_t cols, const uint8_t* q, const float* s
     const int64_t end = std::min(cols, (g + 1) * gs);
     for (int64_t j = g * gs; j < end; j += 16) {
       if (j % 64 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(q + (r + AHEAD) * cols + j), _MM_HINT_T0);
+        prefetch_at(q + r * cols, AHEAD * cols + j);
       const __mmask16 m = mask16(end - j);
       const __m512 d = levels16(q + r * cols + j, m, zv);
       for (int n = 0; n < N; ++n)
@@ -147,7 +155,7 @@ void uniform8_rows4_x1(const float* x, const float* xg, int64_t cols, const uint
   }
   const auto prefetch = [&](int64_t j) {
     for (int i = 0; i < R; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(qr[i] + AHEAD * cols + j), _MM_HINT_T0);
+      prefetch_at(qr[i], AHEAD * cols + j);
   };
   for (int64_t g = 0; g < ng; ++g) {
     __m512 t[R];

@@ -6,6 +6,6 @@ preallocated key/value cache, no transformers generation machinery) and `lean_ge
 for the others. May import `binllm.kernels` (the fused decode glue) and `binllm.errors`.
 """
 
-from .decode import FAMILIES, LeanDecoder, lean_generate, unsupported
+from .decode import FAMILIES, DecodeError, LeanDecoder, lean_generate, unsupported
 
-__all__ = ["FAMILIES", "LeanDecoder", "lean_generate", "unsupported"]
+__all__ = ["FAMILIES", "DecodeError", "LeanDecoder", "lean_generate", "unsupported"]

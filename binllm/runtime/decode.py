@@ -27,9 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import BinllmError
 from ..kernels import decode_attention, rms_norm
 
 FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class DecodeError(BinllmError, ValueError):
+    """A model or a length the lean decode loop cannot run."""
+
 _ROPE_BY_LENGTH = ("dynamic", "longrope")  # cos/sin that depend on the sequence length
 
 
@@ -40,24 +46,31 @@ def unsupported(model: Any, max_len: int = 0) -> str | None:
     if family not in FAMILIES:
         return f"model type {family!r} is not one of {', '.join(FAMILIES)}"
     inner = getattr(model, "model", None)
-    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return "the model has no embed_tokens / layers / norm / rotary_emb"
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if not all(hasattr(inner, a) for a in parts) or not hasattr(model, "lm_head"):
+        return "the model has no embed_tokens / layers / norm / rotary_emb / lm_head"
     window = getattr(cfg, "sliding_window", None)
-    windowed = family == "mistral" or getattr(cfg, "use_sliding_window", False)
+    types = getattr(cfg, "layer_types", None)
+    windowed = "sliding_attention" in types if types else family == "mistral"
     if windowed and window and max_len > window:
         return f"{max_len} positions exceed its sliding attention window ({window})"
     rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", rope.get("type")) in _ROPE_BY_LENGTH:
-        return f"its rotary embedding ({rope.get('rope_type', rope.get('type'))}) depends on " \
-               "the sequence length"
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in _ROPE_BY_LENGTH:
+        return f"its rotary embedding ({kind}) depends on the sequence length"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1 splits its linears"
     for layer in inner.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
-                hasattr(attn, "q_norm") or \
-                not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        plain = all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                               "head_dim", "scaling"))
+        gated = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if not plain or not gated or hasattr(attn, "q_norm"):
             return "a decoder layer is not attention (q/k/v/o) + gated MLP"
+    inv_freq = getattr(inner.rotary_emb, "inv_freq", None)
+    head_dim = inner.layers[0].self_attn.head_dim if len(inner.layers) else 0
+    if inv_freq is None or 2 * inv_freq.numel() != head_dim:
+        return "its rotary embedding does not cover the whole head (partial rotary)"
     return None
 
 
@@ -76,7 +89,8 @@ class LeanDecoder:
     def __init__(self, model: Any, max_len: int):
         reason = unsupported(model, max_len)
         if reason:
-            raise ValueError(f"LeanDecoder cannot run this model: {reason}")
+            raise DecodeError(f"the lean decode loop cannot run this model: {reason}; run it "
+                              "with transformers' generate (generate(loop='transformers'))")
         cfg, inner = model.config, model.model
         self.model, self.inner, self.max_len = model, inner, max_len
         attn = inner.layers[0].self_attn
@@ -95,11 +109,14 @@ class LeanDecoder:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.length = 0  # positions cached
 
+    @torch.no_grad()
     def __call__(self, ids: Tensor) -> Tensor:
-        """Logits (vocab,) after the tokens `ids` (1, n) appended to the sequence so far."""
+        """Logits (vocab,) after the tokens `ids` (1, n) appended to the sequence so far
+        (no gradient: the compiled kernels and the fused glue compute only without one)."""
         p, n = self.length, ids.shape[1]
         if p + n > self.max_len:
-            raise ValueError(f"{p + n} positions exceed this decoder's max_len={self.max_len}")
+            raise DecodeError(f"{p + n} positions exceed this decoder's max_len="
+                              f"{self.max_len}; build it with max_len={p + n} or more")
         h = self.inner.embed_tokens(ids)  # (1, n, d)
         for i, layer in enumerate(self.inner.layers):
             h = h + self.attention(layer.self_attn, norm(layer.input_layernorm, h), i)
@@ -140,15 +157,21 @@ class LeanDecoder:
 
 
 def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                  top_p: float = 1.0, eos: set[int] | None = None,
+                  top_p: float = 1.0, top_k: int = 0, eos: set[int] | None = None,
+                  banned: set[int] | None = None,
                   generator: torch.Generator | None = None) -> Tensor:
     """ids (1, n + new): the prompt ids (1, n) continued by up to max_new_tokens tokens, greedy
-    at temperature 0, else sampled (temperature, nucleus top_p); stops after a token in `eos`."""
+    at temperature 0, else sampled (temperature, top_k, nucleus top_p); stops after a token in
+    `eos`; never picks a token in `banned` (transformers' min_new_tokens bans the end token)."""
     decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens)
+    ban = torch.tensor(sorted(banned or ()), dtype=torch.long, device=ids.device)
     out = [ids[0]]
     step = ids
     for _ in range(max_new_tokens):
-        token = pick(decoder(step), temperature, top_p, generator)
+        logits = decoder(step)
+        if ban.numel():
+            logits = logits.index_fill(0, ban, float("-inf"))
+        token = pick(logits, temperature, top_p, generator, top_k)
         out.append(token.view(1))
         if eos and int(token) in eos:
             break
@@ -157,15 +180,20 @@ def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: 
 
 
 def pick(logits: Tensor, temperature: float, top_p: float,
-         generator: torch.Generator | None) -> Tensor:
+         generator: torch.Generator | None, top_k: int = 0) -> Tensor:
     """The next token from logits (vocab,): argmax at temperature 0, else a draw from the
-    softmax at that temperature restricted to the smallest set of tokens whose probability
-    reaches top_p."""
+    softmax at that temperature restricted to the top_k most likely tokens (0: all) and then
+    to the smallest set of them whose probability reaches top_p (always the most likely one),
+    as transformers' top-k and top-p warpers do."""
     if temperature <= 0:
         return logits.argmax()
-    probs = torch.softmax(logits.float() / temperature, -1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tail beyond top_p
+        drop[0] = False
         probs = probs.scatter(-1, order[drop], 0.0)
     return torch.multinomial(probs, 1, generator=generator)[0]
