@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--kernel-windows", type=int, default=4)
     ap.add_argument("--gguf", type=Path, action="append", default=[],
                     help="GGUF files for llama.cpp rows (repeatable)")
+    ap.add_argument("--stem", default="real_runtime",
+                    help="results file name in benchmarks/results/ (STEM.json, STEM.md)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,7 +203,7 @@ def main() -> int:
         if per:
             md.append(f"\n{r['model']}: whole-model kernel forward {per:.2f} s per window "
                       f"({args.windows} windows ≈ {per * args.windows:.0f} s).")
-    write_results("real_runtime", {"rows": rows, "windows": args.windows,
+    write_results(args.stem, {"rows": rows, "windows": args.windows,
                                    "torch": torch.__version__}, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
