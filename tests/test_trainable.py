@@ -70,6 +70,18 @@ def test_signs_flip_through_the_straight_through_estimator():
     assert torch.equal(t.codes().signs, t.latent["signs"].detach() > 0)
 
 
+@pytest.mark.parametrize("name", ["rtn-sign", "binary-factor"])
+def test_latent_signs_step_by_sign_lr_times_the_codes_sign_step(name):
+    W, codes = stored_codes(name)
+    t = TrainableCodes(codes, W)
+    groups = t.param_groups(lr=0.05, sign_lr=0.3)
+    latent = [g for g in groups if any(p is x for p in g["params"] for x in t.latent.values())]
+    step = getattr(type(codes), "SIGN_STEP", 1.0)
+    assert step == (1e-2 if name == "binary-factor" else 1.0)
+    assert len(latent) == len(t.latent) > 0
+    assert all(g["lr"] == pytest.approx(0.3 * step) for g in latent)
+
+
 def test_sign_ste_passes_the_gradient_where_the_latent_weight_is_small():
     x = torch.tensor([-2.0, -0.5, 0.25, 3.0], requires_grad=True)
     y = sign_ste(x)

@@ -16,7 +16,8 @@ and latent weights start at S · |W| / mean_row|W| (W the full-precision weight)
 `sign_lr` step moves a latent weight by that fraction of its row's typical magnitude and the
 weights that flip first are the ones closest to zero. Codes whose sign planes are not shaped
 like W (the factors of binary-factor, (rows, r) and (cols, r)) say what plays |W|'s part:
-their `latent_magnitudes(W)` gives each plane's relative magnitudes.
+their `latent_magnitudes(W)` gives each plane's relative magnitudes, and their `SIGN_STEP`
+scales `sign_lr` for those planes (a codes class without it takes `sign_lr` as it is).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class TrainableCodes:
         """Adam parameter groups: one per field, its step relative to the field's size."""
         groups = [{"params": [x], "lr": lr * _typical(x)} for x in self.scales.values()]
         if sign_lr > 0:
-            groups += [{"params": [x], "lr": sign_lr} for x in self.latent.values()]
+            step = sign_lr * getattr(type(self.initial), "SIGN_STEP", 1.0)
+            groups += [{"params": [x], "lr": step} for x in self.latent.values()]
         return groups
 
     def weight(self) -> Tensor:
