@@ -36,9 +36,11 @@ SPECS = [f"{m}{suffix}" for m in ("q1_0", "block-sign", "arb-llm-rc", "arb-llm-x
 # the best 1-bit configuration: distillation on the calibration and on text sampled from the FP
 # model (docs/methods.md, "--distill logits")
 SPECS += ["q1_0:rotate=hadamard:refine=block:distill=logits:distill_data=both"]
-# below one bit: binary-factor at each stored-bits budget, its initialisation and refined
+# below one bit: binary-factor at each stored-bits budget, its initialisation, refined, and
+# refined after the column-feedback refit of its right factor; at 0.8 bits also distilled
 SPECS += [f"binary-factor:bits={b}{suffix}" for b in ("0.55", "0.8", "1.0", "1.25")
-          for suffix in ("", ":refine=block")]
+          for suffix in ("", ":refine=block", ":feedback=column:refine=block")]
+SPECS += ["binary-factor:bits=0.8:feedback=column:refine=block:distill=logits"]
 
 
 def model_dir(path: Path) -> Path:

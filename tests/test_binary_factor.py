@@ -18,7 +18,8 @@ from binllm.engine.reconstruct import reconstruct
 from binllm.kernels import cpu, form_matmul
 from binllm.kernels.form import ChainForm, form_dense, form_matmul_torch, kernel_form
 from binllm.methods import MethodArgumentError, get_method
-from binllm.methods.binary_factor import fit_scales, rank_for_bits, sign_sweep
+from binllm.methods.binary_factor import (FactorGrid, fit_column, fit_scales, rank_for_bits,
+                                          sign_sweep)
 from binllm.methods.factor_codes import FactorCodes, factor_bits
 from binllm.packed.layers import BinaryLinear
 from binllm.packed.layout import pack, unpack
@@ -87,11 +88,56 @@ def test_bits_outside_the_range_are_refused(bits):
         get_method("binary-factor", {"bits": bits})
 
 
-def test_column_feedback_is_refused_by_the_config():
-    with pytest.raises(ConfigError, match="binary-factor runs with feedback='none' only"):
-        QuantizeConfig("binary-factor", feedback="column")
+def test_block_feedback_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="binary-factor runs with feedback='none' or "
+                                          "feedback='column' only"):
+        QuantizeConfig("binary-factor", feedback="block")
     QuantizeConfig("binary-factor", feedback="none")
-    QuantizeConfig("q1_0", feedback="column")  # other methods keep every feedback
+    QuantizeConfig("binary-factor", feedback="column")
+    QuantizeConfig("q1_0", feedback="block")  # other methods keep every feedback
+
+
+def column_error(w, A, v, s) -> float:
+    return float(((w - s * (A @ v)) ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_column_fit_beats_the_least_squares_signs_and_its_scale_is_least_squares(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, r = 40, 12
+    A = torch.randn(rows, r, generator=g) * torch.rand(rows, 1, generator=g)
+    w = torch.randn(rows, generator=g)
+    grid = FactorGrid(None, A, torch.linalg.pinv(A), A.T @ A)
+    v, s = fit_column(w, grid, flips=100)
+    assert set(v.tolist()) <= {-1.0, 1.0}
+    Av = A @ v
+    assert s == pytest.approx(float(Av @ w) / float(Av @ Av), rel=1e-5)
+    v0 = torch.where(torch.linalg.pinv(A) @ w >= 0, 1.0, -1.0)
+    Av0 = A @ v0
+    s0 = float(Av0 @ w) / float(Av0 @ Av0)
+    assert column_error(w, A, v, s) <= column_error(w, A, v0, s0) + 1e-6
+    # no single flip of the result lowers the error at its own scale (a greedy optimum)
+    for k in range(r):
+        u = v.clone()
+        u[k] = -u[k]
+        assert column_error(w, A, u, s) >= column_error(w, A, v, s) - 1e-5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_column_feedback_lowers_the_proxy_loss_and_its_codes_are_its_weights(seed):
+    W, H = correlated(128, 256, seed=seed)  # on small layers it may not (48 × 96: ±2 %)
+    method = get_method("binary-factor", {"bits": 1.0})
+    plain = reconstruct(W, H, method)
+    fed = reconstruct(W, H, method, feedback="column")
+    assert torch.equal(fed.codes.dequantize(), fed.Q)
+    assert isinstance(fed.codes, FactorCodes) and fed.codes.rank == plain.codes.rank
+    assert torch.equal(fed.codes.u, plain.codes.u)  # the left factor is the initialisation's
+
+    def loss(Q):  # tr((W − Q) H (W − Q)ᵀ)
+        E = W - Q
+        return float(torch.trace(E @ H @ E.T))
+
+    assert loss(fed.Q) < 0.9 * loss(plain.Q)
 
 
 def test_the_initialisation_beats_random_signs_with_the_same_scale_fit():
@@ -295,13 +341,14 @@ def test_stories260k_saves_loads_and_inspects(capsys, stories_path, stories_toke
         assert lay["stored_bits"] == by_name[lay["name"]].stored_bits
 
 
-def test_the_command_line_refuses_bits_out_of_range_and_column_feedback(capsys, stories, data):
+def test_the_command_line_refuses_bits_out_of_range_and_block_feedback(capsys, stories, data):
     code, _, err = run_cli(capsys, "quantize", stories, "--method", "binary-factor",
                            "--method-arg", "bits=0.3", "--data-dir", data)
     one_line_error(code, err, "bits=0.3", "0.55 to 2.0")
     code, _, err = run_cli(capsys, "quantize", stories, "--method", "binary-factor",
-                           "--feedback", "column", "--data-dir", data)
-    one_line_error(code, err, "column", "binary-factor runs with --feedback none only")
+                           "--feedback", "block", "--data-dir", data)
+    one_line_error(code, err, "block", "binary-factor runs with --feedback none or --feedback "
+                   "column only")
 
 
 def test_compare_takes_binary_factor_specs():
@@ -310,3 +357,6 @@ def test_compare_takes_binary_factor_specs():
     runs = parse_method_specs("binary-factor:bits=0.8,binary-factor:bits=0.8:refine=block")
     assert [r.method for r in runs] == ["binary-factor"] * 2
     assert runs[0].args == (("bits", "0.8"),) and runs[1].engine == (("refine", "block"),)
+    (fed,) = parse_method_specs("binary-factor:bits=1.0:feedback=column:flips=32")
+    assert fed.args == (("bits", "1.0"), ("flips", "32"))
+    assert fed.engine_argv() == ["--feedback", "column"]

@@ -204,6 +204,9 @@ def _compare(capsys, stories, data, out, *extra, methods="rtn-sign"):
     ("q1_0:distill_lr=0.01", [], ["distill_lr needs distill=logits"]),
     ("q1_0:distill=logits:distill_topk=0", [], ["distill topk=0: use a positive count"]),
     ("q1_0:rotate=haddamard", [], ["rotate=haddamard: use none or hadamard"]),
+    ("q1_0:feedback=rows", [], ["--feedback rows: use column, block or none"]),
+    ("binary-factor:feedback=block", [], ["binary-factor runs with --feedback none or "
+                                          "--feedback column only"]),
     ("rtn-sign", ["--seqlen", "0"], ["--seqlen 0: use at least 2 tokens"]),
     ("rtn-sign", ["--seqlen", "1024"], ["--seqlen 1024 exceeds the model's context of 512"]),
     ("rtn-sign", ["--eval", "tinystories,wikitext3"], ["unknown dataset 'wikitext3'"]),

@@ -92,7 +92,8 @@ def check_run(run, args) -> None:
         rotate = engine.get("rotate", "none")
         config = QuantizeConfig(method=run.method, method_args=dict(run.args),
                                 block_size=args.block_size, percdamp=args.percdamp,
-                                rotate=None if rotate == "none" else rotate, **configs)
+                                rotate=None if rotate == "none" else rotate,
+                                feedback=engine.get("feedback"), **configs)
         get_method(config.method, config.method_args)
     except BinllmError as e:
         raise CLIError(f"method spec {run.label!r}: {e}") from None

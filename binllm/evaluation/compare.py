@@ -16,9 +16,9 @@ evaluated once the same way (`binllm eval`). `DIR/results.md` is the table and
 matplotlib when it is installed (`pip install "binllm[plot]"`).
 
 A method spec is `name[:key=value[:key=value…]]`; its label is the spec itself. The keys
-`refine`, `distill`, `rotate`, `embeddings`, `lm_head` and `<stage>_<setting>` (`refine_epochs=4`,
-`distill_lr=2e-3`) go to the engine (`--refine`, `--distill`, `--rotate`, `--embeddings`,
-`--lm-head`, `--refine-arg`, `--distill-arg`) rather than
+`refine`, `distill`, `rotate`, `embeddings`, `lm_head`, `feedback` and `<stage>_<setting>`
+(`refine_epochs=4`, `distill_lr=2e-3`) go to the engine (`--refine`, `--distill`, `--rotate`,
+`--embeddings`, `--lm-head`, `--feedback`, `--refine-arg`, `--distill-arg`) rather than
 to the method, so one table holds a method with and
 without them: `q1_0,q1_0:refine=block,q1_0:rotate=hadamard:refine=block`. Imports only
 `binllm.atomic` of binllm (the methods run in child processes).
