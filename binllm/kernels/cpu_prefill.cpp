@@ -10,8 +10,10 @@
 //   buffer (row stride >= P), so that several parts fill one GEMM operand side by side.
 //   Per row and segment a version's constant terms are summed once; impl 0: AVX-512 (one
 //   plane term, one version, no scales: a blend of the row's two bf16 values by the bits,
-//   32 columns a step; otherwise 32 then 16 columns per step, one masked add per plane
-//   term), 1: portable (8 columns of a byte). Both write the same bits.
+//   32 columns a step, and 16 rows of a plane tile at once where the CPU has AVX512-VBMI: one
+//   64-byte load and one byte permutation give the 16 rows' masks of 32 columns; otherwise
+//   32 then 16 columns per step, one masked add per plane term), 1: portable (8 columns of a
+//   byte). All write the same bits.
 // columns_bf16(x, perm, out): out[n, j] = x[n, perm[j]] (0 where perm[j] < 0), x (N, cols) bf16,
 //   out (N, P) bf16 (row stride >= P): a part's x columns, the other operand of that GEMM.
 // The rebuilds read only the packed planes and the part's coefficients; rows are split over
@@ -76,6 +78,53 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+// The two-valued rebuild of TILE rows [r, r + TILE) at once (one plane term, or an AND of two;
+// one x version; no column scales), out rows w (row stride ld): per segment the tile's
+// coefficients in one call, and per 32 columns one 64-byte load of the tile's bytes (byte
+// column b of row q at 16 b + q), one byte permutation that gathers each row's 4 bytes into
+// its 32-bit mask, and per row a blend of its two bf16 values. The same values as the row
+// loop: base and base + c summed in the same order, rounded as bf16_bits rounds.
+static void dense_tile_two_valued(const Part& p, const std::vector<int64_t>& cst, int64_t t,
+                                  int64_t r, uint16_t* w, int64_t ld) {
+  alignas(64) uint32_t m[TILE];
+  float base[TILE], c[TILE], ct[TILE];
+  uint16_t lo[TILE], hi[TILE];
+  const int64_t* tt = p.terms + 3 * t;
+  const uint8_t* t0 = p.tile(r / TILE, tt[0]);
+  const uint8_t* t1 = tt[1] >= 0 ? p.tile(r / TILE, tt[1]) : nullptr;
+  // dst byte 4 q + k = src byte 16 k + q: row q's bytes of 4 byte columns, in column order
+  alignas(64) uint8_t order[64];
+  for (int q = 0; q < TILE; ++q)
+    for (int k = 0; k < 4; ++k) order[4 * q + k] = static_cast<uint8_t>(16 * k + q);
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    for (int q = 0; q < TILE; ++q) base[q] = 0.f;
+    for (const int64_t k : cst) {
+      p.coefs(k, s, r, TILE, ct);
+      for (int q = 0; q < TILE; ++q) base[q] += ct[q];
+    }
+    p.coefs(t, s, r, TILE, c);
+    for (int q = 0; q < TILE; ++q) {
+      lo[q] = bf16_bits(0.f + base[q]);
+      hi[q] = bf16_bits(0.f + (base[q] + c[q]));
+    }
+    for (int64_t bb = p.seg[s]; bb < p.seg[s + 1]; bb += 4) {
+      const int64_t nb = std::min<int64_t>(4, p.seg[s + 1] - bb);
+      const __mmask64 ld_mask = nb == 4 ? ~0ULL : (1ULL << (16 * nb)) - 1ULL;
+      __m512i bytes = _mm512_maskz_loadu_epi8(ld_mask, t0 + bb * TILE);
+      if (t1) bytes = _mm512_and_si512(bytes, _mm512_maskz_loadu_epi8(ld_mask, t1 + bb * TILE));
+      _mm512_store_si512(m, _mm512_permutexvar_epi8(idx, bytes));
+      const __mmask32 lim = nb == 4 ? 0xFFFFFFFFu : (1u << (8 * nb)) - 1u;
+      for (int q = 0; q < TILE; ++q)
+        _mm512_mask_storeu_epi16(w + q * ld + 8 * bb, lim, _mm512_mask_blend_epi16(
+            m[q], _mm512_set1_epi16(static_cast<int16_t>(lo[q])),
+            _mm512_set1_epi16(static_cast<int16_t>(hi[q]))));
+    }
+  }
+}
+#endif
+
 void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
                         const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
                         const at::Tensor& seg, const at::Tensor& scale, int64_t r0,
@@ -111,11 +160,20 @@ void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const
   // one plane term (or one AND of two), one x version, no column scales (q1_0, rtn-sign):
   // a row's weights in a segment are bf16(base) or bf16(base + c)
   const bool two_valued = V == 1 && !sc && live.size() == 1;
-  at::parallel_for(0, n, std::max<int64_t>(8, 65536 / std::max<int64_t>(1, P * T)),
-                   [&](int64_t a, int64_t b) {
+  // chunks of whole tiles where the rows allow, so that the tile path takes them
+  const int64_t grain = (std::max<int64_t>(8, 65536 / std::max<int64_t>(1, P * T)) + TILE - 1) /
+                        TILE * TILE;
+  at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) {
     std::vector<float> base(V), c(live.size());  // of the current row and segment
     for (int64_t i = a; i < b; ++i) {
       const int64_t r = r0 + i;
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+      if (impl == 0 && two_valued && r % TILE == 0 && i + TILE <= b) {
+        dense_tile_two_valued(p, cst, live[0], r, o + i * ld, ld);
+        i += TILE - 1;
+        continue;
+      }
+#endif
       uint16_t* w = o + i * ld;
       const uint8_t* tb = p.planes + (r / TILE) * NP * PB * TILE + r % TILE;
       // bits of plane k at byte columns bb, bb + 1 (two: both inside the segment)
