@@ -27,7 +27,8 @@ class RefineConfig:
 
     epochs    passes over the training windows
     lr        Adam step of scales and means, relative to each field's mean |value|
-    sign_lr   Adam step of latent weights, relative to their row's mean |W| (0: signs fixed)
+    sign_lr   Adam step of latent weights, relative to their row's mean |W| (0: signs fixed);
+              times the codes' SIGN_STEP where they declare one (binllm.methods.trainable)
     windows   calibration windows trained on (0: all of them)
     loss      "mse": mean squared error of the layer's output; "token": each token's squared
               error divided by the FP output's mean square at that token, so that the few
@@ -56,7 +57,8 @@ class DistillConfig:
 
     epochs    passes over the training windows (Adam, cosine schedule, one window a step)
     lr        Adam step of scales and means, relative to each field's mean |value|
-    sign_lr   Adam step of latent signs (0: signs fixed, the scales-only stage)
+    sign_lr   Adam step of latent signs (0: signs fixed, the scales-only stage); times the
+              codes' SIGN_STEP where they declare one
     topk      the teacher's most likely tokens per position that the KL is taken over
     windows   calibration windows trained on (0: all of them); sampled text holds as many
               tokens as these

@@ -41,14 +41,16 @@ column by column with GPTQ's error feedback (a named option beyond NanoQuant): t
 A = diag(s_out)·S_U stays as above, and each input column j, its weights w_j already carrying
 the errors of the columns before, gets the signs v_j ∈ {±1}^r and scale s_in_j of
 
-    min ‖w_j − s_in_j · A v_j‖²        v_j from sign(A⁺ w_j), then up to `flips` single sign
+    min ‖w_j − s_in_j · A v_j‖²        v_j from sign(A⁺ w_j), then rounds of single sign
                                        flips, each the one that lowers the error most (s_in_j
                                        held, the error's projection Aᵀr updated in O(r) a flip
-                                       through AᵀA), s_in_j the least-squares scale after,
+                                       through AᵀA), s_in_j refitted by least squares after
+                                       each round, until a round flips nothing or `flips`
+                                       flips are spent,
 
 and its error is pushed onto the columns after it (`binllm.engine.reconstruct`). On
 SmolLM2-135M's layer 10 at bits=1 this lowers the proxy loss tr(EHEᵀ)/tr(WHWᵀ) of q_proj,
-o_proj and down_proj from 0.048 / 0.290 / 0.243 to 0.042 / 0.252 / 0.205 (q1_0: 0.065 / 0.206
+o_proj and down_proj from 0.048 / 0.290 / 0.243 to 0.042 / 0.253 / 0.204 (q1_0: 0.065 / 0.206
 / 0.206), for about 1 s (576 columns) to 5 s (1,536) more per linear on one core.
 
 `--refine block` then trains s_out, s_in and latent weights behind sign(U), sign(V) through
@@ -83,7 +85,7 @@ class BinaryFactorArgs:
     scale_iters  alternations of the least-squares s_out, s_in
     scale_dtype  storage precision of s_out, s_in ("float16"; "float32": no rounding)
     flips        most single sign flips per column when --feedback column refits the right
-                 factor (module docstring)
+                 factor (`fit_column`)
     seed         seed of the random factor columns beyond min(rows, cols)
     """
 
@@ -200,38 +202,50 @@ def fit_scales(W: Tensor, P: Tensor, H: Tensor, s_in: Tensor, iters: int
 
 @dataclass(frozen=True)
 class FactorGrid:
-    """fit()'s grid: the initial codes, and for the column loop the left factor
-    A = diag(s_out)·S_U (rows, r) with A⁺ (r, rows) and AᵀA (r, r), which every column's refit
-    of the right factor reuses (None without feedback)."""
+    """fit()'s grid: the initial codes and their left signs S_U (rows, r) as ±1 floats; for
+    the column loop also A = diag(s_out)·S_U (rows, r), A⁺ (r, rows) and AᵀA (r, r), which
+    every column's refit of the right factor reuses (None without column feedback)."""
 
     codes: FactorCodes
+    SU: Tensor
     A: Tensor | None = None
     A_pinv: Tensor | None = None
     gram: Tensor | None = None
 
 
 def fit_column(w: Tensor, grid: FactorGrid, flips: int) -> tuple[Tensor, float]:
-    """(v (r,) ±1, s) minimising ‖w − s·A v‖² for one column w (rows,): v from sign(A⁺ w), then
-    greedy single flips with s held (each the largest decrease; p = Aᵀ(w − s A v) updated
-    through AᵀA), s the least-squares scale of the final signs."""
+    """(v (r,) ±1, s ≥ 0) for one column w (rows,), lowering ‖w − s·A v‖²: v from sign(A⁺ w)
+    with its least-squares s, then rounds of greedy single flips with s held (each the largest
+    decrease; p = Aᵀ(w − s A v) updated through AᵀA), s refitted by least squares after each
+    round, until a round flips nothing (then no single flip lowers the error at the returned
+    s) or `flips` flips are spent. Every flip and every refit lowers the error."""
     A, G = grid.A, grid.gram
     c = A.T @ w  # (r,)
     v = torch.where(grid.A_pinv @ w >= 0, 1.0, -1.0)  # (r,)
-    Gv = G @ v
-    s = float(v @ c) / max(float(v @ Gv), 1e-30)
-    if s < 0:
-        v, Gv, s = -v, -Gv, -s
-    p = c - s * Gv  # Aᵀ r, r = w − s A v
     dG = torch.diagonal(G)
-    for _ in range(flips):
-        gain = s * v * p + s * s * dG  # (r,) a quarter of Δ‖r‖² if sign k alone flips
-        k = int(torch.argmin(gain))
-        if float(gain[k]) >= 0:
-            break
-        p += (2 * s * float(v[k])) * G[:, k]
-        v[k] = -v[k]
-    s = float(v @ c) / max(float(v @ (G @ v)), 1e-30)
-    return v, s
+
+    def scale(v: Tensor) -> float:  # the least-squares s of signs v
+        return float(v @ c) / max(float(v @ (G @ v)), 1e-30)
+
+    s = scale(v)
+    if s < 0:
+        v, s = -v, -s
+    left = flips
+    while True:
+        p = c - s * (G @ v)  # Aᵀ r, r = w − s A v
+        flipped = 0
+        while left > 0:
+            gain = s * v * p + s * s * dG  # (r,) a quarter of Δ‖r‖² if sign k alone flips
+            k = int(torch.argmin(gain))
+            if float(gain[k]) >= 0:
+                break
+            p += (2 * s * float(v[k])) * G[:, k]
+            v[k] = -v[k]
+            left -= 1
+            flipped += 1
+        s = scale(v)
+        if not flipped or not left:
+            return v, s
 
 
 class BinaryFactor(Method):
@@ -261,7 +275,7 @@ class BinaryFactor(Method):
     def block_size(self, default: int, cols: int) -> int:
         return cols  # the whole matrix at once
 
-    def fit(self, W: Tensor, ctx: BlockContext) -> FactorCodes:
+    def fit(self, W: Tensor, ctx: BlockContext) -> FactorGrid:
         a = self.args
         rows, cols = W.shape
         r = rank_for_bits(rows, cols, a.bits, a.scale_dtype)
@@ -284,10 +298,11 @@ class BinaryFactor(Method):
             s_out, s_in = fit_scales(W, P, H, s_in, a.scale_iters)
         codes = FactorCodes(u=u, v=v, s_out=to_storage(s_out, self.loop_dtype),
                             s_in=to_storage(s_in, self.loop_dtype), scale_dtype=self.loop_dtype)
+        SU = u.to(torch.float32) * 2 - 1  # (rows, r)
         if ctx.feedback != "column":
-            return FactorGrid(codes)
-        A = codes.s_out[:, None] * (u.to(torch.float32) * 2 - 1)  # (rows, r)
-        return FactorGrid(codes, A, torch.linalg.pinv(A), A.T @ A)
+            return FactorGrid(codes, SU)
+        A = codes.s_out[:, None] * SU  # (rows, r)
+        return FactorGrid(codes, SU, A, torch.linalg.pinv(A), A.T @ A)
 
     def round(self, W: Tensor, grid: FactorGrid, cols: slice) -> Tensor:
         """levels (r + 1, c): the right factor's signs (±1) of these columns over their s_in;
@@ -299,11 +314,13 @@ class BinaryFactor(Method):
         for j in range(W.shape[1]):
             v, s = fit_column(W[:, j], grid, self.args.flips)
             out[:-1, j] = v
-            out[-1, j] = to_storage(torch.tensor(s), self.loop_dtype)
-        return out
+            out[-1, j] = s
+        return to_storage(out, self.loop_dtype)  # the signs are exact in any dtype
 
     def dequantize(self, grid: FactorGrid, levels: Tensor, cols: slice) -> Tensor:
-        return self.codes([grid], levels).dequantize()  # (rows, c): exactly the codes' Ŵ
+        """(rows, c): FactorCodes.dequantize's product for these columns, bit for bit."""
+        SV = levels[:-1].T  # (c, r) ±1
+        return grid.codes.s_out[:, None] * (grid.SU @ SV.T) * levels[-1][None, :]
 
     def codes(self, grids: list[FactorGrid], levels: Tensor) -> FactorCodes:
         (grid,) = grids  # one block: the whole matrix
