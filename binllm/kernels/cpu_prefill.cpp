@@ -18,6 +18,8 @@
 //   out (N, P) bf16 (row stride >= P): a part's x columns, the other operand of that GEMM.
 // The rebuilds read only the packed planes and the part's coefficients; rows are split over
 // torch's intra-op threads.
+#include <array>
+
 #include "cpu_kernels.h"
 
 namespace binllm_cpu {
@@ -85,6 +87,15 @@ void bitpart_dense(const at::Tensor& planes, const at::Tensor& terms, const at::
 // column b of row q at 16 b + q), one byte permutation that gathers each row's 4 bytes into
 // its 32-bit mask, and per row a blend of its two bf16 values. The same values as the row
 // loop: base and base + c summed in the same order, rounded as bf16_bits rounds.
+// dst byte 4 q + k = src byte 16 k + q: row q's bytes of 4 byte columns, in column order
+constexpr std::array<uint8_t, 64> tile_order() {
+  std::array<uint8_t, 64> order{};
+  for (int q = 0; q < TILE; ++q)
+    for (int k = 0; k < 4; ++k) order[4 * q + k] = static_cast<uint8_t>(16 * k + q);
+  return order;
+}
+alignas(64) constexpr std::array<uint8_t, 64> kTileOrder = tile_order();
+
 static void dense_tile_two_valued(const Part& p, const std::vector<int64_t>& cst, int64_t t,
                                   int64_t r, uint16_t* w, int64_t ld) {
   alignas(64) uint32_t m[TILE];
@@ -93,11 +104,7 @@ static void dense_tile_two_valued(const Part& p, const std::vector<int64_t>& cst
   const int64_t* tt = p.terms + 3 * t;
   const uint8_t* t0 = p.tile(r / TILE, tt[0]);
   const uint8_t* t1 = tt[1] >= 0 ? p.tile(r / TILE, tt[1]) : nullptr;
-  // dst byte 4 q + k = src byte 16 k + q: row q's bytes of 4 byte columns, in column order
-  alignas(64) uint8_t order[64];
-  for (int q = 0; q < TILE; ++q)
-    for (int k = 0; k < 4; ++k) order[4 * q + k] = static_cast<uint8_t>(16 * k + q);
-  const __m512i idx = _mm512_load_si512(order);
+  const __m512i idx = _mm512_load_si512(kTileOrder.data());
   for (int64_t s = 0; s < p.nseg; ++s) {
     for (int q = 0; q < TILE; ++q) base[q] = 0.f;
     for (const int64_t k : cst) {

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from .base import BlockContext, Method, MethodArgumentError
 from .codes import ScaleDtype, to_storage
-from .factor_codes import FactorCodes, factor_bits
+from .factor_codes import FactorCodes, factor_bits, factor_product
 
 BITS_RANGE = (0.55, 2.0)  # stored bits per weight binary-factor accepts
 
@@ -284,21 +284,19 @@ class BinaryFactor(Method):
         d = importance(ctx.H, cols, W.device)  # (cols,)
         Wt = W * d[None, :]  # (rows, cols) importance-scaled
         u, v, m_out, m_in = admm_signs(Wt, r, a.admm_iters, a.rho, a.rho_growth, gen)
-        if a.sign_sweeps:
-            SU, SV = u.float() * 2 - 1, v.float() * 2 - 1
-            for _ in range(a.sign_sweeps):
-                SU = sign_sweep(Wt, SU, SV, m_out, m_in)
-                SV = sign_sweep(Wt.T, SV, SU, m_in, m_out)
-            u, v = SU > 0, SV > 0
+        SU, SV = u.float() * 2 - 1, v.float() * 2 - 1  # (rows, r), (cols, r) ±1
+        for _ in range(a.sign_sweeps):
+            SU = sign_sweep(Wt, SU, SV, m_out, m_in)
+            SV = sign_sweep(Wt.T, SV, SU, m_in, m_out)
+        u, v = SU > 0, SV > 0
         s_out, s_in = m_out, m_in / d
         if ctx.H is not None and a.scale_iters:
             H = ctx.H.to(torch.float32).clone()
             H.diagonal().add_(0.01 * float(H.diagonal().mean().clamp_min(1e-12)))
-            P = (u.float() * 2 - 1) @ (v.float() * 2 - 1).T  # (rows, cols), integers
+            P = SU @ SV.T  # (rows, cols), integers
             s_out, s_in = fit_scales(W, P, H, s_in, a.scale_iters)
         codes = FactorCodes(u=u, v=v, s_out=to_storage(s_out, self.loop_dtype),
                             s_in=to_storage(s_in, self.loop_dtype), scale_dtype=self.loop_dtype)
-        SU = u.to(torch.float32) * 2 - 1  # (rows, r)
         if ctx.feedback != "column":
             return FactorGrid(codes, SU)
         A = codes.s_out[:, None] * SU  # (rows, r)
@@ -319,8 +317,7 @@ class BinaryFactor(Method):
 
     def dequantize(self, grid: FactorGrid, levels: Tensor, cols: slice) -> Tensor:
         """(rows, c): FactorCodes.dequantize's product for these columns, bit for bit."""
-        SV = levels[:-1].T  # (c, r) ±1
-        return grid.codes.s_out[:, None] * (grid.SU @ SV.T) * levels[-1][None, :]
+        return factor_product(grid.codes.s_out, grid.SU, levels[:-1].T, levels[-1])
 
     def codes(self, grids: list[FactorGrid], levels: Tensor) -> FactorCodes:
         (grid,) = grids  # one block: the whole matrix

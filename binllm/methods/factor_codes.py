@@ -35,6 +35,12 @@ def factor_bits(rows: int, cols: int, rank: int, scale_dtype: ScaleDtype = "floa
             + (rows + cols) * scale_bits(scale_dtype))
 
 
+def factor_product(s_out: Tensor, SU: Tensor, SV: Tensor, s_in: Tensor) -> Tensor:
+    """diag(s_out) · SU · SVᵀ · diag(s_in) (rows, cols) fp32 for ±1 SU (rows, r), SV (cols, r):
+    the ±1 product is exact (integers ≤ r), then both scales, in this order."""
+    return s_out[:, None] * (SU @ SV.T) * s_in[None, :]
+
+
 @dataclass(frozen=True)
 class FactorCodes:
     """Ŵ = diag(s_out) · (2u − 1) · (2v − 1)ᵀ · diag(s_in); see the module docstring."""
@@ -65,7 +71,7 @@ class FactorCodes:
         """Ŵ (rows, cols) fp32: the ±1 product is exact (integers ≤ r), then both scales."""
         SU = self.u.to(torch.float32) * 2 - 1  # (rows, r)
         SV = self.v.to(torch.float32) * 2 - 1  # (cols, r)
-        return self.s_out[:, None] * (SU @ SV.T) * self.s_in[None, :]
+        return factor_product(self.s_out, SU, SV, self.s_in)
 
     def latent_magnitudes(self, W: Tensor) -> dict[str, Tensor]:
         """Relative magnitudes (as `binllm.methods.trainable` seeds latent signs) of u (rows, r)
