@@ -106,6 +106,15 @@ def test_distill_windows_caps_the_calibration_and_samples_as_many_tokens(stories
     assert [w.shape for w in windows[2:]] == [(1, 64)] * 2
 
 
+def test_distill_windows_sample_as_many_windows_worth_as_sample_windows_asks(stories_model):
+    batches = calibration(n=2, vocab=stories_model.config.vocab_size)  # 2 x (1, 64)
+    windows = distill_windows(stories_model, batches,
+                              DistillConfig(data="both", sample_windows=3, sample_len=32))
+    assert len(windows) == 2 + 3 and torch.equal(windows[0], batches[0])
+    assert [w.shape for w in windows[2:]] == [(2, 32)] * 3
+    assert torch.equal(torch.cat(windows[2:]), teacher_samples(stories_model, 6, 32))
+
+
 def test_distillation_on_sampled_text_lowers_the_kl_on_held_out_windows(stories_model):
     vocab = stories_model.config.vocab_size
     batches, held = calibration(n=8, vocab=vocab), calibration(n=4, vocab=vocab, seed=1)
@@ -148,7 +157,8 @@ def test_a_diverging_distillation_is_discarded_for_the_codes_before_it():
 def test_distill_settings_are_checked_and_kept_in_the_config():
     for bad, match in (({"epochs": 0}, "epochs"), ({"lr": 1.5}, "lr"), ({"topk": 0}, "topk"),
                        ({"windows": -1}, "windows"), ({"autocast": "fp8"}, "autocast"),
-                       ({"data": "c4"}, "data"), ({"sample_len": 1}, "sample_len")):
+                       ({"data": "c4"}, "data"), ({"sample_len": 1}, "sample_len"),
+                       ({"sample_windows": -1}, "sample_windows")):
         with pytest.raises(ConfigError, match=match):
             DistillConfig(**bad)
     c = QuantizeConfig("q1_0", distill=DistillConfig(epochs=3, topk=16))

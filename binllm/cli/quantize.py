@@ -45,7 +45,7 @@ def add_quantize(sub) -> None:
                         "calibration windows (beyond the papers; loads the model whole)")
     p.add_argument("--distill-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="distillation setting, repeatable: epochs, lr, sign_lr, topk, windows, "
-                        "autocast, data (calib|sampled|both), sample_len")
+                        "autocast, data (calib|sampled|both), sample_len, sample_windows")
     p.add_argument("--rotate", choices=["none", "hadamard"], default="none",
                    help="hadamard: fold the norms and rotate the residual stream by a seeded "
                         "randomized Hadamard matrix before quantizing (loads the model whole)")

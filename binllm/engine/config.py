@@ -67,6 +67,8 @@ class DistillConfig:
               tokens sampled from the FP model itself (`teacher_samples`, in sequences of
               sample_len tokens); "both", the two together
     sample_len  tokens per sampled sequence (at most the calibration windows' length)
+    sample_windows  calibration windows' worth of sampled text (0: as many as `windows`
+              trains on); more sampled text is more text the training sees beyond one corpus
     """
 
     epochs: int = 2
@@ -77,6 +79,7 @@ class DistillConfig:
     autocast: str = "bfloat16"
     data: str = "calib"
     sample_len: int = 512
+    sample_windows: int = 0
 
     def __post_init__(self):
         _check_training(self, "distill", "5e-3")
@@ -87,6 +90,9 @@ class DistillConfig:
         if not isinstance(self.sample_len, int) or self.sample_len < 2:
             raise ConfigError(f"distill sample_len={self.sample_len}: use at least 2 tokens, "
                               "e.g. 512")
+        if not isinstance(self.sample_windows, int) or self.sample_windows < 0:
+            raise ConfigError(f"distill sample_windows={self.sample_windows}: use 0 (as many "
+                              "as the calibration windows) or a positive count, e.g. 64")
 
 
 def _check_training(c, stage: str, example_lr: str) -> None:

@@ -113,14 +113,17 @@ def distill_windows(model: nn.Module, calibration: list[Tensor], config: Distill
                     seed: int = 0, device: torch.device | str = "cpu") -> list[Tensor]:
     """The windows (batch, seqlen) distillation trains on, by config.data: the first
     config.windows calibration windows (0: all), text sampled from `model` with as many
-    tokens (sequences of sample_len tokens, capped at the calibration length, grouped so that
-    a window holds at most as many tokens as a calibration window), or both."""
+    tokens or config.sample_windows calibration windows' worth (sequences of sample_len
+    tokens, capped at the calibration length, grouped so that a window holds at most as many
+    tokens as a calibration window), or both."""
     calibration = list(calibration[:config.windows or None])
     if config.data == "calib":
         return calibration
     seqlen = max(w.shape[-1] for w in calibration)
     length = min(config.sample_len, seqlen)
-    n = sum(w.numel() for w in calibration) // length
+    tokens = config.sample_windows * max(w.numel() for w in calibration) \
+        if config.sample_windows else sum(w.numel() for w in calibration)
+    n = tokens // length
     t0 = time.perf_counter()
     sampled = list(teacher_samples(model, n, length, seed, device=device).split(seqlen // length))
     log.info("distill: sampled %d sequences of %d tokens from the FP model in %.1f s",
