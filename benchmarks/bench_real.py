@@ -37,10 +37,12 @@ SPECS = [f"{m}{suffix}" for m in ("q1_0", "block-sign", "arb-llm-rc", "arb-llm-x
 # model (docs/methods.md, "--distill logits")
 SPECS += ["q1_0:rotate=hadamard:refine=block:distill=logits:distill_data=both"]
 # below one bit: binary-factor at each stored-bits budget, its initialisation, refined, and
-# refined after the column-feedback refit of its right factor; at 0.8 bits also distilled
+# refined after the column-feedback refit of its right factor; at 0.8 and 1.25 bits also
+# distilled on the calibration and sampled text
 SPECS += [f"binary-factor:bits={b}{suffix}" for b in ("0.55", "0.8", "1.0", "1.25")
           for suffix in ("", ":refine=block", ":feedback=column:refine=block")]
-SPECS += ["binary-factor:bits=0.8:feedback=column:refine=block:distill=logits"]
+SPECS += [f"binary-factor:bits={b}:feedback=column:refine=block:distill=logits:distill_data=both"
+          for b in ("0.8", "1.25")]
 
 
 def model_dir(path: Path) -> Path:
