@@ -51,9 +51,17 @@ from bench_packed import layout_codes  # noqa: E402
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
           "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
           "down_proj": (4096, 11008)}
-STACK_METHODS = ["rtn-sign", "q1_0", "gptq", "billm", "arb-rc", "arb-llm-x", "arb-llm-rc",
-                 "pbllm-10"]
-L3_BYTES = 32 * 2**20
+STACK_METHODS = ["rtn-sign", "q1_0", "binary-factor", "gptq", "billm", "arb-rc", "arb-llm-x",
+                 "arb-llm-rc", "pbllm-10"]
+
+
+def l3_bytes() -> int:
+    """This CPU's last-level cache as Linux reports it (32 MiB where it does not say)."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}[size[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 32 * 2**20
 
 
 def bandwidth_gbs() -> float:
@@ -189,6 +197,7 @@ def rss_part(methods: list[str], args, work: Path) -> dict:
 def stack_part(methods: list[str], args, work: Path) -> dict:
     torch.manual_seed(0)
     xs = {c: torch.randn(1, c) for c in (4096, 11008)}
+    l3 = l3_bytes()
     configs = {}  # label -> (list of layers, each a list of (fn) callables)
     info = {}
     for dtype, label in ((torch.bfloat16, "dense bf16"), (torch.float32, "dense fp32")):
@@ -201,7 +210,7 @@ def stack_part(methods: list[str], args, work: Path) -> dict:
         t = time.perf_counter()
         mods = packed_layer(method, work)
         buffers, form, disk = layer_bytes(mods)
-        copies = max(1, -(-3 * L3_BYTES // form))
+        copies = max(1, -(-3 * l3 // form))
         stack = [mods] + [copy.deepcopy(mods) for _ in range(copies - 1)]
         configs[method] = [[(lambda m=m, x=xs[m.in_features]: m(x)) for m in layer.values()]
                            for layer in stack]
@@ -239,7 +248,7 @@ def stack_part(methods: list[str], args, work: Path) -> dict:
         rows.append(r)
         print(f"{label}: best {r['best_ms']:.2f} ms, median {r['median_ms']:.2f} ms per layer, "
               f"limit {r['limit_ms']:.2f} ms", flush=True)
-    return {"bandwidth_gbs": bw, "rows": rows, "repeats": args.repeats}
+    return {"bandwidth_gbs": bw, "rows": rows, "repeats": args.repeats, "l3_bytes": l3}
 
 
 # -- part 2: stories260K ---------------------------------------------------------------------
@@ -397,8 +406,8 @@ def write_markdown(res: dict, path: Path) -> None:
                        "the loader releases the packed buffers once the form is derived "
                        "(read back from the shard on demand, `binllm.packed.source`), so "
                        "the buffers part is 0 unless a layer still needs them. 'copies': "
-                       "packed layers cycled so that a pass reads more than 3× the 32 MiB L3 "
-                       "cache.")]
+                       "packed layers cycled so that a pass reads more than 3× the "
+                       f"{st.get('l3_bytes', 32 * 2**20) / 2**20:.0f} MiB L3 cache.")]
     rs = res.get("rss")
     if rs:
         lines += ["", "## Resident memory of a process loading the 7B-shaped layer", "",
