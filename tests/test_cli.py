@@ -71,6 +71,34 @@ def test_eval_reports_the_known_tinystories_perplexity(capsys, tmp_path, stories
     assert "3.678" in out
 
 
+def test_bf16_speed_note_names_the_missing_instructions_and_the_faster_dtype():
+    from binllm.cli.guards import bf16_speed_note
+
+    note = bf16_speed_note(torch.bfloat16, "cpu", flags="flags : fpu avx512f avx512_vnni")
+    assert "no bfloat16 instructions" in note and "--dtype float32" in note
+    for flags in ("flags : avx512f avx512_bf16", "flags : avx512f amx_bf16 amx_tile"):
+        assert bf16_speed_note(torch.bfloat16, "cpu", flags=flags) is None
+    assert bf16_speed_note(torch.float32, "cpu", flags="flags : fpu") is None
+    assert bf16_speed_note(torch.bfloat16, "cuda", flags="flags : fpu") is None
+
+
+def test_eval_of_a_bf16_model_prints_the_speed_note_where_the_cpu_lacks_bf16(
+        capsys, monkeypatch, stories, data):
+    """The note `eval` prints, here for a CPU whose flags name no bf16 instructions."""
+    from binllm.cli import evaluate, guards
+
+    monkeypatch.setattr(evaluate, "bf16_speed_note",
+                        lambda dtype, device: guards.bf16_speed_note(dtype, device, "flags : fpu"))
+    code, out, err = run_cli(capsys, "eval", stories, "--datasets", "tinystories", "--dtype",
+                             "bfloat16", "--max-windows", "1", "--seqlen", "128",
+                             "--data-dir", data)
+    assert code == 0, err
+    assert "note: the model computes in bfloat16" in out
+    code, out, err = run_cli(capsys, "eval", stories, "--datasets", "tinystories",
+                             "--max-windows", "1", "--seqlen", "128", "--data-dir", data)
+    assert code == 0 and "bfloat16" not in out  # stories260K is float32
+
+
 # -- bad input -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, stories_tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      print_ppl_table, resolve_seqlen, write_json_atomic)
+from .guards import bf16_speed_note
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 
 
@@ -23,6 +24,9 @@ def cmd_eval(args) -> int:
                        "--tasks are given; pass e.g. --datasets wikitext2 or --tasks arc_easy")
     task_manager = check_lm_eval(args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    slow = bf16_speed_note(getattr(model, "dtype", None), args.device)
+    if slow:
+        print(f"note: {slow}")
     seqlen = resolve_seqlen(model, args.seqlen)
     model.to(args.device)
     results = evaluate_datasets(model, tokenizer, csv_list(args.datasets), seqlen, args)

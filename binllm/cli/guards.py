@@ -4,7 +4,8 @@
 at the options the command has (by their argparse names), so a value that cannot work is
 refused in one line naming the flag and what to use instead, before a model is loaded.
 `check_model_size` and `check_calibration_memory` need a config or a loaded model and are
-called by `common.load_model` and the commands that calibrate.
+called by `common.load_model` and the commands that calibrate. `bf16_speed_note` is the note
+`quantize` and `eval` print when a bfloat16 model computes on a CPU without bf16 instructions.
 """
 
 from __future__ import annotations
@@ -237,3 +238,27 @@ def check_calibration_memory(model, nsamples: int, seqlen: int, device: str,
         raise CLIError(f"--nsamples {nsamples} --seqlen {seqlen}: calibration needs about "
                        f"{gib(need.total)} ({need.detail}), {gib(avail)} is available on "
                        f"{device}; use a smaller --nsamples or --seqlen")
+
+
+def bf16_speed_note(dtype, device: str, flags: str | None = None) -> str | None:
+    """A note for a bfloat16 model computing on a CPU without bf16 instructions (AVX512-BF16,
+    AMX-BF16): torch converts there, and a bf16 matmul runs several times slower than a float32
+    one, so calibration and evaluation take that much longer. `flags` is the CPU's flag list
+    (default: /proc/cpuinfo's); None where it cannot be read, or where the note does not apply."""
+    import torch
+
+    if dtype != torch.bfloat16 or not str(device).startswith("cpu"):
+        return None
+    if flags is None:
+        try:
+            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), None)
+        except OSError:
+            return None
+        if flags is None:
+            return None
+    if {"avx512_bf16", "amx_bf16"} & set(flags.split()):
+        return None
+    return ("the model computes in bfloat16, and this CPU has no bfloat16 instructions "
+            "(AVX512-BF16 or AMX): its matmuls run several times slower than in float32 here; "
+            "--dtype float32 runs faster and holds the weights in twice the memory")

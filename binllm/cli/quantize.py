@@ -9,7 +9,7 @@ from typing import Any
 from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
                      parse_method_args, print_ppl_table, resolve_seqlen, write_json_atomic)
 from .distributed import add_dist_args, finish, start
-from .guards import check_calibration_memory
+from .guards import bf16_speed_note, check_calibration_memory
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 from .stream import Streamed, add_stream_args, fp_streamed, open_streamed
 from .output import check_model, check_out, lock_out, save_or_keep
@@ -156,6 +156,9 @@ def _quantize(args, stack: contextlib.ExitStack, dist=None) -> int:
         if run.main:
             lock_out(args, stack)
     _open_model(run)
+    slow = run.main and bf16_speed_note(getattr(run.model, "dtype", None), args.device)
+    if slow:
+        print(f"note: {slow}")
     seqlen = resolve_seqlen(run.model, args.seqlen)
     check_calibration_memory(run.model, args.nsamples, seqlen, args.device,
                              run.method.uses_hessian(run.config.feedback))
