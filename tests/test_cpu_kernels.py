@@ -171,11 +171,14 @@ def check_bf16(y, x, W):
 
 
 @needs_extension
+@pytest.mark.parametrize("gemm", ["bf16", "fp32"])
 @pytest.mark.parametrize("impl", list(cpu.IMPLS))
 @pytest.mark.parametrize("name", BF16_METHODS)
-def test_bf16_prefill_is_f_linear_of_the_bf16_weight(name, impl, monkeypatch):
-    """Rows rebuilt in bf16 in chunks of 24 (chunks start inside a 16-row tile), odd shapes;
-    the fp32 prefill of the same input stays exact."""
+def test_bf16_prefill_is_f_linear_of_the_bf16_weight(name, impl, gemm, monkeypatch):
+    """Rows rebuilt in bf16 in chunks of 24 (chunks start inside a 16-row tile), odd shapes,
+    multiplied by the bf16 GEMM or (a CPU without bf16 instructions) the fp32 GEMM on the same
+    bf16 values; the fp32 prefill of the same input stays exact."""
+    monkeypatch.setattr(cpu, "fast_bf16_matmul", lambda flags=None: gemm == "bf16")
     monkeypatch.setattr(cpu, "ROW_CHUNK", 24)
     monkeypatch.setattr(cpu, "BF16_CHUNK_BYTES", 0)
     for rows, cols, block in SHAPES:
@@ -215,6 +218,13 @@ def rebuilt_bf16(part, r0, n, impl):
         cpu.IMPLS[impl])
     assert bool((buf[:, :8] == 7).all() and (buf[:, 8 + part.width:] == 7).all())
     return buf[:, 8:8 + part.width]
+
+
+def test_fast_bf16_matmul_reads_the_cpu_flags():
+    assert cpu.fast_bf16_matmul("flags : fpu avx512f avx512_bf16")
+    assert cpu.fast_bf16_matmul("flags : fpu amx_bf16 amx_tile")
+    assert not cpu.fast_bf16_matmul("flags : fpu avx512f avx512_vnni")
+    assert cpu.fast_bf16_matmul("aarch64")  # no flag line: the bf16 GEMM, as torch picks
 
 
 @pytest.mark.skipif(not cpu.extension().avx512,

@@ -69,11 +69,14 @@ def test_uniform8_one_input_over_whole_groups_equals_the_dequantized_product(imp
 
 
 @needs_extension
+@pytest.mark.parametrize("gemm", ["bf16", "fp32"])
 @pytest.mark.parametrize("impl", list(cpu.IMPLS))
-def test_uniform8_rebuild_is_the_dequantized_table_in_bf16(impl):
+def test_uniform8_rebuild_is_the_dequantized_table_in_bf16(impl, gemm, monkeypatch):
     """Rows rebuilt in bf16 are UniformCodes.dequantize().to(torch.bfloat16) bit for bit: odd
     widths, ragged groups, fp16/fp32 scales, row ranges, a column slice of a wider buffer; and
-    the bf16 prompt path is F.linear of that weight."""
+    the bf16 prompt path is F.linear of that weight, by the bf16 GEMM or (a CPU without bf16
+    instructions) the fp32 GEMM on the same values."""
+    monkeypatch.setattr(cpu, "fast_bf16_matmul", lambda flags=None: gemm == "bf16")
     for rows, cols, gs, sd in ((1, 8, 8, "float16"), (37, 75, 32, "float16"),
                                (19, 200, 7, "float32")):
         codes, t = uniform8(rows, cols, gs, sd)

@@ -243,21 +243,13 @@ def check_calibration_memory(model, nsamples: int, seqlen: int, device: str,
 def bf16_speed_note(dtype, device: str, flags: str | None = None) -> str | None:
     """A note for a bfloat16 model computing on a CPU without bf16 instructions (AVX512-BF16,
     AMX-BF16): torch converts there, and a bf16 matmul runs several times slower than a float32
-    one, so calibration and evaluation take that much longer. `flags` is the CPU's flag list
-    (default: /proc/cpuinfo's); None where it cannot be read, or where the note does not apply."""
+    one, so calibration and evaluation take that much longer. `flags` is the CPU's flag line
+    (default: /proc/cpuinfo's); None where the note does not apply or the flags are unknown."""
     import torch
 
-    if dtype != torch.bfloat16 or not str(device).startswith("cpu"):
-        return None
-    if flags is None:
-        try:
-            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), None)
-        except OSError:
-            return None
-        if flags is None:
-            return None
-    if {"avx512_bf16", "amx_bf16"} & set(flags.split()):
+    from ..kernels.cpu import fast_bf16_matmul
+
+    if dtype != torch.bfloat16 or not str(device).startswith("cpu") or fast_bf16_matmul(flags):
         return None
     return ("the model computes in bfloat16, and this CPU has no bfloat16 instructions "
             "(AVX512-BF16 or AMX): its matmuls run several times slower than in float32 here; "

@@ -30,7 +30,10 @@ prefill path):
   the sum in fp32 rounded once to bf16, round to nearest even as torch rounds; PB-LLM's
   salient levels written over their positions), x's columns gathered to match
   (`columns_bf16`, or x itself where the columns are in order), and one bf16 GEMM per chunk
-  writes y's columns. A ChainForm (binary-factor) stays on the fp32 path: its t between the
+  writes y's columns. On a CPU without bf16 instructions (`fast_bf16_matmul`) the GEMM is
+  the fp32 one on the same bf16 values (x and the rebuilt rows, exact in fp32), rounded once to
+  bf16: the same product to bf16 round-off, several times faster there than torch's converted
+  bf16 GEMM. A ChainForm (binary-factor) stays on the fp32 path: its t between the
   stages is not a bf16 product of Ŵ, and rounding t would add an error the reference does not
   have.
 - Where the extension cannot run (no compiler, not a CPU tensor, gradients wanted, or
@@ -91,6 +94,16 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return os.uname().machine
+
+
+def fast_bf16_matmul(flags: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 in its flags;
+    `flags` default: /proc/cpuinfo's). Where it does not, torch converts, and a bf16 GEMM runs
+    several times slower than an fp32 one. True where the flags cannot be read."""
+    flags = _cpu_flags() if flags is None else flags
+    if not flags.startswith("flags"):
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +235,9 @@ def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
                          impl: str = "avx512") -> Tensor | None:
     """F.linear(x, Ŵ.to(torch.bfloat16)) (..., rows) bf16 for bf16 x and the 8-bit UniformCodes
     of `uniform8_linear`: `bf16_chunk_rows` rows of Ŵ at a time rebuilt into one bf16 buffer
-    (`uniform8_dense_bf16`, Ŵ.to(torch.bfloat16)'s bits) and multiplied by the bf16 GEMM into
-    y's columns, as `_dense_chunks_bf16` does (no dequantized fp32 table). None for other x
+    (`uniform8_dense_bf16`, Ŵ.to(torch.bfloat16)'s bits) and multiplied by the bf16 GEMM (the
+    fp32 GEMM on the same values where the CPU has no bf16 instructions) into y's columns, as
+    `_dense_chunks_bf16` does (no dequantized fp32 table). None for other x
     (another dtype or device, gradients wanted) or without the extension."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" \
             or (x.requires_grad and torch.is_grad_enabled()) or not extension().ok:
@@ -233,12 +247,23 @@ def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
     chunk = bf16_chunk_rows(cols)
     buf = torch.empty(min(chunk, rows), cols, dtype=torch.bfloat16)
     y = torch.empty(xs.shape[0], rows, dtype=torch.bfloat16)
+    xs32 = None if fast_bf16_matmul() else xs.float()
     for r0 in range(0, rows, chunk):
         n = min(chunk, rows - r0)
         torch.ops.binllm_cpu.uniform8_dense_bf16(q, scale, zero, groupsize, r0, buf[:n],
                                                  IMPLS[impl])
-        torch.mm(xs, buf[:n].T, out=y[:, r0:r0 + n])
+        _mm_bf16(xs, buf[:n], y[:, r0:r0 + n], xs32)
     return y.reshape(*x.shape[:-1], rows)
+
+
+def _mm_bf16(xs: Tensor, w: Tensor, out: Tensor, xs32: Tensor | None) -> None:
+    """out = xs wᵀ for bf16 xs (N, K) and w (n, K), into a bf16 view (N, n) whose row stride is
+    the GEMM's ldc: the bf16 GEMM, or with xs32 (xs in fp32: a CPU without bf16 instructions)
+    the fp32 GEMM on the same values, rounded once to bf16."""
+    if xs32 is None:
+        torch.mm(xs, w.T, out=out)
+    else:
+        out.copy_(torch.mm(xs32, w.float().T))
 
 
 def bf16_chunk_rows(K: int) -> int:
@@ -315,6 +340,8 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
     part's columns are x's in order), accumulated in fp32 and rounded once, as F.linear is, into
     y's columns. A sparse part (PB-LLM: one BitPart over all columns) replaces the binary value
     under each salient weight, so its level scale·(q − zero) is written into the buffer.
+    Where the CPU has no bf16 instructions (`fast_bf16_matmul`), the fp32 GEMM multiplies the
+    same bf16 values instead and y is rounded once to bf16.
     """
     ops = torch.ops.binllm_cpu
     N, K = x.shape[0], sum(part.width for part in form.parts)
@@ -331,6 +358,7 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
     salient = _salient_entries(form, K)
     no_scale = torch.empty(0)
     y = torch.empty(N, form.rows, dtype=torch.bfloat16)
+    xs32 = None if fast_bf16_matmul() else xs.float()
     for r0 in range(0, form.rows, chunk):
         n = min(chunk, form.rows - r0)
         c0 = 0
@@ -344,7 +372,7 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
             at, level = salient
             k = slice(int(form.sparse.rowptr[r0]), int(form.sparse.rowptr[r0 + n]))
             buf.view(-1)[at[k] - r0 * K] = level[k]
-        torch.mm(xs, buf[:n].T, out=y[:, r0:r0 + n])  # y's row stride is the GEMM's ldc
+        _mm_bf16(xs, buf[:n], y[:, r0:r0 + n], xs32)
     return y
 
 
