@@ -91,3 +91,34 @@ def test_buffers_allocate_from_the_layout_before_any_data():
     layer = BinaryLinear(layout, bias=False, device="meta")
     assert {k: tuple(v.shape) for k, v in layer.packed().items()} == \
         {k: s.shape for k, s in layout.specs().items()}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_held_dense_weight_of_a_bf16_input_is_f_linear_of_the_bf16_weight(fast, monkeypatch):
+    """hold_dense with bf16 x: F.linear(x, Ŵ.bf16(), bias) exactly where the CPU multiplies bf16
+    in hardware; elsewhere the same bf16 weights held in fp32, y rounded once (to bf16
+    round-off of the reference); an fp32 x afterwards gets Ŵ itself, not the rounded copy."""
+    from binllm.kernels import cpu
+
+    monkeypatch.setattr(cpu, "fast_bf16_matmul", lambda flags=None: fast)
+    codes = HAND_BUILT["rc-like"]()
+    rows, cols = codes.shape
+    layer = BinaryLinear.from_codes(codes, torch.randn(rows))
+    layer.hold_dense(True)
+    W, b = codes.dequantize(), layer.bias
+    x = torch.randn(40, cols).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+        ref = F.linear(x, W.bfloat16(), b.bfloat16())
+        assert y.dtype == torch.bfloat16 and layer._dense.dtype == (
+            torch.bfloat16 if fast else torch.float32)
+        if fast:
+            assert torch.equal(y, ref)
+        else:
+            assert torch.equal(layer._dense, W.bfloat16().float())
+            exact = F.linear(x.float(), W.bfloat16().float(), b.bfloat16().float())
+            assert torch.equal(y, exact.bfloat16())
+            bound = 2 ** -7 * exact.abs() + 1e-30  # one bf16 rounding of y
+            assert ((y.float() - ref.float()).abs() <= 2 * bound).all()
+        x32 = torch.randn(3, cols)
+        torch.testing.assert_close(layer(x32), F.linear(x32, W, b), rtol=1e-5, atol=1e-5)

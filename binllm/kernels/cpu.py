@@ -98,12 +98,18 @@ def _cpu_flags() -> str:
 
 def fast_bf16_matmul(flags: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 in its flags;
-    `flags` default: /proc/cpuinfo's). Where it does not, torch converts, and a bf16 GEMM runs
-    several times slower than an fp32 one. True where the flags cannot be read."""
-    flags = _cpu_flags() if flags is None else flags
+    `flags` default: /proc/cpuinfo's, read once). Where it does not, torch converts, and a bf16
+    GEMM runs several times slower than an fp32 one. True where the flags cannot be read."""
+    if flags is None:
+        return _fast_bf16_here()
     if not flags.startswith("flags"):
         return True
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_bf16_here() -> bool:
+    return fast_bf16_matmul(_cpu_flags())
 
 
 @functools.lru_cache(maxsize=None)
