@@ -7,10 +7,13 @@ packed codes are synthesised with `--method`'s layout (`bench_packed.layout_code
 q1_0); each shape is timed as the best call over `--repeats` interleaved rounds of
 
 - dense bf16: F.linear(x, W) with x, W bf16 (AMX where the CPU has it);
+- dense fp32: F.linear(x, W) with x, W fp32 (the faster dense path on a CPU without bf16
+  instructions);
 - packed fp32: `form_matmul(form, x.float())`, rows rebuilt in fp32 (`bitpart_dense`) and an
   fp32 GEMM, the path of an fp32 model (and of a bf16 one before the bf16 path);
 - packed bf16: `form_matmul(form, x)` with x bf16, rows rebuilt in bf16
-  (`bitpart_dense_bf16`) and a bf16 GEMM.
+  (`bitpart_dense_bf16`) and a bf16 GEMM, or the fp32 GEMM on the same values where the CPU
+  has no bf16 instructions (`binllm.kernels.cpu.fast_bf16_matmul`, recorded in the header).
 
 The layer's time is the sum over its 7 linears; tokens/s = N / that time (linears only).
 
@@ -20,8 +23,8 @@ BinaryLinear's forward (held in bf16), which calls its bound decoder (one compil
 `form_gemv` call); and `form_linear`, the registry's per-call path (dispatch, x.float(), the
 parts' calls, .to(bf16)), which every decode call took before the decoder.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_prefill.py [--tokens 512] [--repeats 3]
-Writes benchmarks/results/prefill.json and prefill.md.
+    OMP_NUM_THREADS=1 python benchmarks/bench_prefill.py [--tokens 512] [--repeats 3] [--stem S]
+Writes benchmarks/results/prefill.json and prefill.md (S.json and S.md with --stem).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from bench_packed import layout_codes  # noqa: E402
 LAYER = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576),
          "o_proj": (576, 576), "gate_proj": (1536, 576), "up_proj": (1536, 576),
          "down_proj": (576, 1536)}
-PATHS = ("dense bf16", "packed fp32", "packed bf16")
+PATHS = ("dense bf16", "dense fp32", "packed fp32", "packed bf16")
 DECODE_PATHS = ("dense bf16", "BinaryLinear", "form_linear")
 
 
@@ -68,6 +71,7 @@ def measure(method: str, tokens: int, repeats: int) -> dict:
         x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
         xf = x.float()
         calls[(rows, cols)] = {"dense bf16": lambda x=x, W=W: F.linear(x, W),
+                               "dense fp32": lambda x=xf, W=W.float(): F.linear(x, W),
                                "packed fp32": lambda f=form, x=xf: cpu.form_matmul(f, x),
                                "packed bf16": lambda f=form, x=x: cpu.form_matmul(f, x)}
     best = {shape: dict.fromkeys(PATHS, float("inf")) for shape in calls}
@@ -144,7 +148,11 @@ def cpu_name() -> str:
 def markdown(res: dict) -> str:
     lines = [f"# Prefill, {res['tokens']} tokens, {res['method']} codes, "
              f"{res['threads']} thread(s), {res['cpu']}", "",
-             "Best ms per call over interleaved rounds (one run on a shared CPU).", "",
+             "Best ms per call over interleaved rounds (one run on a shared CPU). bf16 "
+             "instructions (AVX512-BF16 or AMX-BF16): "
+             + ({True: "yes, the packed bf16 path's GEMM is bf16", False: "no, the packed bf16 "
+                 "path's GEMM is fp32 on the bf16 values"}.get(res.get("bf16_instructions"),
+                                                              "not recorded")) + ".", "",
              md_row("rows × cols", *PATHS, "bf16 path vs fp32 path"),
              md_row(*["---"] * (len(PATHS) + 2))]
     for s in res["shapes"]:
@@ -167,16 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=500, help="decode calls per timed round")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--stem", default="prefill", help="results file names (STEM.json, .md)")
     args = p.parse_args(argv)
+    from binllm.kernels.cpu import fast_bf16_matmul
+
     torch.set_num_threads(args.threads)
     res = {"method": args.method, "tokens": args.tokens, "threads": args.threads,
-           "repeats": args.repeats, "cpu": cpu_name(),
+           "repeats": args.repeats, "cpu": cpu_name(), "bf16_instructions": fast_bf16_matmul(),
            "calls": args.calls, "torch": torch.__version__,
            **measure(args.method, args.tokens, args.repeats),
            "decode": measure_decode(args.method, args.calls, args.repeats)}
     text = markdown(res)
     print(text)
-    write_results("prefill", res, text, args.out)
+    write_results(args.stem, res, text, args.out)
     return 0
 
 
