@@ -18,7 +18,10 @@
 //   inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
 //   0 .. P - 1) with P = cols and no scales: x is read in place, not gathered.
 // Every loop reads only the packed planes (nothing dequantized); row tiles are split over
-// torch's intra-op threads.
+// torch's intra-op threads. Where one pass covers the byte columns (decode: the tables of
+// N·V inputs fit), each thread builds its own tables, so its lookups read them from its own
+// cache rather than from the core that built them (binary-factor's two stages read fresh
+// tables twice per call).
 #include "cpu_kernels.h"
 
 namespace binllm_cpu {
@@ -291,30 +294,44 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
   std::vector<float> gathered;
   if (!plain) gathered = inputs(x, N, cols, perm, scale, V);
   const float* xv = plain ? x : gathered.data();
-  std::vector<float> tab(N * V * (P / 4) * 16), sums(N * V * nseg);
-  build_tables(xv, N * V, P, tab.data());
+  std::vector<float> sums(N * V * nseg);
   const int64_t* sg = seg.data_ptr<int64_t>();
   for (int64_t nv = 0; nv < N * V; ++nv)
     for (int64_t s = 0; s < nseg; ++s)  // once per call: exact enough and cheap
       sums[nv * nseg + s] = static_cast<float>(
           segment_sum(xv + nv * P + sg[s] * 8, (sg[s + 1] - sg[s]) * 8, impl));
-  Part p{tab.data(), sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
+  Part p{nullptr, sums.data(), planes.data_ptr<uint8_t>(), terms.data_ptr<int64_t>(),
                cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
                coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
                planes.size(2), planes.size(1), terms.size(0), nseg};
-  const int64_t tiles = (rows + TILE - 1) / TILE;
+  const int64_t tiles = (rows + TILE - 1) / TILE, ntab = N * V * (P / 4) * 16;
   // at least ~256k weight-terms per task: small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * p.T * N));
   // passes over byte columns whose tables (128 B per byte, input and version) fit in ~384 KiB
   const int64_t chunk = std::max<int64_t>(16, 3072 / (N * V));
+  auto run = [impl, out](const Part& q, int64_t i0, int64_t i1) {
+#ifdef __AVX512F__
+    if (impl == 0 && tiles_avx512_dispatch(q, out, i0, i1)) return;
+#endif
+    tiles_generic(q, out, i0, i1);
+  };
+  if (p.PB <= chunk) {  // one pass: each task builds its own tables, read from its own cache
+    p.bh = p.PB;
+    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> tab(ntab);
+      build_tables(xv, N * V, P, tab.data());
+      Part q = p;
+      q.tab = tab.data();
+      run(q, i0, i1);
+    });
+    return;
+  }
+  std::vector<float> tab(ntab);
+  build_tables(xv, N * V, P, tab.data());
+  p.tab = tab.data();
   for (p.bl = 0; p.bl < p.PB; p.bl += chunk) {
     p.bh = std::min(p.PB, p.bl + chunk);
-    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
-#ifdef __AVX512F__
-      if (impl == 0 && tiles_avx512_dispatch(p, out, i0, i1)) return;
-#endif
-      tiles_generic(p, out, i0, i1);
-    });
+    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) { run(p, i0, i1); });
   }
 }
 
