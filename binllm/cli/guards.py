@@ -247,7 +247,7 @@ def bf16_speed_note(dtype, device: str, flags: str | None = None) -> str | None:
     (default: /proc/cpuinfo's); None where the note does not apply or the flags are unknown."""
     import torch
 
-    from ..kernels.cpu import fast_bf16_matmul
+    from ..kernels.cpu_features import fast_bf16_matmul
 
     if dtype != torch.bfloat16 or not str(device).startswith("cpu") or fast_bf16_matmul(flags):
         return None

@@ -12,6 +12,8 @@ kernels only, with no CUDA or Triton counterpart (elsewhere they return None and
 the kernel form's path). `rms_norm` and `decode_attention` (`binllm.kernels.decode_ops`) are the
 lean decode loop's fused glue: RMSNorm, and rotary embedding, cache write and attention of one
 token, each one compiled CPU call (None where it does not apply: the caller's torch ops run).
+`binllm.kernels.cpu_features` says what the CPU is (its flag line, whether it multiplies bf16
+in hardware), standard library only, so the CLI can ask without loading the kernels.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cpu_features import cpu_flags, fast_bf16_matmul
 from .form import KernelForm, form_matmul_torch, part_inputs
 from .form_ref import stages_of
 
@@ -84,32 +85,6 @@ class ExtensionStatus:
     reason: str = ""     # why the extension is not usable
     avx512: bool = False  # compiled with AVX-512 (else only the portable loop)
     module: Any = None    # the compiled module (its Python classes: Decoder)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def fast_bf16_matmul(flags: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 in its flags;
-    `flags` default: /proc/cpuinfo's, read once). Where it does not, torch converts, and a bf16
-    GEMM runs several times slower than an fp32 one. True where the flags cannot be read."""
-    if flags is None:
-        return _fast_bf16_here()
-    if not flags.startswith("flags"):
-        return True
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
-@functools.lru_cache(maxsize=None)
-def _fast_bf16_here() -> bool:
-    return fast_bf16_matmul(_cpu_flags())
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +115,7 @@ def build_key() -> str:
     for path in (*SOURCES, HEADER):
         data = path.read_bytes()
         h.update(f"{path.name}:{len(data)}:".encode() + data)
-    h.update(_cpu_flags().encode())
+    h.update(cpu_flags().encode())
     return h.hexdigest()[:12]
 
 
