@@ -202,20 +202,29 @@ bool tiles_avx512_dispatch(const Part& p, float* y, int64_t i0, int64_t i1) {
 }
 #endif
 
-// xv (N, V, P) of x (N, cols), gathered and scaled
+// xv (N, V, P) of x (N, cols), gathered and scaled; in_order: column j is x's column j, read
+// without the per-column lookup and check (binary-factor's s_in ⊙ x at every decode call)
 std::vector<float> inputs(const float* xp, int64_t N, int64_t cols, const at::Tensor& perm,
-                          const at::Tensor& scale, int64_t V) {
+                          const at::Tensor& scale, int64_t V, bool in_order) {
   const int64_t P = perm.size(0);
   std::vector<float> xv(N * V * P, 0.f);
   const int64_t* pp = perm.data_ptr<int64_t>();
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  check(!in_order || P <= cols, "perm outside x");
   for (int64_t n = 0; n < N; ++n)
     for (int64_t v = 0; v < V; ++v) {
       float* o = xv.data() + (n * V + v) * P;
-      for (int64_t j = 0; j < P; ++j) {
-        const int64_t c = pp[j];
-        check(c < cols, "perm outside x");
-        if (c >= 0) o[j] = sp ? xp[n * cols + c] * sp[v * P + j] : xp[n * cols + c];
+      const float* xn = xp + n * cols;
+      if (in_order && sp) {
+        for (int64_t j = 0; j < P; ++j) o[j] = xn[j] * sp[v * P + j];
+      } else if (in_order) {
+        std::memcpy(o, xn, P * sizeof(float));
+      } else {
+        for (int64_t j = 0; j < P; ++j) {
+          const int64_t c = pp[j];
+          check(c < cols, "perm outside x");
+          if (c >= 0) o[j] = sp ? xn[c] * sp[v * P + j] : xn[c];
+        }
       }
     }
   return xv;
@@ -292,7 +301,7 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
   const int64_t V = scale.numel() ? scale.size(0) : 1;
   const bool plain = in_order && V == 1 && !scale.numel() && P == cols;  // x itself
   std::vector<float> gathered;
-  if (!plain) gathered = inputs(x, N, cols, perm, scale, V);
+  if (!plain) gathered = inputs(x, N, cols, perm, scale, V, in_order);
   const float* xv = plain ? x : gathered.data();
   std::vector<float> sums(N * V * nseg);
   const int64_t* sg = seg.data_ptr<int64_t>();
