@@ -71,6 +71,21 @@ def test_generate_continues_the_prompt(capsys, saved, cache):
     assert text.startswith("Once upon a time") and re.search(r"6 new tokens in .* tokens/s", text)
 
 
+def test_generate_in_bf16_prints_the_speed_note_where_the_cpu_lacks_bf16(capsys, monkeypatch,
+                                                                        saved):
+    """The note goes to stderr (stdout is the text), here for a CPU whose flags name no bf16
+    instructions."""
+    from binllm.cli import guards, packed
+
+    monkeypatch.setattr(packed, "bf16_speed_note",
+                        lambda dtype, device: guards.bf16_speed_note(dtype, device, "flags : fpu"))
+    out, _ = saved
+    code, text, err = run_cli(capsys, "generate", out, "Once upon a time", "--max-new-tokens",
+                              "2", "--dtype", "bfloat16")
+    assert code == 0 and text.startswith("Once upon a time")
+    assert "note: the model computes in bfloat16" in err and "--dtype float32" in err
+
+
 def test_inspect_and_generate_refuse_an_ordinary_model(capsys, stories_path):
     code, _, err = run_cli(capsys, "inspect", stories_path)
     assert code == 2 and "not a binllm model" in err and "Traceback" not in err

@@ -5,7 +5,8 @@ at the options the command has (by their argparse names), so a value that cannot
 refused in one line naming the flag and what to use instead, before a model is loaded.
 `check_model_size` and `check_calibration_memory` need a config or a loaded model and are
 called by `common.load_model` and the commands that calibrate. `bf16_speed_note` is the note
-`quantize` and `eval` print when a bfloat16 model computes on a CPU without bf16 instructions.
+`quantize`, `eval` and `generate` print when a bfloat16 model computes on a CPU without bf16
+instructions.
 """
 
 from __future__ import annotations
@@ -253,4 +254,4 @@ def bf16_speed_note(dtype, device: str, flags: str | None = None) -> str | None:
         return None
     return ("the model computes in bfloat16, and this CPU has no bfloat16 instructions "
             "(AVX512-BF16 or AMX): its matmuls run several times slower than in float32 here; "
-            "--dtype float32 runs faster and holds the weights in twice the memory")
+            "--dtype float32 runs faster (its unquantized weights take twice the memory)")

@@ -10,6 +10,7 @@ import sys
 
 from ..packed.output import is_binllm_dir
 from .common import CLIError, load_saved, write_json_atomic
+from .guards import bf16_speed_note
 from .guards import read_config
 
 
@@ -126,6 +127,9 @@ def _generate(args) -> int:
         model, tokenizer = load_saved(args.model, args.dtype)
         set_cache_dequantized(model, args.cache_dequantized and not args.no_cache)
     model.to(args.device)
+    slow = bf16_speed_note(getattr(model, "dtype", None), args.device)
+    if slow:
+        print(f"note: {slow}", file=sys.stderr)
     res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    device=args.device, exact_length=args.exact_length, loop=args.loop)
