@@ -27,7 +27,14 @@ def fast_bf16_matmul(flags: str | None = None) -> bool:
     """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 in its flag line;
     `flags` default: this CPU's). Where it does not, torch converts, and a bf16 GEMM runs
     several times slower than an fp32 one. True where there is no flag line to read."""
-    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return _this_cpu_has_bf16()
     if not flags.startswith("flags"):
         return True
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+@functools.lru_cache(maxsize=None)
+def _this_cpu_has_bf16() -> bool:
+    """fast_bf16_matmul of this CPU's flag line, decided once (every bf16 prompt call asks)."""
+    return fast_bf16_matmul(cpu_flags())
