@@ -1,14 +1,16 @@
 """Several processes: 2 gloo ranks on the CPU against one process, on stories260K.
 
 One pair of spawned ranks runs every scenario in turn (process start-up dominates the time):
-billm and arb-llm-x with the windows split and replicated, a rank that raises, a journaled
-run interrupted and resumed across ranks, and last a rank that dies. The parent runs the
+billm and arb-llm-x with the windows split and replicated, q1_0 refined block by block, a
+rank that raises, a journaled run interrupted and resumed across ranks, and last a rank that
+dies. The parent runs the
 single-process references and compares.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import traceback
 
@@ -77,19 +79,26 @@ def _calibration():
     return calibration_batches(load_text("wikitext2", "validation", DATA), tok, NSAMPLES, SEQLEN)
 
 
-def _run(method, calib, **kw):
-    """(packed codes by linear, linear weights, losses) of one binarize_model run."""
+REFINE = {"epochs": 2, "lr": 1e-2, "sign_lr": 3e-3}
+
+
+def _run(method, calib, refine=None, **kw):
+    """(packed codes by linear, linear weights, losses, refine reports) of one binarize_model
+    run; refine: RefineConfig fields."""
     from transformers import AutoModelForCausalLM
 
     from binllm import QuantizeConfig, binarize_model
+    from binllm.engine.config import RefineConfig
     from binllm.packed.layout import pack
 
     model = AutoModelForCausalLM.from_pretrained(STORIES)
-    report = binarize_model(model, QuantizeConfig(method), calib, **kw)
+    config = QuantizeConfig(method, refine=RefineConfig(**refine) if refine else None)
+    report = binarize_model(model, config, calib, **kw)
     return {"codes": {n: pack(c)[1] for n, c in report.codes.items()},
             "weights": {n: m.weight.detach().clone() for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear)},
-            "losses": [r.loss for r in report.linears]}
+            "losses": [r.loss for r in report.linears],
+            "refine": [dataclasses.asdict(r) for r in report.refine]}
 
 
 def _outcome(fn):
@@ -117,6 +126,15 @@ def _worker(rank, world, port, outdir):
             for mode in ("split", "replicated"):
                 res[method, mode] = _run(method, calib, dist=Distributed(rank, world,
                                                                         calib=mode))
+        res["refine"] = _run("q1_0", calib, REFINE, dist=Distributed(rank, world))
+        res["plain q1_0"] = _run("q1_0", calib, dist=Distributed(rank, world))
+        p = torch.nn.Parameter(torch.zeros(2, 3))
+        p.grad = torch.full((2, 3), float(rank + 1))
+        Distributed(rank, world).average_gradients([p], stepped=True)
+        res["grad both"] = p.grad.clone()
+        p.grad = torch.full((2, 3), 5.0) if rank == 0 else None
+        Distributed(rank, world).average_gradients([p], stepped=rank == 0)
+        res["grad rank 0"] = p.grad.clone()
         rep = Distributed(rank, world, calib="replicated")
         # rank 1 holds a NaN weight in layer 1: it raises, rank 0 must hear why
         from transformers import AutoModelForCausalLM
@@ -269,6 +287,43 @@ def test_split_windows_equal_one_process_up_to_round_off(two_ranks, method, max_
     tokens = eval_tokens(load_text("tinystories", "test", DATA), tok, SEQLEN)
     a, b = _ppl(got["weights"], tokens), _ppl(want["weights"], tokens)
     assert a == pytest.approx(b, rel=ppl_rtol)
+
+
+def test_refinement_under_two_ranks_keeps_the_ranks_equal_and_lowers_the_layer_loss(two_ranks):
+    """Each rank trains on its share of the windows with the gradients averaged every step:
+    both ranks end with the same weights and the same reports (losses are means over every
+    window), every layer's kept codes have a loss no higher than the method's on those
+    windows, and the refined model is another model than the plain one."""
+    ranks, _, _, _ = two_ranks
+    a, b = ranks[0]["refine"], ranks[1]["refine"]
+    assert all(torch.equal(a["weights"][n], w) for n, w in b["weights"].items())
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in x["refine"]]
+                for x in (a, b)]
+    assert timeless[0] == timeless[1] and len(a["refine"]) == 5
+    for r in a["refine"]:
+        assert r["loss_after"] <= r["loss_before"] or not r["kept"]
+        assert r["steps"] == REFINE["epochs"] * NSAMPLES // 2  # windows split 4 + 4
+    assert any(r["kept"] and r["loss_after"] < r["loss_before"] for r in a["refine"])
+    plain = ranks[0]["plain q1_0"]["weights"]
+    assert not all(torch.equal(plain[n], w) for n, w in a["weights"].items())
+
+
+def test_averaged_gradients_count_only_the_ranks_that_stepped(two_ranks):
+    ranks, _, _, _ = two_ranks
+    for r in (0, 1):
+        assert torch.equal(ranks[r]["grad both"], torch.full((2, 3), 1.5))
+        assert torch.equal(ranks[r]["grad rank 0"], torch.full((2, 3), 5.0))
+
+
+def test_training_windows_are_each_ranks_share():
+    from binllm.engine.distributed import Distributed
+    from binllm.engine.single_process import SingleProcess
+
+    assert Distributed(0, 2).train_windows(4) == range(4)  # split: the local windows are its share
+    assert Distributed(1, 2).train_windows(4, limit=3) == range(1)  # of 3 in all: 2 + 1
+    assert Distributed(1, 2, calib="replicated").train_windows(8) == range(4, 8)
+    assert Distributed(0, 2, calib="replicated").train_windows(8, limit=3) == range(0, 2)
+    assert SingleProcess().train_windows(8, limit=3) == range(3)
 
 
 def test_a_rank_that_raises_stops_every_rank_with_its_message(two_ranks):

@@ -87,15 +87,6 @@ def test_refine_settings_are_checked_and_kept_in_the_config():
         QuantizeConfig("q1_0", rotate="givens")
 
 
-def test_refine_is_refused_under_torchrun_in_one_line():
-    class Rank:  # enough of Distributed for the check before any collective
-        world = 2
-
-    with pytest.raises(ConfigError, match="one process"):
-        binarize_model(tiny_llama(), QuantizeConfig("q1_0", refine=FAST), calibration(),
-                       dist=Rank(), checked=True)
-
-
 def test_a_refined_model_saves_reloads_and_evaluates_to_the_same_perplexity(
         capsys, tmp_path, stories_path, data):
     first, again = quantize_and_reload(capsys, tmp_path, stories_path, data,

@@ -30,7 +30,8 @@ from .config import ConfigError, QuantizeConfig
 from .destination import CodesDestination
 from .distill import (DistillReport, TeacherTargets, distill_codes, distill_windows,
                       teacher_targets)
-from .distributed import Distributed, SingleProcess, report_dict
+from .distributed import Distributed, report_dict
+from .single_process import SingleProcess
 from .journal import JournalMismatch, LayerJournal
 from .outside import OutsideReport, quantize_outside
 from .reconstruct import reconstruct
@@ -139,10 +140,7 @@ def binarize_model(model: nn.Module, config: QuantizeConfig, calibration: list[T
     check_context(model, max((w.shape[-1] for w in calibration), default=0))
     refiner = None
     if config.refine is not None:
-        if dist.world > 1:
-            raise ConfigError("refine runs in one process (its training windows and gradients "
-                              "are not shared between torchrun ranks); run without torchrun")
-        refiner = LayerRefiner(config.refine, device)
+        refiner = LayerRefiner(config.refine, device, dist)
     elif method.unrefined_note:  # codes meant to be trained, run without refinement
         report.notes.append(method.unrefined_note)
         log.warning("%s", method.unrefined_note)
@@ -316,9 +314,14 @@ def _restore(run: _Run, i: int, path: str, linears: dict[str, nn.Module]
 def _refine(run: _Run, i: int, linears: dict[str, nn.Module], calibrated: dict[str, Any],
             inputs) -> dict[str, Any]:
     """Layer i's stored codes refined against the FP layer; the linears get their weights
-    now (the walker runs the layer on them). Storing them again changes nothing."""
+    now (the walker runs the layer on them). Storing them again changes nothing. Under
+    torchrun the ranks train in step; rank 0's codes are the ones every rank keeps."""
     stored = {n: run.method.store(c) for n, c in calibrated.items()}
     refined, rep = run.refiner.refine(i, stored, inputs)
+    if run.dist.world > 1:
+        own = {n: (c, {}) for n, c in refined.items() if run.dist.is_main}
+        shared = run.dist.share_layer(own, list(refined), dict.fromkeys(refined, 0))
+        refined = {n: c for n, (c, _) in shared.items()}
     run.report.refine.append(rep)
     for n, c in refined.items():
         _set_weight(linears[n], c.dequantize())

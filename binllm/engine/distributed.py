@@ -1,7 +1,8 @@
 """Several processes (torchrun): ranks, window shares, linear owners and the collectives.
 
 Pure plumbing for `binarize_model(..., dist=Distributed(...))`; one process is
-`SingleProcess()`, the same interface without communication, so the layer loop has one path.
+`SingleProcess()` (`single_process`), the same interface without communication, so the layer
+loop has one path.
 Per decoder layer every rank issues the same collectives in the same order:
 
     guarded next(walk)    agree on errors of the capture / previous layer's forward
@@ -12,6 +13,8 @@ Per decoder layer every rank issues the same collectives in the same order:
     guard(solve)          local: reconstruct the linears this rank owns
     share_layer           all-gather layouts + reports, one byte buffer per linear broadcast
                           from its owner (codes packed by binllm.packed.layout.pack)
+    (refine)              per step: average_gradients (all-reduce); losses summed over the
+                          ranks; rank 0's refined codes shared (share_layer)
     guard(apply)          local: non-owned weights = codes.dequantize(); rank 0 journals
 
 Two calibration modes. "split" (the default): the windows are cut into contiguous shares, one
@@ -294,40 +297,37 @@ class Distributed:
     def max_over_ranks(self, value: float, what: str = "peak memory") -> float:
         return max(self.gather_objects(float(value), what))
 
+    def train_windows(self, n: int, limit: int = 0) -> range:
+        """This rank's training windows among its n local ones (refinement): all of them
+        (split: they are its share) or its share of them (replicated); with `limit`, its
+        share of `limit` windows in all, so that the ranks together train on `limit`."""
+        if self.calib == "replicated":
+            return window_share(min(limit or n, n), self.rank, self.world)
+        return range(min(len(window_share(limit, self.rank, self.world)), n) if limit else n)
 
-class SingleProcess:
-    """`Distributed`'s interface for one process: every window and linear is rank 0's, and
-    every collective returns its own input."""
+    def sum_over_ranks(self, values: list[float], what: str) -> list[float]:
+        """Each value summed over the ranks (fp64), the same sums on every rank."""
+        import torch.distributed as tdist
 
-    rank, world, is_main = 0, 1, True
+        buf = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._collective(what, tdist.all_reduce, buf)
+        return buf.tolist()
 
-    def local_windows(self, calibration: list[Tensor]) -> list[Tensor]:
-        return calibration
+    def average_gradients(self, params: list[Tensor], stepped: bool) -> None:
+        """One training step of data parallelism: every parameter's gradient becomes the mean
+        of the gradients of the ranks that `stepped` (a rank whose windows ran out adds
+        nothing), in one all-reduce of one fp32 buffer; the same gradients on every rank."""
+        import torch.distributed as tdist
 
-    def owners(self, shapes: Mapping[str, tuple[int, int]], heavy: bool) -> dict[str, int]:
-        return {n: 0 for n in shapes}
-
-    def hessian_names(self, names: list[str], owners: Mapping[str, int]) -> list[str]:
-        return list(names)
-
-    def guard(self, what: str):
-        return contextlib.nullcontext()
-
-    def guarded(self, items: Iterator[Any], what: str) -> Iterator[Any]:
-        return items
-
-    def decide(self, flag: bool, what: str = "resume") -> bool:
-        return bool(flag)
-
-    def reduce_hessians(self, accs: dict[str, Any], owners: Mapping[str, int]) -> dict[str, Any]:
-        return accs
-
-    def share_layer(self, own: Mapping[str, tuple[Any, dict]], names: list[str],
-                    owners: Mapping[str, int]) -> dict[str, tuple[Any, dict]]:
-        return {n: own[n] for n in names if n in own}
-
-    def max_over_ranks(self, value: float, what: str = "peak memory") -> float:
-        return value
+        grads = [p.grad.reshape(-1).float() if stepped and p.grad is not None
+                 else torch.zeros(p.numel(), device=p.device) for p in params]
+        buf = torch.cat(grads + [torch.tensor([float(stepped)])]).to(self.device)
+        self._collective("refinement gradients", tdist.all_reduce, buf)
+        count, offset = float(buf[-1]), 0
+        for p in params:
+            g = buf[offset:offset + p.numel()] / count
+            p.grad = g.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+            offset += p.numel()
 
 
 def report_dict(report: Any) -> dict[str, Any]:

@@ -17,6 +17,11 @@ groups, levels) is fixed, so the stored bits do not change.
 A refined layer never has a higher loss on its calibration windows than the unrefined one:
 the loss of both is measured after training, with the scales at their storage precision, and
 the better codes are kept.
+
+Under torchrun (`dist`, `binllm.engine.distributed`) each rank trains on its share of the
+windows and every step averages the ranks' gradients (data parallelism: W windows a step, as
+many steps per epoch as the longest share), so the ranks' parameters stay equal; the losses
+are means over every rank's windows, and the kept-or-discarded choice is the same on all.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.func import functional_call
 
 from ..methods.trainable import TrainableCodes
 from .config import RefineConfig
+from .single_process import SingleProcess
 from .walker import LayerInputs, map_tensors, run_layer
 
 log = logging.getLogger(__name__)
@@ -62,18 +68,22 @@ class LayerRefiner:
     codes to keep.
     """
 
-    def __init__(self, config: RefineConfig, device: torch.device | str = "cpu"):
+    def __init__(self, config: RefineConfig, device: torch.device | str = "cpu",
+                 dist: Any = None):
         self.config = config
         self.device = device
+        self.dist = dist if dist is not None else SingleProcess()
+        self.windows: range = range(0)  # this rank's training windows among its inputs
         self.fp_stream: list[Tensor] | None = None  # the FP model's inputs of the next layer
         self.fp_layer: nn.Module | None = None
         self.kwargs: list[dict[str, Any]] = []
 
     def begin(self, layer: nn.Module, inputs: LayerInputs) -> None:
-        n = self.config.windows or len(inputs.hidden)
-        self.kwargs = [map_tensors(kw, lambda t: t.float() if t.is_floating_point() else t)
-                       for kw in inputs.kwargs[:n]]
-        stream = self.fp_stream or [h.float() for h in inputs.hidden[:n]]
+        self.windows = self.dist.train_windows(len(inputs.hidden), self.config.windows)
+        self.kwargs = [map_tensors(inputs.kwargs[k],
+                                   lambda t: t.float() if t.is_floating_point() else t)
+                       for k in self.windows]
+        stream = self.fp_stream or [inputs.hidden[k].float() for k in self.windows]
         self.fp_layer = copy.deepcopy(layer).float().requires_grad_(False)
         with torch.no_grad():
             self.fp_stream = [run_layer(self.fp_layer, x.to(self.device), kw)
@@ -86,27 +96,32 @@ class LayerRefiner:
         cfg = self.config
         layer = self.fp_layer
         linears = dict(layer.named_modules())
-        X = [h.float() for h in inputs.hidden[:len(self.fp_stream)]]
+        X = [inputs.hidden[k].float() for k in self.windows]
         Y = self.fp_stream
         train = {n: TrainableCodes(c, linears[n].weight, train_signs=cfg.sign_lr > 0)
                  for n, c in codes.items()}
         before = self._loss({n: c.dequantize() for n, c in codes.items()}, X, Y)
         opt = torch.optim.Adam([g for t in train.values()
                                 for g in t.param_groups(cfg.lr, cfg.sign_lr)])
-        steps = cfg.epochs * len(X)
+        params = [q for g in opt.param_groups for q in g["params"]]
+        per_epoch = int(self.dist.max_over_ranks(len(X), "refinement windows"))
+        steps = cfg.epochs * per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         order = torch.Generator().manual_seed(i)
         with torch.enable_grad():
             for _ in range(cfg.epochs):
-                for j in torch.randperm(len(X), generator=order).tolist():
-                    weights = {f"{n}.weight": t.weight().to(self.device)
-                               for n, t in train.items()}
-                    with self._autocast():
-                        out = self._forward(weights, X[j], j)
-                    loss = self._error(out.float(), Y[j])
+                mine = torch.randperm(len(X), generator=order).tolist()
+                for s in range(per_epoch):  # every rank steps together
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if s < len(mine):
+                        j = mine[s]
+                        weights = {f"{n}.weight": t.weight().to(self.device)
+                                   for n, t in train.items()}
+                        with self._autocast():
+                            out = self._forward(weights, X[j], j)
+                        self._error(out.float(), Y[j]).backward()
+                    self.dist.average_gradients(params, stepped=s < len(mine))
                     opt.step()
                     sched.step()
         refined = {n: t.codes() for n, t in train.items()}
@@ -132,11 +147,13 @@ class LayerRefiner:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _loss(self, Q: dict[str, Tensor], X: list[Tensor], Y: list[Tensor]) -> float:
-        """Mean over windows of the training loss with weights Q (name -> Ŵ)."""
+        """Mean over windows (every rank's) of the training loss with weights Q (name -> Ŵ)."""
         weights = {f"{n}.weight": w.to(self.device) for n, w in Q.items()}
         with torch.no_grad():
-            return sum(float(self._error(self._forward(weights, x, j), y))
-                       for j, (x, y) in enumerate(zip(X, Y))) / max(len(X), 1)
+            total = sum(float(self._error(self._forward(weights, x, j), y))
+                        for j, (x, y) in enumerate(zip(X, Y)))
+        total, count = self.dist.sum_over_ranks([total, len(X)], "refinement loss")
+        return total / max(count, 1)
 
     def _error(self, out: Tensor, y: Tensor) -> Tensor:
         """The training loss of one window: out, y (batch, seqlen, d)."""
