@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,13 @@ def _calls(calls):
 
 PROTOCOL = Protocol("some/model", calib="wikitext2", nsamples=4, seqlen=32,
                     eval=("tinystories", "ptb"), max_windows=3)
+
+
+def test_a_spec_dtype_loads_and_calibrates_the_model_in_it():
+    run = parse_method_spec("q1_0:refine=block:dtype=float32")
+    assert run.args == () and dict(run.engine) == {"refine": "block", "dtype": "float32"}
+    argv = Protocol(model="m").quantize_argv(run, Path("r.json"))
+    assert argv[argv.index("--dtype") + 1] == "float32"
 
 
 def test_method_specs_map_to_method_args():
@@ -204,6 +212,7 @@ def _compare(capsys, stories, data, out, *extra, methods="rtn-sign"):
     ("q1_0:distill_lr=0.01", [], ["distill_lr needs distill=logits"]),
     ("q1_0:distill=logits:distill_topk=0", [], ["distill topk=0: use a positive count"]),
     ("q1_0:rotate=haddamard", [], ["rotate=haddamard: use none or hadamard"]),
+    ("q1_0:dtype=fp32", [], ["dtype=fp32: use auto, float32, float16, bfloat16"]),
     ("q1_0:feedback=rows", [], ["--feedback rows: use column, block or none"]),
     ("binary-factor:feedback=block", [], ["binary-factor runs with --feedback none or "
                                           "--feedback column only"]),

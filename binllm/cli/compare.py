@@ -82,6 +82,9 @@ def check_run(run, args) -> None:
                              **{k: ("none", on) for k, (on, _) in stages.items()}}.items():
             if engine.get(key, "none") not in allowed:
                 raise CLIError(f"{key}={engine[key]}: use {' or '.join(allowed)}")
+        dtypes = ("auto", "float32", "float16", "bfloat16")  # quantize's --dtype
+        if engine.get("dtype", "auto") not in dtypes:
+            raise CLIError(f"dtype={engine['dtype']}: use {', '.join(dtypes)}")
         configs = {}
         for stage, (on, parse) in stages.items():
             pairs = [(k, f"{k.removeprefix(stage + '_')}={v}") for k, v in run.engine

@@ -22,7 +22,7 @@ class CompareError(BinllmError, ValueError):
 
 # -- method specs --------------------------------------------------------------------------
 # spec keys for the engine (`--refine`, `--lm-head` …), plus <stage>_<setting> of a stage
-ENGINE_KEYS = ("refine", "distill", "rotate", "embeddings", "lm_head", "feedback")
+ENGINE_KEYS = ("refine", "distill", "rotate", "embeddings", "lm_head", "feedback", "dtype")
 STAGES = ("refine", "distill")  # refine_epochs=4 → --refine-arg epochs=4
 
 
@@ -38,8 +38,8 @@ def _is_engine_key(key: str) -> bool:
 @dataclass(frozen=True)
 class MethodRun:
     """One method of a comparison: a label, a registered name, its --method-arg pairs and
-    the engine options (refine, distill, rotate, embeddings, lm_head, feedback,
-    <stage>_<setting>)."""
+    the engine options (refine, distill, rotate, embeddings, lm_head, feedback, dtype: the
+    dtype the model is loaded and calibrated in, <stage>_<setting>)."""
 
     label: str
     method: str
