@@ -17,6 +17,10 @@ One run, one machine, one prompt, for each model:
 Packed models are saved once into --work (`binllm quantize … --no-eval --out`, the
 benchmark protocol's calibration: 32 × 2048 tokens of wikitext2 validation) and reused.
 llama.cpp rows are added where `llama-cpp-python` is installed and a GGUF is given.
+OpenMP's wait policy is left as the environment has it (unset: the default, as `binllm
+generate` runs): with OMP_WAIT_POLICY=PASSIVE every one of a token's ~200 parallel regions
+wakes sleeping threads, and 2-thread decode of a packed q1_0 SmolLM2 drops from ~73 to ~39
+tokens/s (measured with `binllm generate`); the policy is recorded with the results.
 
     python benchmarks/bench_real_runtime.py [--methods q1_0,rtn-sign] [--windows 40]
 """
@@ -30,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, generation_speed, md_row, write_results  # noqa: E402
 from bench_real import MODEL, model_dir  # noqa: E402
@@ -182,11 +185,13 @@ def main() -> int:
         del model
     rows += llama_cpp_rows(args.gguf, tokens)
     fp_eval = rows[0]["eval_s"]
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
     md = ["# SmolLM2-135M whole-model runtime (one run, same machine)", "",
           f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} new "
           f"tokens after {PROMPT_TOKENS}; prompt: {PREFILL_TOKENS} tokens.", "",
           "Decode: binllm's lean loop (llama.cpp: its own); in brackets transformers' "
           "`generate` on the same model.", "",
+          f"OMP_WAIT_POLICY: {wait_policy}.", "",
           md_row("model", "MiB", "eval s", "eval × FP", "ppl", "decode tok/s 1t", "2t",
                  "prompt tok/s 1t", "2t"),
           md_row(*["---"] * 9)]
@@ -203,8 +208,8 @@ def main() -> int:
         if per:
             md.append(f"\n{r['model']}: whole-model kernel forward {per:.2f} s per window "
                       f"({args.windows} windows ≈ {per * args.windows:.0f} s).")
-    write_results(args.stem, {"rows": rows, "windows": args.windows,
-                                   "torch": torch.__version__}, "\n".join(md) + "\n")
+    write_results(args.stem, {"rows": rows, "windows": args.windows, "torch": torch.__version__,
+                              "omp_wait_policy": wait_policy}, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
