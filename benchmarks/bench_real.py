@@ -22,7 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children too: idle threads sleep
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, OUT, SHARED  # noqa: E402
 
@@ -67,6 +66,7 @@ def main() -> int:
     ap.add_argument("--runs-dir", type=Path, default=Path.home() / ".cache/binllm/bench_real")
     ap.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the children: idle threads sleep
     from binllm.evaluation.compare import parse_method_specs, run_comparison
 
     def show(ev):

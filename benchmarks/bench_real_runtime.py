@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")  # as torch loads
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, generation_speed, md_row, write_results  # noqa: E402
 from bench_real import MODEL, model_dir  # noqa: E402
@@ -185,7 +186,7 @@ def main() -> int:
         del model
     rows += llama_cpp_rows(args.gguf, tokens)
     fp_eval = rows[0]["eval_s"]
-    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
+    wait_policy = WAIT_POLICY
     md = ["# SmolLM2-135M whole-model runtime (one run, same machine)", "",
           f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} new "
           f"tokens after {PROMPT_TOKENS}; prompt: {PREFILL_TOKENS} tokens.", "",
