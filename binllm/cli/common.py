@@ -14,6 +14,8 @@ from .errors import CLIError
 from ..packed.output import is_binllm_dir
 from .guards import check_model_size
 
+LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype (auto: the checkpoint's)
+
 
 def parse_method_args(pairs: list[str], flag: str = "--method-arg",
                       example: str = "bits=3") -> dict[str, str]:
@@ -143,7 +145,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-split", default="test", choices=["test", "validation"],
                    help="split the perplexities are measured on")
     p.add_argument("--report", default=None, help="write the JSON report here")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=LOAD_DTYPES,
                    help="load dtype (auto: the checkpoint's)")
 
 

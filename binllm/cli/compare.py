@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import CLIError, check_model_path, check_seqlen, csv_list, window_count
+from .common import (LOAD_DTYPES, CLIError, check_model_path, check_seqlen, csv_list,
+                     window_count)
 from .guards import check_output_folder
 
 
@@ -82,9 +83,8 @@ def check_run(run, args) -> None:
                              **{k: ("none", on) for k, (on, _) in stages.items()}}.items():
             if engine.get(key, "none") not in allowed:
                 raise CLIError(f"{key}={engine[key]}: use {' or '.join(allowed)}")
-        dtypes = ("auto", "float32", "float16", "bfloat16")  # quantize's --dtype
-        if engine.get("dtype", "auto") not in dtypes:
-            raise CLIError(f"dtype={engine['dtype']}: use {', '.join(dtypes)}")
+        if engine.get("dtype", "auto") not in LOAD_DTYPES:  # quantize's --dtype
+            raise CLIError(f"dtype={engine['dtype']}: use {', '.join(LOAD_DTYPES)}")
         configs = {}
         for stage, (on, parse) in stages.items():
             pairs = [(k, f"{k.removeprefix(stage + '_')}={v}") for k, v in run.engine

@@ -10,8 +10,7 @@ import sys
 
 from ..packed.output import is_binllm_dir
 from .common import CLIError, load_saved, write_json_atomic
-from .guards import bf16_speed_note
-from .guards import read_config
+from .guards import bf16_speed_note, read_config
 
 
 def _kib(n: float) -> str:

@@ -319,9 +319,10 @@ class Distributed:
         nothing), in one all-reduce of one fp32 buffer; the same gradients on every rank."""
         import torch.distributed as tdist
 
-        grads = [p.grad.reshape(-1).float() if stepped and p.grad is not None
-                 else torch.zeros(p.numel(), device=p.device) for p in params]
-        buf = torch.cat(grads + [torch.tensor([float(stepped)])]).to(self.device)
+        grads = [p.grad.reshape(-1).to(self.device, torch.float32)
+                 if stepped and p.grad is not None
+                 else torch.zeros(p.numel(), device=self.device) for p in params]
+        buf = torch.cat(grads + [torch.tensor([float(stepped)], device=self.device)])
         self._collective("refinement gradients", tdist.all_reduce, buf)
         count, offset = float(buf[-1]), 0
         for p in params:
