@@ -78,16 +78,20 @@ def test_form_layout_billm_planes_and_permutation():
 
 
 def test_form_records_whether_a_part_reads_x_in_order():
-    """q1_0 (one part over x's columns in order) is in order; BiLLM's parts (columns gathered
-    by class, padded with −1) and a q1_0 part padded past x's width are not."""
+    """q1_0 (one part over x's columns in order) is in order, padded past x's width too (its
+    −1 tail reads nothing); BiLLM's parts (columns gathered by class, padded) are not."""
     W, H = layer(9, 256)
     (part,) = kernel_form(reconstruct(W, H, get_method("q1_0"), block_size=128).codes).parts
     assert part.in_order and torch.equal(part.perm, torch.arange(256))
     W, H = layer(9, 77)
     (part,) = kernel_form(reconstruct(W, H, get_method("q1_0"), block_size=128).codes).parts
-    assert not part.in_order and part.width > 77 and bool((part.perm[77:] < 0).all())
+    assert part.in_order and part.width > 77 and bool((part.perm[77:] < 0).all())
     for part in kernel_form(HAND_BUILT["billm-like"]()).parts:
         assert not part.in_order and not torch.equal(part.perm, torch.arange(part.width))
+    W, H = layer(11, 200)  # binary-factor: rank 1, so stage 2 reads 1 input padded to 8
+    chain = kernel_form(reconstruct(W, H, get_method("binary-factor"), block_size=128).codes)
+    (s_in,), (s_out,) = (stage.parts for stage in chain.stages)
+    assert s_in.in_order and s_out.in_order and s_out.width == 8 > chain.stages[1].cols
 
 
 def test_form_shares_coefficients_that_are_exact_multiples():

@@ -16,7 +16,7 @@
 //   sums for one or two inputs, two for 3 to 8), 1: portable (one sum). These group the fp32
 //   sums differently, so AVX-512 and portable results, and AVX-512 results of 1-2 and of 3-8
 //   inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
-//   0 .. P - 1) with P = cols and no scales: x is read in place, not gathered.
+//   0 .. K - 1, then -1 padding) with P = cols and no scales: x is read in place, not gathered.
 // Every loop reads only the packed planes (nothing dequantized); row tiles are split over
 // torch's intra-op threads. Where one pass covers the byte columns (decode: the tables of
 // N·V inputs fit), each thread builds its own tables, so its lookups read them from its own
@@ -202,23 +202,26 @@ bool tiles_avx512_dispatch(const Part& p, float* y, int64_t i0, int64_t i1) {
 }
 #endif
 
-// xv (N, V, P) of x (N, cols), gathered and scaled; in_order: column j is x's column j, read
-// without the per-column lookup and check (binary-factor's s_in ⊙ x at every decode call)
+// xv (N, V, P) of x (N, cols), gathered and scaled; in_order: column j is x's column j up to
+// the padding, read without the per-column lookup and check (binary-factor's s_in ⊙ x and its
+// second stage's r inputs, padded to a whole byte, at every decode call)
 std::vector<float> inputs(const float* xp, int64_t N, int64_t cols, const at::Tensor& perm,
                           const at::Tensor& scale, int64_t V, bool in_order) {
   const int64_t P = perm.size(0);
   std::vector<float> xv(N * V * P, 0.f);
   const int64_t* pp = perm.data_ptr<int64_t>();
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  check(!in_order || P <= cols, "perm outside x");
+  int64_t K = P;  // in_order: perm is 0 .. K - 1, then its padding (-1)
+  while (in_order && K > 0 && pp[K - 1] < 0) --K;
+  check(!in_order || K <= cols, "perm outside x");
   for (int64_t n = 0; n < N; ++n)
     for (int64_t v = 0; v < V; ++v) {
       float* o = xv.data() + (n * V + v) * P;
       const float* xn = xp + n * cols;
       if (in_order && sp) {
-        for (int64_t j = 0; j < P; ++j) o[j] = xn[j] * sp[v * P + j];
+        for (int64_t j = 0; j < K; ++j) o[j] = xn[j] * sp[v * P + j];
       } else if (in_order) {
-        std::memcpy(o, xn, P * sizeof(float));
+        std::memcpy(o, xn, K * sizeof(float));
       } else {
         for (int64_t j = 0; j < P; ++j) {
           const int64_t c = pp[j];
@@ -291,7 +294,7 @@ void check_bitpart(const at::Tensor& perm, const at::Tensor& scale, const at::Te
 }
 
 // y (N, rows) += the BitPart's product with x (N, cols), both fp32 contiguous (parts checked);
-// in_order: perm is 0 .. P - 1 (BitPart.in_order, recorded when the part is built)
+// in_order: perm is 0 .. K - 1 then -1 (BitPart.in_order, recorded when the part is built)
 void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& perm,
                   const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
                   const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,

@@ -57,7 +57,7 @@ void store(const float* acc, int64_t n, int64_t rows, const T* bias, T* out) {
 }
 
 // the checks of one form's tensors as form_gemv takes them (x's width not included); a part
-// flagged in order has perm 0 .. P - 1
+// flagged in order has perm 0 .. K - 1, then only padding (-1)
 void check_form(int64_t rows, at::TensorList parts, at::TensorList sparse, int64_t groupsize,
                 at::IntArrayRef in_order) {
   check(parts.size() % BITPART_ARGS == 0 &&
@@ -70,7 +70,9 @@ void check_form(int64_t rows, at::TensorList parts, at::TensorList sparse, int64
     check(a[7].size(2) == rows, "a part's rows are not y's");
     if (in_order[i / BITPART_ARGS]) {
       const int64_t* pp = a[0].data_ptr<int64_t>();
-      for (int64_t j = 0; j < a[0].size(0); ++j) check(pp[j] == j, "a part's perm is not in order");
+      int64_t K = a[0].size(0);
+      while (K > 0 && pp[K - 1] < 0) --K;  // the padding
+      for (int64_t j = 0; j < K; ++j) check(pp[j] == j, "a part's perm is not in order");
     }
   }
   if (!sparse.empty()) {

@@ -44,7 +44,7 @@ class BitPart:
     cidx: Tensor
     fac: Tensor
     coef: Tensor
-    in_order: bool = False  # perm is 0 … width − 1: the part's columns are x's first, in order
+    in_order: bool = False  # perm is 0 … k − 1, then −1 padding: x's first k columns, in order
 
     @property
     def width(self) -> int:
@@ -119,6 +119,12 @@ class ChainForm:
 
 
 # -- building a BitPart ---------------------------------------------------------------------
+def _in_order(perm: Tensor) -> bool:
+    """Whether perm (P,) is 0 … k − 1 followed only by padding (−1): the columns in place."""
+    k = int((perm >= 0).sum())
+    return torch.equal(perm[:k], torch.arange(k)) and bool((perm[k:] < 0).all())
+
+
 def segments(columns: list[Tensor], device) -> tuple[Tensor, Tensor]:
     """perm (P,) and seg (nseg + 1,) byte offsets from each segment's column indices."""
     perm, seg = [], [0]
@@ -219,7 +225,7 @@ class PartBuilder:
             fac=torch.tensor([f for k in keys for f in sums[k].values()], dtype=torch.float32,
                              device=self.device),
             coef=coef,
-            in_order=torch.equal(self.perm.cpu(), torch.arange(self.perm.shape[0])))
+            in_order=_in_order(self.perm.cpu()))
 
 
 __all__ = ["CHUNK", "FACTORS", "BitPart", "SparsePart", "KernelForm", "ChainForm", "PartBuilder",
