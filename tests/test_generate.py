@@ -134,3 +134,86 @@ def test_an_empty_prompt_without_any_start_token_is_refused(stories_model):
 
     with pytest.raises(EmptyPrompt, match="pass some text"):
         generate(stories_model, Bare(), "", max_new_tokens=3)
+
+
+# -- chat and streaming -------------------------------------------------------------------------
+TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+class Recorder:
+    """A streamer (transformers' interface) that keeps every put and counts the ends."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, ids):
+        self.puts.append(ids.reshape(-1).clone())
+
+    def end(self):
+        self.ends += 1
+
+
+@pytest.fixture
+def chat_tokenizer(stories_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(stories_tokenizer)
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("loop", ["lean", "transformers"])
+def test_chat_sends_the_templated_turns_and_returns_the_reply_alone(stories_model,
+                                                                     chat_tokenizer, loop):
+    res = generate(stories_model, chat_tokenizer, "Tell a story", system="Be brief",
+                   chat=True, max_new_tokens=6, exact_length=True, loop=loop)
+    ids = chat_tokenizer("system: Be brief\nuser: Tell a story\nassistant:",
+                         add_special_tokens=False,  # a template places its own special tokens
+                         return_tensors="pt").input_ids  # the template, rendered by hand
+    assert res.prompt_tokens == ids.shape[1]
+    with torch.no_grad():
+        out = stories_model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                     pad_token_id=0)
+    assert res.text == chat_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Tell a story" not in res.text
+
+
+def test_chat_without_a_template_or_a_system_prompt_without_chat_is_refused(
+        capsys, stories_model, stories_tokenizer, stories_path):
+    from conftest import one_line_error
+
+    from binllm.evaluation.generate import LoopError, NoChatTemplate
+
+    with pytest.raises(NoChatTemplate, match="drop --chat"):
+        generate(stories_model, stories_tokenizer, "hi", chat=True, max_new_tokens=2)
+    with pytest.raises(LoopError, match="chat=True"):
+        generate(stories_model, stories_tokenizer, "hi", system="x", max_new_tokens=2)
+    code, _, err = run(capsys, "generate", stories_path, "hi", "--original", "--chat")
+    one_line_error(code, err, "no chat template", "drop --chat")
+    code, _, err = run(capsys, "generate", stories_path, "hi", "--original", "--system", "x")
+    one_line_error(code, err, "--system needs --chat")
+
+
+@pytest.mark.parametrize("loop", ["lean", "transformers"])
+def test_the_streamer_gets_the_prompt_then_every_new_token_once(stories_model,
+                                                                stories_tokenizer, loop):
+    rec = Recorder()
+    res = generate(stories_model, stories_tokenizer, "Once upon", max_new_tokens=5,
+                   exact_length=True, loop=loop, streamer=rec)
+    prompt = stories_tokenizer("Once upon", return_tensors="pt").input_ids[0]
+    assert torch.equal(rec.puts[0], prompt) and rec.ends == 1
+    new = torch.cat(rec.puts[1:])
+    assert new.numel() == res.new_tokens == 5
+    assert stories_tokenizer.decode(torch.cat([prompt, new]), skip_special_tokens=True) == \
+        res.text
+
+
+def test_cli_streams_the_same_text_it_prints_without_streaming(capsys, stories_path):
+    args = ("generate", stories_path, "Once upon a time", "--original", "--max-new-tokens",
+            "6", "--exact-length")
+    _, plain, _ = run(capsys, *args)
+    code, streamed, _ = run(capsys, *args, "--stream")
+    assert code == 0
+    text = plain.split("\n[6 new tokens")[0]
+    assert streamed.startswith(text) and "[6 new tokens" in streamed

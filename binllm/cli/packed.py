@@ -63,7 +63,7 @@ def cmd_inspect(args) -> int:
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a saved binllm model")
     p.add_argument("model", help="directory written by `binllm quantize … --out DIR`")
-    p.add_argument("prompt", help="text to continue")
+    p.add_argument("prompt", help="text to continue (with --chat: the user's message)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0,
@@ -85,6 +85,13 @@ def add_generate(sub) -> None:
     p.add_argument("--loop", default="auto", choices=["auto", "lean", "transformers"],
                    help="what runs the tokens: binllm's lean decode loop (LLaMA, Mistral, "
                         "Qwen2), transformers' generate, or auto (lean where it applies)")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user's message through the tokenizer's chat template "
+                        "and print the model's reply (chat / instruct models)")
+    p.add_argument("--system", default=None,
+                   help="with --chat: a system message before the user's")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as the tokens are generated")
     p.add_argument("--original", action="store_true",
                    help="MODEL is an ordinary (dense) Hugging Face model, e.g. the original a "
                         "binllm directory was made from: generate with it the same way")
@@ -98,6 +105,8 @@ def cmd_generate(args) -> int:
         raise CLIError("--max-new-tokens must be at least 1")
     if args.threads < 0:
         raise CLIError(f"--threads {args.threads}: use 1 or more (0 = torch's default)")
+    if args.system is not None and not args.chat:
+        raise CLIError("--system needs --chat (the chat template places the system message)")
     if args.original:
         if is_binllm_dir(args.model):
             raise CLIError(f"{args.model} is a binllm directory; drop --original")
@@ -129,12 +138,21 @@ def _generate(args) -> int:
     slow = bf16_speed_note(getattr(model, "dtype", None), args.device)
     if slow:
         print(f"note: {slow}", file=sys.stderr)
+    streamer = None
+    if args.stream:  # the prompt as given, then each piece of text as its tokens arrive
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
     res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   device=args.device, exact_length=args.exact_length, loop=args.loop)
+                   device=args.device, exact_length=args.exact_length, loop=args.loop,
+                   chat=args.chat, system=args.system, streamer=streamer)
     if res.note:
         print(f"note: {res.note}", file=sys.stderr)
-    print(res.text)
+    if streamer is None:
+        print(res.text)
     print(f"\n[{res.new_tokens} new tokens in {res.seconds:.2f} s, "
           f"{res.tokens_per_s:.1f} tokens/s, {res.loop} loop]")
     return 0

@@ -13,6 +13,10 @@ logits (a repetition penalty, banned words, …; `unapplied_settings`), else tra
 `exact_length` bans the end-of-sequence tokens, as transformers' `min_new_tokens` does. A prompt and
 `max_new_tokens` that do not fit the model's context together are refused (ContextError);
 an empty prompt starts from the beginning-of-sequence token, and `Generation.note` says so.
+`chat` wraps the prompt as one user turn (after an optional system turn) in the tokenizer's
+chat template, ready for the assistant's reply, and `Generation.text` is the reply alone.
+`streamer` is anything with transformers' streamer interface (`put(ids)`, `end()`, e.g.
+`transformers.TextStreamer`): it gets the prompt's ids, then each new token as it is picked.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class EmptyPrompt(BinllmError, ValueError):
     """An empty prompt and a tokenizer with no beginning-of-sequence token to start from."""
 
 
+class NoChatTemplate(BinllmError, ValueError):
+    """Chat asked of a tokenizer that has no chat template (a base model's)."""
+
+
 class LoopError(BinllmError, ValueError):
     """A decode loop that does not exist or cannot run the model, or a bad sampling setting."""
 
@@ -61,13 +69,17 @@ class Generation:
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             device: str = "cpu", exact_length: bool = False,
-             loop: str = "auto") -> Generation:
-    """Continue `prompt`; temperature 0 is greedy. exact_length: generate exactly
-    max_new_tokens (no stop at the end-of-sequence token; for timing). loop: see the module."""
+             device: str = "cpu", exact_length: bool = False, loop: str = "auto",
+             chat: bool = False, system: str | None = None,
+             streamer: Any = None) -> Generation:
+    """Continue `prompt` (chat: answer it as the user's turn, after `system`'s); temperature 0
+    is greedy. exact_length: generate exactly max_new_tokens (no stop at the end-of-sequence
+    token; for timing). loop, chat, streamer: see the module."""
     import torch
 
-    ids, note = prompt_ids(tokenizer, prompt)
+    if system is not None and not chat:
+        raise LoopError("a system prompt needs chat=True (the chat template places it)")
+    ids, note = chat_ids(tokenizer, prompt, system) if chat else prompt_ids(tokenizer, prompt)
     check_room(model, ids.shape[1], max_new_tokens)
     ids = ids.to(device)
     if not 0 < top_p <= 1:
@@ -83,10 +95,10 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
             out = lean_generate(model, ids, max_new_tokens, temperature=temperature,
                                 top_p=top_p, top_k=TOP_K if top_k is None else top_k,
                                 eos=None if exact_length else eos,
-                                banned=eos if exact_length else None, generator=gen)
+                                banned=eos if exact_length else None, generator=gen,
+                                streamer=streamer)
             seconds = time.perf_counter() - start
-        return Generation(tokenizer.decode(out[0], skip_special_tokens=True), ids.shape[1],
-                          out.shape[1] - ids.shape[1], seconds, note, loop)
+        return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat)
     sample: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sample = {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -96,10 +108,17 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
     pad = tokenizer.eos_token_id if pad is None else pad
     with torch.no_grad():
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sample)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             attention_mask=torch.ones_like(ids), streamer=streamer, **sample)
         seconds = time.perf_counter() - start
-    return Generation(tokenizer.decode(out[0], skip_special_tokens=True), ids.shape[1],
-                      out.shape[1] - ids.shape[1], seconds, note, loop)
+    return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat)
+
+
+def _result(tokenizer: Any, out, n: int, seconds: float, note: str, loop: str,
+            chat: bool) -> Generation:
+    """The Generation of out (1, n + new): the whole text, or the reply alone in a chat."""
+    text = tokenizer.decode(out[0, n:] if chat else out[0], skip_special_tokens=True)
+    return Generation(text, n, out.shape[1] - n, seconds, note, loop)
 
 
 def pick_loop(model: Any, loop: str, positions: int, sampling: bool = False) -> str:
@@ -150,6 +169,20 @@ def prompt_ids(tokenizer: Any, prompt: str):
                           "token to start from; pass some text to continue")
     return torch.tensor([[bos]]), ("the prompt is empty: generating from the "
                                    f"beginning-of-sequence token (id {bos})")
+
+
+def chat_ids(tokenizer: Any, prompt: str, system: str | None = None):
+    """(token ids (1, n), note): a conversation of one user turn (after a system turn where
+    `system` is given) through the tokenizer's chat template, ending where the assistant's
+    reply starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate("the tokenizer has no chat template (a base model's tokenizer, "
+                             "not a chat model's); drop --chat to continue the text as it is")
+    turns = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    enc = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    return enc["input_ids"], ""
 
 
 def check_room(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -159,11 +159,14 @@ class LeanDecoder:
 def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                   top_p: float = 1.0, top_k: int = 0, eos: set[int] | None = None,
                   banned: set[int] | None = None,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, streamer: Any = None) -> Tensor:
     """ids (1, n + new): the prompt ids (1, n) continued by up to max_new_tokens tokens, greedy
     at temperature 0, else sampled (temperature, top_k, nucleus top_p); stops after a token in
-    `eos`; never picks a token in `banned` (transformers' min_new_tokens bans the end token)."""
+    `eos`; never picks a token in `banned` (transformers' min_new_tokens bans the end token).
+    streamer (transformers' interface): `put` the prompt's ids, then each token; `end` last."""
     decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens)
+    if streamer is not None:
+        streamer.put(ids)
     ban = torch.tensor(sorted(banned or ()), dtype=torch.long, device=ids.device)
     out = [ids[0]]
     step = ids
@@ -173,9 +176,13 @@ def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: 
             logits = logits.index_fill(0, ban, float("-inf"))
         token = pick(logits, temperature, top_p, generator, top_k)
         out.append(token.view(1))
+        if streamer is not None:
+            streamer.put(token.view(1))
         if eos and int(token) in eos:
             break
         step = token.view(1, 1)
+    if streamer is not None:
+        streamer.end()
     return torch.cat(out)[None]
 
 
