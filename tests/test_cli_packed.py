@@ -62,6 +62,25 @@ def test_eval_of_the_saved_directory_reproduces_the_in_memory_perplexity(capsys,
     assert ppl == pytest.approx(report["perplexity"]["tinystories"]["ppl"], rel=1e-5)
 
 
+def test_eval_with_the_int8_prefill_is_close_to_the_exact_perplexity(capsys, saved, data,
+                                                                      tmp_path, stories_path):
+    out, _ = saved
+    ppl = {}
+    for prefill in ("exact", "int8"):
+        report = tmp_path / f"{prefill}.json"
+        code, _, err = run_cli(capsys, "eval", out, "--datasets", "tinystories", "--max-windows",
+                               "2", "--seqlen", "64", "--data-dir", data, "--prefill", prefill,
+                               "--report", report)
+        assert code == 0, err
+        doc = json.loads(report.read_text())
+        assert doc["prefill"] == prefill
+        ppl[prefill] = doc["perplexity"]["tinystories"]["ppl"]
+    assert ppl["int8"] != ppl["exact"] and ppl["int8"] == pytest.approx(ppl["exact"], rel=0.02)
+    code, _, err = run_cli(capsys, "eval", stories_path, "--datasets", "tinystories",
+                           "--data-dir", data, "--prefill", "int8")
+    assert code == 2 and "has none (drop --prefill)" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("cache", [[], ["--no-cache"], ["--cache-dequantized"]])
 def test_generate_continues_the_prompt(capsys, saved, cache):
     out, _ = saved

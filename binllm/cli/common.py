@@ -149,6 +149,24 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="load dtype (auto: the checkpoint's)")
 
 
+def add_prefill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", default="exact", choices=["exact", "int8"],
+                   help="how packed layers compute prompts and perplexity windows on the CPU: "
+                        "exact (fp32 sums of the binary weights), or int8 (x and the rebuilt "
+                        "weight rows rounded to 8 bits: faster, approximate); decode stays exact")
+
+
+def apply_prefill(model, args) -> None:
+    """Turn the int8 prefill on in every packed layer where --prefill int8 asks for it."""
+    if args.prefill == "exact":
+        return
+    from ..packed.layers import set_int8_prefill
+
+    if not set_int8_prefill(model, True):
+        raise CLIError(f"--prefill {args.prefill} applies to the packed layers of a saved "
+                       f"binllm model; {args.model} has none (drop --prefill)")
+
+
 def window_count(value: str) -> int | None:
     """--max-windows: a number, or 'all' (None)."""
     if value.strip().lower() == "all":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .common import (CLIError, add_common, csv_list, evaluate_datasets, load_model,
-                     print_ppl_table, resolve_seqlen, write_json_atomic)
+from .common import (CLIError, add_common, add_prefill, apply_prefill, csv_list,
+                     evaluate_datasets, load_model, print_ppl_table, resolve_seqlen,
+                     write_json_atomic)
 from .guards import bf16_speed_note
 from .lmeval import add_lm_eval_args, check_lm_eval, run_lm_eval
 
@@ -14,6 +15,7 @@ def add_eval(sub) -> None:
     p.add_argument("--datasets", default="wikitext2,ptb,c4",
                    help="perplexity datasets ('' for none)")
     add_common(p)
+    add_prefill(p)
     add_lm_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -24,6 +26,7 @@ def cmd_eval(args) -> int:
                        "--tasks are given; pass e.g. --datasets wikitext2 or --tasks arc_easy")
     task_manager = check_lm_eval(args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    apply_prefill(model, args)
     slow = bf16_speed_note(getattr(model, "dtype", None), args.device)
     if slow:
         print(f"note: {slow}")
@@ -34,7 +37,8 @@ def cmd_eval(args) -> int:
     lm_eval = run_lm_eval(model, tokenizer, args, args.model, task_manager)
     if args.report:
         write_json_atomic(args.report, {"command": "eval", "model": args.model,
-                                        "seqlen": seqlen, "perplexity": results,
+                                        "seqlen": seqlen, "prefill": args.prefill,
+                                        "perplexity": results,
                                         "lm_eval": lm_eval})
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..packed.output import is_binllm_dir
-from .common import CLIError, load_saved, write_json_atomic
+from .common import CLIError, add_prefill, apply_prefill, load_saved, write_json_atomic
 from .guards import bf16_speed_note, read_config
 
 
@@ -92,6 +92,7 @@ def add_generate(sub) -> None:
                    help="with --chat: a system message before the user's")
     p.add_argument("--stream", action="store_true",
                    help="print the text as the tokens are generated")
+    add_prefill(p)
     p.add_argument("--original", action="store_true",
                    help="MODEL is an ordinary (dense) Hugging Face model, e.g. the original a "
                         "binllm directory was made from: generate with it the same way")
@@ -134,6 +135,7 @@ def _generate(args) -> int:
     else:  # kernel forms are derived here, at load, not inside the timed generation
         model, tokenizer = load_saved(args.model, args.dtype)
         set_cache_dequantized(model, args.cache_dequantized and not args.no_cache)
+    apply_prefill(model, args)
     model.to(args.device)
     slow = bf16_speed_note(getattr(model, "dtype", None), args.device)
     if slow:

@@ -9,9 +9,11 @@ chosen kernel's forward with the dispatch below decided once. Outside the regist
 `uniform8_linear` and `uniform8_linear_bf16` (8-bit UniformCodes read in place: a q8 table as
 the output layer) are called directly by `binllm.packed.embedding`'s TiedHead; they are CPU
 kernels only, with no CUDA or Triton counterpart (elsewhere they return None and the head takes
-the kernel form's path). `rms_norm` and `decode_attention` (`binllm.kernels.decode_ops`) are the
-lean decode loop's fused glue: RMSNorm, and rotary embedding, cache write and attention of one
-token, each one compiled CPU call (None where it does not apply: the caller's torch ops run).
+the kernel form's path). `int8_linear` is the int8 prefill (`binllm.kernels.cpu_int8`): an
+approximate prompt product in 8-bit integer arithmetic that a layer takes only when asked.
+`rms_norm` and `decode_attention` (`binllm.kernels.decode_ops`) are the lean decode loop's
+fused glue: RMSNorm, and rotary embedding, cache write and attention of one token, each one
+compiled CPU call (None where it does not apply: the caller's torch ops run).
 `binllm.kernels.cpu_features` says what the CPU is (its flag line, whether it multiplies bf16
 in hardware), standard library only, so the CLI can ask without loading the kernels.
 """
@@ -54,6 +56,14 @@ def uniform8_linear_bf16(q: Tensor, scale: Tensor, zero: Tensor, groupsize: int,
     return cpu.uniform8_linear_bf16(q, scale, zero, groupsize, x)
 
 
+def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
+    """F.linear(x, Ŵ, bias) approximated in int8 arithmetic for a prompt on the CPU (the
+    int8 prefill, an option: `binllm.kernels.cpu_int8`), or None where it does not apply."""
+    from . import cpu_int8  # compiled kernels on first use
+
+    return cpu_int8.int8_linear(form, x, bias)
+
+
 def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, Ŵ, bias) for x (..., cols) of any float dtype, computed from the form."""
     y = form_matmul(form, x.reshape(-1, form.cols)).to(x.dtype)
@@ -63,5 +73,5 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
            "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
-           "DecoderFn", "form_decoder", "uniform8_linear",
+           "DecoderFn", "form_decoder", "int8_linear", "uniform8_linear",
            "uniform8_linear_bf16", "rms_norm", "decode_attention"]

@@ -41,7 +41,7 @@ prefill path):
   one-time warning (logging) says why.
 
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
-weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_uniform8.cpp` the 8-bit codes read in
+weights, `cpu_prefill.cpp` the prefill rebuilds (and the int8 prefill's rows, `cpu_int8`), `cpu_uniform8.cpp` the 8-bit codes read in
 place, `cpu_decode.cpp` the lean decode loop's fused glue (`binllm.kernels.decode_ops`),
 `cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
 `cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension (-O3
@@ -56,6 +56,7 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,22 +325,37 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
     Where the CPU has no bf16 instructions (`fast_bf16_matmul`), the fp32 GEMM multiplies the
     same bf16 values instead and y is rounded once to bf16.
     """
-    ops = torch.ops.binllm_cpu
-    N, K = x.shape[0], sum(part.width for part in form.parts)
+    xs = columns_bf16(form, x)
+    y = torch.empty(x.shape[0], form.rows, dtype=torch.bfloat16)
+    xs32 = None if fast_bf16_matmul() else xs.float()
+    for r0, w in rows_bf16(form, impl):
+        _mm_bf16(xs, w, y[:, r0:r0 + w.shape[0]], xs32)
+    return y
+
+
+def columns_bf16(form: KernelForm, x: Tensor) -> Tensor:
+    """Every part's x columns side by side (N, K) bf16, for x (N, cols) bf16 contiguous: the
+    GEMM operand matching `rows_bf16`'s rows (x itself where its columns are in order)."""
     if _in_order(form):
-        xs = x
-    else:
-        xs = torch.empty(N, K, dtype=torch.bfloat16)  # every part's x columns, side by side
-        c0 = 0
-        for part in form.parts:
-            ops.columns_bf16(x, part.perm, xs[:, c0:c0 + part.width])
-            c0 += part.width
+        return x
+    xs = torch.empty(x.shape[0], sum(part.width for part in form.parts), dtype=torch.bfloat16)
+    c0 = 0
+    for part in form.parts:
+        torch.ops.binllm_cpu.columns_bf16(x, part.perm, xs[:, c0:c0 + part.width])
+        c0 += part.width
+    return xs
+
+
+def rows_bf16(form: KernelForm, impl: str = "avx512") -> Iterator[tuple[int, Tensor]]:
+    """(r0, Ŵ's rows [r0, r0 + n) (n, K) bf16) chunk by chunk: every part's rows side by side
+    in `columns_bf16`'s column order, PB-LLM's salient levels written in. The chunks share one
+    buffer: each is valid until the next is made."""
+    ops = torch.ops.binllm_cpu
+    K = sum(part.width for part in form.parts)
     chunk = bf16_chunk_rows(K)
     buf = torch.empty(min(chunk, form.rows), K, dtype=torch.bfloat16)
     salient = _salient_entries(form, K)
     no_scale = torch.empty(0)
-    y = torch.empty(N, form.rows, dtype=torch.bfloat16)
-    xs32 = None if fast_bf16_matmul() else xs.float()
     for r0 in range(0, form.rows, chunk):
         n = min(chunk, form.rows - r0)
         c0 = 0
@@ -353,8 +369,7 @@ def _dense_chunks_bf16(form: KernelForm, x: Tensor, impl: str) -> Tensor:
             at, level = salient
             k = slice(int(form.sparse.rowptr[r0]), int(form.sparse.rowptr[r0 + n]))
             buf.view(-1)[at[k] - r0 * K] = level[k]
-        _mm_bf16(xs, buf[:n], y[:, r0:r0 + n], xs32)
-    return y
+        yield r0, buf[:n]
 
 
 def _in_order(form: KernelForm) -> bool:

@@ -221,6 +221,8 @@ TORCH_LIBRARY(binllm_cpu, m) {
   m.def("bitpart_dense_bf16(Tensor planes, Tensor terms, Tensor cptr, Tensor cidx, Tensor fac, "
         "Tensor coef, Tensor seg, Tensor scale, int r0, Tensor(a!) out, int impl) -> ()");
   m.def("columns_bf16(Tensor x, Tensor perm, Tensor(a!) out) -> ()");
+  m.def("rows_int8(Tensor src, Tensor(a!) q, Tensor(b!) scale) -> ()");
+  m.def("scale_int32(Tensor acc, Tensor sx, Tensor sw, Tensor(a!) y) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
         "Tensor sub, int groupsize, Tensor(a!) y, int impl) -> ()");
   m.def("form_gemv(Tensor x, int rows, Tensor[] parts, Tensor[] sparse, int groupsize, "
@@ -237,6 +239,8 @@ TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
   m.impl("bitpart_dense", binllm_cpu::bitpart_dense);
   m.impl("bitpart_dense_bf16", binllm_cpu::bitpart_dense_bf16);
   m.impl("columns_bf16", binllm_cpu::columns_bf16);
+  m.impl("rows_int8", binllm_cpu::rows_int8);
+  m.impl("scale_int32", binllm_cpu::scale_int32);
   m.impl("sparse", binllm_cpu::sparse);
   m.impl("form_gemv", binllm_cpu::form_gemv);
   m.impl("uniform8_gemv", binllm_cpu::uniform8_gemv);

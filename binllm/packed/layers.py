@@ -16,6 +16,10 @@ the on-disk keys and `.to(device)` moves them. Three forwards, chosen per layer:
 - `cache_dequantized`: the reference weight is kept after the first forward (memory of an fp
   weight, speed of nn.Linear) until the buffers change.
 
+`int8_prefill` (off unless `set_int8_prefill` turns it on) sends a prompt's product (more than
+`GEMV_MAX` rows, on the CPU) to the int8 prefill (`binllm.kernels.int8_linear`): faster, and
+approximate (x and Ŵ's rows rounded to int8), so it is the user's choice; decode stays exact.
+
 One representation at a time: a layer loaded from a saved directory (`binllm.load`,
 `from_pretrained`) gets a `PackedSource` (`binllm.packed.source`: its shard, byte ranges and
 sha256) and releases its packed buffers once the representation its forward computes from is
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import DecoderFn, form_decoder, form_linear, layer_kernel
+from ..kernels import DecoderFn, form_decoder, form_linear, int8_linear, layer_kernel
 from ..kernels import cpu as kernels_cpu
 from ..kernels.form import KernelForm, kernel_form
 from .layout import PackedLayout, pack, unpack
@@ -64,6 +68,7 @@ class BinaryLinear(nn.Module):
             self.register_parameter("bias", None)
         self.cache_dequantized = cache_dequantized
         self.kernels = kernels
+        self.int8_prefill = False  # set_int8_prefill: prompts in int8 arithmetic
         self._cached: Tensor | None = None
         self._form: KernelForm | None = None
         self._decode: DecoderFn | None = None  # the form's decoder, bound at its first forward
@@ -228,6 +233,10 @@ class BinaryLinear(nn.Module):
         return self._form
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int8_prefill and self.kernels:
+            y = int8_linear(self.kernel_form(), x, self._parameters["bias"])
+            if y is not None:  # a prompt on the CPU; None: decode and the rest, below
+                return y
         if self._dense_held:
             return self.dense_linear(x)
         if self._decode is not None and self.kernels and not self.cache_dequantized:
@@ -350,6 +359,12 @@ def _set_all(model: nn.Module, attr: str, enabled: bool) -> int:
 def set_cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
     """Turn weight caching on or off in every BinaryLinear; returns how many there are."""
     return _set_all(model, "cache_dequantized", enabled)
+
+
+def set_int8_prefill(model: nn.Module, enabled: bool = True) -> int:
+    """Compute prompts (more than GEMV_MAX rows on the CPU) of every BinaryLinear by the int8
+    prefill, approximate and faster (True), or exactly (False); returns how many there are."""
+    return _set_all(model, "int8_prefill", enabled)
 
 
 def set_kernels(model: nn.Module, enabled: bool = True) -> int:

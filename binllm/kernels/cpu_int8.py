@@ -1,0 +1,64 @@
+"""The int8 prefill of packed layers: a prompt's product in 8-bit integer arithmetic (an option).
+
+`int8_linear(form, x, bias)` approximates F.linear(x, Ŵ, bias) for a prompt x (..., cols) on
+the CPU with one int8 GEMM per row chunk (`torch._int_mm`: VNNI, or AMX-int8 where the CPU
+has it, several times the fp32 GEMM's rate): Ŵ's rows are rebuilt in bf16 as the bf16 prefill
+rebuilds them (`cpu.rows_bf16`), each row is rounded to symmetric int8 with its own scale, x's
+tokens likewise (after bf16), and
+
+    y ≈ (x_q W_qᵀ) · s_x s_wᵀ        x_q (N, K) int8, W_q (n, K) int8, s_x (N,), s_w (n,)
+
+with the int32 sums exact. The two roundings are errors the reference forward does not have
+(each value moves by at most half a step of its row's largest / 127), so this is a named
+option (`binllm.packed.layers.set_int8_prefill`), measured in perplexity, never a default. A
+chain's (binary-factor's) stages run in turn, t kept fp32 between them and rounded again for
+the next stage. It returns None for what it does not compute: decode-sized batches (at most
+`cpu.GEMV_MAX` rows, which the exact GEMV reads from the bits), inputs off the CPU or that want
+gradients, and CPUs where the compiled kernels cannot run; the caller's path computes those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from .form import KernelForm
+from .form_ref import stages_of
+
+
+def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
+    """F.linear(x, Ŵ, bias) by the int8 prefill in x's dtype, or None where it does not apply."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    if (x.device.type != "cpu" or tokens <= cpu.GEMV_MAX
+            or (x.requires_grad and torch.is_grad_enabled()) or not cpu.extension().ok):
+        return None
+    t = x.reshape(-1, form.cols)
+    for stage in stages_of(form):
+        t = form_matmul_int8(stage, t)
+    y = t.to(x.dtype).reshape(*x.shape[:-1], form.rows)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def form_matmul_int8(form: KernelForm, x: Tensor) -> Tensor:
+    """y ≈ x Ŵᵀ (N, rows) fp32 for x (N, cols) of one KernelForm (not a chain), in int8."""
+    xq, sx = quantize_rows(cpu.columns_bf16(form, x.to(torch.bfloat16).contiguous()))
+    y = torch.empty(x.shape[0], form.rows)
+    wq = sw = None
+    for r0, w in cpu.rows_bf16(form):
+        if wq is None:  # one buffer for every chunk's int8 rows
+            wq, sw = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0])
+        n = w.shape[0]
+        torch.ops.binllm_cpu.rows_int8(w, wq[:n], sw[:n])
+        acc = torch._int_mm(xq, wq[:n].T)  # (N, n) int32, exact
+        torch.ops.binllm_cpu.scale_int32(acc, sx, sw[:n], y[:, r0:r0 + n])  # acc · s_x · s_w
+    return y
+
+
+def quantize_rows(src: Tensor) -> tuple[Tensor, Tensor]:
+    """(q (n, K) int8, scale (n,) fp32): symmetric int8 rows of src (n, K) bf16, scale = max |row|
+    / 127 and q = round(src · (127 / max |row|)) to nearest even (`rows_int8`)."""
+    q = torch.empty(src.shape, dtype=torch.int8)
+    scale = torch.empty(src.shape[0])
+    torch.ops.binllm_cpu.rows_int8(src, q, scale)
+    return q, scale

@@ -1,0 +1,135 @@
+"""The int8 prefill (binllm.kernels.cpu_int8): its int8 rows against torch's ops, its product
+against the same arithmetic done naively and against the exact product, and the option's
+plumbing (layers, `binllm eval --prefill int8`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from packed_codes import HAND_BUILT
+from test_cpu_kernels import needs_extension
+from test_kernel_form import layer
+
+from binllm.engine.reconstruct import reconstruct
+from binllm.kernels import cpu, cpu_int8
+from binllm.kernels.form import kernel_form
+from binllm.kernels.form_ref import stages_of
+from binllm.methods import METHODS, get_method
+from binllm.packed.layers import BinaryLinear, set_int8_prefill
+
+pytestmark = needs_extension
+
+
+def naive_rows(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows in plain torch: scale = max |row| / 127, q = round(row · 127 / max)."""
+    v = src.float()
+    m = v.abs().amax(1)
+    # 127 / m divided (a scalar over a tensor would be m's reciprocal times 127: other bits)
+    inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))
+    return torch.round(v * inv[:, None]).to(torch.int8), m / 127
+
+
+def prompt(N, cols, seed=3):
+    x = torch.randn(N, cols, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] *= 20  # an outlier channel, as LLM activations have
+    return x
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("K", [1, 15, 16, 77, 300])
+def test_int8_rows_are_torchs_rounding_of_each_row_to_its_own_scale(K, seed):
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(9, K + 5, generator=g) * torch.logspace(-3, 3, 9)[:, None]).bfloat16()
+    wide[4] = 0  # a row of zeros: scale 0, q 0
+    src = wide[:, 2:2 + K]  # a column slice: row stride > K
+    q, scale = cpu_int8.quantize_rows(src)
+    nq, nscale = naive_rows(src)
+    assert torch.equal(q, nq) and torch.equal(scale, nscale)
+    assert int(q.abs().max()) == 127 and not q[4].any() and scale[4] == 0
+
+
+def test_scaling_back_is_acc_times_sx_times_sw_in_that_order():
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-2**20, 2**20, (37, 21), generator=g, dtype=torch.int32)
+    sx, sw = torch.rand(37, generator=g), torch.rand(21, generator=g)
+    y = torch.full((37, 30), 7.0)
+    torch.ops.binllm_cpu.scale_int32(acc, sx, sw, y[:, 4:25])
+    assert torch.equal(y[:, 4:25], acc.float() * sx[:, None] * sw[None])
+    assert (y[:, :4] == 7).all() and (y[:, 25:] == 7).all()  # only its columns written
+
+
+@pytest.mark.parametrize("name", ["q1_0", "rtn-sign"])
+def test_in_order_forms_give_the_naive_int8_product_of_the_bf16_weight(name):
+    """One part over x's columns in order (cols a multiple of 8): the rebuilt rows are
+    Ŵ.to(bf16) exactly, so the whole product is the naive int8 arithmetic bit for bit."""
+    W, H = layer(40, 256)
+    codes = reconstruct(W, H, get_method(name), block_size=128).codes
+    form = kernel_form(codes)
+    x = prompt(45, 256).bfloat16()
+    wq, sw = naive_rows(codes.dequantize().bfloat16())
+    xq, sx = naive_rows(x)
+    ref = (xq.long() @ wq.long().T).float() * sx[:, None] * sw[None]
+    assert torch.equal(cpu_int8.form_matmul_int8(form, x), ref)
+
+
+def check_within_rounding(form, x, Q):
+    """|y − x Ŵᵀ| within what the two roundings allow, entry by entry: each x value moves by at
+    most half its token's step s_x (after bf16, 2⁻⁹ relative), each rebuilt weight by half its
+    row's step s_w (after bf16); so |err| ≤ Σ_j |x_j| δw_j + |w_j| δx_j + δx_j δw_j."""
+    y = cpu_int8.int8_linear(form, x)
+    if len(stages_of(form)) > 1:  # a chain rounds t again between its stages: within 5 %
+        ref = x.double() @ Q.double().T
+        assert float((y.double() - ref).norm() / ref.norm()) < 0.05
+        return
+    sw = torch.zeros(form.rows)
+    for r0, w in cpu.rows_bf16(form):  # the rows the kernel rounds, padding columns included
+        sw[r0:r0 + w.shape[0]] = w.float().abs().amax(1) / 127
+    sx = x.bfloat16().float().abs().amax(1) / 127
+    dx = sx[:, None] / 2 + x.abs() * 2**-8  # (N, cols)
+    dw = sw[:, None] / 2 + Q.abs() * 2**-8  # (rows, cols)
+    bound = x.abs() @ dw.T + dx @ Q.abs().T + dx @ dw.T
+    err = (y - x @ Q.T).abs()
+    assert (err <= bound * 1.001 + 1e-5).all(), float((err / bound).max())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_is_within_the_roundings_of_the_exact_product(name):
+    """Odd shapes, columns gathered and padded, chains (binary-factor), PB-LLM's salient levels."""
+    for rows, cols in [(37, 300), (11, 200)]:
+        W, H = layer(rows, cols)
+        codes = reconstruct(W, H, get_method(name), block_size=128).codes
+        check_within_rounding(kernel_form(codes), prompt(cpu.GEMV_MAX + 9, cols),
+                              codes.dequantize())
+
+
+@pytest.mark.parametrize("kind", list(HAND_BUILT))
+def test_hand_built_codes_are_within_the_roundings_of_the_exact_product(kind):
+    codes = HAND_BUILT[kind]()
+    check_within_rounding(kernel_form(codes), prompt(cpu.GEMV_MAX + 1, codes.shape[1]),
+                          codes.dequantize())
+
+
+def test_decode_batches_gradients_and_other_devices_are_left_to_the_exact_path():
+    W, H = layer(16, 64)
+    form = kernel_form(reconstruct(W, H, get_method("q1_0"), block_size=64).codes)
+    assert cpu_int8.int8_linear(form, prompt(cpu.GEMV_MAX, 64)) is None
+    assert cpu_int8.int8_linear(form, prompt(cpu.GEMV_MAX + 1, 64).requires_grad_()) is None
+    assert cpu_int8.int8_linear(form, prompt(cpu.GEMV_MAX + 1, 64).to("meta")) is None
+
+
+def test_a_layer_takes_the_int8_prefill_only_for_prompts_and_only_when_asked():
+    W, H = layer(24, 96)
+    codes = reconstruct(W, H, get_method("arb-llm-rc"), block_size=32).codes
+    lin = BinaryLinear.from_codes(codes, bias=torch.randn(24))
+    model = torch.nn.Sequential(lin)
+    x = prompt(2 * cpu.GEMV_MAX, 96).reshape(2, cpu.GEMV_MAX, 96)  # (batch, tokens, cols)
+    step = prompt(3, 96)
+    with torch.no_grad():
+        exact, exact_step = model(x), model(step)
+        assert set_int8_prefill(model) == 1
+        y, y_step = model(x), model(step)
+        assert not torch.equal(y, exact) and torch.equal(y_step, exact_step)  # decode: exact
+        ref = x.reshape(-1, 96) @ codes.dequantize().T + lin.bias
+        assert float((y.reshape(-1, 24) - ref).norm() / ref.norm()) < 0.05
+        set_int8_prefill(model, False)
+        assert torch.equal(model(x), exact)
