@@ -42,11 +42,12 @@ prefill path):
 
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
 weights, `cpu_prefill.cpp` the prefill rebuilds (and the int8 rows of `cpu_int8`),
-`cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's
-fused glue (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
-`cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension (-O3
--march=native) into torch's extension cache under a name keyed by every source's bytes, the
-header's and this CPU's flags (a changed file builds anew), and reused afterwards.
+`cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
+glue (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the `Decoder` class and the
+bindings; their shared declarations in `cpu_kernels.h`) is one module, built on first use with
+torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
+by every source's bytes, the header's and this CPU's flags (a changed file builds anew), and
+reused afterwards.
 """
 
 from __future__ import annotations
