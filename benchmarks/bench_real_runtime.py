@@ -14,6 +14,11 @@ One run, one machine, one prompt, for each model:
 - **prompt**: tokens/s of one forward over a 512-token prompt, at 1 and 2 threads;
 - **size**: bytes of the model's files.
 
+With `--int8-prefill` each packed model gets a second row with its prompts and evaluation
+windows computed by the int8 prefill (`binllm eval|generate --prefill int8`: x and the
+rebuilt weight rows rounded to int8, one int8 GEMM; decode is the exact path and is not
+repeated): its perplexity shows what the approximation costs.
+
 Packed models are saved once into --work (`binllm quantize … --no-eval --out`, the
 benchmark protocol's calibration: 32 × 2048 tokens of wikitext2 validation) and reused.
 llama.cpp rows are added where `llama-cpp-python` is installed and a GGUF is given.
@@ -97,6 +102,21 @@ def speeds(model, tokens) -> dict:
     return out
 
 
+def int8_row(model, name: str, file_bytes: int, tokens, windows: int) -> dict:
+    """Evaluation and prompt speed of a packed model with the int8 prefill turned on."""
+    from binllm.packed.layers import set_int8_prefill
+
+    set_int8_prefill(model, True)
+    row = {"model": name, "file_bytes": file_bytes}
+    row["eval_s"], row["ppl"] = eval_seconds(model, tokens, windows, True)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        row[f"prompt_tps_{threads}t"] = prompt_tps(model, tokens[:, :PREFILL_TOKENS])
+    torch.set_num_threads(2)
+    set_int8_prefill(model, False)
+    return row
+
+
 def decode_cell(row: dict, threads: int) -> str:
     """Decode tokens/s of the lean loop, transformers' in brackets where measured."""
     cell = f"{row.get(f'decode_tps_{threads}t', float('nan')):.1f}"
@@ -148,6 +168,11 @@ def main() -> int:
     ap.add_argument("--kernel-windows", type=int, default=4)
     ap.add_argument("--gguf", type=Path, action="append", default=[],
                     help="GGUF files for llama.cpp rows (repeatable)")
+    ap.add_argument("--packed-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype packed models load in (their unchanged tensors: embeddings, "
+                         "norms, lm_head; float32 on a CPU without bf16 instructions)")
+    ap.add_argument("--int8-prefill", action="store_true",
+                    help="also time each packed model's prompt and evaluation in int8")
     ap.add_argument("--stem", default="real_runtime",
                     help="results file name in benchmarks/results/ (STEM.json, STEM.md)")
     args = ap.parse_args()
@@ -174,8 +199,10 @@ def main() -> int:
     for k, spec in enumerate(m for m in args.methods.split(",") if m):
         method, *extra = spec.split("+")
         path = saved_model(model_path, method, args.work, extra)
-        model = binllm.load(path, dtype=torch.bfloat16).eval()
-        row = {"model": f"binllm {spec}", "file_bytes": files_bytes(path)}
+        model = binllm.load(path, dtype=getattr(torch, args.packed_dtype)).eval()
+        name = f"binllm {spec}" + ("" if args.packed_dtype == "bfloat16" else
+                                   f" ({args.packed_dtype})")
+        row = {"model": name, "file_bytes": files_bytes(path)}
         row["eval_s"], row["ppl"] = eval_seconds(model, tokens, args.windows, True)
         if k == 0 and args.kernel_windows:
             secs, _ = eval_seconds(model, tokens, args.kernel_windows, False)
@@ -183,6 +210,10 @@ def main() -> int:
         row.update(speeds(model, tokens))
         rows.append(row)
         print(row, flush=True)
+        if args.int8_prefill:
+            rows.append(int8_row(model, f"{name} --prefill int8", row["file_bytes"], tokens,
+                                 args.windows))
+            print(rows[-1], flush=True)
         del model
     rows += llama_cpp_rows(args.gguf, tokens)
     fp_eval = rows[0]["eval_s"]
