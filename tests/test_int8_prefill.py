@@ -126,7 +126,9 @@ def test_a_layer_takes_the_int8_prefill_only_for_prompts_and_only_when_asked():
     step = prompt(3, 96)
     with torch.no_grad():
         exact, exact_step = model(x), model(step)
+        form = lin.kernel_form()
         assert set_int8_prefill(model) == 1
+        assert lin.kernel_form() is form  # kept: nothing derived again
         y, y_step = model(x), model(step)
         assert not torch.equal(y, exact) and torch.equal(y_step, exact_step)  # decode: exact
         ref = x.reshape(-1, 96) @ codes.dequantize().T + lin.bias

@@ -343,15 +343,16 @@ def replace_linears(model: nn.Module, layouts: Mapping[str, PackedLayout], *,
     return swapped
 
 
-def _set_all(model: nn.Module, attr: str, enabled: bool) -> int:
+def _set_all(model: nn.Module, attr: str, enabled: bool, clear: bool = True) -> int:
     """Set `attr` in every BinaryLinear, dropping its cached weight and form where it changes
-    (an unchanged layer keeps what it derived); returns how many there are."""
+    and `clear` asks (an unchanged layer keeps what it derived); returns how many there are."""
     n = 0
     for m in model.modules():
         if isinstance(m, BinaryLinear):
             if getattr(m, attr) != enabled:
                 setattr(m, attr, enabled)
-                m.clear_cache()
+                if clear:
+                    m.clear_cache()
             n += 1
     return n
 
@@ -363,8 +364,9 @@ def set_cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
 
 def set_int8_prefill(model: nn.Module, enabled: bool = True) -> int:
     """Compute prompts (more than GEMV_MAX rows on the CPU) of every BinaryLinear by the int8
-    prefill, approximate and faster (True), or exactly (False); returns how many there are."""
-    return _set_all(model, "int8_prefill", enabled)
+    prefill, approximate and faster (True), or exactly (False); returns how many there are.
+    Each layer keeps its kernel form and decoder: the int8 prefill reads the same form."""
+    return _set_all(model, "int8_prefill", enabled, clear=False)
 
 
 def set_kernels(model: nn.Module, enabled: bool = True) -> int:
