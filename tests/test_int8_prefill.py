@@ -20,9 +20,10 @@ from binllm.packed.layers import BinaryLinear, set_int8_prefill
 pytestmark = needs_extension
 
 
-def naive_rows(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 rows in plain torch: scale = max |row| / 127, q = round(row · 127 / max)."""
-    v = src.float()
+def naive_rows(src: torch.Tensor, colscale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of v = src · colscale in plain torch: scale = max |row| / 127,
+    q = round(row · 127 / max)."""
+    v = src.float() if colscale is None else src.float() * colscale
     m = v.abs().amax(1)
     # 127 / m divided (a scalar over a tensor would be m's reciprocal times 127: other bits)
     inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))
@@ -42,10 +43,12 @@ def test_int8_rows_are_torchs_rounding_of_each_row_to_its_own_scale(K, seed):
     wide = (torch.randn(9, K + 5, generator=g) * torch.logspace(-3, 3, 9)[:, None]).bfloat16()
     wide[4] = 0  # a row of zeros: scale 0, q 0
     src = wide[:, 2:2 + K]  # a column slice: row stride > K
-    q, scale = cpu_int8.quantize_rows(src)
-    nq, nscale = naive_rows(src)
-    assert torch.equal(q, nq) and torch.equal(scale, nscale)
-    assert int(q.abs().max()) == 127 and not q[4].any() and scale[4] == 0
+    colscale = torch.rand(K, generator=g) * 4 + 0.1
+    for cs in (None, colscale):
+        q, scale = cpu_int8.quantize_rows(src, cs)
+        nq, nscale = naive_rows(src, cs)
+        assert torch.equal(q, nq) and torch.equal(scale, nscale)
+        assert int(q.abs().max()) == 127 and not q[4].any() and scale[4] == 0
 
 
 def test_scaling_back_is_acc_times_sx_times_sw_in_that_order():
@@ -66,27 +69,34 @@ def test_in_order_forms_give_the_naive_int8_product_of_the_bf16_weight(name):
     codes = reconstruct(W, H, get_method(name), block_size=128).codes
     form = kernel_form(codes)
     x = prompt(45, 256).bfloat16()
-    wq, sw = naive_rows(codes.dequantize().bfloat16())
-    xq, sx = naive_rows(x)
+    c = x.float().abs().amax(0).sqrt()  # the prompt's smoothing (no zero column here)
+    wq, sw = naive_rows(codes.dequantize().bfloat16(), c)
+    xq, sx = naive_rows(x, torch.reciprocal(c))
     ref = (xq.long() @ wq.long().T).float() * sx[:, None] * sw[None]
     assert torch.equal(cpu_int8.form_matmul_int8(form, x), ref)
 
 
 def check_within_rounding(form, x, Q):
-    """|y − x Ŵᵀ| within what the two roundings allow, entry by entry: each x value moves by at
-    most half its token's step s_x (after bf16, 2⁻⁹ relative), each rebuilt weight by half its
-    row's step s_w (after bf16); so |err| ≤ Σ_j |x_j| δw_j + |w_j| δx_j + δx_j δw_j."""
+    """|y − x Ŵᵀ| within what the two roundings allow, entry by entry: with the smoothing c,
+    each x value moves by at most c_j times half its token's step s_x (after bf16, 2⁻⁹
+    relative), each rebuilt weight by half its row's step s_w over c_j (after bf16); so
+    |err| ≤ Σ_j |x_j| δw_j + |w_j| δx_j + δx_j δw_j."""
     y = cpu_int8.int8_linear(form, x)
     if len(stages_of(form)) > 1:  # a chain rounds t again between its stages: within 5 %
         ref = x.double() @ Q.double().T
         assert float((y.double() - ref).norm() / ref.norm()) < 0.05
         return
+    xs = cpu.columns_bf16(form, x.bfloat16())
+    c = cpu_int8.smoothing(xs)  # (K,) in the parts' column order
     sw = torch.zeros(form.rows)
     for r0, w in cpu.rows_bf16(form):  # the rows the kernel rounds, padding columns included
-        sw[r0:r0 + w.shape[0]] = w.float().abs().amax(1) / 127
-    sx = x.bfloat16().float().abs().amax(1) / 127
-    dx = sx[:, None] / 2 + x.abs() * 2**-8  # (N, cols)
-    dw = sw[:, None] / 2 + Q.abs() * 2**-8  # (rows, cols)
+        sw[r0:r0 + w.shape[0]] = (w.float() * c).abs().amax(1) / 127
+    sx = (xs.float() / c).abs().amax(1) / 127
+    perm = torch.cat([part.perm for part in form.parts])
+    cx = torch.ones(form.cols)  # c of each of x's columns (each is in one part here)
+    cx[perm[perm >= 0]] = c[perm >= 0]
+    dx = sx[:, None] * cx / 2 + x.abs() * 2**-8  # (N, cols)
+    dw = sw[:, None] / cx / 2 + Q.abs() * 2**-8  # (rows, cols)
     bound = x.abs() @ dw.T + dx @ Q.abs().T + dx @ dw.T
     err = (y - x @ Q.T).abs()
     assert (err <= bound * 1.001 + 1e-5).all(), float((err / bound).max())

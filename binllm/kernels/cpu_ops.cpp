@@ -221,7 +221,7 @@ TORCH_LIBRARY(binllm_cpu, m) {
   m.def("bitpart_dense_bf16(Tensor planes, Tensor terms, Tensor cptr, Tensor cidx, Tensor fac, "
         "Tensor coef, Tensor seg, Tensor scale, int r0, Tensor(a!) out, int impl) -> ()");
   m.def("columns_bf16(Tensor x, Tensor perm, Tensor(a!) out) -> ()");
-  m.def("rows_int8(Tensor src, Tensor(a!) q, Tensor(b!) scale) -> ()");
+  m.def("rows_int8(Tensor src, Tensor colscale, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("scale_int32(Tensor acc, Tensor sx, Tensor sw, Tensor(a!) y) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
         "Tensor sub, int groupsize, Tensor(a!) y, int impl) -> ()");

@@ -16,8 +16,9 @@
 //   byte). All write the same bits.
 // columns_bf16(x, perm, out): out[n, j] = x[n, perm[j]] (0 where perm[j] < 0), x (N, cols) bf16,
 //   out (N, P) bf16 (row stride >= P): a part's x columns, the other operand of that GEMM.
-// rows_int8(src, q, scale): per row i of src (n, K) bf16 (row stride >= K), scale[i] =
-//   max_j |src[i, j]| / 127 and q[i, j] = src[i, j] · 127 / max rounded to nearest even, int8
+// rows_int8(src, colscale, q, scale): per row i of v = src · colscale (src (n, K) bf16, row
+//   stride >= K; colscale (K,) fp32 multiplies each column, empty: none), scale[i] =
+//   max_j |v[i, j]| / 127 and q[i, j] = v[i, j] · 127 / max rounded to nearest even, int8
 //   (0 for a row of zeros, scale 0): symmetric 8-bit rows, the operands of the int8 prefill
 //   (rebuilt weight rows, and x's tokens); q = round(src * (127 / max)) in fp32, the same bits
 //   as torch's ops on the same values. scale_int32(acc, sx, sw, y): y = acc · sx · sw, the
@@ -317,7 +318,8 @@ void columns_bf16(const at::Tensor& x, const at::Tensor& perm, at::Tensor out) {
   });
 }
 
-void rows_int8(const at::Tensor& src, at::Tensor q, at::Tensor scale) {
+void rows_int8(const at::Tensor& src, const at::Tensor& colscale, at::Tensor q,
+               at::Tensor scale) {
   check(src.dim() == 2 && src.scalar_type() == at::kBFloat16 && src.stride(1) == 1,
         "src (n, K) bf16 with unit column stride");
   const int64_t n = src.size(0), K = src.size(1), ld = src.stride(0);
@@ -329,6 +331,10 @@ void rows_int8(const at::Tensor& src, at::Tensor q, at::Tensor scale) {
   int8_t* qp = q.data_ptr<int8_t>();
   const int64_t lq = q.stride(0);
   float* scp = scale.data_ptr<float>();
+  check(colscale.numel() == 0 || (colscale.scalar_type() == at::kFloat &&
+                                  colscale.is_contiguous() && colscale.numel() == K),
+        "colscale (K,) fp32 or empty");
+  const float* cs = colscale.numel() ? colscale.data_ptr<float>() : nullptr;
   auto value = [](uint16_t b) {
     const uint32_t bits = static_cast<uint32_t>(b) << 16;
     float v;
@@ -347,11 +353,13 @@ void rows_int8(const at::Tensor& src, at::Tensor q, at::Tensor scale) {
       for (; j + 16 <= K; j += 16) {
         const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(r + j)));
-        mv = _mm512_max_ps(mv, _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))));
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        if (cs) v = _mm512_mul_ps(v, _mm512_loadu_ps(cs + j));
+        mv = _mm512_max_ps(mv, _mm512_abs_ps(v));
       }
       m = _mm512_reduce_max_ps(mv);
 #endif
-      for (; j < K; ++j) m = std::max(m, std::fabs(value(r[j])));
+      for (; j < K; ++j) m = std::max(m, std::fabs(cs ? value(r[j]) * cs[j] : value(r[j])));
       scp[i] = m / 127.f;
       const float inv = m > 0.f ? 127.f / m : 0.f;
       j = 0;
@@ -360,12 +368,14 @@ void rows_int8(const at::Tensor& src, at::Tensor q, at::Tensor scale) {
       for (; j + 16 <= K; j += 16) {  // round to nearest even (MXCSR's default), saturated
         const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(r + j)));
-        const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), iv);
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        if (cs) v = _mm512_mul_ps(v, _mm512_loadu_ps(cs + j));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j),
-                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, iv))));
       }
 #endif
-      for (; j < K; ++j) o[j] = static_cast<int8_t>(std::nearbyint(value(r[j]) * inv));
+      for (; j < K; ++j)
+        o[j] = static_cast<int8_t>(std::nearbyint((cs ? value(r[j]) * cs[j] : value(r[j])) * inv));
     }
   });
 }
