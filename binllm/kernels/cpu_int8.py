@@ -22,7 +22,7 @@ decided per call from the prompt itself): with c_j = √(max_t |x_tj|) over the 
 x's column j is divided by c_j and Ŵ's column j multiplied by it, the same product in exact
 arithmetic, before either is rounded. On SmolLM2 with 4-bit GPTQ layers (8 windows of 2048)
 this takes the int8 prefill's perplexity cost from +4.7 % / +3.7 % (wikitext2 / c4) to
-+1.4 % / +0.9 % (docs/results.md).
++1.2 % / +0.9 % (docs/results.md).
 """
 
 from __future__ import annotations
