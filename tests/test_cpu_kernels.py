@@ -261,3 +261,20 @@ def test_bf16_model_prefill_matches_the_reference_forward():
     check_bf16(y.reshape(80, 67), x, layer_.weight_for(torch.float32))
     assert (y == ref).float().mean() >= 0.9
 
+
+
+@needs_extension
+@pytest.mark.parametrize("impl", list(cpu.IMPLS))
+def test_a_padded_in_order_part_reads_only_its_own_columns_of_a_wider_x(impl):
+    """A part over x's first 58 columns, padded to 64, with x 64 wide (its last columns
+    another part's): the padding reads nothing of x, though the part is as wide as x."""
+    W, H = layer(9, 58)
+    codes = reconstruct(W, H, get_method("q1_0"), block_size=128).codes
+    (part,) = kernel_form(codes).parts
+    assert part.in_order and part.width == 64
+    x = inputs(3, 64)
+    y = torch.zeros(3, 9)
+    torch.ops.binllm_cpu.bitpart(x, part.perm, torch.empty(0), part.planes, part.terms,
+                                 part.cptr, part.cidx, part.fac, part.coef, part.seg, y,
+                                 cpu.IMPLS[impl], True)
+    check(y, x[:, :58], codes.dequantize())

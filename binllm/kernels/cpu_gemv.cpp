@@ -16,7 +16,8 @@
 //   sums for one or two inputs, two for 3 to 8), 1: portable (one sum). These group the fp32
 //   sums differently, so AVX-512 and portable results, and AVX-512 results of 1-2 and of 3-8
 //   inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
-//   0 .. K - 1, then -1 padding) with P = cols and no scales: x is read in place, not gathered.
+//   0 .. K - 1, then -1 padding) with K = P = cols and no scales: x is read in place, not
+//   gathered.
 // Every loop reads only the packed planes (nothing dequantized); row tiles are split over
 // torch's intra-op threads. Where one pass covers the byte columns (decode: the tables of
 // N·V inputs fit), each thread builds its own tables, so its lookups read them from its own
@@ -302,7 +303,8 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
                   int64_t impl) {
   const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
   const int64_t V = scale.numel() ? scale.size(0) : 1;
-  const bool plain = in_order && V == 1 && !scale.numel() && P == cols;  // x itself
+  const bool unpadded = P == 0 || perm.data_ptr<int64_t>()[P - 1] >= 0;
+  const bool plain = in_order && unpadded && V == 1 && !scale.numel() && P == cols;  // x itself
   std::vector<float> gathered;
   if (!plain) gathered = inputs(x, N, cols, perm, scale, V, in_order);
   const float* xv = plain ? x : gathered.data();
