@@ -119,7 +119,9 @@ def int8_row(model, name: str, file_bytes: int, tokens, windows: int) -> dict:
 
 def decode_cell(row: dict, threads: int) -> str:
     """Decode tokens/s of the lean loop, transformers' in brackets where measured."""
-    cell = f"{row.get(f'decode_tps_{threads}t', float('nan')):.1f}"
+    if f"decode_tps_{threads}t" not in row:
+        return ""
+    cell = f"{row[f'decode_tps_{threads}t']:.1f}"
     hf = row.get(f"decode_tps_hf_{threads}t")
     return cell if hf is None else f"{cell} ({hf:.1f})"
 

@@ -79,6 +79,9 @@ def test_eval_with_the_int8_prefill_is_close_to_the_exact_perplexity(capsys, sav
     code, _, err = run_cli(capsys, "eval", stories_path, "--datasets", "tinystories",
                            "--data-dir", data, "--prefill", "int8")
     assert code == 2 and "has none (drop --prefill)" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "generate", out, "hi", "--prefill", "int8",
+                           "--cache-dequantized")
+    assert code == 2 and "drop --cache-dequantized" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("cache", [[], ["--no-cache"], ["--cache-dequantized"]])

@@ -145,3 +145,12 @@ def test_a_layer_takes_the_int8_prefill_only_for_prompts_and_only_when_asked():
         assert float((y.reshape(-1, 24) - ref).norm() / ref.norm()) < 0.05
         set_int8_prefill(model, False)
         assert torch.equal(model(x), exact)
+
+
+def test_it_runs_only_on_torch_2_6_and_a_cpu_with_vnni_or_amx_int8():
+    vnni = "flags : fpu sse2 avx512f avx512_vnni"
+    assert "older than 2.6" in cpu_int8.unavailable(vnni, version="2.5.1")
+    assert "no VNNI" in cpu_int8.unavailable("flags : fpu sse2 avx2", version="2.13.0")
+    assert cpu_int8.unavailable("flags : fpu amx_int8", version="2.13.0") is None
+    assert cpu_int8.unavailable(vnni, version="2.13.0") is None
+

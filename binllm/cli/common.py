@@ -152,16 +152,26 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_prefill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", default="exact", choices=["exact", "int8"],
                    help="how packed layers compute prompts and perplexity windows on the CPU: "
-                        "exact (fp32 sums of the binary weights), or int8 (x and the rebuilt "
-                        "weight rows rounded to 8 bits: faster, approximate); decode stays exact")
+                        "exact (fp32 sums of the binary weights), or int8 (each prompt "
+                        "smoothed per column, its tokens and the rebuilt weight rows rounded "
+                        "to 8 bits, int8 GEMMs: faster, approximate); decode stays exact")
 
 
 def apply_prefill(model, args) -> None:
-    """Turn the int8 prefill on in every packed layer where --prefill int8 asks for it."""
+    """Turn the int8 prefill on in every packed layer where --prefill int8 asks for it, or say
+    in one line why it cannot run."""
     if args.prefill == "exact":
         return
+    from ..kernels.cpu_int8 import unavailable
     from ..packed.layers import set_int8_prefill
 
+    if not str(args.device).startswith("cpu"):
+        raise CLIError(f"--prefill int8 runs on the CPU; drop it for --device {args.device}")
+    if getattr(args, "cache_dequantized", False):
+        raise CLIError("--prefill int8 computes from the packed bits; drop --cache-dequantized")
+    why = unavailable()
+    if why:
+        raise CLIError(f"--prefill int8 cannot run here: {why}; drop --prefill")
     if not set_int8_prefill(model, True):
         raise CLIError(f"--prefill {args.prefill} applies to the packed layers of a saved "
                        f"binllm model; {args.model} has none (drop --prefill)")

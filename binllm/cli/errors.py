@@ -16,7 +16,8 @@ ARGUMENT_FLAGS = {"skip": "--skip", "resume_dir": "--resume-dir", "out": "--out"
                   "nsamples": "--nsamples", "percdamp": "--percdamp", "seqlen": "--seqlen",
                   "data_dir": "--data-dir", "include_path": "--tasks-path",
                   "feedback": "--feedback", "max_new_tokens": "--max-new-tokens",
-                  "resume": "--resume", "loop": "--loop", "top_p": "--top-p"}
+                  "resume": "--resume", "loop": "--loop", "top_p": "--top-p",
+                  "chat": "--chat"}
 _ARGUMENT = re.compile(r"(?<![\w.:=-])(" + "|".join(ARGUMENT_FLAGS) + r")="
                        r"(?:(?P<true>True)\b|'(?P<quoted>[^'\s]*)'|(?P<value>[^\s;,)]+))?")
 

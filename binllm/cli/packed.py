@@ -91,7 +91,8 @@ def add_generate(sub) -> None:
     p.add_argument("--system", default=None,
                    help="with --chat: a system message before the user's")
     p.add_argument("--stream", action="store_true",
-                   help="print the text as the tokens are generated")
+                   help="print the text as the tokens are generated (the printing is inside "
+                        "the timed run)")
     add_prefill(p)
     p.add_argument("--original", action="store_true",
                    help="MODEL is an ordinary (dense) Hugging Face model, e.g. the original a "
@@ -141,12 +142,11 @@ def _generate(args) -> int:
     if slow:
         print(f"note: {slow}", file=sys.stderr)
     streamer = None
-    if args.stream:  # the prompt as given, then each piece of text as its tokens arrive
+    if args.stream:  # the text as its tokens arrive (a chat: the reply alone)
         from transformers import TextStreamer
 
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if not args.chat:
-            print(args.prompt, end="", flush=True)
+        # decoding the prompt with the new tokens keeps the space a tokenizer puts before them
+        streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     res = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    device=args.device, exact_length=args.exact_length, loop=args.loop,

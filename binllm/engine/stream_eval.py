@@ -12,7 +12,8 @@ Two sources of layers share the one loop (`layerwise_perplexity`):
 - `ResidentLayers`: the layers are in memory (a binarized model); while layer i runs on the
   windows, its BinaryLinears hold their weight dequantized (`BinaryLinear.hold_dense`), so
   each linear is unpacked once per pass instead of once per window, and computes as nn.Linear
-  does: bit for bit the reference forward, at the dense model's speed.
+  does: bit for bit the reference forward, at the dense model's speed (layers asked for the
+  int8 prefill compute in int8 instead, `BinaryLinear.hold_dense`).
 
 The windows and the loss are those of `binllm.evaluation.perplexity.perplexity` (GPTQ
 protocol, one window per forward call). The last layer's outputs go through the model's own

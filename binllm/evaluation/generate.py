@@ -46,7 +46,8 @@ class EmptyPrompt(BinllmError, ValueError):
 
 
 class NoChatTemplate(BinllmError, ValueError):
-    """Chat asked of a tokenizer that has no chat template (a base model's)."""
+    """Chat asked of a tokenizer that has no chat template (a base model's), or a system
+    prompt without chat."""
 
 
 class LoopError(BinllmError, ValueError):
@@ -78,7 +79,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
     import torch
 
     if system is not None and not chat:
-        raise LoopError("a system prompt needs chat=True (the chat template places it)")
+        raise NoChatTemplate("a system prompt needs chat=True (the chat template places it)")
     ids, note = chat_ids(tokenizer, prompt, system) if chat else prompt_ids(tokenizer, prompt)
     check_room(model, ids.shape[1], max_new_tokens)
     ids = ids.to(device)
@@ -177,7 +178,7 @@ def chat_ids(tokenizer: Any, prompt: str, system: str | None = None):
     reply starts."""
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplate("the tokenizer has no chat template (a base model's tokenizer, "
-                             "not a chat model's); drop --chat to continue the text as it is")
+                             "not a chat model's); drop chat=True to continue the text as it is")
     turns = ([{"role": "system", "content": system}] if system is not None else []) + \
         [{"role": "user", "content": prompt}]
     enc = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt",

@@ -41,7 +41,7 @@ prefill path):
   one-time warning (logging) says why.
 
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
-weights, `cpu_prefill.cpp` the prefill rebuilds (and the int8 rows of `cpu_int8`),
+weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
 `cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
 glue (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the `Decoder` class and the
 bindings; their shared declarations in `cpu_kernels.h`) is one module, built on first use with
@@ -76,7 +76,7 @@ GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); b
 ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path (at least, for bf16)
 BF16_CHUNK_BYTES = 2 << 20  # bf16 prefill: a chunk's rows fill up to this many buffer bytes
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp")
-                for name in ("gemv", "sparse", "prefill", "uniform8", "decode", "ops"))
+                for name in ("gemv", "sparse", "prefill", "int8", "uniform8", "decode", "ops"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 IMPLS = {"avx512": 0, "portable": 1}
 
@@ -376,7 +376,9 @@ def rows_bf16(form: KernelForm, impl: str = "avx512") -> Iterator[tuple[int, Ten
 def _in_order(form: KernelForm) -> bool:
     """Whether the form is one part over x's columns in order, unpadded (q1_0, rtn-sign,
     GPTQ and PB-LLM with whole-byte groups): its GEMM operand is x itself."""
-    return len(form.parts) == 1 and form.parts[0].width == form.cols and form.parts[0].in_order
+    part = form.parts[0] if len(form.parts) == 1 else None
+    return part is not None and part.width == form.cols and part.in_order and \
+        int(part.perm[-1]) >= 0
 
 
 def _salient_entries(form: KernelForm, K: int) -> tuple[Tensor, Tensor] | None:

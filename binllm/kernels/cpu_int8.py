@@ -14,38 +14,79 @@ option (`binllm.packed.layers.set_int8_prefill`), measured in perplexity, never 
 chain's (binary-factor's) stages run in turn, t kept fp32 between them and rounded again for
 the next stage. It returns None for what it does not compute: decode-sized batches (at most
 `cpu.GEMV_MAX` rows, which the exact GEMV reads from the bits), inputs off the CPU or that want
-gradients, and CPUs where the compiled kernels cannot run; the caller's path computes those.
+gradients, and where it cannot run (`unavailable`: torch older than 2.6, a CPU without VNNI or
+AMX-INT8, no compiled kernels); the caller's path computes those.
 
-LLM activations have a few channels far larger than the rest, which one scale per token
-rounds coarsely. Each prompt is therefore smoothed first (SmoothQuant's migration with α = ½,
-decided per call from the prompt itself): with c_j = √(max_t |x_tj|) over the prompt's tokens,
-x's column j is divided by c_j and Ŵ's column j multiplied by it, the same product in exact
-arithmetic, before either is rounded. On SmolLM2 with 4-bit GPTQ layers (8 windows of 2048)
-this takes the int8 prefill's perplexity cost from +4.7 % / +3.7 % (wikitext2 / c4) to
-+1.2 % / +0.9 % (docs/results.md).
+LLM activations have a few channels far larger than the rest, which one scale per token rounds
+coarsely. Each prompt is therefore smoothed first (SmoothQuant's migration with α = ½, decided
+per call from the prompt itself): with c_j = √(max_t |x_tj|) over the prompt's tokens, x's
+column j is divided by c_j and Ŵ's column j multiplied by it, the same product in exact
+arithmetic, before either is rounded. c is the call's: a token's rounding depends on the other
+tokens of the same call (later ones in a prompt, other sequences in a batch), as any per-tensor
+activation statistic does, so a perplexity measured with it is that of a slightly
+non-causal rounding. On SmolLM2 with 4-bit GPTQ
+layers (8 windows of 2048) this takes the int8 prefill's perplexity cost from +4.7 % / +3.7 %
+(wikitext2 / c4) to +1.2 % / +0.9 % (docs/results.md).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from . import cpu
+from .cpu_features import cpu_flags
 from .form import KernelForm
 from .form_ref import stages_of
+
+MAX_K = 2**31 // (127 * 127)  # widest rows whose int32 sums cannot overflow
+
+
+def unavailable(flags: str | None = None, version: str | None = None) -> str | None:
+    """Why the int8 prefill cannot run here, or None where it can: torch before 2.6 (no CPU
+    `_int_mm` before 2.3, wrong sums without VNNI before 2.6), a CPU with none of AVX512-VNNI,
+    AVX-VNNI, AMX-INT8 (a slow loop), or compiled kernels that cannot be built."""
+    if TorchVersion(version or torch.__version__) < "2.6":
+        return f"torch {version or torch.__version__} is older than 2.6"
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set((flags or _flags()).split()):
+        return "this CPU has no VNNI or AMX-INT8 instructions"
+    if not cpu.extension().ok:
+        return cpu.extension().reason
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _flags() -> str:
+    return cpu_flags()
 
 
 def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
     """F.linear(x, Ŵ, bias) by the int8 prefill in x's dtype, or None where it does not apply."""
     tokens = x.numel() // max(1, x.shape[-1])
     if (x.device.type != "cpu" or tokens <= cpu.GEMV_MAX
-            or (x.requires_grad and torch.is_grad_enabled()) or not cpu.extension().ok):
+            or (x.requires_grad and torch.is_grad_enabled()) or _unavailable_here()
+            or any(not _fits(stage) for stage in stages_of(form))):
         return None
     t = x.reshape(-1, form.cols)
     for stage in stages_of(form):
         t = form_matmul_int8(stage, t)
     y = t.to(x.dtype).reshape(*x.shape[:-1], form.rows)
     return y if bias is None else y + bias.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_here() -> str | None:
+    return unavailable()
+
+
+def _fits(form: KernelForm) -> bool:
+    """Whether the stage's rows can be rebuilt side by side (a sparse part goes with one BitPart,
+    as on the bf16 path) and its int32 sums cannot overflow."""
+    K = sum(part.width for part in form.parts)
+    return K <= MAX_K and (form.sparse is None or len(form.parts) == 1)
 
 
 def form_matmul_int8(form: KernelForm, x: Tensor) -> Tensor:

@@ -197,6 +197,8 @@ class BinaryLinear(nn.Module):
         """While enabled, the forward dequantizes Ŵ once (to the input's dtype and device, at
         the first call) and computes F.linear with it: the reference forward's result at
         nn.Linear's speed, for a run of many calls (a layer run on every evaluation window).
+        A layer asked for the int8 prefill (`set_int8_prefill`) computes prompts that way
+        instead, held or not.
         Disabling drops that weight; the kernel form and the buffers are left as they are."""
         self._dense_held, self._dense = enabled, None
 
@@ -233,18 +235,19 @@ class BinaryLinear(nn.Module):
         return self._form
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.int8_prefill and self.kernels:
-            y = int8_linear(self.kernel_form(), x, self._parameters["bias"])
-            if y is not None:  # a prompt on the CPU; None: decode and the rest, below
-                return y
-        if self._dense_held:
-            return self.dense_linear(x)
         if self._decode is not None and self.kernels and not self.cache_dequantized:
             # decode: one compiled call, or None (the bias read as nn.Module does, with no
             # detour through __getattr__)
             y = self._decode(x, self._parameters["bias"])
             if y is not None:
                 return y
+        if (self.int8_prefill and self.kernels and not self.cache_dequantized
+                and x.device.type == "cpu" and x.numel() > kernels_cpu.GEMV_MAX * x.shape[-1]):
+            y = int8_linear(self.kernel_form(), x, self._parameters["bias"])
+            if y is not None:  # a prompt on the CPU; None: it cannot run here
+                return y
+        if self._dense_held:
+            return self.dense_linear(x)
         direct = layer_kernel(self, x)  # a kernel reading the packed buffers (LAYER_KERNELS)
         if direct is not None:
             if self._released:
