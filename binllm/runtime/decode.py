@@ -165,8 +165,8 @@ def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: 
     `eos`; never picks a token in `banned` (transformers' min_new_tokens bans the end token).
     streamer (transformers' interface): `put` the prompt's ids, then each token; `end` last."""
     decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens)
-    if streamer is not None:
-        streamer.put(ids)
+    if streamer is not None:  # on the CPU, as transformers' generate hands them over
+        streamer.put(ids.cpu())
     ban = torch.tensor(sorted(banned or ()), dtype=torch.long, device=ids.device)
     out = [ids[0]]
     step = ids
@@ -177,7 +177,7 @@ def lean_generate(model: Any, ids: Tensor, max_new_tokens: int, *, temperature: 
         token = pick(logits, temperature, top_p, generator, top_k)
         out.append(token.view(1))
         if streamer is not None:
-            streamer.put(token.view(1))
+            streamer.put(token.view(1).cpu())
         if eos and int(token) in eos:
             break
         step = token.view(1, 1)
