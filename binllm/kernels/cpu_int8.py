@@ -23,10 +23,9 @@ per call from the prompt itself): with c_j = √(max_t |x_tj|) over the prompt's
 column j is divided by c_j and Ŵ's column j multiplied by it, the same product in exact
 arithmetic, before either is rounded. c is the call's: a token's rounding depends on the other
 tokens of the same call (later ones in a prompt, other sequences in a batch), as any per-tensor
-activation statistic does, so a perplexity measured with it is that of a slightly
-non-causal rounding. On SmolLM2 with 4-bit GPTQ
-layers (8 windows of 2048) this takes the int8 prefill's perplexity cost from +4.7 % / +3.7 %
-(wikitext2 / c4) to +1.2 % / +0.9 % (docs/results.md).
+activation statistic does, so a perplexity measured with it is that of a slightly non-causal
+rounding. On SmolLM2 with 4-bit GPTQ layers (8 windows of 2048) this takes the int8 prefill's
+perplexity cost from +4.7 % / +3.7 % (wikitext2 / c4) to +1.2 % / +0.9 % (docs/results.md).
 """
 
 from __future__ import annotations
@@ -51,16 +50,11 @@ def unavailable(flags: str | None = None, version: str | None = None) -> str | N
     AVX-VNNI, AMX-INT8 (a slow loop), or compiled kernels that cannot be built."""
     if TorchVersion(version or torch.__version__) < "2.6":
         return f"torch {version or torch.__version__} is older than 2.6"
-    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set((flags or _flags()).split()):
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set((flags or cpu_flags()).split()):
         return "this CPU has no VNNI or AMX-INT8 instructions"
     if not cpu.extension().ok:
         return cpu.extension().reason
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _flags() -> str:
-    return cpu_flags()
 
 
 def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
