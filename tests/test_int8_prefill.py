@@ -59,6 +59,28 @@ def test_scaling_back_is_acc_times_sx_times_sw_in_that_order():
     torch.ops.binllm_cpu.scale_int32(acc, sx, sw, y[:, 4:25])
     assert torch.equal(y[:, 4:25], acc.float() * sx[:, None] * sw[None])
     assert (y[:, :4] == 7).all() and (y[:, 25:] == 7).all()  # only its columns written
+    yb = torch.full((37, 30), 7.0, dtype=torch.bfloat16)  # bf16: torch's rounding of the same
+    torch.ops.binllm_cpu.scale_int32(acc, sx, sw, yb[:, 4:25])
+    assert torch.equal(yb[:, 4:25], (acc.float() * sx[:, None] * sw[None]).bfloat16())
+    assert (yb[:, :4] == 7).all() and (yb[:, 25:] == 7).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 15), (33, 16), (64, 77), (300, 170)])
+def test_smoothing_is_the_root_of_each_columns_largest_magnitude(N, K, threads):
+    g = torch.Generator().manual_seed(N + K)
+    wide = (torch.randn(N, K + 3, generator=g) * torch.logspace(-2, 2, K + 3)).bfloat16()
+    xs = wide[:, 1:1 + K]  # a column slice: row stride > K
+    xs[:, K // 2] = 0  # a column of zeros (padding): c = 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = cpu_int8.smoothing(xs)
+    finally:
+        torch.set_num_threads(before)
+    m = xs.float().abs().amax(0)  # √ correctly rounded (fp64's, rounded once to fp32; torch's
+    root = m.double().sqrt().float()  # vectorised fp32 sqrt can be one unit in the last place off)
+    assert torch.equal(c, torch.where(m > 0, root, torch.ones_like(m)))
 
 
 @pytest.mark.parametrize("name", ["q1_0", "rtn-sign"])
@@ -69,11 +91,12 @@ def test_in_order_forms_give_the_naive_int8_product_of_the_bf16_weight(name):
     codes = reconstruct(W, H, get_method(name), block_size=128).codes
     form = kernel_form(codes)
     x = prompt(45, 256).bfloat16()
-    c = x.float().abs().amax(0).sqrt()  # the prompt's smoothing (no zero column here)
+    c = x.float().abs().amax(0).double().sqrt().float()  # smoothing (no zero column here)
     wq, sw = naive_rows(codes.dequantize().bfloat16(), c)
     xq, sx = naive_rows(x, torch.reciprocal(c))
     ref = (xq.long() @ wq.long().T).float() * sx[:, None] * sw[None]
     assert torch.equal(cpu_int8.form_matmul_int8(form, x), ref)
+    assert torch.equal(cpu_int8.int8_linear(form, x), ref.bfloat16())  # rounded once to x's
 
 
 def check_within_rounding(form, x, Q):

@@ -64,9 +64,9 @@ def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
             or (x.requires_grad and torch.is_grad_enabled()) or _unavailable_here()
             or any(not _fits(stage) for stage in stages_of(form))):
         return None
-    t = x.reshape(-1, form.cols)
-    for stage in stages_of(form):
-        t = form_matmul_int8(stage, t)
+    t, stages = x.reshape(-1, form.cols), stages_of(form)
+    for i, stage in enumerate(stages):  # the last stage writes x's dtype (fp32 or bf16)
+        t = form_matmul_int8(stage, t, x.dtype if i == len(stages) - 1 else torch.float32)
     y = t.to(x.dtype).reshape(*x.shape[:-1], form.rows)
     return y if bias is None else y + bias.to(x.dtype)
 
@@ -83,12 +83,15 @@ def _fits(form: KernelForm) -> bool:
     return K <= MAX_K and (form.sparse is None or len(form.parts) == 1)
 
 
-def form_matmul_int8(form: KernelForm, x: Tensor) -> Tensor:
-    """y ≈ x Ŵᵀ (N, rows) fp32 for x (N, cols) of one KernelForm (not a chain), in int8."""
+def form_matmul_int8(form: KernelForm, x: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """y ≈ x Ŵᵀ (N, rows) for x (N, cols) of one KernelForm (not a chain), in int8; y's
+    `dtype` is fp32, or bf16 rounded once from the fp32 result."""
     xs = cpu.columns_bf16(form, x.to(torch.bfloat16).contiguous())  # (N, K)
     c = smoothing(xs)  # (K,)
     xq, sx = quantize_rows(xs, torch.reciprocal(c))
-    y = torch.empty(x.shape[0], form.rows)
+    y = torch.empty(x.shape[0], form.rows, dtype=torch.bfloat16 if dtype == torch.bfloat16
+                    else torch.float32)
     wq = sw = None
     for r0, w in cpu.rows_bf16(form):
         if wq is None:  # one buffer for every chunk's int8 rows
@@ -102,9 +105,10 @@ def form_matmul_int8(form: KernelForm, x: Tensor) -> Tensor:
 
 def smoothing(xs: Tensor) -> Tensor:
     """c (K,) fp32: √(max over the tokens of |x_j|) per column of xs (N, K); 1 for a column of
-    zeros (padding), which multiplies nothing."""
-    m = xs.abs().amax(0).float()
-    return torch.where(m > 0, m.sqrt(), torch.ones_like(m))
+    zeros (padding), which multiplies nothing (`smoothing_bf16`, one pass over xs bf16)."""
+    c = torch.empty(xs.shape[1])
+    torch.ops.binllm_cpu.smoothing_bf16(xs, c)
+    return c
 
 
 def quantize_rows(src: Tensor, colscale: Tensor | None = None) -> tuple[Tensor, Tensor]:

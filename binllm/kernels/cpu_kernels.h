@@ -107,6 +107,7 @@ void bitpart_dense_bf16(const at::Tensor& planes, const at::Tensor& terms, const
                         const at::Tensor& seg, const at::Tensor& scale, int64_t r0,
                         at::Tensor out, int64_t impl);
 void columns_bf16(const at::Tensor& x, const at::Tensor& perm, at::Tensor out);
+void smoothing_bf16(const at::Tensor& src, at::Tensor c);
 void rows_int8(const at::Tensor& src, const at::Tensor& colscale, at::Tensor q,
                at::Tensor scale);
 void scale_int32(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,

@@ -221,6 +221,7 @@ TORCH_LIBRARY(binllm_cpu, m) {
   m.def("bitpart_dense_bf16(Tensor planes, Tensor terms, Tensor cptr, Tensor cidx, Tensor fac, "
         "Tensor coef, Tensor seg, Tensor scale, int r0, Tensor(a!) out, int impl) -> ()");
   m.def("columns_bf16(Tensor x, Tensor perm, Tensor(a!) out) -> ()");
+  m.def("smoothing_bf16(Tensor src, Tensor(a!) c) -> ()");
   m.def("rows_int8(Tensor src, Tensor colscale, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("scale_int32(Tensor acc, Tensor sx, Tensor sw, Tensor(a!) y) -> ()");
   m.def("sparse(Tensor x, Tensor rowptr, Tensor col, Tensor q, Tensor scale, Tensor zero, "
@@ -239,6 +240,7 @@ TORCH_LIBRARY_IMPL(binllm_cpu, CPU, m) {
   m.impl("bitpart_dense", binllm_cpu::bitpart_dense);
   m.impl("bitpart_dense_bf16", binllm_cpu::bitpart_dense_bf16);
   m.impl("columns_bf16", binllm_cpu::columns_bf16);
+  m.impl("smoothing_bf16", binllm_cpu::smoothing_bf16);
   m.impl("rows_int8", binllm_cpu::rows_int8);
   m.impl("scale_int32", binllm_cpu::scale_int32);
   m.impl("sparse", binllm_cpu::sparse);
