@@ -532,3 +532,16 @@ def test_a_broken_kernel_cache_warning_says_what_to_delete_and_where(tmp_path, m
     assert not status.ok
     assert f"TORCH_EXTENSIONS_DIR={blocker}" in status.reason
     assert "delete the binllm_cpu_" in status.reason and "set TORCH_EXTENSIONS_DIR" in status.reason
+
+
+def test_a_failed_kernel_build_names_the_compilers_first_error():
+    from binllm.kernels.cpu import build_failure
+
+    e = RuntimeError("Error building extension 'binllm_cpu_x': [1/3] c++ -MMD -MF a.o.d -O3\n"
+                     "FAILED: a.o\n/src/a.cpp: In function 'void f()':\n"
+                     "/src/a.cpp:50:61: error: 'g' was not declared in this scope\n"
+                     "/src/a.cpp:60:1: error: a later error\nninja: build stopped")
+    msg = build_failure(e)
+    assert msg.startswith("RuntimeError: Error building extension 'binllm_cpu_x'")
+    assert msg.endswith("/src/a.cpp:50:61: error: 'g' was not declared in this scope")
+    assert build_failure(OSError("ninja not found")) == "OSError: ninja not found"

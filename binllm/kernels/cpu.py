@@ -104,10 +104,18 @@ def extension() -> ExtensionStatus:
                       extra_ldflags=["-fopenmp"], verbose=False)
         avx = bool(torch.ops.binllm_cpu.has_avx512())
     except Exception as e:  # no compiler, headers or ninja: the PyTorch path still works
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return ExtensionStatus(False, f"building the CPU kernels failed ({type(e).__name__}: "
-                                      f"{first}); {cache_advice(f'binllm_cpu_{key}')}")
+        return ExtensionStatus(False, f"building the CPU kernels failed ({build_failure(e)}); "
+                                      f"{cache_advice(f'binllm_cpu_{key}')}")
     return ExtensionStatus(True, avx512=avx, module=module)
+
+
+def build_failure(e: Exception) -> str:
+    """The exception's type and first line, and the compiler's first error line where the
+    message holds one (torch's build error starts with the command line, not the cause)."""
+    lines = str(e).strip().splitlines()
+    out = f"{type(e).__name__}: {(lines or [''])[0][:200]}"
+    cause = next((ln.strip() for ln in lines[1:] if "error:" in ln), "")
+    return f"{out} … {cause[:300]}" if cause else out
 
 
 def build_key() -> str:
