@@ -12,7 +12,8 @@ two sides without building the runtime op:
   calibration windows, wikitext2 validation, seed 0). Layer-wise, one-shot, before refinement.
 - **cost**: seconds of x ↦ x R for one token (the decode case) in the Kronecker form a runtime
   would use, R = D (S₁₂₈ ⊗ P₁₂) / √1536 (the 128 × 128 Sylvester and 12 × 12 Paley matrices
-  applied one after the other, torch ops), beside one decode call of a packed q1_0 down_proj (1536 → 576).
+  applied one after the other, torch ops), beside one decode call of a packed q1_0 down_proj
+  (1536 → 576).
 
     python benchmarks/probe_r4.py [--methods q1_0,arb-llm-rc] [--nsamples 8]
 """
