@@ -49,7 +49,7 @@ def r4_matrix(seed: int = 0) -> torch.Tensor:
 
 def apply_r4(x: torch.Tensor, d: torch.Tensor, S: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """x R for x (N, 1536): (x·d) reshaped (N, 128, 12), S₁₂₈ applied along 128 and P₁₂ along
-    12 (S X P with X's index i·12 + j; two small products instead of one 1536² one)."""
+    12 (Sᵀ X P with X's index i·12 + j, Sᵀ = S; two small products instead of one 1536² one)."""
     X = (x * d).reshape(-1, FAST, SMALL)
     return (S @ X @ P).reshape(-1, WIDTH) / WIDTH ** 0.5
 
@@ -107,7 +107,7 @@ def timing(repeats: int = 2000) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--methods", default="q1_0,block-sign,arb-llm-rc,billm")
+    ap.add_argument("--methods", default="q1_0,block-sign,arb-llm-rc")
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--every", type=int, default=3, help="probe every N-th layer")
     args = ap.parse_args()

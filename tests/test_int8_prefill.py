@@ -63,6 +63,12 @@ def test_scaling_back_is_acc_times_sx_times_sw_in_that_order():
     torch.ops.binllm_cpu.scale_int32(acc, sx, sw, yb[:, 4:25])
     assert torch.equal(yb[:, 4:25], (acc.float() * sx[:, None] * sw[None]).bfloat16())
     assert (yb[:, :4] == 7).all() and (yb[:, 25:] == 7).all()
+    # ties (257 and 259 lie halfway between bf16 neighbours: to the even one) and infinities
+    acc = torch.tensor([[257, 259, -257, 3, -5]], dtype=torch.int32)
+    sx, sw = torch.ones(1), torch.tensor([1.0, 1.0, 1.0, float("inf"), float("inf")])
+    yb = torch.empty(1, 5, dtype=torch.bfloat16)
+    torch.ops.binllm_cpu.scale_int32(acc, sx, sw, yb)
+    assert yb.tolist() == [[256.0, 260.0, -256.0, float("inf"), float("-inf")]]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -133,6 +139,18 @@ def test_every_method_is_within_the_roundings_of_the_exact_product(name):
         codes = reconstruct(W, H, get_method(name), block_size=128).codes
         check_within_rounding(kernel_form(codes), prompt(cpu.GEMV_MAX + 9, cols),
                               codes.dequantize())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_bf16_prompt_gets_the_fp32_product_rounded_once_to_bf16(name):
+    """The last stage writes bf16 itself (a chain's earlier stages stay fp32): the same bits as
+    computing the bf16 prompt's product in fp32 and converting it."""
+    W, H = layer(37, 300)
+    form = kernel_form(reconstruct(W, H, get_method(name), block_size=128).codes)
+    x = prompt(cpu.GEMV_MAX + 9, 300).bfloat16()
+    y = cpu_int8.int8_linear(form, x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, cpu_int8.int8_linear(form, x.float()).bfloat16())
 
 
 @pytest.mark.parametrize("kind", list(HAND_BUILT))

@@ -1,8 +1,9 @@
-// The int8 prefill's two loops (binllm/kernels/cpu_int8.py): rows rounded to symmetric int8,
-// and the int8 GEMM's int32 sums scaled back.
+// The int8 prefill's loops (binllm/kernels/cpu_int8.py): a prompt's column smoothing, rows
+// rounded to symmetric int8, and the int8 GEMM's int32 sums scaled back.
 //
 // smoothing_bf16(src, c): c[j] = √(max_i |src[i, j]|) (correctly rounded; 1 for a column of
-//   zeros) for src (N, K) bf16, the prompt's smoothing of its columns in one pass over x.
+//   zeros) for src (N, K) bf16, the prompt's smoothing of its columns in one pass over x (a NaN
+//   in a column leaves its c undefined: the product is not finite there either way).
 // rows_int8(src, colscale, q, scale): per row i of v = src · colscale (src (n, K) bf16, row
 //   stride >= K; colscale (K,) fp32 multiplies each column, empty: none), scale[i] =
 //   max_j |v[i, j]| / 127 and q[i, j] = v[i, j] · 127 / max rounded to nearest even, int8

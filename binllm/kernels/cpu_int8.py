@@ -65,7 +65,7 @@ def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
             or any(not _fits(stage) for stage in stages_of(form))):
         return None
     t, stages = x.reshape(-1, form.cols), stages_of(form)
-    for i, stage in enumerate(stages):  # the last stage writes x's dtype (fp32 or bf16)
+    for i, stage in enumerate(stages):  # the last stage writes bf16 for bf16 x, else fp32
         t = form_matmul_int8(stage, t, x.dtype if i == len(stages) - 1 else torch.float32)
     y = t.to(x.dtype).reshape(*x.shape[:-1], form.rows)
     return y if bias is None else y + bias.to(x.dtype)
@@ -85,8 +85,8 @@ def _fits(form: KernelForm) -> bool:
 
 def form_matmul_int8(form: KernelForm, x: Tensor,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-    """y ≈ x Ŵᵀ (N, rows) for x (N, cols) of one KernelForm (not a chain), in int8; y's
-    `dtype` is fp32, or bf16 rounded once from the fp32 result."""
+    """y ≈ x Ŵᵀ (N, rows) for x (N, cols) of one KernelForm (not a chain), in int8: y is bf16
+    (rounded once from the fp32 result) for `dtype` bf16, else fp32."""
     xs = cpu.columns_bf16(form, x.to(torch.bfloat16).contiguous())  # (N, K)
     c = smoothing(xs)  # (K,)
     xq, sx = quantize_rows(xs, torch.reciprocal(c))
