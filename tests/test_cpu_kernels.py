@@ -11,7 +11,7 @@ from packed_codes import HAND_BUILT
 from test_kernel_form import layer
 
 from binllm.engine.reconstruct import reconstruct
-from binllm.kernels import cpu
+from binllm.kernels import cpu, cpu_build
 from binllm.kernels.form import kernel_form
 from binllm.kernels.form_ref import stages_of
 from binllm.methods import METHODS, get_method
@@ -77,24 +77,25 @@ def test_cpu_kernels_on_a_wider_layer_with_every_row_tile():
 def test_build_key_changes_with_any_source_or_the_header(tmp_path, monkeypatch):
     """The extension's cache name hashes every source and the header: a changed file builds
     anew, the same bytes reuse the build."""
-    key = cpu.build_key()
-    for path in (*cpu.SOURCES, cpu.HEADER):
+    key = cpu_build.build_key()
+    for path in (*cpu_build.SOURCES, cpu_build.HEADER):
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    monkeypatch.setattr(cpu, "SOURCES", tuple(tmp_path / p.name for p in cpu.SOURCES))
-    monkeypatch.setattr(cpu, "HEADER", tmp_path / cpu.HEADER.name)
-    assert cpu.build_key() == key
-    for path in (*cpu.SOURCES, cpu.HEADER):
+    monkeypatch.setattr(cpu_build, "SOURCES", tuple(tmp_path / p.name for p in cpu_build.SOURCES))
+    monkeypatch.setattr(cpu_build, "HEADER", tmp_path / cpu_build.HEADER.name)
+    assert cpu_build.build_key() == key
+    for path in (*cpu_build.SOURCES, cpu_build.HEADER):
         text = path.read_bytes()
         path.write_bytes(text + b"\n")
-        assert cpu.build_key() != key, path.name
+        assert cpu_build.build_key() != key, path.name
         path.write_bytes(text)
-    assert cpu.build_key() == key
+    assert cpu_build.build_key() == key
 
 
 def test_fallback_warns_once_and_computes_the_same(monkeypatch, caplog):
     codes = HAND_BUILT["pb-3bit-grouped"]()
     form, Q = kernel_form(codes), codes.dequantize()
-    monkeypatch.setattr(cpu, "extension", lambda: cpu.ExtensionStatus(False, "no compiler here"))
+    off = cpu_build.ExtensionStatus(False, "no compiler here")
+    monkeypatch.setattr(cpu, "extension", lambda: off)
     cpu._warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="binllm.kernels.cpu"):
         for N in (1, 12):

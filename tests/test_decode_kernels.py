@@ -12,7 +12,7 @@ from test_cpu_kernels import SHAPES, check, check_bf16, inputs, needs_extension
 from test_kernel_form import layer
 
 from binllm.engine.reconstruct import reconstruct
-from binllm.kernels import cpu
+from binllm.kernels import cpu, cpu_build
 from binllm.kernels.form import kernel_form
 from binllm.methods import METHODS, get_method
 from binllm.packed.layers import BinaryLinear, set_kernels
@@ -181,7 +181,8 @@ def test_form_decoder_follows_the_registry(monkeypatch):
     form, x = kernel_form(codes), inputs(1, codes.shape[1])
     if cpu.extension().ok:
         assert isinstance(form_decoder(form, x), cpu.extension().module.Decoder)
-    monkeypatch.setattr(cpu, "extension", lambda: cpu.ExtensionStatus(False, "no compiler here"))
+    off = cpu_build.ExtensionStatus(False, "no compiler here")
+    monkeypatch.setattr(cpu, "extension", lambda: off)
     assert form_decoder(form, x) is backends.declines
     layer_ = BinaryLinear.from_codes(codes)
     for _ in range(2):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_cpu_kernels import needs_extension
 
-from binllm.kernels import cpu, decode_attention, decode_ops, rms_norm
+from binllm.kernels import cpu, cpu_build, decode_attention, decode_ops, rms_norm
 
 IMPLS = list(cpu.IMPLS)
 
@@ -144,6 +144,6 @@ def test_inputs_the_kernels_do_not_compute_return_none():
 
 
 def test_without_the_extension_both_return_none(monkeypatch):
-    monkeypatch.setattr(decode_ops, "extension", lambda: cpu.ExtensionStatus(False, "no"))
+    monkeypatch.setattr(decode_ops, "extension", lambda: cpu_build.ExtensionStatus(False, "no"))
     assert rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6) is None
     assert decode_attention(*attention_inputs(4, 4, 16, 4, 1, torch.float32), 1, 0.25) is None

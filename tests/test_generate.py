@@ -11,7 +11,7 @@ import transformers  # noqa: F401  (its log handler binds to stderr now, not to 
 from test_checkpoint import quantize, tiny_biased_llama
 
 import binllm
-import binllm.kernels.cpu as cpu
+import binllm.kernels.cpu_build as cpu_build
 import binllm.packed.layers as layers
 from binllm.cli import main
 from binllm.evaluation.generate import generate
@@ -41,8 +41,8 @@ def saved_dir(tmp_path_factory):
 def test_load_derives_every_form_and_loads_the_kernels_before_the_timed_run(saved_dir,
                                                                            monkeypatch):
     derived, loaded = [], []
-    real_form, real_ext = layers.kernel_form, cpu.extension
-    monkeypatch.setattr(cpu, "extension", lambda: loaded.append(1) or real_ext())
+    real_form, real_ext = layers.kernel_form, cpu_build.extension
+    monkeypatch.setattr(cpu_build, "extension", lambda: loaded.append(1) or real_ext())
     monkeypatch.setattr(layers, "kernel_form", lambda c: derived.append(1) or real_form(c))
     model = binllm.load(saved_dir)
     at_load = (len(derived), len(loaded))

@@ -535,7 +535,7 @@ def test_a_broken_kernel_cache_warning_says_what_to_delete_and_where(tmp_path, m
 
 
 def test_a_failed_kernel_build_names_the_compilers_first_error():
-    from binllm.kernels.cpu import build_failure
+    from binllm.kernels.cpu_build import build_failure
 
     e = RuntimeError("Error building extension 'binllm_cpu_x': [1/3] c++ -MMD -MF a.o.d -O3\n"
                      "FAILED: a.o\n/src/a.cpp: In function 'void f()':\n"

@@ -40,32 +40,21 @@ prefill path):
   BINLLM_KERNELS=torch), the pure-PyTorch `form_matmul_torch` computes the same product and a
   one-time warning (logging) says why.
 
-The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
-weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
-`cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
-glue (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the `Decoder` class and the
-bindings; their shared declarations in `cpu_kernels.h`) is one module, built on first use with
-torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
-by every source's bytes, the header's and this CPU's flags (a changed file builds anew), and
-reused afterwards.
+The extension is built and loaded by `binllm.kernels.cpu_build` (`extension()`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .cpu_features import cpu_flags, fast_bf16_matmul
+from .cpu_build import extension
+from .cpu_features import fast_bf16_matmul
 from .form import KernelForm, form_matmul_torch, part_inputs
 from .form_ref import stages_of
 
@@ -75,70 +64,7 @@ SMALL_BATCH = 8    # inputs per bit-plane GEMV call (the kernel's widest batch t
 GEMV_MAX = 32      # largest N computed by GEMV calls (chunks of SMALL_BATCH); beyond: dense GEMM
 ROW_CHUNK = 512    # rows rebuilt at a time on the prefill path (at least, for bf16)
 BF16_CHUNK_BYTES = 2 << 20  # bf16 prefill: a chunk's rows fill up to this many buffer bytes
-SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp")
-                for name in ("gemv", "sparse", "prefill", "int8", "uniform8", "decode", "ops"))
-HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 IMPLS = {"avx512": 0, "portable": 1}
-
-
-@dataclass(frozen=True)
-class ExtensionStatus:
-    ok: bool
-    reason: str = ""     # why the extension is not usable
-    avx512: bool = False  # compiled with AVX-512 (else only the portable loop)
-    module: Any = None    # the compiled module (its Python classes: Decoder)
-
-
-@functools.lru_cache(maxsize=None)
-def extension() -> ExtensionStatus:
-    """Load the compiled kernels (building them on first use); the status says whether."""
-    if os.environ.get("BINLLM_KERNELS", "").lower() == "torch":
-        return ExtensionStatus(False, "BINLLM_KERNELS=torch")
-    key = build_key()
-    try:
-        from torch.utils.cpp_extension import load
-
-        module = load(name=f"binllm_cpu_{key}", sources=[str(s) for s in SOURCES],
-                      is_python_module=True,
-                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                      extra_ldflags=["-fopenmp"], verbose=False)
-        avx = bool(torch.ops.binllm_cpu.has_avx512())
-    except Exception as e:  # no compiler, headers or ninja: the PyTorch path still works
-        return ExtensionStatus(False, f"building the CPU kernels failed ({build_failure(e)}); "
-                                      f"{cache_advice(f'binllm_cpu_{key}')}")
-    return ExtensionStatus(True, avx512=avx, module=module)
-
-
-def build_failure(e: Exception) -> str:
-    """The exception's type and first line, and the compiler's first error line where the
-    message holds one (torch's build error starts with the command line, not the cause)."""
-    lines = str(e).strip().splitlines()
-    out = f"{type(e).__name__}: {(lines or [''])[0][:200]}"
-    cause = next((ln.strip() for ln in lines[1:] if "error:" in ln), "")
-    return f"{out} … {cause[:300]}" if cause else out
-
-
-def build_key() -> str:
-    """The extension's cache key: a hash of each source's name and bytes, the header's, and this
-    CPU's flags (-march=native), so that any changed file is a new build of its own."""
-    h = hashlib.sha1()
-    for path in (*SOURCES, HEADER):
-        data = path.read_bytes()
-        h.update(f"{path.name}:{len(data)}:".encode() + data)
-    h.update(cpu_flags().encode())
-    return h.hexdigest()[:12]
-
-
-def cache_advice(name: str) -> str:
-    """What to do when the extension cache (torch's TORCH_EXTENSIONS_DIR) is the cause."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    root = env or get_default_build_root()
-    where = f"TORCH_EXTENSIONS_DIR={root}" if env else root
-    return (f"if the kernel cache is damaged or not writable, delete the {name} folder under "
-            f"{where} (it is rebuilt on the next run) or set TORCH_EXTENSIONS_DIR to a "
-            "writable folder; a missing compiler needs g++ and ninja")
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .cpu import IMPLS, extension
+from .cpu import IMPLS
+from .cpu_build import extension
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: str = "avx512") -> Tensor | None:

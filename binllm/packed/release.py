@@ -27,7 +27,7 @@ def warm_kernels(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, BinaryLinear) and m.kernels and not m.cache_dequantized \
                 and m.layout_device().type == "cpu":
-            from ..kernels.cpu import extension
+            from ..kernels.cpu_build import extension
 
             extension()
             return
