@@ -55,8 +55,7 @@ inline __mmask16 lanes(int64_t left) {
 template <typename T> __m512 load16(const T* p, __mmask16 m);
 template <> __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 template <> __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i b = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  return bf16_float16(_mm256_maskz_loadu_epi16(m, p));
 }
 template <> __m512 load16(const at::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
@@ -76,7 +75,7 @@ template <> void store16(at::Half* p, __mmask16 m, __m512 v) {
 template <typename T> __m512 round16(__m512 v);
 template <> __m512 round16<float>(__m512 v) { return v; }
 template <> __m512 round16<at::BFloat16>(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(v)), 16));
+  return bf16_float16(bf16_bits16(v));
 }
 template <> __m512 round16<at::Half>(__m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

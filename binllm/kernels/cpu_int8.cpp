@@ -17,15 +17,6 @@
 
 namespace binllm_cpu {
 
-namespace {
-float bf16_value(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-}  // namespace
-
 void smoothing_bf16(const at::Tensor& src, at::Tensor c) {
   check(src.dim() == 2 && src.scalar_type() == at::kBFloat16 && src.stride(1) == 1,
         "src (N, K) bf16 with unit column stride");
@@ -42,13 +33,12 @@ void smoothing_bf16(const at::Tensor& src, at::Tensor c) {
       int64_t j = j0;
 #ifdef __AVX512F__
       for (; j + 16 <= j1; j += 16) {
-        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(r + j)));
-        const __m512 v = _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        const __m512 v = _mm512_abs_ps(bf16_float16(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(r + j))));
         _mm512_storeu_ps(cp + j, _mm512_max_ps(_mm512_loadu_ps(cp + j), v));
       }
 #endif
-      for (; j < j1; ++j) cp[j] = std::max(cp[j], std::fabs(bf16_value(r[j])));
+      for (; j < j1; ++j) cp[j] = std::max(cp[j], std::fabs(bf16_float(r[j])));
     }
     for (int64_t j = j0; j < j1; ++j) cp[j] = cp[j] > 0.f ? std::sqrt(cp[j]) : 1.f;
   });
@@ -72,7 +62,7 @@ void rows_int8(const at::Tensor& src, const at::Tensor& colscale, at::Tensor q,
         "colscale (K,) fp32 or empty");
   const float* cs = colscale.numel() ? colscale.data_ptr<float>() : nullptr;
   auto value = [cs](const uint16_t* r, int64_t j) {  // v[i, j] of row r
-    return cs ? bf16_value(r[j]) * cs[j] : bf16_value(r[j]);
+    return cs ? bf16_float(r[j]) * cs[j] : bf16_float(r[j]);
   };
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)),
                    [&](int64_t a, int64_t b) {
@@ -84,9 +74,7 @@ void rows_int8(const at::Tensor& src, const at::Tensor& colscale, at::Tensor q,
 #ifdef __AVX512F__
       __m512 mv = _mm512_setzero_ps();
       for (; j + 16 <= K; j += 16) {
-        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(r + j)));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        __m512 v = bf16_float16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + j)));
         if (cs) v = _mm512_mul_ps(v, _mm512_loadu_ps(cs + j));
         mv = _mm512_max_ps(mv, _mm512_abs_ps(v));
       }
@@ -103,9 +91,7 @@ void rows_int8(const at::Tensor& src, const at::Tensor& colscale, at::Tensor q,
 #ifdef __AVX512F__
       const __m512 iv = _mm512_set1_ps(inv);
       for (; j + 16 <= K; j += 16) {  // round to nearest even (MXCSR's default), saturated
-        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(r + j)));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        __m512 v = bf16_float16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + j)));
         if (cs) v = _mm512_mul_ps(v, _mm512_loadu_ps(cs + j));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j),
                          _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, iv))));

@@ -1,13 +1,14 @@
-// The shared declarations of binllm's CPU kernels (binllm/kernels/cpu.py builds the .cpp files
-// beside this one into one extension, torch.ops.binllm_cpu and a Python module):
+// The shared declarations of binllm's CPU kernels (binllm/kernels/cpu_build.py builds the .cpp
+// files beside this one into one extension, torch.ops.binllm_cpu and a Python module):
 //   cpu_gemv.cpp      the bit-plane lookup-table GEMV of a BitPart (decode, small batches)
 //   cpu_sparse.cpp    PB-LLM's salient weights (a SparsePart's CSR product)
 //   cpu_prefill.cpp   the prefill rebuilds of a BitPart's rows (fp32, bf16) and x's columns
+//   cpu_int8.cpp      the int8 prefill: a prompt's column smoothing, int8 rows, scaled sums
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
 //   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
 // Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
-// the bf16 rounding, and the functions one file calls in another.
+// bf16 <-> fp32, and the functions one file calls in another.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -57,7 +58,20 @@ struct Part {
 // fp32 -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float)'s rounding
 inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }
 
+// bf16 bits -> fp32, exactly (the bits are fp32's upper half)
+inline float bf16_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 #ifdef __AVX512F__
+// the same for 16 values at once
+inline __m512 bf16_float16(__m256i b) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
 // the same rounding for 16 floats at once (integer ops: no AVX512-BF16 flush of denormals)
 inline __m256i bf16_bits16(__m512 f) {
   const __m512i u = _mm512_castps_si512(f);
