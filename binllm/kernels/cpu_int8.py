@@ -59,12 +59,12 @@ def unavailable(flags: str | None = None, version: str | None = None) -> str | N
 
 def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
     """F.linear(x, Ŵ, bias) by the int8 prefill in x's dtype, or None where it does not apply."""
-    tokens = x.numel() // max(1, x.shape[-1])
+    tokens, stages = x.numel() // max(1, x.shape[-1]), stages_of(form)
     if (x.device.type != "cpu" or tokens <= cpu.GEMV_MAX
             or (x.requires_grad and torch.is_grad_enabled()) or _unavailable_here()
-            or any(not _fits(stage) for stage in stages_of(form))):
+            or any(not _fits(stage) for stage in stages)):
         return None
-    t, stages = x.reshape(-1, form.cols), stages_of(form)
+    t = x.reshape(-1, form.cols)
     for i, stage in enumerate(stages):  # the last stage writes bf16 for bf16 x, else fp32
         t = form_matmul_int8(stage, t, x.dtype if i == len(stages) - 1 else torch.float32)
     y = t.to(x.dtype).reshape(*x.shape[:-1], form.rows)
