@@ -168,3 +168,13 @@ def test_sampling_draws_only_inside_top_p_and_repeats_with_the_seed():
     top2 = {int(pick(logits, 5.0, 1.0, g, top_k=2)) for _ in range(200)}
     assert top2 == {0, 1}  # the two largest logits
     assert {int(pick(logits, 1.0, 1e-9, g)) for _ in range(20)} == {0}  # the most likely kept
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_pick_is_the_first_largest_logit_in_every_dtype(dtype):
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(1)).to(dtype)
+    top = logits.max()
+    logits[[7, 30000, 49151]] = top + 1  # ties: the first index wins, as torch's argmax says
+    assert int(pick(logits, 0.0, 1.0, None)) == 7
+    logits[7] = top
+    assert int(pick(logits, 0.0, 1.0, None)) == 30000
