@@ -21,7 +21,9 @@ repeated): its perplexity shows what the approximation costs.
 
 Packed models are saved once into --work (`binllm quantize … --no-eval --out`, the
 benchmark protocol's calibration: 32 × 2048 tokens of wikitext2 validation) and reused.
-llama.cpp rows are added where `llama-cpp-python` is installed and a GGUF is given.
+llama.cpp rows are added where `llama-cpp-python` is installed and a GGUF is given; build it
+for the CPU (`CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python`: without it ggml
+decodes 2-3x slower on an AVX-512 CPU), and the results record the features it was built for.
 OpenMP's wait policy is left as the environment has it (unset: the default, as `binllm
 generate` runs): with OMP_WAIT_POLICY=PASSIVE every one of a token's ~200 parallel regions
 wakes sleeping threads, and 2-thread decode of a packed q1_0 SmolLM2 drops from ~73 to ~39
@@ -124,6 +126,17 @@ def decode_cell(row: dict, threads: int) -> str:
     cell = f"{row[f'decode_tps_{threads}t']:.1f}"
     hf = row.get(f"decode_tps_hf_{threads}t")
     return cell if hf is None else f"{cell} ({hf:.1f})"
+
+
+def llama_cpp_build() -> str | None:
+    """llama-cpp-python's version and the CPU features its ggml was compiled for (a build
+    without GGML_NATIVE runs 2-3x slower on an AVX-512 CPU); None where it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return f"llama-cpp-python {llama_cpp.__version__}; {info}"
 
 
 def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
@@ -242,8 +255,12 @@ def main() -> int:
         if per:
             md.append(f"\n{r['model']}: whole-model kernel forward {per:.2f} s per window "
                       f"({args.windows} windows ≈ {per * args.windows:.0f} s).")
+    build = llama_cpp_build() if args.gguf else None
+    if build:
+        md.append(f"\nllama.cpp: {build}")
     write_results(args.stem, {"rows": rows, "windows": args.windows, "torch": torch.__version__,
-                              "omp_wait_policy": wait_policy}, "\n".join(md) + "\n")
+                              "omp_wait_policy": wait_policy, "llama_cpp": build},
+                  "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
