@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 
 from . import cpu
+from .cpu_build import extension
 from .cpu_features import cpu_flags
 from .form import KernelForm
 from .form_ref import stages_of
@@ -52,9 +53,8 @@ def unavailable(flags: str | None = None, version: str | None = None) -> str | N
         return f"torch {version or torch.__version__} is older than 2.6"
     if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set((flags or cpu_flags()).split()):
         return "this CPU has no VNNI or AMX-INT8 instructions"
-    if not cpu.extension().ok:
-        return cpu.extension().reason
-    return None
+    status = extension()
+    return None if status.ok else status.reason
 
 
 def int8_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tensor | None:
