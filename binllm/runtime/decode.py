@@ -192,7 +192,7 @@ def pick(logits: Tensor, temperature: float, top_p: float,
     softmax at that temperature restricted to the top_k most likely tokens (0: all) and then
     to the smallest set of them whose probability reaches top_p (always the most likely one),
     as transformers' top-k and top-p warpers do."""
-    if temperature <= 0:  # in fp32: exact for bf16 logits, and torch's bf16 argmax is ~5× slower
+    if temperature <= 0:  # in fp32: exact for bf16 logits; torch's bf16 argmax is 3–5× slower
         return logits.float().argmax()
     logits = logits.float() / temperature
     if 0 < top_k < logits.numel():
