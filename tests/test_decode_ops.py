@@ -147,3 +147,27 @@ def test_without_the_extension_both_return_none(monkeypatch):
     monkeypatch.setattr(decode_ops, "extension", lambda: cpu_build.ExtensionStatus(False, "no"))
     assert rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6) is None
     assert decode_attention(*attention_inputs(4, 4, 16, 4, 1, torch.float32), 1, 0.25) is None
+    assert decode_ops.decode_layers([], torch.ones(4, 16), torch.ones(4, 16), 0.25) is None
+
+
+@needs_extension
+def test_decode_layers_refuse_bad_layers_and_tokens_with_a_clear_error():
+    """One layer of dense linears (d 32, 2 heads of 16, 1 KV head): a malformed layer tuple,
+    caches that do not match cos/sin, a prompt of two tokens and a position past max_len."""
+    d, hd, L = 32, 16, 4
+    cos, sin = torch.ones(L, hd), torch.zeros(L, hd)
+    kc, vc = torch.zeros(1, 1, L, hd), torch.zeros(1, 1, L, hd)
+    shapes = ((d, d), (hd, d), (hd, d), (d, d), (64, d), (64, d), (d, 64))
+    linears = tuple((None, torch.randn(s), None) for s in shapes)
+    layer = (torch.ones(d), 1e-6, torch.ones(d), 1e-6, linears, kc, vc)
+    with pytest.raises(RuntimeError, match="seven linears"):
+        decode_ops.decode_layers([(*layer[:4], linears[:6], kc, vc)], cos, sin, 0.25)
+    with pytest.raises(RuntimeError, match=r"caches \(1, KV, max_len, hd\)"):
+        decode_ops.decode_layers([(*layer[:5], kc[:, :, :3], vc)], cos, sin, 0.25)
+    layers = decode_ops.decode_layers([layer], cos, sin, 0.25)
+    with torch.no_grad():
+        assert layers(torch.randn(1, 1, d), 3).shape == (1, 1, d)
+        with pytest.raises(RuntimeError, match="one token"):
+            layers(torch.randn(1, 2, d), 0)
+        with pytest.raises(RuntimeError, match=r"pos 4 outside \[0, max_len\) = \[0, 4\)"):
+            layers(torch.randn(1, 1, d), 4)

@@ -44,6 +44,7 @@ def test_the_fused_glue_computes_what_the_torch_ops_compute(monkeypatch):
 
     model = tiny_causal_lm("llama", vocab_size=128, head_dim=32)  # head_dim ≠ hidden / heads
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(decode, "decode_layers", lambda *a: None)  # the loop in Python
     fused, calls = decode.decode_attention, []
     monkeypatch.setattr(decode, "decode_attention",
                         lambda *a: calls.append(1) or fused(*a))
@@ -53,6 +54,50 @@ def test_the_fused_glue_computes_what_the_torch_ops_compute(monkeypatch):
     monkeypatch.setattr(decode, "decode_attention", lambda *a: None)
     monkeypatch.setattr(decode, "rms_norm", lambda *a: None)
     assert torch.equal(got, lean_generate(model, ids, 8))
+
+
+def steps(model, ids, fuse: bool, new: int = 6) -> list[torch.Tensor]:
+    """The logits after the prompt and after each of `new` greedy tokens, one at a time."""
+    dec = LeanDecoder(model, ids.shape[1] + new, fuse=fuse)
+    assert (dec.fused is not None) == (fuse and cpu.extension().ok)
+    with torch.no_grad():
+        out = [dec(ids)]
+        for _ in range(new):
+            out.append(dec(out[-1].float().argmax().view(1, 1)))
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-biases", "llama-bf16", "packed",
+                                  "stories260K"])
+def test_the_fused_layers_give_the_loops_logits_bit_for_bit(case, packed, stories_model):
+    """One compiled call per token through every layer (dense nn.Linear, q/k/v biases, bf16,
+    packed kernels, the real stories260K) against the same loop run module by module."""
+    model = {"llama": lambda: tiny_causal_lm("llama", vocab_size=128, head_dim=32),
+             "qwen2-biases": lambda: tiny_causal_lm("qwen2", vocab_size=128),
+             "llama-bf16": lambda: tiny_causal_lm("llama", vocab_size=128).to(torch.bfloat16),
+             "packed": lambda: packed, "stories260K": lambda: stories_model}[case]()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    for got, want in zip(steps(model, ids, True), steps(model, ids, False), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_the_fused_layers_are_not_built_where_a_module_is_not_theirs():
+    """A linear that is neither packed nor a plain nn.Linear (its forward replaced, as hooks
+    do), or an activation other than SiLU: the loop runs the modules, with their effect."""
+    model = tiny_causal_lm("llama", vocab_size=128)
+    ids = torch.tensor([[1, 5, 9]])
+    plain = steps(model, ids, False, new=2)
+    up = model.model.layers[1].mlp.up_proj
+    up.forward = lambda x: torch.nn.functional.linear(x, 2 * up.weight)
+    dec = LeanDecoder(model, 4)
+    assert dec.fused is None
+    with torch.no_grad():
+        assert not torch.equal(dec(ids), plain[0])  # the replaced forward ran
+    del up.forward
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert LeanDecoder(model, 4).fused is None
+    model.model.layers[0].mlp.act_fn = torch.nn.SiLU()
+    assert LeanDecoder(model, 4).fused is not None or not cpu.extension().ok
 
 
 def test_greedy_tokens_equal_transformers_generate_on_the_real_stories260K(stories_model):

@@ -3,11 +3,11 @@
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
 weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
 `cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
-glue (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the `Decoder` class and the
-bindings; their shared declarations in `cpu_kernels.h`) is one module, built on first use with
-torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
-by every source's bytes, the header's and this CPU's flags (a changed file builds anew), and
-reused afterwards.
+glue and `cpu_layers.cpp` its decoder layers in one call (`binllm.kernels.decode_ops`),
+`cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
+`cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension
+(-O3 -march=native) into torch's extension cache under a name keyed by every source's bytes,
+the header's and this CPU's flags (a changed file builds anew), and reused afterwards.
 `extension()` returns an `ExtensionStatus`: the loaded module, or why it cannot be used (the
 PyTorch paths then compute the same products). Standard library and torch only.
 """
@@ -25,8 +25,8 @@ import torch
 
 from .cpu_features import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp")
-                for name in ("gemv", "sparse", "prefill", "int8", "uniform8", "decode", "ops"))
+SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp") for name in (
+    "gemv", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "ops"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 
 

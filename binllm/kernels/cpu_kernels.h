@@ -6,6 +6,7 @@
 //   cpu_int8.cpp      the int8 prefill: a prompt's column smoothing, int8 rows, scaled sums
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
 //   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
+//   cpu_layers.cpp    the lean decode loop's decoder layers, one compiled call per token
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
 // Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
 // bf16 <-> fp32, and the functions one file calls in another.
@@ -19,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -138,5 +140,30 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, i
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                             at::Tensor v_cache, int64_t pos, double scale, int64_t impl);
+
+// -- cpu_ops.cpp ----------------------------------------------------------------------------
+// form_gemv of one form's stages in turn (fp32 between stages, the last in x's dtype with the
+// bias rounded to it first), the form's tensors checked once when it is built; a call checks
+// only x and the bias. Stages: [(rows, parts, sparse, groupsize, in_order)] as form_gemv takes
+// them.
+class Decoder {
+ public:
+  using Stages = std::vector<std::tuple<int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                        int64_t, std::vector<int64_t>>>;
+  Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl);
+  // y (..., rows) of x (..., cols) fp32, bf16 or fp16 on the CPU of at most max_numel elements,
+  // no gradient wanted, with bias b (rows,) or null; undefined for any other input
+  at::Tensor forward(const at::Tensor& x, const at::Tensor* b) const;
+
+ private:
+  struct Stage {
+    int64_t rows;
+    std::vector<at::Tensor> parts, sparse;
+    int64_t groupsize;
+    std::vector<int64_t> in_order;
+  };
+  int64_t cols_, max_numel_, impl_;
+  std::vector<Stage> stages_;
+};
 
 }  // namespace binllm_cpu

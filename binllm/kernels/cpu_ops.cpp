@@ -9,8 +9,9 @@
 //   and sparse's loops: cpu.py's _compiled), rounded once to dtype and, with a bias (rows,) of
 //   dtype, + bias rounded again: y (..., rows) of dtype equals form_matmul(x).to(dtype) + bias
 //   bit for bit.
-// Decoder (a Python class): form_gemv of one form's stages, the form checked once when it is
-//   built, each call straight from Python (binllm/kernels/cpu.py).
+// Decoder (cpu_kernels.h; a Python class): form_gemv of one form's stages, the form checked once
+//   when it is built, each call straight from Python (binllm/kernels/cpu.py) or from the
+//   decoder layers of cpu_layers.cpp; None (undefined in C++) for an input it does not compute.
 // rms_norm, decode_attention (Python functions, cpu_decode.cpp): the lean decode loop's glue,
 //   bound with pybind11 rather than registered as ops, for the lower per-call overhead
 //   (binllm/kernels/decode_ops.py).
@@ -27,6 +28,8 @@
 namespace py = pybind11;
 
 namespace binllm_cpu {
+void bind_layers(py::module_& m);  // cpu_layers.cpp: the DecodeLayers class
+
 namespace {
 
 // -- the decode forward: every part of a form on x in its own dtype, y rounded once ----------
@@ -137,69 +140,50 @@ at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
   return gemv_checked(x, rows, parts, sparse, groupsize, in_order, b, dtype, impl);
 }
 
-// -- Decoder: form_gemv of one form (its stages in turn), checked once, called from Python ---
-// Decoder(stages, cols, max_numel, impl), stages [(rows, parts, sparse, groupsize, in_order)]:
-// decoder(x, bias) is form_gemv of each stage in turn (fp32 between stages, the last in x's
-// dtype with the bias rounded to it first) for x (..., cols) fp32, bf16 or fp16 on the CPU of
-// at most max_numel elements, no gradient wanted; None for any other input. The form's tensors
-// are checked when it is built, so a call checks only x and the bias (binllm/kernels/cpu.py).
-class Decoder {
- public:
-  struct Stage {
-    int64_t rows;
-    std::vector<at::Tensor> parts, sparse;
-    int64_t groupsize;
-    std::vector<int64_t> in_order;
-  };
-  using Stages = std::vector<std::tuple<int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                        int64_t, std::vector<int64_t>>>;
+}  // namespace
 
-  Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
-      : cols_(cols), max_numel_(max_numel), impl_(impl) {
-    check(!stages.empty(), "a form has at least one stage");
-    int64_t width = cols;
-    for (auto& [rows, parts, sparse, groupsize, in_order] : stages) {
-      check_form(rows, parts, sparse, groupsize, in_order);
-      for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
-        const at::Tensor& perm = parts[i];
-        check(perm.numel() == 0 || perm.max().item<int64_t>() < width, "perm outside x");
-      }
-      stages_.push_back({rows, std::move(parts), std::move(sparse), groupsize,
-                         std::move(in_order)});
-      width = rows;
+// -- Decoder (cpu_kernels.h): form_gemv of one form's stages, checked once ------------------
+Decoder::Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
+    : cols_(cols), max_numel_(max_numel), impl_(impl) {
+  check(!stages.empty(), "a form has at least one stage");
+  int64_t width = cols;
+  for (auto& [rows, parts, sparse, groupsize, in_order] : stages) {
+    check_form(rows, parts, sparse, groupsize, in_order);
+    for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
+      const at::Tensor& perm = parts[i];
+      check(perm.numel() == 0 || perm.max().item<int64_t>() < width, "perm outside x");
+    }
+    stages_.push_back({rows, std::move(parts), std::move(sparse), groupsize,
+                       std::move(in_order)});
+    width = rows;
+  }
+}
+
+at::Tensor Decoder::forward(const at::Tensor& x, const at::Tensor* b) const {
+  if (!x.device().is_cpu() || !float_type(x.scalar_type()) || x.dim() < 1 ||
+      x.size(-1) != cols_ || x.numel() > max_numel_ || x.is_sparse() ||
+      (at::GradMode::is_enabled() && (x.requires_grad() || (b && b->requires_grad()))))
+    return at::Tensor();  // another device or dtype, a prefill, a backward: the registry's path
+  const Stage& last = stages_.back();
+  at::Tensor cast;
+  if (b) {
+    if (!b->device().is_cpu() || b->dim() != 1 || b->size(0) != last.rows) return at::Tensor();
+    if (b->scalar_type() != x.scalar_type() || !b->is_contiguous()) {
+      cast = b->to(x.scalar_type()).contiguous();
+      b = &cast;
     }
   }
-
-  py::object operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias) const {
-    const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
-    if (!x.device().is_cpu() || !float_type(x.scalar_type()) || x.dim() < 1 ||
-        x.size(-1) != cols_ || x.numel() > max_numel_ || x.is_sparse() ||
-        (at::GradMode::is_enabled() && (x.requires_grad() || (b && b->requires_grad()))))
-      return py::none();  // another device or dtype, a prefill, a backward: the registry's path
-    const Stage& last = stages_.back();
-    at::Tensor cast;
-    if (b) {
-      if (!b->device().is_cpu() || b->dim() != 1 || b->size(0) != last.rows)
-        return py::none();
-      if (b->scalar_type() != x.scalar_type() || !b->is_contiguous()) {
-        cast = b->to(x.scalar_type()).contiguous();
-        b = &cast;
-      }
-    }
-    at::Tensor t = x;
-    for (size_t i = 0; i + 1 < stages_.size(); ++i) {
-      const Stage& s = stages_[i];
-      t = gemv_checked(t, s.rows, s.parts, s.sparse, s.groupsize, s.in_order, nullptr,
-                       at::kFloat, impl_);
-    }
-    return py::cast(gemv_checked(t, last.rows, last.parts, last.sparse, last.groupsize,
-                                 last.in_order, b, x.scalar_type(), impl_));
+  at::Tensor t = x;
+  for (size_t i = 0; i + 1 < stages_.size(); ++i) {
+    const Stage& s = stages_[i];
+    t = gemv_checked(t, s.rows, s.parts, s.sparse, s.groupsize, s.in_order, nullptr, at::kFloat,
+                     impl_);
   }
+  return gemv_checked(t, last.rows, last.parts, last.sparse, last.groupsize, last.in_order, b,
+                      x.scalar_type(), impl_);
+}
 
- private:
-  int64_t cols_, max_numel_, impl_;
-  std::vector<Stage> stages_;
-};
+namespace {
 
 bool has_avx512() {
 #ifdef __AVX512F__
@@ -253,7 +237,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using binllm_cpu::Decoder;
   py::class_<Decoder>(m, "Decoder", py::dynamic_attr())
       .def(py::init<Decoder::Stages, int64_t, int64_t, int64_t>())
-      .def("__call__", &Decoder::operator(), py::arg("x"), py::arg("bias") = py::none());
+      .def("__call__",
+           [](const Decoder& d, const at::Tensor& x,
+              const std::optional<at::Tensor>& bias) -> py::object {
+             const at::Tensor y = d.forward(x, bias && bias->defined() ? &*bias : nullptr);
+             return y.defined() ? py::cast(y) : py::none();
+           },
+           py::arg("x"), py::arg("bias") = py::none());
+  binllm_cpu::bind_layers(m);
   m.def("rms_norm", &binllm_cpu::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("impl") = 0);
   m.def("decode_attention", &binllm_cpu::decode_attention, py::arg("q"), py::arg("k"),

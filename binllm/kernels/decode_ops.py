@@ -1,5 +1,6 @@
 """The fused glue of a lean single-token decode loop (`binllm.runtime.decode`): the small torch
-ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`).
+ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`), and every
+decoder layer of a token in one call (`decode_layers`, `cpu_layers.cpp`).
 
 At batch 1 a small model's RMSNorm is ~8 torch ops and its rotary embedding, cache write and
 attention a dozen more, each a few microseconds of dispatch around little arithmetic; here each
@@ -13,6 +14,9 @@ results, a Python call less).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -51,3 +55,28 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
         return None
     return status.module.decode_attention(q, k, v, cos, sin, k_cache, v_cache, pos, scale,
                                           IMPLS[impl])
+
+
+def decode_layers(layers: Sequence[tuple], cos: Tensor, sin: Tensor, scale: float,
+                  impl: str = "avx512") -> Any:
+    """The decoder layers of a LLaMA-family model for one new token, as one compiled call.
+
+    layers: per layer (input_norm weight, its eps, post-attention norm weight, its eps,
+    linears, k_cache, v_cache), linears seven (decoder, weight, bias) for q, k, v, o, gate, up
+    and down: a packed layer's bound CPU decoder (`binllm.kernels.cpu.bind_decoder`) with
+    weight None, or None and a dense weight (rows, cols); cos and sin (max_len, head_dim) the
+    rotary embedding at every position; caches (1, KV, max_len, head_dim). Returns
+    `layers_call(h, pos) -> h` for h (1, 1, d), which runs every layer as the lean loop does
+    (this module's rms_norm and decode_attention, each linear's decoder or F.linear, torch's
+    add, mul and silu: the same results bit for bit) with no Python between them, writing the
+    token's keys and values into the caches. None where the extension is not built or a
+    linear's decoder is not the compiled one (another backend's, or one that declines
+    everything): the caller then runs its loop."""
+    status = extension()
+    if not status.ok:
+        return None
+    compiled = status.module.Decoder
+    if any(dec is not None and not isinstance(dec, compiled)
+           for layer in layers for dec, _, _ in layer[4]):
+        return None
+    return status.module.DecodeLayers(list(layers), cos, sin, scale, IMPLS[impl])

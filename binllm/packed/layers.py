@@ -234,6 +234,17 @@ class BinaryLinear(nn.Module):
             self._release_if_possible()
         return self._form
 
+    def decode_call(self, x: Tensor) -> DecoderFn | None:
+        """The compiled call this layer's forward tries first for a token like x (x's device
+        and dtype), bound now if it is not yet: `call(x, bias)` returns y or None (see
+        `binllm.kernels.form_decoder`). None where the forward does not start with one: the
+        reference forward, a cached weight, or a kernel that reads the packed buffers itself."""
+        if not self.kernels or self.cache_dequantized or layer_kernel(self, x) is not None:
+            return None
+        if self._decode is None:
+            self._decode = form_decoder(self.kernel_form(), x)
+        return self._decode
+
     def forward(self, x: Tensor) -> Tensor:
         if self._decode is not None and self.kernels and not self.cache_dequantized:
             # decode: one compiled call, or None (the bias read as nn.Module does, with no

@@ -11,7 +11,11 @@ keys and values in one preallocated tensor per layer. Attention is
 single new token (it sees every cached position). On the CPU the glue between the linears is
 fused where the compiled kernels compute it (`binllm.kernels.rms_norm`, and for one new token
 `binllm.kernels.decode_attention`: rotary embedding, cache write and attention in one call),
-else it runs as the torch ops below.
+else it runs as the torch ops below. Where every linear is packed (its compiled decode call) or a
+plain `nn.Linear` and the activation is SiLU, a single new token goes through all the decoder
+layers in one compiled call (`binllm.kernels.decode_layers`: the same functions in the same
+order, so the same logits bit for bit, without a Python step between them; module hooks are
+not called there, `fuse=False` runs the modules themselves).
 
 Only families whose decoder layer is exactly that (pre-norm RMSNorm, rotary q/k, grouped-query
 attention, gated MLP; no q/k norms, sliding windows or logit soft-capping) are taken:
@@ -25,10 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import BinllmError
-from ..kernels import decode_attention, rms_norm
+from ..kernels import decode_attention, decode_layers, rms_norm
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -74,6 +78,21 @@ def unsupported(model: Any, max_len: int = 0) -> str | None:
     return None
 
 
+def linear_call(module: Any, x: Tensor) -> tuple | None:
+    """(decoder, weight, bias): how `decode_layers` computes module(t) for a token t like x
+    (x's device and dtype): a packed layer's compiled call (its `decode_call`) or a plain
+    nn.Linear's weight of x's dtype and device; None for any other module, one whose forward
+    is replaced on the instance (as accelerate's hooks do) included."""
+    if "forward" in vars(module):
+        return None
+    if type(module).forward is nn.Linear.forward:
+        w = module.weight
+        return (None, w, module.bias) if (w.dtype, w.device) == (x.dtype, x.device) else None
+    bind = getattr(module, "decode_call", None)
+    call = None if bind is None else bind(x)
+    return None if call is None else (call, None, module.bias)
+
+
 def norm(module: Any, x: Tensor) -> Tensor:
     """The model's RMSNorm (weight · x / rms(x), statistics in fp32, as its forward does)."""
     y = rms_norm(x, module.weight, module.variance_epsilon)  # fused, or None
@@ -84,9 +103,10 @@ def norm(module: Any, x: Tensor) -> Tensor:
 
 
 class LeanDecoder:
-    """Runs `model` token by token for one sequence of at most `max_len` positions."""
+    """Runs `model` token by token for one sequence of at most `max_len` positions; `fuse`:
+    a single new token through all the decoder layers in one compiled call where it can."""
 
-    def __init__(self, model: Any, max_len: int):
+    def __init__(self, model: Any, max_len: int, fuse: bool = True):
         reason = unsupported(model, max_len)
         if reason:
             raise DecodeError(f"the lean decode loop cannot run this model: {reason}; run it "
@@ -108,6 +128,31 @@ class LeanDecoder:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.length = 0  # positions cached
+        self.fused = self.fused_layers(dtype, device) if fuse else None
+
+    def fused_layers(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """`decode_layers` of this model's layers and caches, or None where it cannot run them:
+        not on the CPU, an activation other than SiLU, a norm weight of another dtype, a linear
+        neither packed nor a plain nn.Linear (`linear_call`), or no compiled extension."""
+        if device.type != "cpu":
+            return None
+        probe = torch.empty(0, dtype=dtype, device=device)
+        t = torch.linspace(-12, 12, 481).to(dtype)  # the activation must be F.silu on these
+        layers = []
+        for i, layer in enumerate(self.inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = layer.input_layernorm, layer.post_attention_layernorm
+            if not torch.equal(mlp.act_fn(t), F.silu(t)) \
+                    or any(n.weight.dtype != dtype for n in norms):
+                return None
+            linears = tuple(linear_call(m, probe) for m in (
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                mlp.down_proj))
+            if None in linears:
+                return None
+            layers.append((norms[0].weight, norms[0].variance_epsilon, norms[1].weight,
+                           norms[1].variance_epsilon, linears, self.keys[i], self.values[i]))
+        return decode_layers(layers, self.cos, self.sin, self.scale)
 
     @torch.no_grad()
     def __call__(self, ids: Tensor) -> Tensor:
@@ -118,11 +163,14 @@ class LeanDecoder:
             raise DecodeError(f"{p + n} positions exceed this decoder's max_len="
                               f"{self.max_len}; build it with max_len={p + n} or more")
         h = self.inner.embed_tokens(ids)  # (1, n, d)
-        for i, layer in enumerate(self.inner.layers):
-            h = h + self.attention(layer.self_attn, norm(layer.input_layernorm, h), i)
-            x = norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if n == 1 and self.fused is not None and h.dtype == self.cos.dtype:
+            h = self.fused(h, p)
+        else:
+            for i, layer in enumerate(self.inner.layers):
+                h = h + self.attention(layer.self_attn, norm(layer.input_layernorm, h), i)
+                x = norm(layer.post_attention_layernorm, h)
+                mlp = layer.mlp
+                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         self.length = p + n
         return self.model.lm_head(norm(self.inner.norm, h[:, -1:]))[0, -1]
 
