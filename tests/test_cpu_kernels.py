@@ -91,6 +91,27 @@ def test_build_key_changes_with_any_source_or_the_header(tmp_path, monkeypatch):
     assert cpu_build.build_key() == key
 
 
+@needs_extension
+def test_a_build_says_so_before_it_starts_and_a_cached_one_says_nothing(tmp_path, monkeypatch,
+                                                                        caplog):
+    """The first use compiles for about a minute: the log names that wait; a later load from
+    the cache is silent. (A fresh TORCH_EXTENSIONS_DIR holds no build; load() is stubbed.)"""
+    name = f"binllm_cpu_{cpu_build.build_key()}"
+    assert cpu_build.built(name)  # the suite's own build
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not cpu_build.built(name)
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "load", lambda **kw: (_ for _ in ()).throw(OSError("stub")))
+    for cached, said in ((False, 1), (True, 0)):
+        monkeypatch.setattr(cpu_build, "built", lambda n, c=cached: c)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="binllm.kernels.cpu_build"):
+            status = cpu_build.extension.__wrapped__()
+        assert not status.ok and "OSError: stub" in status.reason
+        assert sum("compiling the CPU kernels" in r.getMessage() for r in caplog.records) == said
+
+
 def test_fallback_warns_once_and_computes_the_same(monkeypatch, caplog):
     codes = HAND_BUILT["pb-3bit-grouped"]()
     form, Q = kernel_form(codes), codes.dequantize()

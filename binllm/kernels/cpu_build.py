@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from .cpu_features import cpu_flags
+
+log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp") for name in (
     "gemv", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "ops"))
@@ -44,6 +47,9 @@ def extension() -> ExtensionStatus:
     if os.environ.get("BINLLM_KERNELS", "").lower() == "torch":
         return ExtensionStatus(False, "BINLLM_KERNELS=torch")
     key = build_key()
+    if not built(f"binllm_cpu_{key}"):  # the one wait a user sees, so it is named
+        log.warning("binllm: compiling the CPU kernels for this machine (once: about a "
+                    "minute on 2 cores; cached afterwards)")
     try:
         from torch.utils.cpp_extension import load
 
@@ -56,6 +62,17 @@ def extension() -> ExtensionStatus:
         return ExtensionStatus(False, f"building the CPU kernels failed ({build_failure(e)}); "
                                       f"{cache_advice(f'binllm_cpu_{key}')}")
     return ExtensionStatus(True, avx512=avx, module=module)
+
+
+def built(name: str) -> bool:
+    """Whether torch's extension cache holds the library `name` (True where that cannot be
+    told: no message is better than a wrong one)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").is_file()
+    except Exception:  # torch's helper moved or the cache is unreadable: load() will say
+        return True
 
 
 def build_failure(e: Exception) -> str:
