@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,18 @@ def extension() -> ExtensionStatus:
 
 
 def built(name: str) -> bool:
-    """Whether torch's extension cache holds the library `name` (True where that cannot be
-    told: no message is better than a wrong one)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+    """Whether torch's extension cache holds the library `name`: under TORCH_EXTENSIONS_DIR,
+    else in torch's default root, in its folder per Python and accelerator (the layout
+    torch.utils.cpp_extension.load builds into). Only the build message depends on it."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-        return (Path(_get_build_directory(name, False)) / f"{name}.so").is_file()
-    except Exception:  # torch's helper moved or the cache is unreadable: load() will say
-        return True
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                 f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{py}_{accel}")
+    return (Path(root) / name / f"{name}.so").is_file()
 
 
 def build_failure(e: Exception) -> str:
