@@ -17,14 +17,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, generation_speed, md_row, write_results  # noqa: E402
 from bench_real import MODEL, model_dir  # noqa: E402
-
-PROMPT_TOKENS, NEW_TOKENS = 32, 128
+from bench_real_runtime import NEW_TOKENS, PROMPT_TOKENS, llama_cpp_decode_seconds  # noqa: E402
 
 
 def tokens():
@@ -42,15 +40,8 @@ def llama_speeds(path: str, ids: list[int], repeats: int) -> dict[int, float]:
     out = {}
     for threads in (1, 2):
         llm = llama_cpp_model(Path(path), n_ctx=2048, n_threads=threads, n_batch=512)
-        best = float("inf")
-        for _ in range(repeats):
-            llm.reset()
-            llm.eval(ids[:PROMPT_TOKENS])
-            t = time.perf_counter()
-            for _ in range(NEW_TOKENS):
-                llm.eval([int(llm.sample(temp=0.0))])  # greedy
-            best = min(best, time.perf_counter() - t)
-        out[threads] = NEW_TOKENS / best
+        out[threads] = NEW_TOKENS / min(llama_cpp_decode_seconds(llm, ids)
+                                        for _ in range(repeats))
         del llm
     return out
 

@@ -139,6 +139,17 @@ def llama_cpp_build() -> str | None:
     return f"llama-cpp-python {llama_cpp.__version__}; {info}"
 
 
+def llama_cpp_decode_seconds(llm, ids: list[int]) -> float:
+    """Seconds of llama.cpp's greedy decode of NEW_TOKENS tokens after the first PROMPT_TOKENS
+    of ids (the prompt's own evaluation not timed), from a reset context."""
+    llm.reset()
+    llm.eval(ids[:PROMPT_TOKENS])
+    t = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        llm.eval([int(llm.sample(temp=0.0))])  # greedy
+    return time.perf_counter() - t
+
+
 def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
     """Decode and prompt tokens/s of each GGUF in llama.cpp, greedy, same token ids."""
     try:
@@ -159,12 +170,7 @@ def llama_cpp_rows(ggufs: list[Path], tokens) -> list[dict]:
                 t = time.perf_counter()
                 llm.eval(ids[:PREFILL_TOKENS])
                 best_prompt = min(best_prompt, time.perf_counter() - t)
-                llm.reset()
-                llm.eval(ids[:PROMPT_TOKENS])
-                t = time.perf_counter()
-                for _ in range(NEW_TOKENS):
-                    llm.eval([int(llm.sample(temp=0.0))])  # greedy
-                best_decode = min(best_decode, time.perf_counter() - t)
+                best_decode = min(best_decode, llama_cpp_decode_seconds(llm, ids))
             row[f"prompt_tps_{threads}t"] = PREFILL_TOKENS / best_prompt
             row[f"decode_tps_{threads}t"] = NEW_TOKENS / best_decode
             del llm

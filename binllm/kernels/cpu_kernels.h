@@ -20,10 +20,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
