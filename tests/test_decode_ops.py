@@ -1,6 +1,7 @@
 """The lean decode loop's fused glue (binllm.kernels.decode_ops): rms_norm against transformers'
 LlamaRMSNorm formula in torch, decode_attention against torch's rotary ops, cache writes and
-scaled_dot_product_attention, the caches it writes, what it refuses and what it declines."""
+scaled_dot_product_attention, the caches it writes, dense_gemv against the exact product, what
+each refuses and what it declines."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_cpu_kernels import needs_extension
 
-from binllm.kernels import cpu, cpu_build, decode_attention, decode_ops, rms_norm
+from binllm.kernels import cpu, cpu_build, decode_attention, decode_ops, dense_gemv, rms_norm
 
 IMPLS = list(cpu.IMPLS)
 
@@ -148,6 +149,49 @@ def test_without_the_extension_both_return_none(monkeypatch):
     assert rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6) is None
     assert decode_attention(*attention_inputs(4, 4, 16, 4, 1, torch.float32), 1, 0.25) is None
     assert decode_ops.decode_layers([], torch.ones(4, 16), torch.ones(4, 16), 0.25) is None
+    assert dense_gemv(torch.ones(1, 8).bfloat16(), torch.ones(3, 8).bfloat16()) is None
+
+
+needs_avx512 = pytest.mark.skipif(not cpu_build.extension().avx512,
+                                  reason="dense_gemv computes only where AVX-512 is compiled")
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows, cols", [(1, 1), (37, 50), (200, 576), (1001, 33), (130, 64)])
+def test_dense_gemv_is_the_exact_product_rounded_once_to_bf16(rows, cols):
+    """Against x Wᵀ + b in fp64: within bf16's rounding of the exact value (2⁻⁸ relative) plus
+    the fp32 sums' error bound (cols · 2⁻²⁴ · Σ|w x|), and equal to the exact value rounded to
+    bf16 almost everywhere. Partial vectors (33, 50 columns), row counts that are not a multiple
+    of the two rows a step or the sixteen rounded together, one column; with and without bias."""
+    g = torch.Generator().manual_seed(rows)
+    W = torch.randn(rows, cols, generator=g).bfloat16()
+    x = torch.randn(1, 1, cols, generator=g).bfloat16()
+    for bias in (None, torch.randn(rows, generator=g).bfloat16()):
+        with torch.no_grad():
+            y = dense_gemv(x, W, bias)
+        exact = x.double() @ W.double().T + (0 if bias is None else bias.double())
+        bound = exact.abs() * 2**-8 + (x.double().abs() @ W.double().abs().T) * (cols + 2) * 2**-24
+        assert y.shape == (1, 1, rows) and y.dtype == torch.bfloat16
+        assert ((y.double() - exact).abs() <= bound).all()
+        assert (y == exact.bfloat16()).float().mean() >= 0.97
+
+
+@needs_avx512
+def test_dense_gemv_declines_what_it_does_not_compute_and_refuses_bad_shapes():
+    """fp32, two tokens, a transposed weight, an fp32 bias, a wanted gradient or another impl:
+    None (torch's linear computes them); x or a bias that does not fit W: a clear error."""
+    W, x = torch.randn(16, 16).bfloat16(), torch.randn(1, 16).bfloat16()
+    assert dense_gemv(x, W) is not None
+    assert dense_gemv(x.float(), W.float()) is None
+    assert dense_gemv(torch.randn(2, 16).bfloat16(), W) is None
+    assert dense_gemv(x, W.t()) is None
+    assert dense_gemv(x, W, torch.zeros(16)) is None
+    assert dense_gemv(x, W, impl="portable") is None
+    assert dense_gemv(x, W.requires_grad_()) is None
+    with pytest.raises(RuntimeError, match="x's last dimension is not the weight's columns"):
+        dense_gemv(torch.randn(1, 15).bfloat16(), W.detach())
+    with pytest.raises(RuntimeError, match=r"the bias is not \(rows,\)"):
+        dense_gemv(x, W.detach(), torch.zeros(15).bfloat16())
 
 
 @needs_extension

@@ -133,6 +133,39 @@ def test_a_bf16_model_keeps_the_forward_to_bf16_round_off():
     assert (got[1] - full[8]).abs().max() <= 0.02 * scale
 
 
+def test_a_plain_head_is_offered_to_dense_gemv_and_the_module_computes_what_it_declines(
+        monkeypatch):
+    """Each step's logits: dense_gemv's for a plain bf16 lm_head where the extension computes
+    it (within one bf16 rounding of torch's linear of the same hidden state), the module's
+    where it declines (an fp32 head: exactly torch's linear)."""
+    import binllm.runtime.decode as decode
+
+    calls = []
+
+    def spy(x, weight, bias=None):
+        y = dense_gemv(x, weight, bias)
+        calls.append((y, torch.nn.functional.linear(x, weight, bias)))
+        return y
+
+    dense_gemv = decode.dense_gemv
+    monkeypatch.setattr(decode, "dense_gemv", spy)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.bfloat16, torch.float32):
+        calls.clear()
+        model = tiny_causal_lm("llama", vocab_size=128).to(dtype)
+        dec = LeanDecoder(model, 6)
+        logits = [dec(ids[:, :5]), dec(ids[:, 5:])]
+        assert len(calls) == 2
+        for got, (y, ref) in zip(logits, calls):
+            computed = dtype == torch.bfloat16 and cpu.extension().avx512
+            assert (y is not None) == computed
+            if computed:
+                assert torch.equal(got, y[0, -1])
+                assert (y.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
+            else:
+                assert torch.equal(got, ref[0, -1])
+
+
 def test_generation_stops_after_an_end_token_and_never_runs_past_max_len():
     model = tiny_causal_lm("llama", vocab_size=128)
     ids = torch.tensor([[5, 6, 7]])

@@ -13,8 +13,9 @@ the kernel form's path). `int8_linear` is the int8 prefill (`binllm.kernels.cpu_
 approximate prompt product in 8-bit integer arithmetic that a layer takes only when asked.
 `rms_norm` and `decode_attention` (`binllm.kernels.decode_ops`) are the lean decode loop's
 fused glue: RMSNorm, and rotary embedding, cache write and attention of one token, each one
-compiled CPU call (None where it does not apply: the caller's torch ops run), and
-`decode_layers` all of a token's decoder layers in one call.
+compiled CPU call (None where it does not apply: the caller's torch ops run),
+`decode_layers` all of a token's decoder layers in one call, and `dense_gemv` a dense bf16
+output layer's product with the token.
 `binllm.kernels.cpu_features` says what the CPU is (its flag line, whether it multiplies bf16
 in hardware), standard library only, so the CLI can ask without loading the kernels;
 `binllm.kernels.cpu_build` builds and loads the compiled extension (`extension()`).
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .backends import (FORM_KERNELS, LAYER_KERNELS, DecoderFn, KernelBackend, form_decoder,
                        form_kernel, layer_kernel)
-from .decode_ops import decode_attention, decode_layers, rms_norm
+from .decode_ops import decode_attention, decode_layers, dense_gemv, rms_norm
 from .form import KernelForm, form_matmul_torch, kernel_form
 
 
@@ -76,4 +77,4 @@ def form_linear(form: KernelForm, x: Tensor, bias: Tensor | None = None) -> Tens
 __all__ = ["KernelForm", "kernel_form", "form_matmul", "form_linear", "form_matmul_torch",
            "KernelBackend", "FORM_KERNELS", "LAYER_KERNELS", "form_kernel", "layer_kernel",
            "DecoderFn", "form_decoder", "int8_linear", "uniform8_linear",
-           "uniform8_linear_bf16", "rms_norm", "decode_attention", "decode_layers"]
+           "uniform8_linear_bf16", "rms_norm", "decode_attention", "decode_layers", "dense_gemv"]

@@ -3,7 +3,8 @@
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
 weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
 `cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
-glue and `cpu_layers.cpp` its decoder layers in one call (`binllm.kernels.decode_ops`),
+glue and `cpu_layers.cpp` its decoder layers in one call, `cpu_dense.cpp` a dense bf16
+output layer's product with one token (`binllm.kernels.decode_ops`),
 `cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
 `cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension
 (-O3 -march=native) into torch's extension cache under a name keyed by every source's bytes,
@@ -30,7 +31,7 @@ from .cpu_features import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp") for name in (
-    "gemv", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "ops"))
+    "gemv", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "dense", "ops"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 
 

@@ -7,6 +7,7 @@
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
 //   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
 //   cpu_layers.cpp    the lean decode loop's decoder layers, one compiled call per token
+//   cpu_dense.cpp     a dense bf16 weight times one token (the lean loop's bf16 output layer)
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
 // Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
 // bf16 <-> fp32, and the functions one file calls in another.
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 #ifdef __AVX512F__
@@ -140,6 +142,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, i
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                             at::Tensor v_cache, int64_t pos, double scale, int64_t impl);
+
+// -- cpu_dense.cpp --------------------------------------------------------------------------
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t impl);
 
 // -- cpu_ops.cpp ----------------------------------------------------------------------------
 // form_gemv of one form's stages in turn (fp32 between stages, the last in x's dtype with the

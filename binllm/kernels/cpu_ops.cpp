@@ -259,4 +259,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &binllm_cpu::decode_attention, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("pos"), py::arg("scale"), py::arg("impl") = 0);
+  m.def("dense_gemv", &binllm_cpu::dense_gemv, py::arg("x"), py::arg("weight"),
+        py::arg("bias") = py::none(), py::arg("impl") = 0);
 }

@@ -1,6 +1,7 @@
 """The fused glue of a lean single-token decode loop (`binllm.runtime.decode`): the small torch
-ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`), and every
-decoder layer of a token in one call (`decode_layers`, `cpu_layers.cpp`).
+ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`), every
+decoder layer of a token in one call (`decode_layers`, `cpu_layers.cpp`), and a dense bf16
+output layer's product with the token (`dense_gemv`, `cpu_dense.cpp`).
 
 At batch 1 a small model's RMSNorm is ~8 torch ops and its rotary embedding, cache write and
 attention a dozen more, each a few microseconds of dispatch around little arithmetic; here each
@@ -55,6 +56,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
         return None
     return status.module.decode_attention(q, k, v, cos, sin, k_cache, v_cache, pos, scale,
                                           IMPLS[impl])
+
+
+def dense_gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+               impl: str = "avx512") -> Tensor | None:
+    """F.linear(x, weight, bias) for one token x (..., cols) and a dense weight (rows, cols),
+    all bf16 on the CPU: per row the products summed in fp32 (AVX512-BF16's pair dot product
+    where the CPU has it), the bias added, rounded once to bf16, so equal to torch's linear to
+    fp32 round-off and one bf16 rounding, not bit for bit. It streams the weight at about the
+    rate one core reads memory, where torch's bf16 GEMV reads a wide table at about half of it
+    (a tied 49,152 × 576 output layer: the largest read of a small model's token). None where
+    the compiled kernel does not compute it (module docstring, or another dtype, more than one
+    token, a weight not contiguous, or an extension built without AVX-512, where a portable
+    loop would be slower than torch's linear)."""
+    status = extension()
+    return status.module.dense_gemv(x, weight, bias, IMPLS[impl]) if status.ok else None
 
 
 def decode_layers(layers: Sequence[tuple], cos: Tensor, sin: Tensor, scale: float,

@@ -15,7 +15,9 @@ else it runs as the torch ops below. Where every linear is packed (its compiled 
 plain `nn.Linear` and the activation is SiLU, a single new token goes through all the decoder
 layers in one compiled call (`binllm.kernels.decode_layers`: the same functions in the same
 order, so the same logits bit for bit, without a Python step between them; module hooks are
-not called there, `fuse=False` runs the modules themselves).
+not called there, `fuse=False` runs the modules themselves). A plain bf16 lm_head (a tied
+embedding table kept in bf16) is multiplied by `binllm.kernels.dense_gemv`, which streams it at
+about the rate one core reads memory (torch's bf16 GEMV reads it at about half that), in both.
 
 Only families whose decoder layer is exactly that (pre-norm RMSNorm, rotary q/k, grouped-query
 attention, gated MLP; no q/k norms, sliding windows or logit soft-capping) are taken:
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import BinllmError
-from ..kernels import decode_attention, decode_layers, rms_norm
+from ..kernels import decode_attention, decode_layers, dense_gemv, rms_norm
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -129,6 +131,8 @@ class LeanDecoder:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.length = 0  # positions cached
         self.fused = self.fused_layers(dtype, device) if fuse else None
+        head = linear_call(model.lm_head, torch.empty(0, dtype=dtype, device=device))
+        self.dense_head = head[1:] if head is not None and head[0] is None else None
 
     def fused_layers(self, dtype: torch.dtype, device: torch.device) -> Any:
         """`decode_layers` of this model's layers and caches, or None where it cannot run them:
@@ -172,7 +176,17 @@ class LeanDecoder:
                 mlp = layer.mlp
                 h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         self.length = p + n
-        return self.model.lm_head(norm(self.inner.norm, h[:, -1:]))[0, -1]
+        return self.logits(norm(self.inner.norm, h[:, -1:]))[0, -1]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """lm_head(x) for the last token x (1, 1, d): a plain nn.Linear head by `dense_gemv`
+        where it computes it (bf16 on the CPU: a tied embedding table, the largest read of a
+        small model's token), else the module."""
+        if self.dense_head is not None:
+            y = dense_gemv(x, *self.dense_head)
+            if y is not None:
+                return y
+        return self.model.lm_head(x)
 
     def attention(self, attn: Any, x: Tensor, i: int) -> Tensor:
         """o_proj of grouped-query attention of x (1, n, d) over the cache and x itself."""
