@@ -82,8 +82,9 @@ def test_the_fused_layers_give_the_loops_logits_bit_for_bit(case, packed, storie
 
 
 def test_the_fused_layers_are_not_built_where_a_module_is_not_theirs():
-    """A linear that is neither packed nor a plain nn.Linear (its forward replaced, as hooks
-    do), or an activation other than SiLU: the loop runs the modules, with their effect."""
+    """A linear that is neither packed nor a plain nn.Linear (its forward replaced, as
+    accelerate's hooks do, or a forward hook registered), or an activation other than SiLU:
+    the loop runs the modules, with their effect."""
     model = tiny_causal_lm("llama", vocab_size=128)
     ids = torch.tensor([[1, 5, 9]])
     plain = steps(model, ids, False, new=2)
@@ -94,6 +95,12 @@ def test_the_fused_layers_are_not_built_where_a_module_is_not_theirs():
     with torch.no_grad():
         assert not torch.equal(dec(ids), plain[0])  # the replaced forward ran
     del up.forward
+    handle = up.register_forward_hook(lambda m, args, out: 2 * out)
+    dec = LeanDecoder(model, 4)
+    assert dec.fused is None
+    with torch.no_grad():
+        assert not torch.equal(dec(ids), plain[0])  # the hook ran
+    handle.remove()
     model.model.layers[0].mlp.act_fn = torch.nn.GELU()
     assert LeanDecoder(model, 4).fused is None
     model.model.layers[0].mlp.act_fn = torch.nn.SiLU()

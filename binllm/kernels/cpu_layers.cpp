@@ -12,8 +12,9 @@
 //   sin[pos], caches, pos); h = h + o_proj(o); x = rms_norm(h, post_norm);
 //   h = h + down(silu(gate(x)) * up(x)). The same functions as the Python loop calls, in the
 //   same order: rms_norm and decode_attention of cpu_decode.cpp, each packed linear's Decoder,
-//   F.linear (at::linear) for a dense one, and torch's own add, mul and silu, so the result
-//   equals that loop's bit for bit. The rotated keys and values are written into the caches.
+//   for a dense one dense_gemv (cpu_dense.cpp) where it computes it, else F.linear
+//   (at::linear), and torch's own add, mul and silu, so the result equals that loop's bit for
+//   bit. The rotated keys and values are written into the caches.
 #include "cpu_kernels.h"
 
 #include <ATen/ops/add.h>
@@ -31,15 +32,19 @@ namespace {
 
 constexpr int LINEARS = 7;  // q, k, v, o, gate, up, down
 
-// one linear of a layer: a packed form's Decoder, or a dense weight
+// one linear of a layer: a packed form's Decoder, or a dense weight (bf16: dense_gemv, which
+// streams it; otherwise at::linear)
 struct Linear {
   const Decoder* decoder = nullptr;
   at::Tensor weight, bias;  // weight: the dense one (decoder null); bias undefined: none
+  int64_t impl = 0;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (decoder == nullptr)
-      return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias)
-                                                  : std::nullopt);
+    if (decoder == nullptr) {
+      const auto b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+      at::Tensor y = dense_gemv(x, weight, b, impl);
+      return y.defined() ? y : at::linear(x, weight, b);
+    }
     at::Tensor y = decoder->forward(x, bias.defined() ? &bias : nullptr);
     check(y.defined(), "DecodeLayers: a packed linear's decoder declined the token (it "
                        "computes CPU tensors of its width without gradients)");
@@ -75,6 +80,7 @@ class DecodeLayers {
         const py::tuple spec = lins[i].cast<py::tuple>();
         check(spec.size() == 3, "DecodeLayers: a linear is (decoder, weight, bias)");
         Linear& lin = L.lin[i];
+        lin.impl = impl_;
         if (!spec[0].is_none()) {
           lin.decoder = spec[0].cast<const Decoder*>();
           owners_.push_back(py::reinterpret_borrow<py::object>(spec[0]));

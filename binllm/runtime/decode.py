@@ -14,10 +14,12 @@ fused where the compiled kernels compute it (`binllm.kernels.rms_norm`, and for 
 else it runs as the torch ops below. Where every linear is packed (its compiled decode call) or a
 plain `nn.Linear` and the activation is SiLU, a single new token goes through all the decoder
 layers in one compiled call (`binllm.kernels.decode_layers`: the same functions in the same
-order, so the same logits bit for bit, without a Python step between them; module hooks are
-not called there, `fuse=False` runs the modules themselves). A plain bf16 lm_head (a tied
-embedding table kept in bf16) is multiplied by `binllm.kernels.dense_gemv`, which streams it at
-about the rate one core reads memory (torch's bf16 GEMV reads it at about half that), in both.
+order, so the same logits bit for bit, without a Python step between them; a linear with
+forward hooks is not taken, and `fuse=False` runs the modules themselves). A linear that is a
+plain bf16 `nn.Linear` (a dense model's, or a tied embedding table kept in bf16 as the lm_head)
+is multiplied for one token by `binllm.kernels.dense_gemv`, which streams its weight at about
+the rate one core reads memory (torch's bf16 GEMV reads a wide one at about half that), in
+both.
 
 Only families whose decoder layer is exactly that (pre-norm RMSNorm, rotary q/k, grouped-query
 attention, gated MLP; no q/k norms, sliding windows or logit soft-capping) are taken:
@@ -83,9 +85,9 @@ def unsupported(model: Any, max_len: int = 0) -> str | None:
 def linear_call(module: Any, x: Tensor) -> tuple | None:
     """(decoder, weight, bias): how `decode_layers` computes module(t) for a token t like x
     (x's device and dtype): a packed layer's compiled call (its `decode_call`) or a plain
-    nn.Linear's weight of x's dtype and device; None for any other module, one whose forward
-    is replaced on the instance (as accelerate's hooks do) included."""
-    if "forward" in vars(module):
+    nn.Linear's weight of x's dtype and device; None for any other module, one with forward
+    hooks or whose forward is replaced on the instance (as accelerate's hooks do) included."""
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
         return None
     if type(module).forward is nn.Linear.forward:
         w = module.weight
@@ -93,6 +95,18 @@ def linear_call(module: Any, x: Tensor) -> tuple | None:
     bind = getattr(module, "decode_call", None)
     call = None if bind is None else bind(x)
     return None if call is None else (call, None, module.bias)
+
+
+def linear(module: Any, x: Tensor) -> Tensor:
+    """module(x), a plain bf16 nn.Linear of one token by `dense_gemv` (as `decode_layers`
+    computes it, so the loop gives the same logits however it runs)."""
+    if x.shape[-2] == 1 and type(module).forward is nn.Linear.forward:
+        call = linear_call(module, x)  # None: hooks, a replaced forward, another dtype
+        if call is not None:
+            y = dense_gemv(x, call[1], call[2])
+            if y is not None:
+                return y
+    return module(x)
 
 
 def norm(module: Any, x: Tensor) -> Tensor:
@@ -131,8 +145,6 @@ class LeanDecoder:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
         self.length = 0  # positions cached
         self.fused = self.fused_layers(dtype, device) if fuse else None
-        head = linear_call(model.lm_head, torch.empty(0, dtype=dtype, device=device))
-        self.dense_head = head[1:] if head is not None and head[0] is None else None
 
     def fused_layers(self, dtype: torch.dtype, device: torch.device) -> Any:
         """`decode_layers` of this model's layers and caches, or None where it cannot run them:
@@ -174,29 +186,20 @@ class LeanDecoder:
                 h = h + self.attention(layer.self_attn, norm(layer.input_layernorm, h), i)
                 x = norm(layer.post_attention_layernorm, h)
                 mlp = layer.mlp
-                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+                h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x))
+                               * linear(mlp.up_proj, x))
         self.length = p + n
-        return self.logits(norm(self.inner.norm, h[:, -1:]))[0, -1]
-
-    def logits(self, x: Tensor) -> Tensor:
-        """lm_head(x) for the last token x (1, 1, d): a plain nn.Linear head by `dense_gemv`
-        where it computes it (bf16 on the CPU: a tied embedding table, the largest read of a
-        small model's token), else the module."""
-        if self.dense_head is not None:
-            y = dense_gemv(x, *self.dense_head)
-            if y is not None:
-                return y
-        return self.model.lm_head(x)
+        return linear(self.model.lm_head, norm(self.inner.norm, h[:, -1:]))[0, -1]
 
     def attention(self, attn: Any, x: Tensor, i: int) -> Tensor:
         """o_proj of grouped-query attention of x (1, n, d) over the cache and x itself."""
         p, n, hd = self.length, x.shape[1], self.head_dim
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)  # (1, n, heads · hd)
+        q, k, v = (linear(m, x) for m in (attn.q_proj, attn.k_proj, attn.v_proj))  # (1, n, ·)
         if n == 1:
             o = decode_attention(q, k, v, self.cos[p], self.sin[p], self.keys[i],
                                  self.values[i], p, self.scale)  # fused, or None
             if o is not None:
-                return attn.o_proj(o)
+                return linear(attn.o_proj, o)
         rope = self.cos[p:p + n], self.sin_rolled[p:p + n]  # (n, head_dim)
         q = self.rotate(q.view(1, n, self.heads, hd).transpose(1, 2), rope)
         k = self.rotate(k.view(1, n, self.kv_heads, hd).transpose(1, 2), rope)
@@ -209,7 +212,7 @@ class LeanDecoder:
             mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
         o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
                                            enable_gqa=self.heads != self.kv_heads)
-        return attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * hd))
+        return linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, self.heads * hd))
 
     def rotate(self, t: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """The rotary embedding of t (1, heads, n, head_dim) at the positions of `rope`
