@@ -15,7 +15,7 @@ approximate prompt product in 8-bit integer arithmetic that a layer takes only w
 fused glue: RMSNorm, and rotary embedding, cache write and attention of one token, each one
 compiled CPU call (None where it does not apply: the caller's torch ops run),
 `decode_layers` all of a token's decoder layers in one call, and `dense_gemv` a dense bf16
-output layer's product with the token.
+weight's product with the token.
 `binllm.kernels.cpu_features` says what the CPU is (its flag line, whether it multiplies bf16
 in hardware), standard library only, so the CLI can ask without loading the kernels;
 `binllm.kernels.cpu_build` builds and loads the compiled extension (`extension()`).

@@ -4,7 +4,7 @@ The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-L
 weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
 `cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
 glue and `cpu_layers.cpp` its decoder layers in one call, `cpu_dense.cpp` a dense bf16
-output layer's product with one token (`binllm.kernels.decode_ops`),
+weight's product with one token (`binllm.kernels.decode_ops`),
 `cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
 `cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension
 (-O3 -march=native) into torch's extension cache under a name keyed by every source's bytes,

@@ -1,12 +1,12 @@
-// A dense bf16 weight's product with one token (binllm/runtime/decode.py's output layer where
-// it stays a bf16 nn.Linear, as a tied embedding table does).
+// A dense bf16 weight's product with one token: binllm/runtime/decode.py's plain bf16 linears at
+// decode (a dense model's layers, and an output layer kept in bf16, as a tied embedding table).
 //
 // dense_gemv(x, weight, bias, impl) -> y: y = x Wᵀ + b for x (..., cols) holding one token,
 //   W (rows, cols) contiguous and b (rows,) or none, all bf16: per row the products summed in
 //   fp32 (with AVX512-BF16, its dot product of bf16 pairs, which reads denormal inputs as zero;
 //   else the bf16 values widened exactly and fused multiply-adds), b added in fp32, rounded once
 //   to bf16. Rows are split over torch's threads.
-//   Why: torch's bf16 GEMV reads a wide table at about half of what one core can stream (SmolLM2's
+//   Why: torch's bf16 GEMV reads a wide table at about half of what one core streams (SmolLM2's
 //   49,152 × 576 head: 3.6 ms a token for its 56.6 MB against 1.8 ms for a sum over them), and
 //   at batch 1 that read is the whole cost.
 // Returns an undefined tensor (None in Python: the caller runs torch's linear) where it does not
@@ -90,13 +90,13 @@ void rows_avx512(const uint16_t* x, const uint16_t* W, int64_t cols, int64_t r0,
 
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, int64_t impl) {
+#ifndef __AVX512F__
+  return at::Tensor();
+#else
   const bool has_bias = bias.has_value() && bias->defined();
   const auto bf16_cpu = [](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kBFloat16;
   };
-#ifndef __AVX512F__
-  return at::Tensor();
-#else
   if (impl != 0 || !bf16_cpu(x) || !bf16_cpu(weight) || (has_bias && !bf16_cpu(*bias)) ||
       !weight.is_contiguous() || weight.dim() != 2 || x.dim() == 0 ||
       x.numel() != x.size(-1) || (at::GradMode::is_enabled() &&

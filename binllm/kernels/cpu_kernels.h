@@ -7,7 +7,7 @@
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
 //   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
 //   cpu_layers.cpp    the lean decode loop's decoder layers, one compiled call per token
-//   cpu_dense.cpp     a dense bf16 weight times one token (the lean loop's bf16 output layer)
+//   cpu_dense.cpp     a dense bf16 weight times one token (the lean loop's bf16 linears)
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
 // Here: the row tile, the checks' error, a BitPart's tensors as the loops read them (Part),
 // bf16 <-> fp32, and the functions one file calls in another.

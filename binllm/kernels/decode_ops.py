@@ -1,7 +1,7 @@
 """The fused glue of a lean single-token decode loop (`binllm.runtime.decode`): the small torch
 ops between a LLaMA layer's linears, each one compiled call (`cpu_decode.cpp`), every
 decoder layer of a token in one call (`decode_layers`, `cpu_layers.cpp`), and a dense bf16
-output layer's product with the token (`dense_gemv`, `cpu_dense.cpp`).
+weight's product with the token (`dense_gemv`, `cpu_dense.cpp`).
 
 At batch 1 a small model's RMSNorm is ~8 torch ops and its rotary embedding, cache write and
 attention a dozen more, each a few microseconds of dispatch around little arithmetic; here each
