@@ -3,9 +3,9 @@ speed drifts between runs.
 
 Each model runs in its own process (its own threads, nothing left spinning from another
 runtime), one after the other, for --rounds rounds: best-of---repeats tokens/s of greedy
-generation, 128 new tokens after the first 32 of wikitext2 test, at 1 and 2 threads. A binllm
-directory (or "dense") runs binllm's lean decode loop (`binllm generate`'s), a .gguf runs
-llama.cpp (llama-cpp-python; its decode loop alone, after the prompt). Compare within a
+decode, 128 single-token steps after the first 32 tokens of wikitext2 test (the prompt's
+forward untimed), at 1 and 2 threads. A binllm directory (or "dense") runs binllm's lean
+decode loop (`binllm generate`'s), a .gguf runs llama.cpp (llama-cpp-python). Compare within a
 round: the pairs saw the same machine state.
 
     python benchmarks/bench_decode_rounds.py MODEL [MODEL ...] [--rounds 3] [--stem NAME]
@@ -97,8 +97,9 @@ def main() -> int:
         rounds.append(row)
     names = [Path(m).name for m in args.models]
     md = ["# Decode tokens/s in alternating processes (SmolLM2-135M)", "",
-          f"Greedy, {NEW_TOKENS} new tokens after {PROMPT_TOKENS}; best of {args.repeats} "
-          "runs per cell; each model in its own process, in turn, each round.", "",
+          f"Greedy, {NEW_TOKENS} decode steps after a {PROMPT_TOKENS}-token prompt (its forward "
+          f"untimed); best of {args.repeats} runs per cell; each model in its own process, in "
+          "turn, each round.", "",
           md_row("round", *(f"{n} 1t / 2t" for n in names)),
           md_row(*["---"] * (len(names) + 1))]
     for r, row in enumerate(rounds):

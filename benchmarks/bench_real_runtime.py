@@ -7,10 +7,11 @@ One run, one machine, one prompt, for each model:
   linear dequantized once per pass (`binllm.engine.stream_eval.packed_perplexity`); and, for
   the first packed model, the whole-model forward with the kernels, window by window (the
   path a plain `model(ids)` takes), on `--kernel-windows` windows.
-- **decode**: tokens/s of greedy generation, 128 new tokens after a 32-token prompt (KV
-  cache), at 1 and 2 threads, by binllm's lean decode loop (`binllm.runtime`, what
-  `binllm generate` runs for the LLaMA family) and by transformers' `generate`, for every
-  torch model (dense or packed), so each is compared with the best dense path;
+- **decode**: tokens/s of greedy decode, 128 single-token steps after a 32-token prompt's
+  forward (KV cache; the prompt untimed, as llama.cpp's `tg` figures and its rows here), at 1
+  and 2 threads, by binllm's lean decode loop (`binllm.runtime`, what `binllm generate` runs
+  for the LLaMA family) and by transformers' `generate`, for every torch model (dense or
+  packed), so each is compared with the best dense path;
 - **prompt**: tokens/s of one forward over a 512-token prompt, at 1 and 2 threads;
 - **size**: bytes of the model's files.
 
@@ -240,8 +241,9 @@ def main() -> int:
     fp_eval = rows[0]["eval_s"]
     wait_policy = WAIT_POLICY
     md = ["# SmolLM2-135M whole-model runtime (one run, same machine)", "",
-          f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} new "
-          f"tokens after {PROMPT_TOKENS}; prompt: {PREFILL_TOKENS} tokens.", "",
+          f"Evaluation: wikitext2, {args.windows} windows of 2048; decode: {NEW_TOKENS} "
+          f"single-token steps after a {PROMPT_TOKENS}-token prompt (its forward untimed); "
+          f"prompt: {PREFILL_TOKENS} tokens.", "",
           "Decode: binllm's lean loop (llama.cpp: its own); in brackets transformers' "
           "`generate` on the same model.", "",
           f"OMP_WAIT_POLICY: {wait_policy}.", "",
