@@ -20,8 +20,9 @@ from binllm.packed.layers import BinaryLinear, set_kernels
 needs_extension = pytest.mark.skipif(not cpu.extension().ok, reason=cpu.extension().reason)
 # decode, small batches, chunked GEMV, prefill (dense rebuild + GEMM)
 BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3, cpu.GEMV_MAX + 8]
-# (rows, cols, block): one row; a row tile and a partial one, columns not a multiple of 128
-SHAPES = [(1, 37, 16), (11, 200, 128), (37, 300, 128)]
+# (rows, cols, block): one row; a row tile and a partial one, columns not a multiple of 128;
+# four whole row tiles (decode sums them together) and a fifth
+SHAPES = [(1, 37, 16), (11, 200, 128), (37, 300, 128), (80, 48, 16)]
 
 
 def check(y, x, W):
@@ -300,3 +301,20 @@ def test_a_padded_in_order_part_reads_only_its_own_columns_of_a_wider_x(impl):
                                  part.cptr, part.cidx, part.fac, part.coef, part.seg, y,
                                  cpu.IMPLS[impl], True)
     check(y, x[:, :58], codes.dequantize())
+
+
+@needs_extension
+@pytest.mark.skipif(not cpu.extension().avx512, reason="the AVX-512 loops group row tiles")
+@pytest.mark.parametrize("name", ["q1_0", "rtn-sign"])
+def test_one_token_gets_a_row_tiles_same_bits_alone_or_beside_three_more(name):
+    """Codes made row by row, so a 16-row layer's are the first 16 rows of a 72-row layer's:
+    one token's product sums rows 0..63 of the 72-row layer four tiles at a time and the
+    16-row layer's tile alone; their first 16 outputs are equal bit for bit."""
+    W, H = layer(72, 96)
+    full = reconstruct(W, H, get_method(name), block_size=32).codes
+    alone = reconstruct(W[:16], H, get_method(name), block_size=32).codes
+    assert torch.equal(alone.dequantize(), full.dequantize()[:16])
+    x = inputs(1, 96)
+    y_full = cpu.form_matmul(kernel_form(full), x)
+    assert torch.equal(cpu.form_matmul(kernel_form(alone), x), y_full[:, :16])
+    check(y_full, x, full.dequantize())

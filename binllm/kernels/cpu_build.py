@@ -1,6 +1,7 @@
 """Building and loading the compiled CPU kernels: one torch extension, built on first use.
 
-The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV, `cpu_sparse.cpp` PB-LLM's salient
+The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV and `cpu_lut.cpp` its row tiles'
+lookups, `cpu_sparse.cpp` PB-LLM's salient
 weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
 `cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
 glue and `cpu_layers.cpp` its decoder layers in one call, `cpu_dense.cpp` a dense bf16
@@ -31,7 +32,7 @@ from .cpu_features import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp") for name in (
-    "gemv", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "dense", "ops"))
+    "gemv", "lut", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "dense", "ops"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
 
 

@@ -11,11 +11,10 @@
 //   cidx (nnz,) int64, fac (nnz,) fp32, coef (C, nseg, rows) fp16 or fp32,
 //   seg (nseg + 1,) int64 byte offsets, y (N, rows) fp32.
 //   A lookup-table GEMV: per x version and 4 columns a table of the 16 subset sums; a plane
-//   byte's two nibbles index the tables of its 8 columns. impl 0: AVX-512 (16 rows of a tile
-//   in the 16 lanes: one byte load per row, two permutes of a 16-entry table; four partial
-//   sums for one or two inputs, two for 3 to 8), 1: portable (one sum). These group the fp32
-//   sums differently, so AVX-512 and portable results, and AVX-512 results of 1-2 and of 3-8
-//   inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
+//   byte's two nibbles index the tables of its 8 columns (the loops over row tiles: cpu_lut.cpp).
+//   impl 0: AVX-512 (four partial sums for one or two inputs, two for 3 to 8), 1: portable
+//   (one sum). These group the fp32 sums differently, so AVX-512 and portable results, and
+//   AVX-512 results of 1-2 and of 3-8 inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
 //   0 .. K - 1, then -1 padding) with K = P = cols and no scales: x is read in place, not
 //   gathered.
 // Every loop reads only the packed planes (nothing dequantized); row tiles are split over
@@ -24,6 +23,8 @@
 // cache rather than from the core that built them (binary-factor's two stages read fresh
 // tables twice per call).
 #include "cpu_kernels.h"
+
+#include <memory>
 
 namespace binllm_cpu {
 namespace {
@@ -52,156 +53,6 @@ void build_tables(const float* xv, int64_t NV, int64_t P, float* tab) {
     }
   });
 }
-
-// portable: the same lookups, the 16 rows of a tile in an inner loop (vectorisable)
-void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = i * TILE, nr = std::min<int64_t>(TILE, p.rows - r);
-    for (int64_t n = 0; n < p.N; ++n) {
-      float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
-      for (int64_t s = 0; s < p.nseg; ++s) {
-        if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
-        const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
-        for (int64_t t = 0; t < p.T; ++t) {
-          const int64_t* tm = p.terms + 3 * t;
-          if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
-          p.coefs(t, s, r, nr, c);
-          if (tm[0] < 0) {
-            const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
-            for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
-            continue;
-          }
-          const uint8_t* pa = p.tile(i, tm[0]);
-          const uint8_t* pb = tm[1] >= 0 ? p.tile(i, tm[1]) : pa;
-          const float* tb = p.table(n, tm[2]);
-          for (int q = 0; q < TILE; ++q) acc[q] = 0.f;
-          for (int64_t b = b0; b < b1; ++b)
-            for (int q = 0; q < TILE; ++q) {
-              const unsigned byte = pa[b * TILE + q] & pb[b * TILE + q];
-              acc[q] += tb[32 * b + (byte & 15u)] + tb[32 * b + 16 + (byte >> 4)];
-            }
-          for (int q = 0; q < TILE; ++q) tot[q] += c[q] * acc[q];
-        }
-      }
-      for (int64_t q = 0; q < nr; ++q) y[n * p.rows + r + q] += tot[q];
-    }
-  }
-}
-
-#ifdef __AVX512F__
-inline __m512i bytes16(const uint8_t* b) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-}
-
-// sum over the segment's bytes [b0, b1) of the table lookups of B's 16 rows, N inputs
-template <int N, bool AND>
-inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t v, int64_t b0,
-                    int64_t b1, __m512* acc) {
-  const float* tb[N];
-  for (int n = 0; n < N; ++n) tb[n] = p.table(n, v);
-  __m512 acc2[N];
-  for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
-  int64_t b = b0;
-  if constexpr (N <= 2) {  // few inputs: two more sums, so that the adds' latency is hidden
-    __m512 acc3[N], acc4[N];
-    for (int n = 0; n < N; ++n) acc3[n] = acc4[n] = _mm512_setzero_ps();
-    for (; b + 2 <= b1; b += 2) {
-      __m512i lo = bytes16(q1 + b * TILE), lo2 = bytes16(q1 + (b + 1) * TILE);
-      if (AND) {
-        lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
-        lo2 = _mm512_and_si512(lo2, bytes16(q2 + (b + 1) * TILE));
-      }
-      const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
-      for (int n = 0; n < N; ++n) {
-        const float* t = tb[n] + 32 * b;
-        acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
-        acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
-        acc3[n] = _mm512_add_ps(acc3[n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
-        acc4[n] = _mm512_add_ps(acc4[n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
-      }
-    }
-    for (int n = 0; n < N; ++n) {
-      acc[n] = _mm512_add_ps(acc[n], acc3[n]);
-      acc2[n] = _mm512_add_ps(acc2[n], acc4[n]);
-    }
-  }
-  for (; b < b1; ++b) {
-    __m512i lo = bytes16(q1 + b * TILE);
-    if (AND) lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
-    const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
-    for (int n = 0; n < N; ++n) {
-      const float* t = tb[n] + 32 * b;
-      acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
-      acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
-    }
-  }
-  for (int n = 0; n < N; ++n) acc[n] = _mm512_add_ps(acc[n], acc2[n]);
-}
-
-// C_t[s, r .. r + 16) (lanes outside m: 0)
-inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m) {
-  __m512 c = _mm512_setzero_ps();
-  for (int64_t k = p.cptr[t]; k < p.cptr[t + 1]; ++k) {
-    const int64_t at = (p.cidx[k] * p.nseg + s) * p.rows + r;
-    const __m512 a = p.half ?
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p.coef) + at)) :
-        _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.coef) + at);
-    c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
-  }
-  return c;
-}
-
-template <int N>
-void tile_lut(const Part& p, float* y, int64_t i) {
-  const int64_t r = i * TILE;
-  const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(TILE, p.rows - r)) - 1u);
-  __m512 tot[N], acc[N];
-  for (int n = 0; n < N; ++n) tot[n] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < p.nseg; ++s) {
-    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
-    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
-    for (int64_t t = 0; t < p.T; ++t) {
-      const int64_t* tm = p.terms + 3 * t;
-      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
-      const __m512 c = coef16(p, t, s, r, m);
-      if (tm[0] < 0) {  // constant term: the segment sum
-        for (int n = 0; n < N; ++n)
-          tot[n] = _mm512_fmadd_ps(
-              c, _mm512_set1_ps(p.sums[(n * p.V + tm[2]) * p.nseg + s]), tot[n]);
-        continue;
-      }
-      if (tm[1] >= 0)
-        lookups<N, true>(p, p.tile(i, tm[0]), p.tile(i, tm[1]), tm[2], b0, b1, acc);
-      else
-        lookups<N, false>(p, p.tile(i, tm[0]), nullptr, tm[2], b0, b1, acc);
-      for (int n = 0; n < N; ++n) tot[n] = _mm512_fmadd_ps(c, acc[n], tot[n]);
-    }
-  }
-  for (int n = 0; n < N; ++n) {
-    float* o = y + n * p.rows + r;
-    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), tot[n]));
-  }
-}
-
-template <int N>
-void tiles_avx512(const Part& p, float* y, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) tile_lut<N>(p, y, i);
-}
-
-bool tiles_avx512_dispatch(const Part& p, float* y, int64_t i0, int64_t i1) {
-  switch (p.N) {
-    case 1: tiles_avx512<1>(p, y, i0, i1); return true;
-    case 2: tiles_avx512<2>(p, y, i0, i1); return true;
-    case 3: tiles_avx512<3>(p, y, i0, i1); return true;
-    case 4: tiles_avx512<4>(p, y, i0, i1); return true;
-    case 5: tiles_avx512<5>(p, y, i0, i1); return true;
-    case 6: tiles_avx512<6>(p, y, i0, i1); return true;
-    case 7: tiles_avx512<7>(p, y, i0, i1); return true;
-    case 8: tiles_avx512<8>(p, y, i0, i1); return true;
-    default: return false;
-  }
-}
-#endif
 
 // xv (N, V, P) of x (N, cols), gathered and scaled; in_order: column j is x's column j up to
 // the padding, read without the per-column lookup and check (binary-factor's s_in ⊙ x and its
@@ -325,24 +176,24 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
   const int64_t chunk = std::max<int64_t>(16, 3072 / (N * V));
   auto run = [impl, out](const Part& q, int64_t i0, int64_t i1) {
 #ifdef __AVX512F__
-    if (impl == 0 && tiles_avx512_dispatch(q, out, i0, i1)) return;
+    if (impl == 0 && tiles_avx512(q, out, i0, i1)) return;
 #endif
     tiles_generic(q, out, i0, i1);
   };
   if (p.PB <= chunk) {  // one pass: each task builds its own tables, read from its own cache
     p.bh = p.PB;
     at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> tab(ntab);
-      build_tables(xv, N * V, P, tab.data());
+      const std::unique_ptr<float[]> tab(new float[ntab]);  // every entry written: no zeroing
+      build_tables(xv, N * V, P, tab.get());
       Part q = p;
-      q.tab = tab.data();
+      q.tab = tab.get();
       run(q, i0, i1);
     });
     return;
   }
-  std::vector<float> tab(ntab);
-  build_tables(xv, N * V, P, tab.data());
-  p.tab = tab.data();
+  const std::unique_ptr<float[]> tab(new float[ntab]);
+  build_tables(xv, N * V, P, tab.get());
+  p.tab = tab.get();
   for (p.bl = 0; p.bl < p.PB; p.bl += chunk) {
     p.bh = std::min(p.PB, p.bl + chunk);
     at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) { run(p, i0, i1); });

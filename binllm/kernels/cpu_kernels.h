@@ -1,6 +1,7 @@
 // The shared declarations of binllm's CPU kernels (binllm/kernels/cpu_build.py builds the .cpp
 // files beside this one into one extension, torch.ops.binllm_cpu and a Python module):
 //   cpu_gemv.cpp      the bit-plane lookup-table GEMV of a BitPart (decode, small batches)
+//   cpu_lut.cpp       its lookups over row tiles (portable and AVX-512 loops)
 //   cpu_sparse.cpp    PB-LLM's salient weights (a SparsePart's CSR product)
 //   cpu_prefill.cpp   the prefill rebuilds of a BitPart's rows (fp32, bf16) and x's columns
 //   cpu_int8.cpp      the int8 prefill: a prompt's column smoothing, int8 rows, scaled sums
@@ -103,6 +104,13 @@ void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scal
              const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
              const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
              const at::Tensor& seg, at::Tensor y, int64_t impl, bool in_order);
+
+// -- cpu_lut.cpp ----------------------------------------------------------------------------
+// y[rows of tiles i0 .. i1) += the part's product (p's tables built for bytes [p.bl, p.bh))
+void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1);
+#ifdef __AVX512F__
+bool tiles_avx512(const Part& p, float* y, int64_t i0, int64_t i1);  // false: more than 8 inputs
+#endif
 
 // -- cpu_sparse.cpp -------------------------------------------------------------------------
 void check_sparse(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& q,

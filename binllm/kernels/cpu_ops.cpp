@@ -22,6 +22,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -102,34 +103,35 @@ at::Tensor gemv_checked(const at::Tensor& x, int64_t rows, at::TensorList parts,
   shape.back() = rows;
   at::Tensor y = at::empty(shape, x.options().dtype(dtype));
   const at::Tensor xc = x.contiguous();
-  std::vector<float> xf, acc(std::min(N, SMALL_BATCH) * rows);
+  std::vector<float> xf;
+  const std::unique_ptr<float[]> acc(new float[std::min(N, SMALL_BATCH) * rows]);
   for (int64_t n0 = 0; n0 < N; n0 += SMALL_BATCH) {  // the sums of cpu.py's _compiled
     const int64_t n = std::min(SMALL_BATCH, N - n0);
     const float* xp = x.scalar_type() == at::kFloat ? xc.data_ptr<float>() + n0 * cols :
         x.scalar_type() == at::kBFloat16 ? to_float(xc.data_ptr<at::BFloat16>() + n0 * cols,
                                                     n * cols, xf) :
         to_float(xc.data_ptr<at::Half>() + n0 * cols, n * cols, xf);
-    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill_n(acc.get(), n * rows, 0.f);
     for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
       const at::Tensor* a = parts.data() + i;
       bitpart_rows(xp, n, cols, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8],
-                   in_order[i / BITPART_ARGS] != 0, acc.data(), impl);
+                   in_order[i / BITPART_ARGS] != 0, acc.get(), impl);
     }
     if (!sparse.empty())
       sparse_rows(xp, n, cols, sparse[0], sparse[1], sparse[2], sparse[3], sparse[4], sparse[5],
-                  groupsize, acc.data(), impl);
+                  groupsize, acc.get(), impl);
     const int64_t first = n0 * rows, count = n * rows;  // y's entries of these inputs
     switch (dtype) {
       case at::kFloat:
-        store(acc.data(), count, rows, b ? b->data_ptr<float>() : nullptr,
+        store(acc.get(), count, rows, b ? b->data_ptr<float>() : nullptr,
               y.data_ptr<float>() + first);
         break;
       case at::kBFloat16:
-        store(acc.data(), count, rows, b ? b->data_ptr<at::BFloat16>() : nullptr,
+        store(acc.get(), count, rows, b ? b->data_ptr<at::BFloat16>() : nullptr,
               y.data_ptr<at::BFloat16>() + first);
         break;
       default:
-        store(acc.data(), count, rows, b ? b->data_ptr<at::Half>() : nullptr,
+        store(acc.get(), count, rows, b ? b->data_ptr<at::Half>() : nullptr,
               y.data_ptr<at::Half>() + first);
     }
   }

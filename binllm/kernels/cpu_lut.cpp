@@ -1,0 +1,253 @@
+// The lookups of a BitPart's row tiles (cpu_gemv.cpp's bitpart_rows builds the tables and
+// splits the tiles over threads), as cpu_gemv.cpp's header describes the GEMV:
+//
+// tiles_generic(p, y, i0, i1): y[rows of tiles i0 .. i1) += the part's product, portable loops.
+// tiles_avx512(p, y, i0, i1): the same with AVX-512 (16 rows of a tile in the 16 lanes: one
+//   byte load per row, two permutes of a 16-entry table; four partial sums for one or two
+//   inputs, two for 3 to 8); false (nothing done) for more than 8 inputs. With one input
+//   (decode) four whole tiles run together: a byte column's two table vectors are loaded once
+//   for the four, and each tile's sums are added exactly as alone, so a tile's result does not
+//   depend on how the tiles are split over threads.
+#include "cpu_kernels.h"
+
+namespace binllm_cpu {
+
+// portable: the same lookups, the 16 rows of a tile in an inner loop (vectorisable)
+void tiles_generic(const Part& p, float* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = i * TILE, nr = std::min<int64_t>(TILE, p.rows - r);
+    for (int64_t n = 0; n < p.N; ++n) {
+      float tot[TILE] = {}, c[TILE] = {}, acc[TILE];
+      for (int64_t s = 0; s < p.nseg; ++s) {
+        if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+        const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
+        for (int64_t t = 0; t < p.T; ++t) {
+          const int64_t* tm = p.terms + 3 * t;
+          if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+          p.coefs(t, s, r, nr, c);
+          if (tm[0] < 0) {
+            const float sum = p.sums[(n * p.V + tm[2]) * p.nseg + s];
+            for (int q = 0; q < TILE; ++q) tot[q] += c[q] * sum;
+            continue;
+          }
+          const uint8_t* pa = p.tile(i, tm[0]);
+          const uint8_t* pb = tm[1] >= 0 ? p.tile(i, tm[1]) : pa;
+          const float* tb = p.table(n, tm[2]);
+          for (int q = 0; q < TILE; ++q) acc[q] = 0.f;
+          for (int64_t b = b0; b < b1; ++b)
+            for (int q = 0; q < TILE; ++q) {
+              const unsigned byte = pa[b * TILE + q] & pb[b * TILE + q];
+              acc[q] += tb[32 * b + (byte & 15u)] + tb[32 * b + 16 + (byte >> 4)];
+            }
+          for (int q = 0; q < TILE; ++q) tot[q] += c[q] * acc[q];
+        }
+      }
+      for (int64_t q = 0; q < nr; ++q) y[n * p.rows + r + q] += tot[q];
+    }
+  }
+}
+
+#ifdef __AVX512F__
+namespace {
+
+inline __m512i bytes16(const uint8_t* b) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+}
+
+// sum over the segment's bytes [b0, b1) of the table lookups of B's 16 rows, N inputs
+template <int N, bool AND>
+inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t v, int64_t b0,
+                    int64_t b1, __m512* acc) {
+  const float* tb[N];
+  for (int n = 0; n < N; ++n) tb[n] = p.table(n, v);
+  __m512 acc2[N];
+  for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
+  int64_t b = b0;
+  if constexpr (N <= 2) {  // few inputs: two more sums, so that the adds' latency is hidden
+    __m512 acc3[N], acc4[N];
+    for (int n = 0; n < N; ++n) acc3[n] = acc4[n] = _mm512_setzero_ps();
+    for (; b + 2 <= b1; b += 2) {
+      __m512i lo = bytes16(q1 + b * TILE), lo2 = bytes16(q1 + (b + 1) * TILE);
+      if (AND) {
+        lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
+        lo2 = _mm512_and_si512(lo2, bytes16(q2 + (b + 1) * TILE));
+      }
+      const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
+      for (int n = 0; n < N; ++n) {
+        const float* t = tb[n] + 32 * b;
+        acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+        acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+        acc3[n] = _mm512_add_ps(acc3[n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
+        acc4[n] = _mm512_add_ps(acc4[n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      acc[n] = _mm512_add_ps(acc[n], acc3[n]);
+      acc2[n] = _mm512_add_ps(acc2[n], acc4[n]);
+    }
+  }
+  for (; b < b1; ++b) {
+    __m512i lo = bytes16(q1 + b * TILE);
+    if (AND) lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
+    const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
+    for (int n = 0; n < N; ++n) {
+      const float* t = tb[n] + 32 * b;
+      acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+      acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+    }
+  }
+  for (int n = 0; n < N; ++n) acc[n] = _mm512_add_ps(acc[n], acc2[n]);
+}
+
+// C_t[s, r .. r + 16) (lanes outside m: 0)
+inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m) {
+  __m512 c = _mm512_setzero_ps();
+  for (int64_t k = p.cptr[t]; k < p.cptr[t + 1]; ++k) {
+    const int64_t at = (p.cidx[k] * p.nseg + s) * p.rows + r;
+    const __m512 a = p.half ?
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p.coef) + at)) :
+        _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.coef) + at);
+    c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
+  }
+  return c;
+}
+
+template <int N>
+void tile_lut(const Part& p, float* y, int64_t i) {
+  const int64_t r = i * TILE;
+  const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(TILE, p.rows - r)) - 1u);
+  __m512 tot[N], acc[N];
+  for (int n = 0; n < N; ++n) tot[n] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int64_t* tm = p.terms + 3 * t;
+      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+      const __m512 c = coef16(p, t, s, r, m);
+      if (tm[0] < 0) {  // constant term: the segment sum
+        for (int n = 0; n < N; ++n)
+          tot[n] = _mm512_fmadd_ps(
+              c, _mm512_set1_ps(p.sums[(n * p.V + tm[2]) * p.nseg + s]), tot[n]);
+        continue;
+      }
+      if (tm[1] >= 0)
+        lookups<N, true>(p, p.tile(i, tm[0]), p.tile(i, tm[1]), tm[2], b0, b1, acc);
+      else
+        lookups<N, false>(p, p.tile(i, tm[0]), nullptr, tm[2], b0, b1, acc);
+      for (int n = 0; n < N; ++n) tot[n] = _mm512_fmadd_ps(c, acc[n], tot[n]);
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    float* o = y + n * p.rows + r;
+    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), tot[n]));
+  }
+}
+
+// one input's lookups of TB tiles [i, i + TB) at once: each tile summed exactly as
+// lookups<1, AND> sums it (the same four partial sums, added in the same order, so a tile's
+// result does not depend on its neighbours), a byte column's table vectors loaded once for
+// all TB tiles rather than once per tile
+template <int TB, bool AND>
+inline void lookups_tiles(const Part& p, int64_t i, const int64_t* tm, int64_t b0, int64_t b1,
+                          __m512* acc) {
+  const float* tb = p.table(0, tm[2]);
+  const uint8_t *q1[TB], *q2[TB];
+  for (int k = 0; k < TB; ++k) {
+    q1[k] = p.tile(i + k, tm[0]);
+    q2[k] = AND ? p.tile(i + k, tm[1]) : nullptr;
+  }
+  __m512 a1[TB], a2[TB], a3[TB], a4[TB];
+  for (int k = 0; k < TB; ++k) a1[k] = a2[k] = a3[k] = a4[k] = _mm512_setzero_ps();
+  int64_t b = b0;
+  for (; b + 2 <= b1; b += 2) {
+    const float* t = tb + 32 * b;
+    const __m512 t0 = _mm512_loadu_ps(t), t1 = _mm512_loadu_ps(t + 16),
+                 t2 = _mm512_loadu_ps(t + 32), t3 = _mm512_loadu_ps(t + 48);
+    for (int k = 0; k < TB; ++k) {
+      __m512i lo = bytes16(q1[k] + b * TILE), lo2 = bytes16(q1[k] + (b + 1) * TILE);
+      if (AND) {
+        lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
+        lo2 = _mm512_and_si512(lo2, bytes16(q2[k] + (b + 1) * TILE));
+      }
+      a1[k] = _mm512_add_ps(a1[k], _mm512_permutexvar_ps(lo, t0));
+      a2[k] = _mm512_add_ps(a2[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), t1));
+      a3[k] = _mm512_add_ps(a3[k], _mm512_permutexvar_ps(lo2, t2));
+      a4[k] = _mm512_add_ps(a4[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo2, 4), t3));
+    }
+  }
+  for (int k = 0; k < TB; ++k) {
+    a1[k] = _mm512_add_ps(a1[k], a3[k]);
+    a2[k] = _mm512_add_ps(a2[k], a4[k]);
+  }
+  for (; b < b1; ++b) {
+    const __m512 t0 = _mm512_loadu_ps(tb + 32 * b), t1 = _mm512_loadu_ps(tb + 32 * b + 16);
+    for (int k = 0; k < TB; ++k) {
+      __m512i lo = bytes16(q1[k] + b * TILE);
+      if (AND) lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
+      a1[k] = _mm512_add_ps(a1[k], _mm512_permutexvar_ps(lo, t0));
+      a2[k] = _mm512_add_ps(a2[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), t1));
+    }
+  }
+  for (int k = 0; k < TB; ++k) acc[k] = _mm512_add_ps(a1[k], a2[k]);
+}
+
+// tile_lut<1> of TB whole tiles [i, i + TB) (rows 16 (i + TB) <= p.rows): the same sums
+template <int TB>
+void tiles_lut(const Part& p, float* y, int64_t i) {
+  const __mmask16 m = 0xFFFF;
+  __m512 tot[TB], acc[TB];
+  for (int k = 0; k < TB; ++k) tot[k] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < p.nseg; ++s) {
+    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
+    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int64_t* tm = p.terms + 3 * t;
+      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+      if (tm[0] < 0) {  // constant term: the segment sum
+        const __m512 sum = _mm512_set1_ps(p.sums[tm[2] * p.nseg + s]);
+        for (int k = 0; k < TB; ++k)
+          tot[k] = _mm512_fmadd_ps(coef16(p, t, s, (i + k) * TILE, m), sum, tot[k]);
+        continue;
+      }
+      if (tm[1] >= 0)
+        lookups_tiles<TB, true>(p, i, tm, b0, b1, acc);
+      else
+        lookups_tiles<TB, false>(p, i, tm, b0, b1, acc);
+      for (int k = 0; k < TB; ++k)
+        tot[k] = _mm512_fmadd_ps(coef16(p, t, s, (i + k) * TILE, m), acc[k], tot[k]);
+    }
+  }
+  for (int k = 0; k < TB; ++k) {
+    float* o = y + (i + k) * TILE;
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), tot[k]));
+  }
+}
+
+template <int N>
+void tiles_n(const Part& p, float* y, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  if constexpr (N == 1) {  // one input (decode): four whole tiles at a time
+    for (; i + 4 <= i1 && (i + 4) * TILE <= p.rows; i += 4) tiles_lut<4>(p, y, i);
+  }
+  for (; i < i1; ++i) tile_lut<N>(p, y, i);
+}
+
+}  // namespace
+
+bool tiles_avx512(const Part& p, float* y, int64_t i0, int64_t i1) {
+  switch (p.N) {
+    case 1: tiles_n<1>(p, y, i0, i1); return true;
+    case 2: tiles_n<2>(p, y, i0, i1); return true;
+    case 3: tiles_n<3>(p, y, i0, i1); return true;
+    case 4: tiles_n<4>(p, y, i0, i1); return true;
+    case 5: tiles_n<5>(p, y, i0, i1); return true;
+    case 6: tiles_n<6>(p, y, i0, i1); return true;
+    case 7: tiles_n<7>(p, y, i0, i1); return true;
+    case 8: tiles_n<8>(p, y, i0, i1); return true;
+    default: return false;
+  }
+}
+#endif
+
+}  // namespace binllm_cpu
