@@ -21,8 +21,9 @@ needs_extension = pytest.mark.skipif(not cpu.extension().ok, reason=cpu.extensio
 # decode, small batches, chunked GEMV, prefill (dense rebuild + GEMM)
 BATCHES = [1, 2, 5, cpu.SMALL_BATCH, cpu.SMALL_BATCH + 3, cpu.GEMV_MAX + 8]
 # (rows, cols, block): one row; a row tile and a partial one, columns not a multiple of 128;
-# four whole row tiles (decode sums them together) and a fifth
-SHAPES = [(1, 37, 16), (11, 200, 128), (37, 300, 128), (80, 48, 16)]
+# eight whole row tiles (decode sums four together, the second four's lines fetched while the
+# first four compute) and a partial ninth
+SHAPES = [(1, 37, 16), (11, 200, 128), (37, 300, 128), (136, 48, 16)]
 
 
 def check(y, x, W):

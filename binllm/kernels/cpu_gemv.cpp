@@ -24,6 +24,8 @@
 // tables twice per call).
 #include "cpu_kernels.h"
 
+#include <ATen/ops/zeros.h>
+
 #include <memory>
 
 namespace binllm_cpu {
@@ -151,7 +153,7 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
                   const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
                   const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,
                   const at::Tensor& coef, const at::Tensor& seg, bool in_order, float* out,
-                  int64_t impl) {
+                  int64_t impl, const at::Tensor* tcoef) {
   const int64_t P = perm.size(0), rows = coef.size(2), nseg = coef.size(1);
   const int64_t V = scale.numel() ? scale.size(0) : 1;
   const bool unpadded = P == 0 || perm.data_ptr<int64_t>()[P - 1] >= 0;
@@ -169,6 +171,13 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
                cptr.data_ptr<int64_t>(), cidx.data_ptr<int64_t>(), fac.data_ptr<float>(),
                coef.data_ptr(), coef.scalar_type() == at::kHalf, sg, N, V, P, rows,
                planes.size(2), planes.size(1), terms.size(0), nseg};
+  p.C = coef.size(0);
+  if (tcoef) {
+    check(tcoef->scalar_type() == coef.scalar_type() && tcoef->is_contiguous() &&
+              tcoef->numel() == (rows + TILE - 1) / TILE * TILE * nseg * p.C,
+          "tcoef: coef tile by tile (tile_major)");
+    p.tcoef = tcoef->data_ptr();
+  }
   const int64_t tiles = (rows + TILE - 1) / TILE, ntab = N * V * (P / 4) * 16;
   // at least ~256k weight-terms per task: small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * p.T * N));
@@ -198,6 +207,14 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
     p.bh = std::min(p.PB, p.bl + chunk);
     at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) { run(p, i0, i1); });
   }
+}
+
+at::Tensor tile_major(const at::Tensor& coef) {
+  const int64_t C = coef.size(0), nseg = coef.size(1), rows = coef.size(2);
+  const int64_t tiles = (rows + TILE - 1) / TILE;
+  at::Tensor padded = at::zeros({C, nseg, tiles * TILE}, coef.options());
+  padded.narrow(2, 0, rows).copy_(coef);
+  return padded.view({C, nseg, tiles, TILE}).permute({2, 1, 0, 3}).contiguous();
 }
 
 void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,

@@ -46,6 +46,10 @@ struct Part {
   const int64_t* seg;
   int64_t N, V, P, rows, PB, NP, T, nseg;
   int64_t bl = 0, bh = 0;  // this pass's byte columns [bl, bh): the tables of a pass stay in L2
+  int64_t C = 0;            // coefficient arrays (coef's first dimension)
+  // coef tile by tile, (ceil(rows/16), nseg, C, 16) with zero padding rows, or null: the
+  // coefficients one row tile reads are contiguous (a Decoder keeps this copy)
+  const void* tcoef = nullptr;
   const uint8_t* tile(int64_t i, int64_t k) const { return planes + ((i * NP + k) * PB) * TILE; }
   const float* table(int64_t n, int64_t v) const { return tab + (n * V + v) * (P / 4) * 16; }
   // C_t[s, r .. r + nr)
@@ -99,7 +103,9 @@ void bitpart_rows(const float* x, int64_t N, int64_t cols, const at::Tensor& per
                   const at::Tensor& scale, const at::Tensor& planes, const at::Tensor& terms,
                   const at::Tensor& cptr, const at::Tensor& cidx, const at::Tensor& fac,
                   const at::Tensor& coef, const at::Tensor& seg, bool in_order, float* out,
-                  int64_t impl);
+                  int64_t impl, const at::Tensor* tcoef = nullptr);
+// coef (C, nseg, rows) tile by tile: (ceil(rows/16), nseg, C, 16), padding rows 0 (Part.tcoef)
+at::Tensor tile_major(const at::Tensor& coef);
 void bitpart(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& scale,
              const at::Tensor& planes, const at::Tensor& terms, const at::Tensor& cptr,
              const at::Tensor& cidx, const at::Tensor& fac, const at::Tensor& coef,
@@ -175,6 +181,7 @@ class Decoder {
     std::vector<at::Tensor> parts, sparse;
     int64_t groupsize;
     std::vector<int64_t> in_order;
+    std::vector<at::Tensor> tcoefs;  // each part's coef tile by tile (tile_major)
   };
   int64_t cols_, max_numel_, impl_;
   std::vector<Stage> stages_;

@@ -102,11 +102,13 @@ inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t
 // C_t[s, r .. r + 16) (lanes outside m: 0)
 inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m) {
   __m512 c = _mm512_setzero_ps();
+  const void* coef = p.tcoef ? p.tcoef : p.coef;
   for (int64_t k = p.cptr[t]; k < p.cptr[t + 1]; ++k) {
-    const int64_t at = (p.cidx[k] * p.nseg + s) * p.rows + r;
+    const int64_t at = p.tcoef ? ((r / TILE * p.nseg + s) * p.C + p.cidx[k]) * TILE
+                               : (p.cidx[k] * p.nseg + s) * p.rows + r;
     const __m512 a = p.half ?
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p.coef) + at)) :
-        _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.coef) + at);
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(coef) + at)) :
+        _mm512_maskz_loadu_ps(m, static_cast<const float*>(coef) + at);
     c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
   }
   return c;
@@ -192,9 +194,45 @@ inline void lookups_tiles(const Part& p, int64_t i, const int64_t* tm, int64_t b
   for (int k = 0; k < TB; ++k) acc[k] = _mm512_add_ps(a1[k], a2[k]);
 }
 
+// the lines tiles [i, i + n) read, asked for a few at a time while the tiles before them
+// compute: their planes (contiguous) and their coefficients (contiguous tile by tile; without
+// the tile-major copy only the planes). A part of several planes and coefficient arrays reads
+// them in an order (segment by segment, term by term, tile by tile) that the hardware
+// prefetchers do not follow; asked for in one burst, the lines would fill the core's miss
+// buffers and stall it until they arrive.
+class Ahead {
+ public:
+  Ahead(const Part& p, int64_t i, int64_t n, int64_t calls) {
+    a_ = reinterpret_cast<const char*>(p.tile(i, 0));
+    e_ = reinterpret_cast<const char*>(p.tile(i + n, 0));
+    if (p.tcoef) {
+      const int64_t per_tile = p.nseg * p.C * TILE * (p.half ? 2 : 4);
+      c_ = static_cast<const char*>(p.tcoef) + i * per_tile;
+      ce_ = c_ + n * per_tile;
+    }
+    step_ = ((e_ - a_) + (ce_ - c_)) / 64 / std::max<int64_t>(1, calls) + 1;
+  }
+  void next() {  // about 1 / calls of the lines
+    for (int64_t k = 0; k < step_; ++k) {
+      if (a_ < e_) {
+        _mm_prefetch(a_, _MM_HINT_T1);
+        a_ += 64;
+      } else if (c_ < ce_) {
+        _mm_prefetch(c_, _MM_HINT_T1);
+        c_ += 64;
+      }
+    }
+  }
+
+ private:
+  const char *a_, *e_, *c_ = nullptr, *ce_ = nullptr;
+  int64_t step_;
+};
+
 // tile_lut<1> of TB whole tiles [i, i + TB) (rows 16 (i + TB) <= p.rows): the same sums
 template <int TB>
-void tiles_lut(const Part& p, float* y, int64_t i) {
+void tiles_lut(const Part& p, float* y, int64_t i, bool prefetch) {
+  Ahead ahead(p, i + TB, prefetch ? TB : 0, p.nseg * p.T);
   const __mmask16 m = 0xFFFF;
   __m512 tot[TB], acc[TB];
   for (int k = 0; k < TB; ++k) tot[k] = _mm512_setzero_ps();
@@ -204,6 +242,7 @@ void tiles_lut(const Part& p, float* y, int64_t i) {
     for (int64_t t = 0; t < p.T; ++t) {
       const int64_t* tm = p.terms + 3 * t;
       if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
+      ahead.next();
       if (tm[0] < 0) {  // constant term: the segment sum
         const __m512 sum = _mm512_set1_ps(p.sums[tm[2] * p.nseg + s]);
         for (int k = 0; k < TB; ++k)
@@ -228,7 +267,8 @@ template <int N>
 void tiles_n(const Part& p, float* y, int64_t i0, int64_t i1) {
   int64_t i = i0;
   if constexpr (N == 1) {  // one input (decode): four whole tiles at a time
-    for (; i + 4 <= i1 && (i + 4) * TILE <= p.rows; i += 4) tiles_lut<4>(p, y, i);
+    for (; i + 4 <= i1 && (i + 4) * TILE <= p.rows; i += 4)
+      tiles_lut<4>(p, y, i, i + 8 <= i1 && (i + 8) * TILE <= p.rows);
   }
   for (; i < i1; ++i) tile_lut<N>(p, y, i);
 }

@@ -97,7 +97,8 @@ void check_form(int64_t rows, at::TensorList parts, at::TensorList sparse, int64
 // form_gemv after its checks: x (..., cols) fp32, bf16 or fp16, bias (rows,) of dtype or null
 at::Tensor gemv_checked(const at::Tensor& x, int64_t rows, at::TensorList parts,
                         at::TensorList sparse, int64_t groupsize, at::IntArrayRef in_order,
-                        const at::Tensor* b, at::ScalarType dtype, int64_t impl) {
+                        const at::Tensor* b, at::ScalarType dtype, int64_t impl,
+                        const std::vector<at::Tensor>* tcoefs = nullptr) {
   const int64_t cols = x.size(-1), N = cols ? x.numel() / cols : 0;
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = rows;
@@ -115,7 +116,8 @@ at::Tensor gemv_checked(const at::Tensor& x, int64_t rows, at::TensorList parts,
     for (size_t i = 0; i < parts.size(); i += BITPART_ARGS) {
       const at::Tensor* a = parts.data() + i;
       bitpart_rows(xp, n, cols, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8],
-                   in_order[i / BITPART_ARGS] != 0, acc.get(), impl);
+                   in_order[i / BITPART_ARGS] != 0, acc.get(), impl,
+                   tcoefs ? &(*tcoefs)[i / BITPART_ARGS] : nullptr);
     }
     if (!sparse.empty())
       sparse_rows(xp, n, cols, sparse[0], sparse[1], sparse[2], sparse[3], sparse[4], sparse[5],
@@ -164,8 +166,11 @@ Decoder::Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
       const at::Tensor& perm = parts[i];
       check(perm.numel() == 0 || perm.max().item<int64_t>() < width, "perm outside x");
     }
+    std::vector<at::Tensor> tcoefs;
+    for (size_t i = 0; i < parts.size(); i += BITPART_ARGS)
+      tcoefs.push_back(tile_major(parts[i + 7]));
     stages_.push_back({rows, std::move(parts), std::move(sparse), groupsize,
-                       std::move(in_order)});
+                       std::move(in_order), std::move(tcoefs)});
     width = rows;
   }
 }
@@ -188,10 +193,10 @@ at::Tensor Decoder::forward(const at::Tensor& x, const at::Tensor* b) const {
   for (size_t i = 0; i + 1 < stages_.size(); ++i) {
     const Stage& s = stages_[i];
     t = gemv_checked(t, s.rows, s.parts, s.sparse, s.groupsize, s.in_order, nullptr, at::kFloat,
-                     impl_);
+                     impl_, &s.tcoefs);
   }
   return gemv_checked(t, last.rows, last.parts, last.sparse, last.groupsize, last.in_order, b,
-                      x.scalar_type(), impl_);
+                      x.scalar_type(), impl_, &last.tcoefs);
 }
 
 namespace {
