@@ -76,16 +76,17 @@ def test_cpu_kernels_on_a_wider_layer_with_every_row_tile():
         check(cpu.form_matmul(form, x), x, Q)
 
 
-def test_build_key_changes_with_any_source_or_the_header(tmp_path, monkeypatch):
-    """The extension's cache name hashes every source and the header: a changed file builds
-    anew, the same bytes reuse the build."""
+def test_build_key_changes_with_any_source_or_header(tmp_path, monkeypatch):
+    """The extension's cache name hashes every source and header: a changed file builds anew,
+    the same bytes reuse the build."""
     key = cpu_build.build_key()
-    for path in (*cpu_build.SOURCES, cpu_build.HEADER):
+    files = (*cpu_build.SOURCES, *cpu_build.HEADERS)
+    for path in files:
         (tmp_path / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(cpu_build, "SOURCES", tuple(tmp_path / p.name for p in cpu_build.SOURCES))
-    monkeypatch.setattr(cpu_build, "HEADER", tmp_path / cpu_build.HEADER.name)
+    monkeypatch.setattr(cpu_build, "HEADERS", tuple(tmp_path / p.name for p in cpu_build.HEADERS))
     assert cpu_build.build_key() == key
-    for path in (*cpu_build.SOURCES, cpu_build.HEADER):
+    for path in (*cpu_build.SOURCES, *cpu_build.HEADERS):
         text = path.read_bytes()
         path.write_bytes(text + b"\n")
         assert cpu_build.build_key() != key, path.name

@@ -227,3 +227,18 @@ def test_decoder_reads_x_in_place_by_the_parts_flags_and_checks_them():
     assert flags == [0] * len(form.parts)
     with pytest.raises(RuntimeError, match="not in order"):
         Decoder([(rows, parts, sparse, gs, [1] * len(flags))], form.cols, form.cols, 0)
+
+
+@needs_extension
+def test_a_bound_decoder_holds_one_tile_major_copy_of_the_coefficients_and_says_so():
+    """The decoder's own bytes are each part's coefficients padded to whole row tiles, and the
+    layer's held_bytes counts them beside its form once the decoder is bound."""
+    codes = reconstruct(*layer(37, 300), get_method("billm"), block_size=128).codes
+    layer_ = BinaryLinear.from_codes(codes, None)
+    form = layer_.kernel_form()
+    before = layer_.held_bytes()
+    decoded(layer_, inputs(1, 300))
+    copy = sum(p.coef.shape[0] * p.coef.shape[1] * -(-form.rows // 16) * 16
+               * p.coef.element_size() for p in form.parts)
+    assert copy > 0 and layer_._decode.nbytes == copy
+    assert layer_.held_bytes() == before + copy

@@ -1,17 +1,18 @@
 """Building and loading the compiled CPU kernels: one torch extension, built on first use.
 
 The extension (SOURCES: `cpu_gemv.cpp` the bit-plane GEMV and `cpu_lut.cpp` its row tiles'
-lookups, `cpu_sparse.cpp` PB-LLM's salient
-weights, `cpu_prefill.cpp` the prefill rebuilds, `cpu_int8.cpp` the int8 prefill's rows,
-`cpu_uniform8.cpp` the 8-bit codes read in place, `cpu_decode.cpp` the lean decode loop's fused
-glue and `cpu_layers.cpp` its decoder layers in one call, `cpu_dense.cpp` a dense bf16
-weight's product with one token (`binllm.kernels.decode_ops`),
-`cpu_ops.cpp` form_gemv, the `Decoder` class and the bindings; their shared declarations in
-`cpu_kernels.h`) is one module, built on first use with torch.utils.cpp_extension
-(-O3 -march=native) into torch's extension cache under a name keyed by every source's bytes,
-the header's and this CPU's flags (a changed file builds anew), and reused afterwards.
-`extension()` returns an `ExtensionStatus`: the loaded module, or why it cannot be used (the
-PyTorch paths then compute the same products). Standard library and torch only.
+lookups, `cpu_sparse.cpp` PB-LLM's salient weights, `cpu_prefill.cpp` the prefill rebuilds,
+`cpu_int8.cpp` the int8 prefill's rows, `cpu_uniform8.cpp` the 8-bit codes read in place,
+`cpu_decode.cpp` the lean decode loop's fused glue, `cpu_attend.cpp` its attention of a KV
+group's heads, `cpu_layers.cpp` its decoder layers in one call, `cpu_dense.cpp` a dense bf16
+weight's product with one token (`binllm.kernels.decode_ops`), `cpu_ops.cpp` form_gemv, the
+`Decoder` class and the bindings; their shared declarations in `cpu_kernels.h`, the decode
+loop's 16-lane helpers in `cpu_vec.h`) is one module, built on first use with
+torch.utils.cpp_extension (-O3 -march=native) into torch's extension cache under a name keyed
+by every source's bytes, the headers' and this CPU's flags (a changed file builds anew), and
+reused afterwards. `extension()` returns an `ExtensionStatus`: the loaded module, or why it
+cannot be used (the PyTorch paths then compute the same products). Standard library and torch
+only.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from .cpu_features import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.cpp") for name in (
-    "gemv", "lut", "sparse", "prefill", "int8", "uniform8", "decode", "layers", "dense", "ops"))
-HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by every source
+    "gemv", "lut", "sparse", "prefill", "int8", "uniform8", "decode", "attend", "layers", "dense",
+    "ops"))
+# cpu_kernels.h is included by every source, cpu_vec.h by the decode loop's
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_vec.h"))
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,10 @@ def build_failure(e: Exception) -> str:
 
 
 def build_key() -> str:
-    """The extension's cache key: a hash of each source's name and bytes, the header's, and this
+    """The extension's cache key: a hash of each source's name and bytes, the headers', and this
     CPU's flags (-march=native), so that any changed file is a new build of its own."""
     h = hashlib.sha1()
-    for path in (*SOURCES, HEADER):
+    for path in (*SOURCES, *HEADERS):
         data = path.read_bytes()
         h.update(f"{path.name}:{len(data)}:".encode() + data)
     h.update(cpu_flags().encode())

@@ -15,13 +15,17 @@
 //   round them), caches (1, KV, max_len, hd); rotated k and v are written into the caches at
 //   pos, and head h (kv head h / (H / KV)) is softmax(scale q_h K[0 .. pos]ᵀ) V[0 .. pos] in
 //   fp32 (scores, softmax and the weighted sum; exp by a polynomial on AVX-512, to about an
-//   ulp), rounded once to the dtype. Heads are split over threads where the cache is long.
+//   ulp), rounded once to the dtype. Heads are split over threads where the cache is long;
+//   with AVX-512 the heads that share a KV head are computed together (cpu_attend.cpp: each
+//   cached row read once for them, the next rows asked for ahead), the portable loop and a
+//   head dimension above 128 take them one by one.
 // Either returns an undefined tensor (None in Python: the caller runs its torch ops) for inputs
 // it does not compute: not every tensor on the CPU and of one dtype, fp32, bf16 or fp16, or a
 // gradient wanted; a bad shape raises its check's error.
 // impl 0: AVX-512 loops where compiled, 1: the portable loops (the same arithmetic, sums grouped
 // otherwise: equal to fp32 round-off, not bit for bit).
 #include "cpu_kernels.h"
+#include "cpu_vec.h"
 
 #include <ATen/core/grad_mode.h>
 
@@ -46,60 +50,6 @@ bool float_dtype(at::ScalarType t) {
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-#ifdef __AVX512F__
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFFu) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// 16 values of T from p (lanes m, others 0) in fp32, exactly
-template <typename T> __m512 load16(const T* p, __mmask16 m);
-template <> __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-template <> __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  return bf16_float16(_mm256_maskz_loadu_epi16(m, p));
-}
-template <> __m512 load16(const at::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-// v rounded to T (nearest even, as c10's conversions round) into p's lanes m
-template <typename T> void store16(T* p, __mmask16 m, __m512 v);
-template <> void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-template <> void store16(at::BFloat16* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, bf16_bits16(v));
-}
-template <> void store16(at::Half* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// v rounded to T, in fp32
-template <typename T> __m512 round16(__m512 v);
-template <> __m512 round16<float>(__m512 v) { return v; }
-template <> __m512 round16<at::BFloat16>(__m512 v) {
-  return bf16_float16(bf16_bits16(v));
-}
-template <> __m512 round16<at::Half>(__m512 v) {
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// exp(x) of 16 values (to about one ulp, as std::exp): 2^k exp(r) for k = round(x / ln 2),
-// r = x - k ln 2 (ln 2 in two parts, so r is exact), exp(r) by Cephes expf's polynomial
-// (|r| <= ln 2 / 2); x below -104 gives 0, as exp rounds it, and a NaN stays NaN
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, k);
-}
-#endif
 
 // sum of a[i] b[i] over [0, n) in fp32 (each product rounded), in sixteen partial sums: the
 // portable loops' dot product, a loop the compiler vectorizes
@@ -277,11 +227,15 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   for (int64_t h = 0; h < H; ++h) rotate(qp + h * hd, cp, sp, hd, impl, qt.data(), &qf[h * hd]);
   const int64_t n = pos + 1;
   const auto heads = [&](int64_t h0, int64_t h1) {
-    std::vector<float> s(n);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t g = h / group;
-      attend(&qf[h * hd], kcp + g * L * hd, vcp + g * L * hd, n, hd, scale, impl, s.data(),
-             op + h * hd);
+    std::vector<float> s(std::min(h1 - h0, group) * n);
+    for (int64_t h = h0; h < h1;) {  // the heads of [h0, h1) that share h's KV head at once
+      const int64_t g = h / group, e = std::min(h1, (g + 1) * group);
+      const T *Kg = kcp + g * L * hd, *Vg = vcp + g * L * hd;
+      if (impl != 0 ||
+          !attend_group(&qf[h * hd], e - h, Kg, Vg, n, hd, scale, s.data(), op + h * hd))
+        for (int64_t i = h; i < e; ++i)
+          attend(&qf[i * hd], Kg, Vg, n, hd, scale, impl, s.data(), op + i * hd);
+      h = e;
     }
   };
   // at least 2^17 cached values a thread (tens of microseconds): a short cache stays on one

@@ -14,9 +14,9 @@
 //   byte's two nibbles index the tables of its 8 columns (the loops over row tiles: cpu_lut.cpp).
 //   impl 0: AVX-512 (four partial sums for one or two inputs, two for 3 to 8), 1: portable
 //   (one sum). These group the fp32 sums differently, so AVX-512 and portable results, and
-//   AVX-512 results of 1-2 and of 3-8 inputs, agree to fp32 round-off, not bit for bit. in_order (BitPart.in_order: perm is
-//   0 .. K - 1, then -1 padding) with K = P = cols and no scales: x is read in place, not
-//   gathered.
+//   AVX-512 results of 1-2 and of 3-8 inputs, agree to fp32 round-off, not bit for bit.
+//   in_order (BitPart.in_order: perm is 0 .. K - 1, then -1 padding) with K = P = cols and no
+//   scales: x is read in place, not gathered.
 // Every loop reads only the packed planes (nothing dequantized); row tiles are split over
 // torch's intra-op threads. Where one pass covers the byte columns (decode: the tables of
 // N·V inputs fit), each thread builds its own tables, so its lookups read them from its own

@@ -7,6 +7,7 @@
 //   cpu_int8.cpp      the int8 prefill: a prompt's column smoothing, int8 rows, scaled sums
 //   cpu_uniform8.cpp  8-bit UniformCodes read in place (a q8 table as the output layer)
 //   cpu_decode.cpp    the lean decode loop's fused glue: RMSNorm, rotary + cache + attention
+//   cpu_attend.cpp    its attention for the heads of one KV group (AVX-512; cpu_vec.h helpers)
 //   cpu_layers.cpp    the lean decode loop's decoder layers, one compiled call per token
 //   cpu_dense.cpp     a dense bf16 weight times one token (the lean loop's bf16 linears)
 //   cpu_ops.cpp       form_gemv (a whole form at decode), the Decoder class, op registration
@@ -157,6 +158,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                             at::Tensor v_cache, int64_t pos, double scale, int64_t impl);
 
+// -- cpu_attend.cpp -------------------------------------------------------------------------
+// one token's attention for the G heads sharing one cached K and V (n, hd): out (G, hd) from q
+// (G, hd) fp32, s (G, n) scratch; false where not compiled for AVX-512 or hd > 128
+template <typename T>
+bool attend_group(const float* q, int64_t G, const T* K, const T* V, int64_t n, int64_t hd,
+                  float scale, float* s, T* out);
+
 // -- cpu_dense.cpp --------------------------------------------------------------------------
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, int64_t impl);
@@ -174,6 +182,8 @@ class Decoder {
   // y (..., rows) of x (..., cols) fp32, bf16 or fp16 on the CPU of at most max_numel elements,
   // no gradient wanted, with bias b (rows,) or null; undefined for any other input
   at::Tensor forward(const at::Tensor& x, const at::Tensor* b) const;
+  // bytes the decoder holds beside the form's tensors (its tile-major coefficients)
+  int64_t nbytes() const;
 
  private:
   struct Stage {

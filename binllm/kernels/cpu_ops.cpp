@@ -175,6 +175,13 @@ Decoder::Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
   }
 }
 
+int64_t Decoder::nbytes() const {
+  int64_t n = 0;
+  for (const Stage& s : stages_)
+    for (const at::Tensor& t : s.tcoefs) n += t.numel() * t.element_size();
+  return n;
+}
+
 at::Tensor Decoder::forward(const at::Tensor& x, const at::Tensor* b) const {
   if (!x.device().is_cpu() || !float_type(x.scalar_type()) || x.dim() < 1 ||
       x.size(-1) != cols_ || x.numel() > max_numel_ || x.is_sparse() ||
@@ -259,7 +266,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              const at::Tensor y = d.forward(x, bias && bias->defined() ? &*bias : nullptr);
              return y.defined() ? py::cast(y) : py::none();
            },
-           py::arg("x"), py::arg("bias") = py::none());
+           py::arg("x"), py::arg("bias") = py::none())
+      .def_property_readonly("nbytes", &Decoder::nbytes);
   binllm_cpu::bind_layers(m);
   m.def("rms_norm", &binllm_cpu::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("impl") = 0);

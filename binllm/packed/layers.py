@@ -156,12 +156,14 @@ class BinaryLinear(nn.Module):
         self._released, self._source_verified = False, False
 
     def held_bytes(self) -> int:
-        """Bytes this layer holds in memory: resident packed buffers, kernel form, cached
-        weight (bias excluded)."""
+        """Bytes this layer holds in memory: resident packed buffers, kernel form, what its
+        bound decoder keeps beside the form (`nbytes`, where it says), cached weight (bias
+        excluded)."""
         held = 0 if self._released else \
             sum(t.numel() * t.element_size() for t in self.packed().values())
         if self._form is not None:
             held += self._form.nbytes()
+        held += getattr(self._decode, "nbytes", 0)
         for dense in (self._cached, self._dense):
             if dense is not None:
                 held += dense.numel() * dense.element_size()
