@@ -74,24 +74,6 @@ def stories_inputs(nsamples: int, seqlen: int):
     return tok, calib, test, tok(PROMPT, return_tensors="pt").input_ids
 
 
-class TokenClock:
-    """A generation streamer (transformers' put / end interface) that notes when each new
-    token arrives; the prompt's put is not a token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3,
                      loop: str = "transformers") -> float:
     """Best tokens/s of greedy decode by transformers' `generate` (loop "transformers") or
@@ -99,6 +81,7 @@ def generation_speed(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3
     prompt's forward, as llama.cpp's rows are timed (its prompt evaluated untimed). The prompt
     gives the first token; new_tokens + 1 are generated and the clock runs from the first's
     arrival to the last's, so each timed step is one single-token forward and its pick."""
+    from binllm.evaluation.generate import TokenClock
     from binllm.runtime import lean_generate
 
     assert loop in ("lean", "transformers"), loop

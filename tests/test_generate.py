@@ -51,6 +51,10 @@ def test_load_derives_every_form_and_loads_the_kernels_before_the_timed_run(save
     assert len(derived) == at_load[0]  # nothing derived while timed
     assert res.new_tokens == 5 and res.prompt_tokens == 4 and res.seconds > 0
     assert res.tokens_per_s == pytest.approx(5 / res.seconds)
+    # the first token after the prompt's forward, the 4 steps after it within the whole time
+    assert 0 < res.first_token_s and 0 < res.decode_s
+    assert res.first_token_s + res.decode_s <= res.seconds
+    assert res.decode_tokens_per_s == pytest.approx(4 / res.decode_s)
 
 
 def test_generate_is_greedy_and_equals_the_models_own_generate(saved_dir):
@@ -74,7 +78,8 @@ def test_cli_generates_with_the_dense_original_the_same_way(capsys, stories_path
     code, text, _ = run(capsys, "generate", stories_path, "Once upon a time", "--original",
                         "--max-new-tokens", "5", "--exact-length", "--threads", "1")
     assert code == 0 and text.startswith("Once upon a time")
-    assert re.search(r"\[5 new tokens in [\d.]+ s, [\d.]+ tokens/s, lean loop\]", text)
+    assert re.search(r"\[5 new tokens in [\d.]+ s, [\d.]+ tokens/s; the prompt's 5 tokens "
+                     r"[\d.]+ s, then [\d.]+ tokens/s, lean loop\]", text)
     assert torch.get_num_threads() == threads  # restored for in-process callers
 
 

@@ -155,6 +155,9 @@ def _generate(args) -> int:
         print(f"note: {res.note}", file=sys.stderr)
     if streamer is None:
         print(res.text)
+    steps = "" if res.new_tokens < 2 else (
+        f"; the prompt's {res.prompt_tokens} tokens {res.first_token_s:.2f} s, then "
+        f"{res.decode_tokens_per_s:.1f} tokens/s")
     print(f"\n[{res.new_tokens} new tokens in {res.seconds:.2f} s, "
-          f"{res.tokens_per_s:.1f} tokens/s, {res.loop} loop]")
+          f"{res.tokens_per_s:.1f} tokens/s{steps}, {res.loop} loop]")
     return 0

@@ -17,6 +17,9 @@ an empty prompt starts from the beginning-of-sequence token, and `Generation.not
 chat template, ready for the assistant's reply, and `Generation.text` is the reply alone.
 `streamer` is anything with transformers' streamer interface (`put(ids)`, `end()`, e.g.
 `transformers.TextStreamer`): it gets the prompt's ids, then each new token as it is picked.
+`Generation` also says when the first new token came (the prompt's forward) and how fast the
+single-token steps after it ran (`decode_tokens_per_s`, the rate llama.cpp reports as eval),
+noted by a `TokenClock` that hands the tokens on to the streamer.
 """
 
 from __future__ import annotations
@@ -62,10 +65,39 @@ class Generation:
     seconds: float  # wall time of the generation: the prompt's forward + every new token
     note: str = ""  # e.g. that an empty prompt started from the beginning-of-sequence token
     loop: str = "transformers"  # what ran the tokens: "lean" or "transformers"
+    first_token_s: float = float("nan")  # start to the first new token: the prompt's forward
+    decode_s: float = float("nan")  # the first new token to the last: new_tokens - 1 steps
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens/s of the single-token steps after the first new token (llama.cpp's eval
+        rate); nan with fewer than two new tokens."""
+        if self.new_tokens < 2 or not self.decode_s > 0:
+            return float("nan")
+        return (self.new_tokens - 1) / self.decode_s
+
+
+class TokenClock:
+    """A streamer (transformers' put / end interface) that notes when each new token arrives
+    (the prompt's ids, put first, are not one) and hands everything on to `inner`."""
+
+    def __init__(self, inner: Any = None):
+        self.inner, self.times, self.prompt_seen = inner, [], False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 64,
@@ -87,6 +119,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
         raise LoopError(f"top_p={top_p}: use a probability in (0, 1]")
     loop = pick_loop(model, loop, ids.shape[1] + max_new_tokens, temperature > 0)
     torch.manual_seed(seed)
+    clock = TokenClock(streamer)
     if loop == "lean":
         eos = eos_ids(model)
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
@@ -97,9 +130,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
                                 top_p=top_p, top_k=TOP_K if top_k is None else top_k,
                                 eos=None if exact_length else eos,
                                 banned=eos if exact_length else None, generator=gen,
-                                streamer=streamer)
+                                streamer=clock)
             seconds = time.perf_counter() - start
-        return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat)
+        return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat, start, clock)
     sample: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sample = {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -110,16 +143,20 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 6
     with torch.no_grad():
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             attention_mask=torch.ones_like(ids), streamer=streamer, **sample)
+                             attention_mask=torch.ones_like(ids), streamer=clock, **sample)
         seconds = time.perf_counter() - start
-    return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat)
+    return _result(tokenizer, out, ids.shape[1], seconds, note, loop, chat, start, clock)
 
 
-def _result(tokenizer: Any, out, n: int, seconds: float, note: str, loop: str,
-            chat: bool) -> Generation:
-    """The Generation of out (1, n + new): the whole text, or the reply alone in a chat."""
+def _result(tokenizer: Any, out, n: int, seconds: float, note: str, loop: str, chat: bool,
+            start: float, clock: TokenClock) -> Generation:
+    """The Generation of out (1, n + new): the whole text, or the reply alone in a chat, and
+    when its tokens arrived."""
     text = tokenizer.decode(out[0, n:] if chat else out[0], skip_special_tokens=True)
-    return Generation(text, n, out.shape[1] - n, seconds, note, loop)
+    t = clock.times
+    first = t[0] - start if t else float("nan")
+    decode = t[-1] - t[0] if len(t) > 1 else float("nan")
+    return Generation(text, n, out.shape[1] - n, seconds, note, loop, first, decode)
 
 
 def pick_loop(model: Any, loop: str, positions: int, sampling: bool = False) -> str:
