@@ -179,6 +179,22 @@ def test_cpu_kernels_split_wide_layers_into_column_passes():
                 check(cpu.form_matmul(form, x, impl), x, Q)
 
 
+@needs_extension
+def test_one_token_over_column_passes_with_whole_tiles_and_the_decoders_copy():
+    """One input over 25,000 columns × 2 x versions (more than one pass's tables) and 136 rows
+    (eight whole tiles and a partial ninth): the bound decoder (tile-major coefficients, no
+    lines fetched ahead across passes) equals form_matmul bit for bit and Ŵx to round-off."""
+    from packed_codes import binary_codes
+
+    codes = binary_codes(rows=136, cols=25000, block=128, orders=(2, 1), n_salient=1,
+                         mean=True, beta=True, seed=6)
+    form, Q = kernel_form(codes), codes.dequantize()
+    x = inputs(1, 25000)
+    y = cpu.form_matmul(form, x)
+    check(y, x, Q)
+    assert torch.equal(cpu.bind_decoder(form)(x, None), y)
+
+
 # -- prefill of bf16 inputs: F.linear(x, Ŵ.to(torch.bfloat16)), the reference forward ---------
 BF16_METHODS = ["q1_0", "rtn-sign", "arb-llm-rc", "billm", "pbllm", "gptq"]
 

@@ -86,13 +86,15 @@ def attention_inputs(H, KV, hd, max_len, pos, dtype, seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("H,KV,hd,pos", [(9, 3, 64, 0), (9, 3, 64, 37), (4, 4, 16, 37),
-                                          (9, 3, 64, 1500), (8, 2, 80, 21), (14, 2, 128, 40),
-                                          (2, 1, 200, 19)])
+                                          (9, 3, 64, 1500), (8, 2, 64, 33), (16, 2, 64, 47),
+                                          (6, 2, 72, 30), (4, 2, 40, 17), (8, 2, 80, 21),
+                                          (14, 2, 128, 40), (2, 1, 200, 19)])
 def test_decode_attention_equals_rotary_cache_write_and_sdpa(H, KV, hd, pos, dtype, impl):
     """The output to fp32 round-off (bf16, fp16: 2% of its largest entry), the caches' row pos
-    the rotated k and v bit for bit, every other row unchanged; pos 1500: the threads' path;
-    hd 80 and 128 with 4 and 7 heads a KV head: a partial chunk of 16 values, several passes
-    over a group's heads; hd 200: one head at a time (the grouped loop stops at 128)."""
+    the rotated k and v bit for bit, every other row unchanged; pos 1500: the threads' path.
+    Heads a KV head 3, 4, 8 at hd 64 (one pass, two); hd 72 and 40: a partial chunk of 16
+    values, chunks past hd; hd 80 and 128 with 4 and 7 heads a KV head: passes of two heads;
+    hd 200: one head at a time (the grouped loop stops at 128)."""
     q, k, v, cos, sin, kc, vc = attention_inputs(H, KV, hd, pos + 5, pos, dtype)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     scale = hd ** -0.5

@@ -6,8 +6,9 @@
 //   q (G, hd) fp32, K and V (n, hd) of T, s (G, n) scratch for the scores, out (G, hd) of T,
 //   in passes of up to four heads (hd <= 64) or two (hd <= 128).
 //   False (nothing done) where it is not compiled (no AVX-512) or hd exceeds 128.
-// A cached row is read once for all G heads: its hd values are widened to fp32 once, and each
-// head's product is a chain of fused multiply-adds over the row's 16-value chunks. Sixteen
+// A cached row is read once for the heads of a pass (all G heads where G is at most four, or
+// two at hd above 64): its hd values are widened to fp32 once, and each head's product is a
+// chain of fused multiply-adds over the row's 16-value chunks. Sixteen
 // rows' products are summed across their lanes together (a transpose of pairwise adds, 15
 // shuffle-add steps for 16 scores, where one lane sum a row would take 4 steps each). The
 // weighted sum of V keeps one fp32 sum per head and chunk, each row read once. Exact in the
@@ -28,8 +29,10 @@ constexpr int64_t AHEAD = 32;
 template <typename T>
 inline void ask_ahead(const T* rows, int64_t j, int64_t hd) {
   const uintptr_t at = reinterpret_cast<uintptr_t>(rows) + (j + AHEAD) * hd * sizeof(T);
-  for (uintptr_t b = 0; b < hd * sizeof(T); b += 64)
+  const uintptr_t bytes = hd * sizeof(T);
+  for (uintptr_t b = 0; b < bytes; b += 64)
     _mm_prefetch(reinterpret_cast<const char*>(at + b), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(at + bytes - 1), _MM_HINT_T0);  // a row's last line
 }
 
 // the 16 lane sums of v[0 .. 16): lane r of the result is the sum of v[r]'s lanes
@@ -48,17 +51,19 @@ inline __m512 lane_sums(const __m512* v) {
                        _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
-// NH heads of a group, C chunks of 16 values a row (hd <= 16 C; chunks past hd are masked
-// to zero): every loop over heads and chunks has a bound known here, so the sums stay in
-// registers
+// NH heads of a group, C chunks of 16 values a row (hd <= 16 C; chunks past hd are zero):
+// every loop over heads and chunks has a bound known here, so the compiler keeps the query,
+// the row's chunks and the weighted sums in registers (the 16 rows' products go to memory)
 template <typename T, int C, int NH>
 void heads_pass(const float* q, const T* K, const T* V, int64_t n, int64_t hd, float scale,
                 float* s, T* out) {
-  __mmask16 cm[C];
+  __mmask16 cm[C];  // chunks past hd: no lanes, and no address formed for them
   for (int c = 0; c < C; ++c) cm[c] = hd > 16 * c ? lanes(hd - 16 * c) : 0;
+  const __m512 zero = _mm512_setzero_ps();
   __m512 qv[NH][C];
   for (int h = 0; h < NH; ++h)
-    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_maskz_loadu_ps(cm[c], q + h * hd + 16 * c);
+    for (int c = 0; c < C; ++c)
+      qv[h][c] = cm[c] ? _mm512_maskz_loadu_ps(cm[c], q + h * hd + 16 * c) : zero;
   float mx[NH];
   for (int h = 0; h < NH; ++h) mx[h] = -INFINITY;
   __m512 prod[NH][16];
@@ -71,7 +76,8 @@ void heads_pass(const float* q, const T* K, const T* V, int64_t n, int64_t hd, f
       }
       ask_ahead(K, j0 + r, hd);
       __m512 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = load16(K + (j0 + r) * hd + 16 * c, cm[c]);
+      for (int c = 0; c < C; ++c)
+        kv[c] = cm[c] ? load16(K + (j0 + r) * hd + 16 * c, cm[c]) : zero;
       for (int h = 0; h < NH; ++h) {
         __m512 a = _mm512_mul_ps(qv[h][0], kv[0]);
         for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[h][c], kv[c], a);
@@ -104,7 +110,7 @@ void heads_pass(const float* q, const T* K, const T* V, int64_t n, int64_t hd, f
   for (int64_t j = 0; j < n; ++j) {  // the weighted sum of V, each row read once
     ask_ahead(V, j, hd);
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(V + j * hd + 16 * c, cm[c]);
+    for (int c = 0; c < C; ++c) vv[c] = cm[c] ? load16(V + j * hd + 16 * c, cm[c]) : zero;
     for (int h = 0; h < NH; ++h) {
       const __m512 w = _mm512_set1_ps(s[h * n + j]);
       for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
@@ -113,7 +119,7 @@ void heads_pass(const float* q, const T* K, const T* V, int64_t n, int64_t hd, f
   for (int h = 0; h < NH; ++h) {
     const __m512 div = _mm512_set1_ps(total[h]);
     for (int c = 0; c < C; ++c)
-      store16(out + h * hd + 16 * c, cm[c], _mm512_div_ps(acc[h][c], div));
+      if (cm[c]) store16(out + h * hd + 16 * c, cm[c], _mm512_div_ps(acc[h][c], div));
   }
 }
 

@@ -203,29 +203,32 @@ inline void lookups_tiles(const Part& p, int64_t i, const int64_t* tm, int64_t b
 class Ahead {
  public:
   Ahead(const Part& p, int64_t i, int64_t n, int64_t calls) {
-    a_ = reinterpret_cast<const char*>(p.tile(i, 0));
-    e_ = reinterpret_cast<const char*>(p.tile(i + n, 0));
-    if (p.tcoef) {
+    a_ = line(p.tile(i, 0));  // addresses as integers, from the first line touched
+    e_ = n > 0 ? reinterpret_cast<uintptr_t>(p.tile(i + n, 0)) : a_;
+    if (p.tcoef && n > 0) {
       const int64_t per_tile = p.nseg * p.C * TILE * (p.half ? 2 : 4);
-      c_ = static_cast<const char*>(p.tcoef) + i * per_tile;
-      ce_ = c_ + n * per_tile;
+      const uintptr_t c = reinterpret_cast<uintptr_t>(p.tcoef) + i * per_tile;
+      c_ = line(reinterpret_cast<const void*>(c));
+      ce_ = c + n * per_tile;
     }
-    step_ = ((e_ - a_) + (ce_ - c_)) / 64 / std::max<int64_t>(1, calls) + 1;
+    const int64_t lines = static_cast<int64_t>((e_ > a_ ? e_ - a_ : 0) + (ce_ - c_)) / 64;
+    step_ = lines / std::max<int64_t>(1, calls) + 1;
   }
   void next() {  // about 1 / calls of the lines
     for (int64_t k = 0; k < step_; ++k) {
       if (a_ < e_) {
-        _mm_prefetch(a_, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(a_), _MM_HINT_T1);
         a_ += 64;
       } else if (c_ < ce_) {
-        _mm_prefetch(c_, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(c_), _MM_HINT_T1);
         c_ += 64;
       }
     }
   }
 
  private:
-  const char *a_, *e_, *c_ = nullptr, *ce_ = nullptr;
+  static uintptr_t line(const void* at) { return reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63}; }
+  uintptr_t a_, e_, c_ = 0, ce_ = 0;
   int64_t step_;
 };
 
@@ -267,8 +270,9 @@ template <int N>
 void tiles_n(const Part& p, float* y, int64_t i0, int64_t i1) {
   int64_t i = i0;
   if constexpr (N == 1) {  // one input (decode): four whole tiles at a time
+    const bool whole = p.bl == 0 && p.bh == p.PB;  // one pass: the next tiles' lines ahead
     for (; i + 4 <= i1 && (i + 4) * TILE <= p.rows; i += 4)
-      tiles_lut<4>(p, y, i, i + 8 <= i1 && (i + 8) * TILE <= p.rows);
+      tiles_lut<4>(p, y, i, i + 8 <= i1 && (i + 8) * TILE <= p.rows && whole);
   }
   for (; i < i1; ++i) tile_lut<N>(p, y, i);
 }

@@ -155,6 +155,18 @@ at::Tensor form_gemv(const at::Tensor& x, int64_t rows, at::TensorList parts,
 
 }  // namespace
 
+namespace {
+
+bool has_avx512() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
 // -- Decoder (cpu_kernels.h): form_gemv of one form's stages, checked once ------------------
 Decoder::Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
     : cols_(cols), max_numel_(max_numel), impl_(impl) {
@@ -166,8 +178,8 @@ Decoder::Decoder(Stages stages, int64_t cols, int64_t max_numel, int64_t impl)
       const at::Tensor& perm = parts[i];
       check(perm.numel() == 0 || perm.max().item<int64_t>() < width, "perm outside x");
     }
-    std::vector<at::Tensor> tcoefs;
-    for (size_t i = 0; i < parts.size(); i += BITPART_ARGS)
+    std::vector<at::Tensor> tcoefs;  // read by the AVX-512 loops alone
+    for (size_t i = 0; impl_ == 0 && has_avx512() && i < parts.size(); i += BITPART_ARGS)
       tcoefs.push_back(tile_major(parts[i + 7]));
     stages_.push_back({rows, std::move(parts), std::move(sparse), groupsize,
                        std::move(in_order), std::move(tcoefs)});
@@ -200,23 +212,12 @@ at::Tensor Decoder::forward(const at::Tensor& x, const at::Tensor* b) const {
   for (size_t i = 0; i + 1 < stages_.size(); ++i) {
     const Stage& s = stages_[i];
     t = gemv_checked(t, s.rows, s.parts, s.sparse, s.groupsize, s.in_order, nullptr, at::kFloat,
-                     impl_, &s.tcoefs);
+                     impl_, s.tcoefs.empty() ? nullptr : &s.tcoefs);
   }
   return gemv_checked(t, last.rows, last.parts, last.sparse, last.groupsize, last.in_order, b,
-                      x.scalar_type(), impl_, &last.tcoefs);
+                      x.scalar_type(), impl_, last.tcoefs.empty() ? nullptr : &last.tcoefs);
 }
 
-namespace {
-
-bool has_avx512() {
-#ifdef __AVX512F__
-  return true;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
 }  // namespace binllm_cpu
 
 TORCH_LIBRARY(binllm_cpu, m) {
