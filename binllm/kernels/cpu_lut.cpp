@@ -54,49 +54,66 @@ inline __m512i bytes16(const uint8_t* b) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
 }
 
-// sum over the segment's bytes [b0, b1) of the table lookups of B's 16 rows, N inputs
-template <int N, bool AND>
-inline void lookups(const Part& p, const uint8_t* q1, const uint8_t* q2, int64_t v, int64_t b0,
-                    int64_t b1, __m512* acc) {
+// acc[k N + n]: the sum over the segment's bytes [b0, b1) of term tm's table lookups for the
+// 16 rows of tile i + k and input n, k < TB. Each tile and input has its own partial sums (four
+// for one or two inputs, so that the adds' latency is hidden; two for 3 to 8), added in the
+// same order whatever TB is, so a tile's result does not depend on the tiles beside it (a
+// byte column's table vectors are the same loads for every tile: the compiler loads them once).
+template <int N, int TB, bool AND>
+inline void lookups(const Part& p, int64_t i, const int64_t* tm, int64_t b0, int64_t b1,
+                    __m512* acc) {
   const float* tb[N];
-  for (int n = 0; n < N; ++n) tb[n] = p.table(n, v);
-  __m512 acc2[N];
-  for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
+  for (int n = 0; n < N; ++n) tb[n] = p.table(n, tm[2]);
+  const uint8_t *q1[TB], *q2[TB];
+  for (int k = 0; k < TB; ++k) {
+    q1[k] = p.tile(i + k, tm[0]);
+    q2[k] = AND ? p.tile(i + k, tm[1]) : nullptr;
+  }
+  __m512 a1[TB][N], a2[TB][N];
+  for (int k = 0; k < TB; ++k)
+    for (int n = 0; n < N; ++n) a1[k][n] = a2[k][n] = _mm512_setzero_ps();
   int64_t b = b0;
-  if constexpr (N <= 2) {  // few inputs: two more sums, so that the adds' latency is hidden
-    __m512 acc3[N], acc4[N];
-    for (int n = 0; n < N; ++n) acc3[n] = acc4[n] = _mm512_setzero_ps();
+  if constexpr (N <= 2) {
+    __m512 a3[TB][N], a4[TB][N];
+    for (int k = 0; k < TB; ++k)
+      for (int n = 0; n < N; ++n) a3[k][n] = a4[k][n] = _mm512_setzero_ps();
     for (; b + 2 <= b1; b += 2) {
-      __m512i lo = bytes16(q1 + b * TILE), lo2 = bytes16(q1 + (b + 1) * TILE);
-      if (AND) {
-        lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
-        lo2 = _mm512_and_si512(lo2, bytes16(q2 + (b + 1) * TILE));
+      for (int k = 0; k < TB; ++k) {
+        __m512i lo = bytes16(q1[k] + b * TILE), lo2 = bytes16(q1[k] + (b + 1) * TILE);
+        if (AND) {
+          lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
+          lo2 = _mm512_and_si512(lo2, bytes16(q2[k] + (b + 1) * TILE));
+        }
+        const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
+        for (int n = 0; n < N; ++n) {  // the same table loads for every k: loaded once
+          const float* t = tb[n] + 32 * b;
+          a1[k][n] = _mm512_add_ps(a1[k][n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+          a2[k][n] = _mm512_add_ps(a2[k][n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+          a3[k][n] = _mm512_add_ps(a3[k][n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
+          a4[k][n] = _mm512_add_ps(a4[k][n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
+        }
       }
-      const __m512i hi = _mm512_srli_epi32(lo, 4), hi2 = _mm512_srli_epi32(lo2, 4);
+    }
+    for (int k = 0; k < TB; ++k)
       for (int n = 0; n < N; ++n) {
-        const float* t = tb[n] + 32 * b;
-        acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
-        acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
-        acc3[n] = _mm512_add_ps(acc3[n], _mm512_permutexvar_ps(lo2, _mm512_loadu_ps(t + 32)));
-        acc4[n] = _mm512_add_ps(acc4[n], _mm512_permutexvar_ps(hi2, _mm512_loadu_ps(t + 48)));
+        a1[k][n] = _mm512_add_ps(a1[k][n], a3[k][n]);
+        a2[k][n] = _mm512_add_ps(a2[k][n], a4[k][n]);
       }
-    }
-    for (int n = 0; n < N; ++n) {
-      acc[n] = _mm512_add_ps(acc[n], acc3[n]);
-      acc2[n] = _mm512_add_ps(acc2[n], acc4[n]);
-    }
   }
   for (; b < b1; ++b) {
-    __m512i lo = bytes16(q1 + b * TILE);
-    if (AND) lo = _mm512_and_si512(lo, bytes16(q2 + b * TILE));
-    const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
-    for (int n = 0; n < N; ++n) {
-      const float* t = tb[n] + 32 * b;
-      acc[n] = _mm512_add_ps(acc[n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
-      acc2[n] = _mm512_add_ps(acc2[n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+    for (int k = 0; k < TB; ++k) {
+      __m512i lo = bytes16(q1[k] + b * TILE);
+      if (AND) lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
+      const __m512i hi = _mm512_srli_epi32(lo, 4);  // permutexvar reads index bits 3:0 only
+      for (int n = 0; n < N; ++n) {
+        const float* t = tb[n] + 32 * b;
+        a1[k][n] = _mm512_add_ps(a1[k][n], _mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)));
+        a2[k][n] = _mm512_add_ps(a2[k][n], _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+      }
     }
   }
-  for (int n = 0; n < N; ++n) acc[n] = _mm512_add_ps(acc[n], acc2[n]);
+  for (int k = 0; k < TB; ++k)
+    for (int n = 0; n < N; ++n) acc[k * N + n] = _mm512_add_ps(a1[k][n], a2[k][n]);
 }
 
 // C_t[s, r .. r + 16) (lanes outside m: 0)
@@ -112,86 +129,6 @@ inline __m512 coef16(const Part& p, int64_t t, int64_t s, int64_t r, __mmask16 m
     c = _mm512_fmadd_ps(_mm512_set1_ps(p.fac[k]), a, c);
   }
   return c;
-}
-
-template <int N>
-void tile_lut(const Part& p, float* y, int64_t i) {
-  const int64_t r = i * TILE;
-  const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(TILE, p.rows - r)) - 1u);
-  __m512 tot[N], acc[N];
-  for (int n = 0; n < N; ++n) tot[n] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < p.nseg; ++s) {
-    if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
-    const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
-    for (int64_t t = 0; t < p.T; ++t) {
-      const int64_t* tm = p.terms + 3 * t;
-      if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
-      const __m512 c = coef16(p, t, s, r, m);
-      if (tm[0] < 0) {  // constant term: the segment sum
-        for (int n = 0; n < N; ++n)
-          tot[n] = _mm512_fmadd_ps(
-              c, _mm512_set1_ps(p.sums[(n * p.V + tm[2]) * p.nseg + s]), tot[n]);
-        continue;
-      }
-      if (tm[1] >= 0)
-        lookups<N, true>(p, p.tile(i, tm[0]), p.tile(i, tm[1]), tm[2], b0, b1, acc);
-      else
-        lookups<N, false>(p, p.tile(i, tm[0]), nullptr, tm[2], b0, b1, acc);
-      for (int n = 0; n < N; ++n) tot[n] = _mm512_fmadd_ps(c, acc[n], tot[n]);
-    }
-  }
-  for (int n = 0; n < N; ++n) {
-    float* o = y + n * p.rows + r;
-    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), tot[n]));
-  }
-}
-
-// one input's lookups of TB tiles [i, i + TB) at once: each tile summed exactly as
-// lookups<1, AND> sums it (the same four partial sums, added in the same order, so a tile's
-// result does not depend on its neighbours), a byte column's table vectors loaded once for
-// all TB tiles rather than once per tile
-template <int TB, bool AND>
-inline void lookups_tiles(const Part& p, int64_t i, const int64_t* tm, int64_t b0, int64_t b1,
-                          __m512* acc) {
-  const float* tb = p.table(0, tm[2]);
-  const uint8_t *q1[TB], *q2[TB];
-  for (int k = 0; k < TB; ++k) {
-    q1[k] = p.tile(i + k, tm[0]);
-    q2[k] = AND ? p.tile(i + k, tm[1]) : nullptr;
-  }
-  __m512 a1[TB], a2[TB], a3[TB], a4[TB];
-  for (int k = 0; k < TB; ++k) a1[k] = a2[k] = a3[k] = a4[k] = _mm512_setzero_ps();
-  int64_t b = b0;
-  for (; b + 2 <= b1; b += 2) {
-    const float* t = tb + 32 * b;
-    const __m512 t0 = _mm512_loadu_ps(t), t1 = _mm512_loadu_ps(t + 16),
-                 t2 = _mm512_loadu_ps(t + 32), t3 = _mm512_loadu_ps(t + 48);
-    for (int k = 0; k < TB; ++k) {
-      __m512i lo = bytes16(q1[k] + b * TILE), lo2 = bytes16(q1[k] + (b + 1) * TILE);
-      if (AND) {
-        lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
-        lo2 = _mm512_and_si512(lo2, bytes16(q2[k] + (b + 1) * TILE));
-      }
-      a1[k] = _mm512_add_ps(a1[k], _mm512_permutexvar_ps(lo, t0));
-      a2[k] = _mm512_add_ps(a2[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), t1));
-      a3[k] = _mm512_add_ps(a3[k], _mm512_permutexvar_ps(lo2, t2));
-      a4[k] = _mm512_add_ps(a4[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo2, 4), t3));
-    }
-  }
-  for (int k = 0; k < TB; ++k) {
-    a1[k] = _mm512_add_ps(a1[k], a3[k]);
-    a2[k] = _mm512_add_ps(a2[k], a4[k]);
-  }
-  for (; b < b1; ++b) {
-    const __m512 t0 = _mm512_loadu_ps(tb + 32 * b), t1 = _mm512_loadu_ps(tb + 32 * b + 16);
-    for (int k = 0; k < TB; ++k) {
-      __m512i lo = bytes16(q1[k] + b * TILE);
-      if (AND) lo = _mm512_and_si512(lo, bytes16(q2[k] + b * TILE));
-      a1[k] = _mm512_add_ps(a1[k], _mm512_permutexvar_ps(lo, t0));
-      a2[k] = _mm512_add_ps(a2[k], _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), t1));
-    }
-  }
-  for (int k = 0; k < TB; ++k) acc[k] = _mm512_add_ps(a1[k], a2[k]);
 }
 
 // the lines tiles [i, i + n) read, asked for a few at a time while the tiles before them
@@ -232,13 +169,14 @@ class Ahead {
   int64_t step_;
 };
 
-// tile_lut<1> of TB whole tiles [i, i + TB) (rows 16 (i + TB) <= p.rows): the same sums
-template <int TB>
-void tiles_lut(const Part& p, float* y, int64_t i, bool prefetch) {
+// y[n, rows of tiles [i, i + TB)] += the part's product for N inputs, rows outside m of a
+// single partial tile untouched (TB > 1: whole tiles, m all ones); prefetch: the next TB
+// tiles' lines are asked for while these compute
+template <int N, int TB>
+void tiles_lut(const Part& p, float* y, int64_t i, __mmask16 m, bool prefetch) {
   Ahead ahead(p, i + TB, prefetch ? TB : 0, p.nseg * p.T);
-  const __mmask16 m = 0xFFFF;
-  __m512 tot[TB], acc[TB];
-  for (int k = 0; k < TB; ++k) tot[k] = _mm512_setzero_ps();
+  __m512 tot[TB * N], acc[TB * N];
+  for (int q = 0; q < TB * N; ++q) tot[q] = _mm512_setzero_ps();
   for (int64_t s = 0; s < p.nseg; ++s) {
     if (p.seg[s + 1] <= p.bl || p.seg[s] >= p.bh) continue;
     const int64_t b0 = std::max(p.seg[s], p.bl), b1 = std::min(p.seg[s + 1], p.bh);
@@ -247,23 +185,30 @@ void tiles_lut(const Part& p, float* y, int64_t i, bool prefetch) {
       if (tm[0] < 0 && p.seg[s] < p.bl) continue;  // counted in the segment's first pass
       ahead.next();
       if (tm[0] < 0) {  // constant term: the segment sum
-        const __m512 sum = _mm512_set1_ps(p.sums[tm[2] * p.nseg + s]);
-        for (int k = 0; k < TB; ++k)
-          tot[k] = _mm512_fmadd_ps(coef16(p, t, s, (i + k) * TILE, m), sum, tot[k]);
+        for (int k = 0; k < TB; ++k) {
+          const __m512 c = coef16(p, t, s, (i + k) * TILE, m);
+          for (int n = 0; n < N; ++n)
+            tot[k * N + n] = _mm512_fmadd_ps(
+                c, _mm512_set1_ps(p.sums[(n * p.V + tm[2]) * p.nseg + s]), tot[k * N + n]);
+        }
         continue;
       }
       if (tm[1] >= 0)
-        lookups_tiles<TB, true>(p, i, tm, b0, b1, acc);
+        lookups<N, TB, true>(p, i, tm, b0, b1, acc);
       else
-        lookups_tiles<TB, false>(p, i, tm, b0, b1, acc);
-      for (int k = 0; k < TB; ++k)
-        tot[k] = _mm512_fmadd_ps(coef16(p, t, s, (i + k) * TILE, m), acc[k], tot[k]);
+        lookups<N, TB, false>(p, i, tm, b0, b1, acc);
+      for (int k = 0; k < TB; ++k) {
+        const __m512 c = coef16(p, t, s, (i + k) * TILE, m);
+        for (int n = 0; n < N; ++n)
+          tot[k * N + n] = _mm512_fmadd_ps(c, acc[k * N + n], tot[k * N + n]);
+      }
     }
   }
-  for (int k = 0; k < TB; ++k) {
-    float* o = y + (i + k) * TILE;
-    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), tot[k]));
-  }
+  for (int k = 0; k < TB; ++k)
+    for (int n = 0; n < N; ++n) {
+      float* o = y + n * p.rows + (i + k) * TILE;
+      _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), tot[k * N + n]));
+    }
 }
 
 template <int N>
@@ -272,9 +217,12 @@ void tiles_n(const Part& p, float* y, int64_t i0, int64_t i1) {
   if constexpr (N == 1) {  // one input (decode): four whole tiles at a time
     const bool whole = p.bl == 0 && p.bh == p.PB;  // one pass: the next tiles' lines ahead
     for (; i + 4 <= i1 && (i + 4) * TILE <= p.rows; i += 4)
-      tiles_lut<4>(p, y, i, i + 8 <= i1 && (i + 8) * TILE <= p.rows && whole);
+      tiles_lut<1, 4>(p, y, i, 0xFFFF, i + 8 <= i1 && (i + 8) * TILE <= p.rows && whole);
   }
-  for (; i < i1; ++i) tile_lut<N>(p, y, i);
+  for (; i < i1; ++i) {
+    const int64_t left = std::min<int64_t>(TILE, p.rows - i * TILE);
+    tiles_lut<N, 1>(p, y, i, static_cast<__mmask16>((1u << left) - 1u), false);
+  }
 }
 
 }  // namespace
