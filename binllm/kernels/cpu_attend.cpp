@@ -92,18 +92,7 @@ void heads_pass(const float* q, const T* K, const T* V, int64_t n, int64_t hd, f
     }
   }
   float total[NH];
-  for (int h = 0; h < NH; ++h) {  // exp(score - max) and their sum
-    float* sh = s + h * n;
-    const __m512 top = _mm512_set1_ps(mx[h]);
-    __m512 t = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = lanes(n - j);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + j), top));
-      _mm512_mask_storeu_ps(sh + j, m, e);
-      t = _mm512_mask_add_ps(t, m, t, e);
-    }
-    total[h] = _mm512_reduce_add_ps(t);
-  }
+  for (int h = 0; h < NH; ++h) total[h] = exp_sum(s + h * n, n, mx[h]);
   __m512 acc[NH][C];
   for (int h = 0; h < NH; ++h)
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();

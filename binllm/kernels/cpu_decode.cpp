@@ -170,15 +170,7 @@ void attend(const float* q, const T* K, const T* V, int64_t n, int64_t hd, float
       s[j] = scale * _mm512_reduce_add_ps(acc);
       mx = std::max(mx, s[j]);
     }
-    const __m512 top = _mm512_set1_ps(mx);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = lanes(n - j);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top));
-      _mm512_mask_storeu_ps(s + j, m, e);
-      total = _mm512_mask_add_ps(total, m, total, e);
-    }
-    const __m512 div = _mm512_set1_ps(_mm512_reduce_add_ps(total));
+    const __m512 div = _mm512_set1_ps(exp_sum(s, n, mx));
     for (int64_t i = 0; i < hd; i += 16) {  // 16 columns of the weighted sum a pass, two chains
       const __mmask16 m = lanes(hd - i);
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();

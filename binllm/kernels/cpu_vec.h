@@ -1,6 +1,6 @@
 // The 16-lane helpers the decode loop's kernels share (cpu_decode.cpp, cpu_attend.cpp): a tail's
 // lane mask, loads of 16 fp32 / bf16 / fp16 values in fp32 (exact), stores and roundings to
-// those types (nearest even, as c10 rounds), and exp of 16 values.
+// those types (nearest even, as c10 rounds), exp of 16 values and a softmax's exponentials.
 #pragma once
 
 #include "cpu_kernels.h"
@@ -61,6 +61,20 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, k);
+}
+
+// s[0 .. n) = exp(s - mx) in place (a softmax's numerators) and their sum, added lane by lane
+// in 16 partial sums
+inline float exp_sum(float* s, int64_t n, float mx) {
+  const __m512 top = _mm512_set1_ps(mx);
+  __m512 t = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    t = _mm512_mask_add_ps(t, m, t, e);
+  }
+  return _mm512_reduce_add_ps(t);
 }
 
 }  // namespace binllm_cpu
