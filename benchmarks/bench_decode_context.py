@@ -19,20 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import generation_speed, md_row, write_results  # noqa: E402
-from bench_decode_rounds import tokens  # noqa: E402
-from bench_real import MODEL, model_dir  # noqa: E402
+from bench_decode_rounds import load_model, tokens  # noqa: E402
 
 STEPS = 32
-
-
-def load(path: str):
-    if path == "dense":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_dir(MODEL), dtype=torch.bfloat16).eval()
-    import binllm
-
-    return binllm.load(path).eval()
 
 
 def main() -> int:
@@ -50,7 +39,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     rows = {}
     for path in args.models:
-        model = load(path)
+        model = load_model(path)
         rows[path] = {n: generation_speed(model, ids[:, :n], STEPS, repeats=args.repeats,
                                           loop="lean") for n in lengths}
         print(path, rows[path], flush=True)

@@ -46,18 +46,24 @@ def llama_speeds(path: str, ids: list[int], repeats: int) -> dict[int, float]:
     return out
 
 
-def torch_speeds(path: str, ids, repeats: int) -> dict[int, float]:
+def load_model(path: str):
+    """The model a command-line entry names: "dense" the bf16 original, else a binllm directory;
+    in eval mode."""
     import torch
 
     if path == "dense":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir(MODEL), dtype=torch.bfloat16)
-    else:
-        import binllm
+        return AutoModelForCausalLM.from_pretrained(model_dir(MODEL), dtype=torch.bfloat16).eval()
+    import binllm
 
-        model = binllm.load(path)
-    model.eval()
+    return binllm.load(path).eval()
+
+
+def torch_speeds(path: str, ids, repeats: int) -> dict[int, float]:
+    import torch
+
+    model = load_model(path)
     out = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
