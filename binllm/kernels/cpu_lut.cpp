@@ -149,7 +149,7 @@ class Ahead {
       ce_ = c + n * per_tile;
     }
     const int64_t lines = static_cast<int64_t>((e_ > a_ ? e_ - a_ : 0) + (ce_ - c_)) / 64;
-    step_ = lines / std::max<int64_t>(1, calls) + 1;
+    step_ = n > 0 ? lines / std::max<int64_t>(1, calls) + 1 : 0;  // n 0: nothing to ask for
   }
   void next() {  // about 1 / calls of the lines
     for (int64_t k = 0; k < step_; ++k) {
